@@ -1,0 +1,148 @@
+"""The integer golden model: exactly the arithmetic of DESIGN §2, vectorised.
+
+Everything here works on int64 NCHW (or NF) arrays. Convolutions and dense layers are
+im2col + BLAS in floating point when a bound proven from the actual weights keeps every
+partial sum exactly representable (below 2**24 in float32, 2**53 in float64), and in int64
+otherwise. The hardware and the fake-quantised PyTorch model are judged against this file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from hwgen.errors import HwgenError
+from hwgen.ir import (
+    ActFormat,
+    AvgPool2d,
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    Network,
+    ReLU,
+    acc_frac,
+)
+
+_EXACT_FLOAT = ((np.float32, 2**24), (np.float64, 2**53))
+
+
+def rhu_shift(v: np.ndarray, s: int) -> np.ndarray:
+    """``rhu(v * 2**-s)`` for s > 0: ``(v + 2**(s-1)) >> s``, exact for |v| < 2**61."""
+    s = min(s, 62)  # for |v| < 2**61 every shift of 62 or more rounds to 0 alike
+    return (v + (1 << (s - 1))) >> s
+
+
+def requantize(acc: np.ndarray, s: int, fmt: ActFormat, relu: bool = False) -> np.ndarray:
+    """``sat(rhu(acc * 2**-s))`` into ``fmt`` (lower bound 0 when ``relu``)."""
+    lo, hi = (max(fmt.lo, 0) if relu else fmt.lo), fmt.hi
+    acc = np.asarray(acc, dtype=np.int64)
+    if s > 0:
+        return np.clip(rhu_shift(acc, s), lo, hi)
+    # Left shift: clip first so the shift cannot overflow; values clipped here saturate
+    # anyway, and past 2**40 > |lo|, |hi| every nonzero value saturates.
+    k = min(-s, 40)
+    acc = np.clip(acc, -((-lo) >> k) - 1, (hi >> k) + 1)
+    return np.clip(acc << k, lo, hi)
+
+
+def quantize_input(x: np.ndarray, fmt: ActFormat) -> np.ndarray:
+    """A float tensor to ``fmt``: ``clip(floor(x * 2**frac + 0.5))`` in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise HwgenError("input contains NaN or Inf")
+    return np.clip(np.floor(x * 2.0**fmt.frac + 0.5), fmt.lo, fmt.hi).astype(np.int64)
+
+
+def check_input(x: np.ndarray, net: Network) -> np.ndarray:
+    """Validate an NCHW (or NF) integer batch against the network's input shape and format."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise HwgenError(f"input must be an integer array, not dtype {x.dtype}")
+    if x.shape[1:] != net.input_shape:
+        raise HwgenError(
+            f"input has shape {x.shape}, expected (N, {', '.join(map(str, net.input_shape))})"
+        )
+    fmt = net.input_format
+    if x.size and (x.min() < fmt.lo or x.max() > fmt.hi):
+        bad = x.min() if x.min() < fmt.lo else x.max()
+        raise HwgenError(
+            f"input value {bad} is outside the input format {fmt} [{fmt.lo}, {fmt.hi}]"
+        )
+    return x.astype(np.int64)
+
+
+def _matmul_exact(a: np.ndarray, w: np.ndarray, bound: float) -> np.ndarray:
+    """``a @ w.T`` for int64 arrays whose every partial sum is at most ``bound`` in magnitude."""
+    for dtype, limit in _EXACT_FLOAT:
+        if bound < limit:
+            return (a.astype(dtype) @ w.T.astype(dtype)).astype(np.int64)
+    return a @ w.T
+
+
+def _mac_bound(w: np.ndarray, fmt: ActFormat) -> float:
+    return float(np.abs(w).sum(1).max()) * max(-fmt.lo, fmt.hi)
+
+
+def conv2d_acc(x: np.ndarray, layer: Conv2d, in_format: ActFormat) -> np.ndarray:
+    """The exact accumulators ``bias + Σ a w`` of a convolution, (N, Cout, OH, OW) int64."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
+    w = layer.weight.reshape(layer.out_channels, -1)
+    bound = _mac_bound(w, in_format)
+    n = x.shape[0]
+    dtype = next((d for d, lim in _EXACT_FLOAT if bound < lim), np.int64)
+    xp = np.pad(x.astype(dtype), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+    oh, ow = win.shape[2], win.shape[3]
+    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)  # (N*OH*OW, Cin*KH*KW)
+    acc = (cols @ w.T.astype(dtype)).astype(np.int64)
+    acc = acc.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(acc) + layer.bias[None, :, None, None]
+
+
+def linear_acc(x: np.ndarray, layer: Linear, in_format: ActFormat) -> np.ndarray:
+    """The exact accumulators ``bias + Σ a w`` of a dense layer, (N, out) int64."""
+    return _matmul_exact(x, layer.weight, _mac_bound(layer.weight, in_format)) + layer.bias
+
+
+def flatten_hwc(x: np.ndarray) -> np.ndarray:
+    """NCHW -> N, H*W*C (channels fastest), the order the hardware streams."""
+    return x.transpose(0, 2, 3, 1).reshape(x.shape[0], -1) if x.ndim == 4 else x
+
+
+def layer_forward(layer: Layer, x: np.ndarray, in_format: ActFormat) -> np.ndarray:
+    """One layer on an int64 batch whose values are in ``in_format``."""
+    if isinstance(layer, (Conv2d, Linear)):
+        acc_fn = conv2d_acc if isinstance(layer, Conv2d) else linear_acc
+        acc = acc_fn(x, layer, in_format)
+        s = acc_frac(layer, in_format) - layer.out_format.frac
+        return requantize(acc, s, layer.out_format, layer.relu)
+    if isinstance(layer, ReLU):
+        return np.maximum(x, 0)
+    if isinstance(layer, Flatten):
+        return flatten_hwc(x)
+    (kh, kw), (sh, sw) = layer.kernel, layer.stride
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+    if isinstance(layer, MaxPool2d):
+        return win.max(axis=(4, 5))
+    assert isinstance(layer, AvgPool2d)
+    total = win.sum(axis=(4, 5))
+    m = (kh * kw).bit_length() - 1
+    return rhu_shift(total, m) if m else total
+
+
+def forward(net: Network, x: np.ndarray) -> list[np.ndarray]:
+    """Every layer's output (int64, NCHW or NF) for an integer input batch in the input format."""
+    x = check_input(x, net)
+    outs = []
+    for layer, fmt in zip(net.layers, net.formats, strict=False):
+        x = layer_forward(layer, x, fmt)
+        outs.append(x)
+    return outs
+
+
+def predict(net: Network, x: np.ndarray) -> np.ndarray:
+    """Predicted class per image: the first index of the maximum of the last layer's output."""
+    out = forward(net, x)[-1]
+    return out.reshape(out.shape[0], -1).argmax(axis=1)

@@ -1,0 +1,327 @@
+"""The ``.hwq`` quantized-model artifact: ``model.json`` + ``weights.npz``, integers only.
+
+A ``.hwq`` is either a directory holding the two files or a zip archive of them
+(docs/hwq-format.md). Loading parses JSON and ``.npy`` arrays with pickling disabled,
+so it never executes code, and checks every constraint the IR checks plus the declared
+shapes. Saving is atomic (temp path, then rename) and byte-deterministic.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hwgen.errors import HwgenError
+from hwgen.fsutil import atomic_write_bytes, npz_bytes, zip_bytes
+from hwgen.ir import (
+    ActFormat,
+    AvgPool2d,
+    Conv2d,
+    Fixed,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    Network,
+    Pow2,
+    ReLU,
+    WeightFormat,
+)
+
+FORMAT_NAME = "hwq"
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS_NPZ = "weights.npz"
+
+
+# ---------------------------------------------------------------- to JSON
+
+
+def _act_to_json(f: ActFormat) -> dict[str, Any]:
+    return {"bits": f.bits, "frac": f.frac, "signed": f.signed}
+
+
+def _weight_fmt_to_json(f: WeightFormat) -> dict[str, Any]:
+    if isinstance(f, Fixed):
+        return {"kind": "fixed", "bits": f.bits, "frac": f.frac}
+    return {"kind": "pow2", "bits": f.bits, "emax": f.emax}
+
+
+def _layer_to_json(layer: Layer, out_shape: tuple[int, ...]) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": layer.name}
+    if isinstance(layer, Conv2d):
+        d |= {
+            "op": "conv2d",
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel": list(layer.kernel),
+            "stride": list(layer.stride),
+            "padding": list(layer.padding),
+        }
+    elif isinstance(layer, Linear):
+        d |= {"op": "linear", "in_features": layer.in_features, "out_features": layer.out_features}
+    elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+        op = "maxpool2d" if isinstance(layer, MaxPool2d) else "avgpool2d"
+        d |= {"op": op, "kernel": list(layer.kernel), "stride": list(layer.stride)}
+    else:
+        d["op"] = "relu" if isinstance(layer, ReLU) else "flatten"
+    if isinstance(layer, (Conv2d, Linear)):
+        d |= {
+            "relu": layer.relu,
+            "weight_format": _weight_fmt_to_json(layer.weight_format),
+            "out_format": _act_to_json(layer.out_format),
+            "weight": f"{layer.name}.weight",
+            "bias": f"{layer.name}.bias",
+        }
+    d["out_shape"] = list(out_shape)
+    return d
+
+
+def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``model.json`` document of a network."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "name": net.name,
+        "input": {"shape": list(net.input_shape), "format": _act_to_json(net.input_format)},
+        "layers": [
+            _layer_to_json(lyr, s) for lyr, s in zip(net.layers, net.shapes[1:], strict=False)
+        ],
+        "meta": meta or {},
+    }
+
+
+def _smallest_int_dtype(a: np.ndarray) -> np.dtype:
+    for dt in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dt)
+        if a.size == 0 or (a.min() >= info.min and a.max() <= info.max):
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def save(
+    net: Network,
+    path: str | os.PathLike,
+    *,
+    archive: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``net`` to ``path``: a zip archive (default) or a directory. Atomic."""
+    path = Path(path)
+    arrays: dict[str, np.ndarray] = {}
+    for layer in net.layers:
+        if isinstance(layer, (Conv2d, Linear)):
+            for key, a in (
+                (f"{layer.name}.weight", layer.weight),
+                (f"{layer.name}.bias", layer.bias),
+            ):
+                arrays[key] = a.astype(_smallest_int_dtype(a))
+    files = {
+        MODEL_JSON: (json.dumps(to_json(net, meta), indent=2) + "\n").encode(),
+        WEIGHTS_NPZ: npz_bytes(arrays),
+    }
+    if archive:
+        if path.is_dir():
+            shutil.rmtree(path)
+        return atomic_write_bytes(path, zip_bytes(files))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        target = tmp / "dir"
+        target.mkdir()
+        for name, data in files.items():
+            (target / name).write_bytes(data)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------- from JSON
+
+
+class _Doc:
+    """Typed access to one JSON object, with errors that say where in model.json."""
+
+    def __init__(self, d: object, where: str) -> None:
+        if not isinstance(d, dict):
+            raise HwgenError(f"model.json: {where} must be an object, not {type(d).__name__}")
+        self.d, self.where = d, where
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self.d:
+            if default is ...:
+                raise HwgenError(f"model.json: {self.where} has no '{key}'")
+            return default
+        v = self.d[key]
+        ok = isinstance(v, kind) and not (isinstance(v, bool) and kind in (int, (int,)))
+        if not ok:
+            raise HwgenError(f"model.json: {self.where}.{key} has the wrong type: {v!r}")
+        return v
+
+    def ints(self, key: str, n: int) -> tuple[int, ...]:
+        v = self.get(key, list)
+        if len(v) != n or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise HwgenError(f"model.json: {self.where}.{key} must be {n} integers, not {v!r}")
+        return tuple(v)
+
+
+def _act_from_json(d: object, where: str) -> ActFormat:
+    doc = _Doc(d, where)
+    return ActFormat(doc.get("bits", int), doc.get("frac", int), doc.get("signed", bool))
+
+
+def _weight_fmt_from_json(d: object, where: str) -> WeightFormat:
+    doc = _Doc(d, where)
+    kind = doc.get("kind", str)
+    if kind == "fixed":
+        return Fixed(doc.get("bits", int), doc.get("frac", int))
+    if kind == "pow2":
+        return Pow2(doc.get("bits", int), doc.get("emax", int))
+    raise HwgenError(f"model.json: {where}.kind {kind!r} is not 'fixed' or 'pow2'")
+
+
+def _array(arrays: dict[str, np.ndarray], doc: _Doc, key: str) -> np.ndarray:
+    name = doc.get(key, str)
+    if name not in arrays:
+        raise HwgenError(f"weights.npz has no array {name!r} ({doc.where}.{key})")
+    a = arrays[name]
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise HwgenError(f"weights.npz: {name} contains NaN or Inf")
+    if a.dtype.kind not in "iu":
+        raise HwgenError(
+            f"weights.npz: {name} has dtype {a.dtype}; only integer arrays are allowed"
+        )
+    return a
+
+
+def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray]) -> Layer:
+    doc = _Doc(d, f"layers[{i}]")
+    name = doc.get("name", str)
+    doc.where = f"layer {name}"
+    op = doc.get("op", str)
+    if op == "conv2d":
+        return Conv2d(
+            name,
+            doc.get("in_channels", int),
+            doc.get("out_channels", int),
+            doc.ints("kernel", 2),
+            _weight_fmt_from_json(doc.get("weight_format", dict), f"{doc.where}.weight_format"),
+            _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format"),
+            _array(arrays, doc, "weight"),
+            _array(arrays, doc, "bias"),
+            stride=doc.ints("stride", 2),
+            padding=doc.ints("padding", 2),
+            relu=doc.get("relu", bool),
+        )
+    if op == "linear":
+        return Linear(
+            name,
+            doc.get("in_features", int),
+            doc.get("out_features", int),
+            _weight_fmt_from_json(doc.get("weight_format", dict), f"{doc.where}.weight_format"),
+            _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format"),
+            _array(arrays, doc, "weight"),
+            _array(arrays, doc, "bias"),
+            relu=doc.get("relu", bool),
+        )
+    pools: dict[str, Callable[..., Layer]] = {"maxpool2d": MaxPool2d, "avgpool2d": AvgPool2d}
+    if op in pools:
+        return pools[op](name, doc.ints("kernel", 2), doc.ints("stride", 2))
+    if op in ("relu", "flatten"):
+        return ReLU(name) if op == "relu" else Flatten(name)
+    raise HwgenError(f"model.json: layer {name} has unknown op {op!r}")
+
+
+def from_json(model: object, arrays: dict[str, np.ndarray]) -> Network:
+    """Build and check a network from a parsed ``model.json`` and its arrays."""
+    doc = _Doc(model, "the top level")
+    if doc.get("format", str) != FORMAT_NAME:
+        raise HwgenError(f"model.json: format is {doc.d['format']!r}, not {FORMAT_NAME!r}")
+    version = doc.get("version", int)
+    if version != FORMAT_VERSION:
+        raise HwgenError(
+            f"model.json: unknown format version {version} (this hwgen reads {FORMAT_VERSION})"
+        )
+    inp = _Doc(doc.get("input", dict), "input")
+    raw_layers = doc.get("layers", list)
+    layers = [_layer_from_json(d, i, arrays) for i, d in enumerate(raw_layers)]
+    shape = inp.get("shape", list)
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise HwgenError(f"model.json: input.shape must be integers, not {shape!r}")
+    net = Network(
+        tuple(shape),
+        _act_from_json(inp.get("format", dict), "input.format"),
+        tuple(layers),
+        doc.get("name", str, "net"),
+    )
+    for layer, d, shape in zip(net.layers, raw_layers, net.shapes[1:], strict=False):
+        declared = _Doc(d, f"layer {layer.name}").ints("out_shape", len(d.get("out_shape", [])))
+        if declared != shape:
+            raise HwgenError(
+                f"model.json: layer {layer.name} declares out_shape {list(declared)}, "
+                f"but its input gives {list(shape)}"
+            )
+    return net
+
+
+def _read_npz(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as e:  # object arrays need pickling, which is refused
+        raise HwgenError(f"weights.npz: unreadable array ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise HwgenError(f"weights.npz is not a valid .npz file ({e})") from None
+
+
+def read_files(path: Path) -> tuple[bytes, bytes]:
+    """The raw ``model.json`` and ``weights.npz`` of a ``.hwq`` directory or zip."""
+    if path.is_dir():
+        out = []
+        for name in (MODEL_JSON, WEIGHTS_NPZ):
+            if not (path / name).is_file():
+                raise HwgenError(f"{path}: missing {name}")
+            out.append((path / name).read_bytes())
+        return out[0], out[1]
+    if not path.exists():
+        raise HwgenError(f"{path}: no such file or directory")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            for name in (MODEL_JSON, WEIGHTS_NPZ):
+                if name not in names:
+                    raise HwgenError(f"{path}: missing {name}")
+            return zf.read(MODEL_JSON), zf.read(WEIGHTS_NPZ)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise HwgenError(f"{path}: not a .hwq directory or zip archive ({e})") from None
+
+
+def load(path: str | os.PathLike) -> Network:
+    """Read and fully check a ``.hwq``; any problem raises a one-line HwgenError."""
+    path = Path(path)
+    model_bytes, weights_bytes = read_files(path)
+    try:
+        model = json.loads(model_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HwgenError(f"{path}: model.json is not valid JSON ({e})") from None
+    return from_json(model, _read_npz(weights_bytes))
+
+
+def load_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The free-form ``meta`` object of a ``.hwq`` (scheme, source, accuracy...)."""
+    model = json.loads(read_files(Path(path))[0])
+    return model.get("meta", {}) if isinstance(model, dict) else {}

@@ -1,0 +1,441 @@
+"""The intermediate representation: number formats, layer specs and the sequential network.
+
+Plain frozen dataclasses, validated on construction; every error names the layer and the
+bad value. Integers only: weights are integer arrays in their format, biases integers at
+accumulator scale (DESIGN §2). Shapes are ``(C, H, W)`` for feature maps and ``(F,)`` for
+vectors; a batch dimension is never part of the IR.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from hwgen.errors import HwgenError
+
+ACT_FRAC_RANGE = (-32, 32)
+WEIGHT_FRAC_RANGE = (-64, 64)
+ACT_BITS_MAX = 24
+ACC_BITS_MAX = 62  # keeps every golden-model intermediate inside int64
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+Shape = tuple[int, ...]
+
+
+def _check_int(what: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise HwgenError(f"{what} must be an integer in [{lo}, {hi}], not {value!r}")
+
+
+@dataclass(frozen=True)
+class ActFormat:
+    """Activation format A(bits, frac, signed): integer ``a``, real value ``a * 2**-frac``."""
+
+    bits: int
+    frac: int
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("activation bits", self.bits, 2 if self.signed else 1, ACT_BITS_MAX)
+        _check_int("activation frac", self.frac, *ACT_FRAC_RANGE)
+
+    @property
+    def lo(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def hi(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    def __str__(self) -> str:
+        return f"{'s' if self.signed else 'u'}{self.bits}.f{self.frac}"
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Fixed-point weights Fixed(bits, frac): integer ``w`` in two's complement range."""
+
+    bits: int
+    frac: int
+
+    def __post_init__(self) -> None:
+        _check_int("Fixed weight bits", self.bits, 2, 16)
+        _check_int("Fixed weight frac", self.frac, *WEIGHT_FRAC_RANGE)
+
+    @property
+    def lo(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def hi(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def on_grid(self, w: np.ndarray) -> np.ndarray:
+        """Boolean mask: which integers are representable in this format."""
+        return (w >= self.lo) & (w <= self.hi)
+
+    def __str__(self) -> str:
+        return f"fixed{self.bits}.f{self.frac}"
+
+
+@dataclass(frozen=True)
+class Pow2:
+    """Power-of-two weights Pow2(bits, emax) (INQ); bits 2 is ternary, bits 1 is binary.
+
+    Real levels ``{0} ∪ {±2**e : emin <= e <= emax}`` (no zero when bits == 1). As an
+    integer a weight is ``±2**(e - emin)`` or 0, with weight frac ``-emin``.
+    """
+
+    bits: int
+    emax: int
+
+    def __post_init__(self) -> None:
+        _check_int("Pow2 weight bits", self.bits, 1, 7)
+        _check_int("Pow2 weight emax", self.emax, *WEIGHT_FRAC_RANGE)
+        if not WEIGHT_FRAC_RANGE[0] <= self.frac <= WEIGHT_FRAC_RANGE[1]:
+            raise HwgenError(
+                f"Pow2({self.bits}, emax={self.emax}) has weight frac {self.frac}, "
+                f"outside {list(WEIGHT_FRAC_RANGE)}"
+            )
+
+    @property
+    def emin(self) -> int:
+        return self.emax + 1 - (1 << (self.bits - 2)) if self.bits >= 3 else self.emax
+
+    @property
+    def frac(self) -> int:
+        return -self.emin
+
+    @property
+    def max_shift(self) -> int:
+        """Largest shift ``e - emin``: the integer magnitudes are ``2**0 .. 2**max_shift``."""
+        return self.emax - self.emin
+
+    @property
+    def has_zero(self) -> bool:
+        return self.bits >= 2
+
+    @property
+    def lo(self) -> int:
+        return -(1 << self.max_shift)
+
+    @property
+    def hi(self) -> int:
+        return 1 << self.max_shift
+
+    def on_grid(self, w: np.ndarray) -> np.ndarray:
+        """Boolean mask: which integers are ±2**k (0 <= k <= max_shift), or 0 if allowed."""
+        mag = np.abs(w)
+        ok = (mag >= 1) & (mag <= self.hi) & ((mag & (mag - 1)) == 0)
+        return ok | (w == 0) if self.has_zero else ok
+
+    def __str__(self) -> str:
+        kind = {1: "binary", 2: "ternary"}.get(self.bits, f"pow2_{self.bits}")
+        return f"{kind}.emax{self.emax}"
+
+
+WeightFormat = Fixed | Pow2
+
+
+class _ArrayEq:
+    """Dataclass equality that compares numpy fields with np.array_equal."""
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        for f in fields(self):  # type: ignore[arg-type]
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if not np.array_equal(a, b):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _pair(what: str, value: object, lo: int) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise HwgenError(f"{what} must be an int or a pair of ints, not {value!r}")
+    for v in value:
+        _check_int(what, v, lo, 1 << 16)
+    return (int(value[0]), int(value[1]))
+
+
+def _int_array(what: str, a: object, shape: Shape) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise HwgenError(f"{what} must be an integer array, not dtype {a.dtype}")
+    if a.shape != shape:
+        raise HwgenError(f"{what} has shape {a.shape}, expected {shape}")
+    a = a.astype(np.int64)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class _MacLayer(_ArrayEq):
+    """Shared checks of Conv2d and Linear: formats, weight grid, bias."""
+
+    def _check_mac(self, wshape: Shape, cout: int) -> None:
+        if not isinstance(self.weight_format, (Fixed, Pow2)):
+            raise HwgenError(f"layer {self.name}: weight_format must be Fixed or Pow2")
+        if not isinstance(self.out_format, ActFormat):
+            raise HwgenError(f"layer {self.name}: out_format must be an ActFormat")
+        object.__setattr__(self, "relu", bool(self.relu))
+        w = _int_array(f"layer {self.name}: weight", self.weight, wshape)
+        bad = np.flatnonzero(~self.weight_format.on_grid(w))
+        if bad.size:
+            idx = tuple(int(i) for i in np.unravel_index(bad[0], wshape))
+            raise HwgenError(
+                f"layer {self.name}: weight{list(idx)} = {w[idx]} is not in {self.weight_format}"
+            )
+        object.__setattr__(self, "weight", w)
+        object.__setattr__(self, "bias", _int_array(f"layer {self.name}: bias", self.bias, (cout,)))
+
+
+@dataclass(frozen=True, eq=False)
+class Conv2d(_MacLayer):
+    """2-D convolution with zero padding; ``weight`` is (Cout, Cin, KH, KW)."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    weight_format: WeightFormat
+    out_format: ActFormat
+    weight: np.ndarray = field(repr=False)
+    bias: np.ndarray = field(repr=False)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    relu: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        _check_int(f"layer {self.name}: in_channels", self.in_channels, 1, 1 << 16)
+        _check_int(f"layer {self.name}: out_channels", self.out_channels, 1, 1 << 16)
+        object.__setattr__(self, "kernel", _pair(f"layer {self.name}: kernel", self.kernel, 1))
+        object.__setattr__(self, "stride", _pair(f"layer {self.name}: stride", self.stride, 1))
+        object.__setattr__(self, "padding", _pair(f"layer {self.name}: padding", self.padding, 0))
+        shape = (self.out_channels, self.in_channels, *self.kernel)
+        self._check_mac(shape, self.out_channels)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels * self.kernel[0] * self.kernel[1]
+
+
+@dataclass(frozen=True, eq=False)
+class Linear(_MacLayer):
+    """Fully connected layer; ``weight`` is (out, in), the input in H,W,C order after Flatten."""
+
+    name: str
+    in_features: int
+    out_features: int
+    weight_format: WeightFormat
+    out_format: ActFormat
+    weight: np.ndarray = field(repr=False)
+    bias: np.ndarray = field(repr=False)
+    relu: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        _check_int(f"layer {self.name}: in_features", self.in_features, 1, 1 << 24)
+        _check_int(f"layer {self.name}: out_features", self.out_features, 1, 1 << 16)
+        self._check_mac((self.out_features, self.in_features), self.out_features)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
+
+@dataclass(frozen=True)
+class ReLU:
+    """Standalone ReLU: ``max(x, 0)`` in the input's format."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+
+
+@dataclass(frozen=True)
+class _Pool:
+    name: str
+    kernel: tuple[int, int]
+    stride: tuple[int, int] | None = None  # None: equal to the kernel, as in PyTorch
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        object.__setattr__(self, "kernel", _pair(f"layer {self.name}: kernel", self.kernel, 1))
+        stride = self.kernel if self.stride is None else self.stride
+        object.__setattr__(self, "stride", _pair(f"layer {self.name}: stride", stride, 1))
+
+
+@dataclass(frozen=True)
+class MaxPool2d(_Pool):
+    """Max pooling, no padding; exact, same format."""
+
+
+@dataclass(frozen=True)
+class AvgPool2d(_Pool):
+    """Average pooling over a power-of-two window area: ``rhu(sum / area)``, same format."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        area = self.kernel[0] * self.kernel[1]
+        if area & (area - 1):
+            raise HwgenError(
+                f"layer {self.name}: average pool window area {area} "
+                f"({self.kernel[0]}x{self.kernel[1]}) is not a power of two"
+            )
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """(C, H, W) -> (H*W*C,) in H, W, C order (the hardware's stream order)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+
+
+Layer = Conv2d | Linear | ReLU | MaxPool2d | AvgPool2d | Flatten
+LAYER_TYPES = (Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, Flatten)
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise HwgenError(f"layer name must be an identifier ([A-Za-z_][A-Za-z0-9_]*), not {name!r}")
+
+
+def acc_frac(layer: Conv2d | Linear, in_format: ActFormat) -> int:
+    """Fraction length of the accumulator: ``frac_a + frac_w``."""
+    return in_format.frac + layer.weight_format.frac
+
+
+def acc_range(layer: Conv2d | Linear, in_format: ActFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-output-channel (min, max) of ``bias + Σ a_i w_i`` over all inputs in range.
+
+    Each term is extreme at an end of the input range, independently, so these bounds are
+    reached: they are the tightest overflow-free accumulator range.
+    """
+    w = layer.weight.reshape(layer.weight.shape[0], -1)
+    lo, hi = in_format.lo, in_format.hi
+    worst = float(np.abs(w).sum(1).max()) * max(-lo, hi) + float(np.abs(layer.bias).max())
+    if worst >= 2.0**62:  # would overflow int64: exact Python integers instead
+        w = w.astype(object)
+    a, b = w * lo, w * hi
+    return layer.bias + np.minimum(a, b).sum(1), layer.bias + np.maximum(a, b).sum(1)
+
+
+def signed_bits(lo: int, hi: int) -> int:
+    """Bits of the narrowest two's complement integer holding every value in [lo, hi]."""
+    return max(int(lo).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
+
+
+def acc_bits(layer: Conv2d | Linear, in_format: ActFormat) -> int:
+    """Accumulator width that can never overflow for any input in range (DESIGN §2)."""
+    lo, hi = acc_range(layer, in_format)
+    return signed_bits(int(lo.min()), int(hi.max()))
+
+
+def _out_shape(layer: Layer, shape: Shape) -> Shape:
+    n = layer.name
+    if isinstance(layer, (Conv2d, MaxPool2d, AvgPool2d)):
+        if len(shape) != 3:
+            raise HwgenError(f"layer {n}: needs a (C, H, W) feature map, got shape {shape}")
+        c, h, w = shape
+        (kh, kw), (sh, sw) = layer.kernel, layer.stride
+        ph, pw = layer.padding if isinstance(layer, Conv2d) else (0, 0)
+        if isinstance(layer, Conv2d) and c != layer.in_channels:
+            raise HwgenError(f"layer {n}: in_channels is {layer.in_channels}, input has {c}")
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            raise HwgenError(f"layer {n}: kernel {kh}x{kw} larger than padded input {h}x{w}")
+        oc = layer.out_channels if isinstance(layer, Conv2d) else c
+        return (oc, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    if isinstance(layer, Linear):
+        if len(shape) != 1:
+            raise HwgenError(f"layer {n}: needs a flat input (add Flatten), got shape {shape}")
+        if shape[0] != layer.in_features:
+            raise HwgenError(f"layer {n}: in_features is {layer.in_features}, input has {shape[0]}")
+        return (layer.out_features,)
+    if isinstance(layer, Flatten):
+        return (int(np.prod(shape)),)
+    return shape  # ReLU
+
+
+@dataclass(frozen=True, eq=False)
+class Network(_ArrayEq):
+    """A sequential network of integer layers with its input shape (C, H, W) and format.
+
+    ``shapes[i]`` and ``formats[i]`` are the input of layer ``i``; ``shapes[-1]`` and
+    ``formats[-1]`` the network output. Both are derived and checked on construction.
+    """
+
+    input_shape: Shape
+    input_format: ActFormat
+    layers: tuple[Layer, ...]
+    name: str = "net"
+    shapes: tuple[Shape, ...] = field(init=False, repr=False, compare=False)
+    formats: tuple[ActFormat, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        if not self.layers:
+            raise HwgenError("the network has no layers")
+        if len(self.input_shape) not in (1, 3) or min(self.input_shape) < 1:
+            raise HwgenError(
+                f"network input shape must be (C, H, W) or (F,), not {self.input_shape}"
+            )
+        if not isinstance(self.input_format, ActFormat):
+            raise HwgenError("network input_format must be an ActFormat")
+        seen: set[str] = set()
+        shapes, formats = [self.input_shape], [self.input_format]
+        for layer in self.layers:
+            if not isinstance(layer, LAYER_TYPES):
+                raise HwgenError(f"unsupported layer type {type(layer).__name__}")
+            if layer.name in seen:
+                raise HwgenError(f"layer name {layer.name!r} is used twice")
+            seen.add(layer.name)
+            shapes.append(_out_shape(layer, shapes[-1]))
+            if isinstance(layer, (Conv2d, Linear)):
+                bits = acc_bits(layer, formats[-1])
+                if bits > ACC_BITS_MAX:
+                    raise HwgenError(
+                        f"layer {layer.name}: accumulator needs {bits} bits (max {ACC_BITS_MAX}); "
+                        "use narrower weights or activations"
+                    )
+                formats.append(layer.out_format)
+            else:
+                formats.append(formats[-1])
+        object.__setattr__(self, "shapes", tuple(shapes))
+        object.__setattr__(self, "formats", tuple(formats))
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise HwgenError(f"no layer named {name!r} (layers: {', '.join(self.names)})")
+
+    def index(self, name: str) -> int:
+        return self.layers.index(self.layer(name))
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.shapes[-1]
+
+    @property
+    def output_format(self) -> ActFormat:
+        return self.formats[-1]
