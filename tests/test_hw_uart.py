@@ -25,7 +25,7 @@ def _rx_run(frames: list[list[int]], bit_cycles: int, divisor: int) -> tuple[lis
         for _ in range(5):
             await ctx.tick()
         for frame in frames:
-            for level in frame + [1, 1]:
+            for level in [*frame, 1, 1]:
                 ctx.set(dut.rx, level)
                 for _ in range(bit_cycles):
                     await ctx.tick()
