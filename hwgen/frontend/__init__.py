@@ -1,0 +1,46 @@
+"""Importers: PyTorch modules, ONNX files and built-in examples become a float graph.
+
+The CLI names a model with one string (:func:`load_model`); the Python API imports an
+``nn.Module`` directly (:func:`hwgen.frontend.torch_import.from_module`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hwgen.errors import HwgenError
+
+if TYPE_CHECKING:
+    from hwgen.examples import Dataset
+    from hwgen.frontend.graph import FloatNet
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def load_model(spec: str | Path) -> tuple[FloatNet, Dataset | None]:
+    """Resolve a CLI MODEL: an ``.onnx`` file or a built-in example name (with its data)."""
+    from hwgen.examples import EXAMPLES, load_example
+
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from hwgen.frontend.onnx_import import from_onnx
+
+        return from_onnx(path), None
+    if suffix in _TORCH_SUFFIXES:
+        raise HwgenError(
+            f"model {spec}: a PyTorch {suffix} file needs the Python API with its module class "
+            "(hwgen.frontend.torch_import: load_state_dict_file, then from_module), "
+            "or export it to ONNX with torch.onnx.export(..., dynamo=False)"
+        )
+    if isinstance(spec, str) and spec in EXAMPLES:
+        net, data = load_example(spec)
+        return net, data
+    names = ", ".join(sorted(EXAMPLES))
+    if path.exists():
+        raise HwgenError(
+            f"model {spec}: unsupported file type {suffix or '(none)'!r}; "
+            f"expected an .onnx file or a built-in example ({names})"
+        )
+    raise HwgenError(f"model {spec!s}: no such file, and not a built-in example ({names})")
