@@ -41,6 +41,8 @@ class HostLink(wiring.Component):
         Input beats for the network, ``last`` set on each image's final beat.
     net_o : In(stream.Signature(ArrayLayout(out shape, out_lanes)))
         The network's output beats (logits).
+    last_class : Out(8)
+        The class most recently sent to the host.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class HostLink(wiring.Component):
                 "tx": Out(stream.Signature(8)),
                 "net_i": Out(stream.Signature(in_payload(in_bits, in_signed, in_lanes))),
                 "net_o": In(stream.Signature(data.ArrayLayout(out_shape, out_lanes))),
+                "last_class": Out(8),
             }
         )
 
@@ -169,7 +172,7 @@ class HostLink(wiring.Component):
             with m.State("CLASS"):
                 m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(best_idx)]
                 with m.If(self.tx.ready):
-                    m.d.sync += [idx.eq(0), byte.eq(0)]
+                    m.d.sync += [idx.eq(0), byte.eq(0), self.last_class.eq(best_idx)]
                     m.next = "LOGITS"
             with m.State("LOGITS"):
                 wide = Signal(16)
