@@ -95,10 +95,11 @@ def conv2d_acc(x: np.ndarray, layer: Conv2d, in_format: ActFormat) -> np.ndarray
     xp = np.pad(x.astype(dtype), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     oh, ow = win.shape[2], win.shape[3]
-    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)  # (N*OH*OW, Cin*KH*KW)
-    acc = (cols @ w.T.astype(dtype)).astype(np.int64)
-    acc = acc.reshape(n, oh, ow, -1).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(acc) + layer.bias[None, :, None, None]
+    # Per image, columns (Cin*KH*KW, OH*OW): the copy runs along OW (cache friendly) and the
+    # product (Cout, OH*OW) is already NCHW, so no transpose of the result is needed.
+    cols = win.transpose(0, 1, 4, 5, 2, 3).reshape(n, w.shape[1], oh * ow)
+    acc = (w.astype(dtype) @ cols).astype(np.int64).reshape(n, w.shape[0], oh, ow)
+    return acc + layer.bias[None, :, None, None]
 
 
 def linear_acc(x: np.ndarray, layer: Linear, in_format: ActFormat) -> np.ndarray:
@@ -108,7 +109,10 @@ def linear_acc(x: np.ndarray, layer: Linear, in_format: ActFormat) -> np.ndarray
 
 def flatten_hwc(x: np.ndarray) -> np.ndarray:
     """NCHW -> N, H*W*C (channels fastest), the order the hardware streams."""
-    return x.transpose(0, 2, 3, 1).reshape(x.shape[0], -1) if x.ndim == 4 else x
+    if x.ndim != 4:
+        return x
+    n, c, h, w = x.shape
+    return x.transpose(0, 2, 3, 1).reshape(n, h * w * c)  # explicit sizes: n may be 0
 
 
 def layer_forward(layer: Layer, x: np.ndarray, in_format: ActFormat) -> np.ndarray:
@@ -145,4 +149,4 @@ def forward(net: Network, x: np.ndarray) -> list[np.ndarray]:
 def predict(net: Network, x: np.ndarray) -> np.ndarray:
     """Predicted class per image: the first index of the maximum of the last layer's output."""
     out = forward(net, x)[-1]
-    return out.reshape(out.shape[0], -1).argmax(axis=1)
+    return out.reshape(out.shape[0], int(np.prod(out.shape[1:]))).argmax(axis=1)

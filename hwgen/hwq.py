@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,8 @@ def from_json(model: object, arrays: dict[str, np.ndarray]) -> Network:
         doc.get("name", str, "net"),
     )
     for layer, d, shape in zip(net.layers, raw_layers, net.shapes[1:], strict=False):
-        declared = _Doc(d, f"layer {layer.name}").ints("out_shape", len(d.get("out_shape", [])))
+        ldoc = _Doc(d, f"layer {layer.name}")
+        declared = ldoc.ints("out_shape", len(ldoc.get("out_shape", list)))
         if declared != shape:
             raise HwgenError(
                 f"model.json: layer {layer.name} declares out_shape {list(declared)}, "
@@ -279,12 +281,14 @@ def from_json(model: object, arrays: dict[str, np.ndarray]) -> Network:
 
 
 def _read_npz(data: bytes) -> dict[str, np.ndarray]:
+    if not data.startswith(b"PK"):  # np.load would take anything else for a pickle
+        raise HwgenError("weights.npz is not a valid .npz file (not a zip archive)")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     except ValueError as e:  # object arrays need pickling, which is refused
         raise HwgenError(f"weights.npz: unreadable array ({e})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error) as e:
         raise HwgenError(f"weights.npz is not a valid .npz file ({e})") from None
 
 
@@ -306,7 +310,7 @@ def read_files(path: Path) -> tuple[bytes, bytes]:
                 if name not in names:
                     raise HwgenError(f"{path}: missing {name}")
             return zf.read(MODEL_JSON), zf.read(WEIGHTS_NPZ)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, NotImplementedError, zlib.error) as e:
         raise HwgenError(f"{path}: not a .hwq directory or zip archive ({e})") from None
 
 

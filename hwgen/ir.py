@@ -171,6 +171,8 @@ def _int_array(what: str, a: object, shape: Shape) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "iu":
         raise HwgenError(f"{what} must be an integer array, not dtype {a.dtype}")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise HwgenError(f"{what} holds {a.max()}, outside the int64 range")  # would wrap
     if a.shape != shape:
         raise HwgenError(f"{what} has shape {a.shape}, expected {shape}")
     a = a.astype(np.int64)
@@ -311,6 +313,8 @@ LAYER_TYPES = (Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, Flatten)
 
 
 def _check_name(name: object) -> None:
+    if name == "input":  # the network input's key in every per-layer output file
+        raise HwgenError("layer name 'input' is reserved for the network input")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise HwgenError(f"layer name must be an identifier ([A-Za-z_][A-Za-z0-9_]*), not {name!r}")
 
@@ -328,7 +332,9 @@ def acc_range(layer: Conv2d | Linear, in_format: ActFormat) -> tuple[np.ndarray,
     """
     w = layer.weight.reshape(layer.weight.shape[0], -1)
     lo, hi = in_format.lo, in_format.hi
-    worst = float(np.abs(w).sum(1).max()) * max(-lo, hi) + float(np.abs(layer.bias).max())
+    # In float64: np.abs of an int64 -2**63 bias overflows.
+    bias_max = float(np.abs(layer.bias.astype(np.float64)).max())
+    worst = float(np.abs(w).sum(1).max()) * max(-lo, hi) + bias_max
     if worst >= 2.0**62:  # would overflow int64: exact Python integers instead
         w = w.astype(object)
     a, b = w * lo, w * hi
@@ -337,7 +343,7 @@ def acc_range(layer: Conv2d | Linear, in_format: ActFormat) -> tuple[np.ndarray,
 
 def signed_bits(lo: int, hi: int) -> int:
     """Bits of the narrowest two's complement integer holding every value in [lo, hi]."""
-    return max(int(lo).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
+    return max((-int(lo) - 1).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
 
 
 def acc_bits(layer: Conv2d | Linear, in_format: ActFormat) -> int:

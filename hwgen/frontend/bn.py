@@ -36,6 +36,8 @@ _NOT_IDENT = re.compile(r"[^A-Za-z0-9_]+")
 def identifier(path: str, fallback: str = "layer") -> str:
     """A layer name from a module path or node name: ``"features.0"`` -> ``"features_0"``."""
     name = _NOT_IDENT.sub("_", path).strip("_") or fallback
+    if name == "input":  # reserved by hwgen.ir for the network input
+        return f"{fallback}_input"
     return f"{fallback}_{name}" if name[0].isdigit() else name
 
 

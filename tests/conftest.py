@@ -1,0 +1,137 @@
+"""Shared test helpers: Hypothesis profiles and strategies for formats, weights and activations.
+
+Profiles: ``dev`` (the default: few examples, no deadline, so the default suite stays fast)
+and ``ci-slow`` (many examples); pick one with the environment variable
+``HYPOTHESIS_PROFILE=ci-slow``. A test that sets ``max_examples`` itself is not affected.
+
+Integer arrays are drawn as a seed plus a *mode* and built with NumPy, which keeps large
+tensors cheap; the modes put the extremes of a format (all-max, all-min, alternating)
+next to uniform random values, since that is where saturation and overflow bugs live.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from hwgen.ir import (
+    ActFormat,
+    AvgPool2d,
+    Conv2d,
+    Fixed,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Network,
+    Pow2,
+    ReLU,
+    WeightFormat,
+)
+
+settings.register_profile(
+    "dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci-slow", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+ARRAY_MODES = ("random", "random", "max", "min", "extremes", "sparse")
+
+
+@st.composite
+def act_formats(draw: st.DrawFn, min_bits: int = 2, max_bits: int = 16) -> ActFormat:
+    """Any activation format: signed or unsigned, ``min_bits..max_bits``, frac -32..32."""
+    signed = draw(st.booleans())
+    bits = draw(st.integers(max(min_bits, 2 if signed else 1), max_bits))
+    frac = draw(st.one_of(st.integers(-4, 12), st.integers(-32, 32)))
+    return ActFormat(bits, frac, signed)
+
+
+@st.composite
+def weight_formats(draw: st.DrawFn) -> WeightFormat:
+    """Fixed(2..16, frac) or Pow2(1..7, emax), with fractions from negative to large."""
+    if draw(st.booleans()):
+        return Fixed(
+            draw(st.integers(2, 16)), draw(st.one_of(st.integers(-4, 12), st.integers(-64, 64)))
+        )
+    bits = draw(st.integers(1, 7))
+    emax = draw(st.one_of(st.integers(-6, 2), st.integers(-32, 32)))
+    return Pow2(bits, emax)
+
+
+def weight_array(
+    rng: np.random.Generator, fmt: WeightFormat, shape: tuple[int, ...], mode: str
+) -> np.ndarray:
+    """On-grid integer weights of ``fmt``; ``mode`` is one of ARRAY_MODES."""
+    if isinstance(fmt, Fixed):
+        return int_array(rng, fmt.lo, fmt.hi, shape, mode)
+    top = 1 << fmt.max_shift
+    if mode == "max":
+        return np.full(shape, top, dtype=np.int64)
+    if mode == "min":
+        return np.full(shape, -top, dtype=np.int64)
+    sign = rng.choice([-1, 1], size=shape)
+    if mode == "extremes":
+        return sign * top
+    mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
+    if fmt.has_zero:
+        zero_p = 0.8 if mode == "sparse" else 0.25
+        mag = np.where(rng.random(shape) < zero_p, 0, mag)
+    return (sign * mag).astype(np.int64)
+
+
+def int_array(
+    rng: np.random.Generator, lo: int, hi: int, shape: tuple[int, ...], mode: str
+) -> np.ndarray:
+    """Integers in ``[lo, hi]``; ``mode`` is one of ARRAY_MODES."""
+    if mode == "max":
+        return np.full(shape, hi, dtype=np.int64)
+    if mode == "min":
+        return np.full(shape, lo, dtype=np.int64)
+    if mode == "extremes":
+        return np.where(rng.random(shape) < 0.5, lo, hi).astype(np.int64)
+    a = rng.integers(lo, hi, size=shape, endpoint=True)
+    if mode == "sparse":
+        a = np.where(rng.random(shape) < 0.8, min(max(0, lo), hi), a)
+    return a.astype(np.int64)
+
+
+@st.composite
+def rngs(draw: st.DrawFn) -> np.random.Generator:
+    """A NumPy generator seeded by Hypothesis (so failures replay and shrink the seed)."""
+    return np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+
+array_modes = st.sampled_from(ARRAY_MODES)
+
+
+def example_network(seed: int = 0) -> Network:
+    """A small network using every layer type and both weight formats, random on-grid weights.
+
+    (1, 8, 8) s8.f4 input -> conv 3x3 pad 1 (Pow2, ReLU) -> maxpool 2 -> conv 3x3 (Fixed)
+    -> avgpool 2 -> ReLU -> Flatten -> linear (Pow2, ReLU) -> linear (Fixed): 10 logits.
+    """
+    rng = np.random.default_rng(seed)
+
+    def mac(name: str, shape: tuple[int, ...], wfmt: WeightFormat, out: ActFormat, **kw):
+        weight = weight_array(rng, wfmt, shape, "random")
+        bias = rng.integers(-256, 257, size=shape[0])
+        if len(shape) == 4:
+            return Conv2d(name, shape[1], shape[0], shape[2:], wfmt, out, weight, bias, **kw)
+        return Linear(name, shape[1], shape[0], wfmt, out, weight, bias, **kw)
+
+    layers = (
+        mac("conv1", (4, 1, 3, 3), Pow2(4, 0), ActFormat(8, 1, signed=False), padding=1, relu=True),
+        MaxPool2d("pool1", 2),
+        mac("conv2", (6, 4, 3, 3), Fixed(6, 4), ActFormat(8, -2)),
+        AvgPool2d("pool2", 2),
+        ReLU("relu2"),
+        Flatten("flat"),
+        mac("fc1", (12, 6), Pow2(3, -1), ActFormat(6, -3, signed=False), relu=True),
+        mac("fc2", (10, 12), Fixed(8, 5), ActFormat(10, -3)),
+    )
+    return Network((1, 8, 8), ActFormat(8, 4), layers, name="example")

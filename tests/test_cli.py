@@ -1,0 +1,196 @@
+"""The command line: ``hwgen golden`` end to end, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import example_network
+
+from hwgen import golden as gm
+from hwgen import hwq
+from hwgen.cli import main
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return hwq.save(example_network(), tmp_path / "model.hwq")
+
+
+@pytest.fixture
+def x_int(tmp_path) -> tuple[Path, np.ndarray]:
+    x = np.random.default_rng(5).integers(-128, 128, size=(3, 1, 8, 8)).astype(np.int8)
+    np.save(tmp_path / "x.npy", x)
+    return tmp_path / "x.npy", x
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _one_line_error(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("hwgen: error: ")
+    assert message in captured.err, captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_golden_writes_every_layer(tmp_path, capsys, model, x_int):
+    x_path, x = x_int
+    out = tmp_path / "sub" / "out.npz"
+    assert main(["golden", str(model), str(x_path), "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    got = _read(out)
+    net = hwq.load(model)
+    assert list(got) == sorted(["input", *net.names])
+    assert np.array_equal(got["input"], x)
+    for name, want in zip(net.names, gm.forward(net, x), strict=True):
+        assert got[name].dtype == np.int64 and np.array_equal(got[name], want), name
+    # Deterministic: the same run gives the same bytes.
+    again = tmp_path / "again.npz"
+    assert main(["golden", str(model), str(x_path), "-o", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_golden_quantises_float_input(tmp_path, model):
+    fmt = hwq.load(model).input_format  # s8.f4: step 1/16, range [-8, 7.9375]
+    values = np.array([0.03125, -0.03125, 0.09375, 100.0, -100.0, 1.0 / 3.0], dtype=np.float32)
+    x = np.broadcast_to(values[:, None, None, None], (6, 1, 8, 8))
+    np.save(tmp_path / "xf.npy", x)
+    assert (
+        main(["golden", str(model), str(tmp_path / "xf.npy"), "-o", str(tmp_path / "o.npz")]) == 0
+    )
+    got = _read(tmp_path / "o.npz")
+    q = got["input"].reshape(6, -1)[:, 0]
+    assert q.tolist() == [1, 0, 2, 127, -128, 5]  # rhu: 0.5 -> 1, -0.5 -> 0, 1.5 -> 2; saturated
+    assert np.array_equal(got["input"], gm.quantize_input(x, fmt))
+    assert np.array_equal(got["fc2"], gm.forward(hwq.load(model), got["input"])[-1])
+
+
+def _corrupt_json(path: Path) -> None:
+    _rewrite(path, "model.json", lambda b: b[: len(b) // 2])
+
+
+def _weight_out_of_range(path: Path) -> None:
+    net = hwq.load(path)
+    doc = hwq.to_json(net)
+    arrays = {
+        f"{lyr.name}.{k}": getattr(lyr, k)
+        for lyr in net.layers
+        if hasattr(lyr, "weight")
+        for k in ("weight", "bias")
+    }
+    arrays["fc2.weight"] = arrays["fc2.weight"].copy()
+    arrays["fc2.weight"][3, 4] = 1000
+    path.unlink()
+    path.mkdir()
+    (path / "model.json").write_text(json.dumps(doc))
+    np.savez(path / "weights.npz", **arrays)
+
+
+def _drop_weights(path: Path) -> None:
+    _rewrite(path, "weights.npz", None)
+
+
+def _rewrite(path: Path, member: str, fn) -> None:
+    with zipfile.ZipFile(path) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    if fn is None:
+        del files[member]
+    else:
+        files[member] = fn(files[member])
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, data in files.items():
+            zf.writestr(n, data)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_corrupt_json, "model.json is not valid JSON"),
+        (_weight_out_of_range, "layer fc2: weight[3, 4] = 1000 is not in fixed8.f5"),
+        (_drop_weights, "model.hwq: missing weights.npz"),
+    ],
+)
+def test_golden_on_a_corrupted_model(tmp_path, capsys, model, x_int, corrupt, message):
+    corrupt(model)
+    out = tmp_path / "out.npz"
+    _one_line_error(capsys, ["golden", str(model), str(x_int[0]), "-o", str(out)], message)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.hwq", "x.npy"]
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (
+            np.full((2, 1, 8, 8), 128, dtype=np.int16),
+            "input value 128 is outside the input format s8.f4",
+        ),
+        (np.zeros((2, 8, 8), dtype=np.int8), "input has shape (2, 8, 8), expected (N, 1, 8, 8)"),
+        (np.full((1, 1, 8, 8), np.nan), "input contains NaN or Inf"),
+        (np.zeros((1, 1, 8, 8), dtype=bool), "input must be an integer array, not dtype bool"),
+        (np.array([None], dtype=object), "not a readable .npy array"),
+    ],
+)
+def test_golden_on_bad_input(tmp_path, capsys, model, x, message):
+    np.save(tmp_path / "bad.npy", x, allow_pickle=True)
+    out = tmp_path / "out.npz"
+    _one_line_error(
+        capsys, ["golden", str(model), str(tmp_path / "bad.npy"), "-o", str(out)], message
+    )
+    assert not out.exists()
+
+
+def test_golden_unwritable_output(tmp_path, capsys, model, x_int):
+    (tmp_path / "dir").mkdir()
+    _one_line_error(
+        capsys, ["golden", str(model), str(x_int[0]), "-o", str(tmp_path / "dir")], "cannot write"
+    )
+    assert list((tmp_path / "dir").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: command"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["golden", "m.hwq", "x.npy"], "the following arguments are required: -o/--output"),
+        (["golden", "m.hwq"], "the following arguments are required: input"),
+        (["golden", "m.hwq", "x.npy", "-o", "o.npz", "--bogus"], "unrecognized arguments: --bogus"),
+        (["golden", "nope.hwq", "x.npy", "-o", "o.npz"], "nope.hwq: no such file or directory"),
+    ],
+)
+def test_argument_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, argv, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_entry_point(tmp_path, model, x_int):
+    """The installed ``hwgen`` script: success, then a corrupted model is one line, exit 2."""
+    hwgen = Path(sys.executable).with_name("hwgen")
+    cmd = [str(hwgen)] if hwgen.exists() else [sys.executable, "-m", "hwgen.cli"]
+    out = tmp_path / "out.npz"
+    ok = subprocess.run(
+        [*cmd, "golden", str(model), str(x_int[0]), "-o", str(out)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert np.array_equal(_read(out)["fc2"], gm.forward(hwq.load(model), x_int[1])[-1])
+    out.unlink()
+    _corrupt_json(model)
+    bad = subprocess.run(
+        [*cmd, "golden", str(model), str(x_int[0]), "-o", str(out)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert bad.stdout == "" and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("hwgen: error: ") and "model.json is not valid JSON" in bad.stderr
+    assert not out.exists()

@@ -1,0 +1,311 @@
+"""The .hwq artifact: exact round trips, deterministic bytes, one-line rejection of bad files."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import example_network
+
+from hwgen import golden as gm
+from hwgen import hwq
+from hwgen.errors import HwgenError
+from hwgen.ir import ActFormat, Fixed, Linear, Network
+
+
+@pytest.fixture(scope="module")
+def net() -> Network:
+    return example_network(3)
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_round_trip_is_exact(tmp_path, net, archive):
+    path = hwq.save(net, tmp_path / "m.hwq", archive=archive, meta={"scheme": "inq", "acc": 0.9})
+    assert path.is_file() if archive else path.is_dir()
+    back = hwq.load(path)
+    assert back == net
+    assert back.name == "example" and back.formats == net.formats and back.shapes == net.shapes
+    for a, b in zip(back.layers, net.layers, strict=True):
+        assert type(a) is type(b) and a == b
+    assert hwq.load_meta(path) == {"scheme": "inq", "acc": 0.9}
+
+
+def test_a_changed_weight_is_not_equal(tmp_path, net):
+    doc, arrays = _unpack(hwq.save(net, tmp_path / "m.hwq"))
+    arrays["fc2.weight"][0, 0] = 0 if arrays["fc2.weight"][0, 0] else 1
+    assert hwq.from_json(doc, arrays) != net
+
+
+def test_save_is_byte_deterministic_and_replaces(tmp_path, net):
+    a = hwq.save(net, tmp_path / "a.hwq").read_bytes()
+    b = hwq.save(net, tmp_path / "b.hwq").read_bytes()
+    assert a == b
+    # Overwriting: a zip over a directory, a directory over a zip; no temp files left behind.
+    hwq.save(net, tmp_path / "a.hwq", archive=False)
+    assert (tmp_path / "a.hwq" / "model.json").is_file()
+    hwq.save(net, tmp_path / "a.hwq")
+    assert (tmp_path / "a.hwq").read_bytes() == b
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.hwq", "b.hwq"]
+    assert str(tmp_path) not in (tmp_path / "a.hwq").read_bytes().decode("latin-1")
+
+
+def test_writer_uses_the_smallest_integer_dtype(tmp_path, net):
+    _, arrays = _unpack(hwq.save(net, tmp_path / "m.hwq"))
+    assert arrays["conv1.weight"].dtype == np.int8  # Pow2(4): |w| <= 8
+    assert arrays["conv2.bias"].dtype == np.int16  # |bias| <= 256
+    big = Linear("fc", 2, 2, Fixed(16, 0), ActFormat(8, 0), [[1, 2], [3, 4]], [2**40, -(2**20)])
+    path = hwq.save(Network((2,), ActFormat(8, 0), (big,)), tmp_path / "big.hwq")
+    _, arrays = _unpack(path)
+    assert arrays["fc.weight"].dtype == np.int8 and arrays["fc.bias"].dtype == np.int64
+    assert hwq.load(path).layers[0].bias.tolist() == [2**40, -(2**20)]
+
+
+def test_any_integer_dtype_is_read(tmp_path, net):
+    doc, arrays = _unpack(hwq.save(net, tmp_path / "m.hwq"))
+    arrays = {k: a.astype(np.int64 if a.min() < 0 else np.uint32) for k, a in arrays.items()}
+    assert hwq.load(_write_dir(tmp_path / "d.hwq", doc, arrays)) == net
+
+
+# ---------------------------------------------------------------- rejection
+
+
+def _unpack(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    model, weights = hwq.read_files(path)
+    with np.load(io.BytesIO(weights)) as npz:
+        return json.loads(model), {k: npz[k] for k in npz.files}
+
+
+def _write_dir(path: Path, doc: object, arrays: dict[str, np.ndarray], **savez) -> Path:
+    path.mkdir()
+    (path / "model.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    np.savez(path / "weights.npz", **arrays, **savez)
+    return path
+
+
+def _layer(doc: dict, name: str) -> dict:
+    return next(d for d in doc["layers"] if d["name"] == name)
+
+
+def _set(*keys_value):
+    """A mutation of model.json: set the value at a key path (layer names resolve to layers)."""
+    *keys, value = keys_value
+
+    def mutate(doc, arrays):
+        d = doc
+        for k in keys[:-1]:
+            d = _layer(doc, k) if isinstance(d, dict) and k not in d else d[k]
+        d[keys[-1]] = value
+
+    return mutate
+
+
+def _array(name: str, fn):
+    def mutate(doc, arrays):
+        arrays[name] = fn(arrays[name])
+
+    return mutate
+
+
+def _put(a: np.ndarray, index, value, dtype=None) -> np.ndarray:
+    a = a.astype(dtype or a.dtype)
+    a[index] = value
+    return a
+
+
+def _drop_layers(doc, arrays):
+    doc["layers"] = []
+
+
+def _object_array(doc, arrays):
+    arrays["fc2.bias"] = np.array([1, 2, 3], dtype=object)
+
+
+BAD_MODELS = {
+    "unknown version": (_set("version", 2), r"unknown format version 2 \(this hwgen reads 1\)"),
+    "wrong format name": (_set("format", "onnx"), "format is 'onnx', not 'hwq'"),
+    "unknown op": (_set("conv2", "op", "conv3d"), "layer conv2 has unknown op 'conv3d'"),
+    "empty network": (_drop_layers, "the network has no layers"),
+    "out_shape mismatch": (
+        _set("fc1", "out_shape", [13]),
+        r"layer fc1 declares out_shape \[13\], but its input gives \[12\]",
+    ),
+    "out_shape not a list": (_set("fc1", "out_shape", 12), r"layer fc1.out_shape has the wrong"),
+    "null value": (_set("conv1", "stride", None), r"layer conv1.stride has the wrong type: None"),
+    "missing key": (
+        lambda doc, arrays: _layer(doc, "conv1").pop("padding"),
+        "model.json: layer conv1 has no 'padding'",
+    ),
+    "bool as int": (_set("fc1", "in_features", True), r"fc1.in_features has the wrong type: True"),
+    "bad Fixed bits": (
+        _set("fc2", "weight_format", "bits", 17),
+        r"Fixed weight bits must be an integer in \[2, 16\], not 17",
+    ),
+    "bad weight kind": (_set("fc2", "weight_format", "kind", "float"), "'float' is not 'fixed'"),
+    "bad act frac": (
+        _set("conv2", "out_format", "frac", 40),
+        r"activation frac must be an integer in \[-32, 32\], not 40",
+    ),
+    "in_channels mismatch": (
+        _set("conv2", "in_channels", 5),
+        r"layer conv2: weight has shape \(6, 4, 3, 3\), expected \(6, 5, 3, 3\)",
+    ),
+    "weight shape": (
+        _array("fc1.weight", lambda a: a[:, :5]),
+        r"layer fc1: weight has shape \(12, 5\), expected \(12, 6\)",
+    ),
+    "bias shape": (
+        _array("fc1.bias", lambda a: a[:3]),
+        r"layer fc1: bias has shape \(3,\), expected \(12,\)",
+    ),
+    "Fixed out of range": (
+        _array("fc2.weight", lambda a: _put(a, (2, 3), 128, np.int16)),
+        r"layer fc2: weight\[2, 3\] = 128 is not in fixed8.f5",
+    ),
+    "Pow2 off grid": (
+        _array("conv1.weight", lambda a: _put(a, (1, 0, 2, 2), 3)),
+        r"layer conv1: weight\[1, 0, 2, 2\] = 3 is not in pow2_4.emax0",
+    ),
+    "Pow2 too large": (
+        _array("fc1.weight", lambda a: _put(a, (0, 0), -8)),
+        r"layer fc1: weight\[0, 0\] = -8 is not in pow2_3.emax-1",
+    ),
+    "uint64 past int64": (
+        _array("fc2.bias", lambda a: _put(a, 0, 2**64 - 1, np.uint64)),
+        r"layer fc2: bias holds 18446744073709551615, outside the int64 range",
+    ),
+    "float dtype": (
+        _array("fc2.weight", lambda a: a.astype(np.float32)),
+        "weights.npz: fc2.weight has dtype float32; only integer arrays are allowed",
+    ),
+    "bool dtype": (
+        _array("fc2.bias", lambda a: a != 0),
+        "weights.npz: fc2.bias has dtype bool; only integer arrays",
+    ),
+    "NaN": (
+        _array("conv2.bias", lambda a: _put(a, 1, np.nan, np.float64)),
+        "weights.npz: conv2.bias contains NaN or Inf",
+    ),
+    "Inf": (
+        _array("conv2.weight", lambda a: _put(a, (0, 0, 0, 0), -np.inf, np.float64)),
+        "weights.npz: conv2.weight contains NaN or Inf",
+    ),
+    "missing array": (
+        lambda doc, arrays: arrays.pop("fc1.bias"),
+        r"weights.npz has no array 'fc1.bias' \(layer fc1.bias\)",
+    ),
+    "object array": (_object_array, "weights.npz: unreadable array .*allow_pickle=False"),
+    "accumulator too wide": (
+        _array("fc2.bias", lambda a: _put(a, 0, 2**62, np.int64)),
+        r"layer fc2: accumulator needs 64 bits \(max 62\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+def test_loader_rejects_with_one_line(tmp_path, net, case):
+    mutate, message = BAD_MODELS[case]
+    doc, arrays = _unpack(hwq.save(net, tmp_path / "good.hwq"))
+    mutate(doc, arrays)
+    path = _write_dir(tmp_path / "bad.hwq", doc, arrays)
+    with pytest.raises(HwgenError, match=message) as e:
+        hwq.load(path)
+    assert "\n" not in str(e.value)
+    # The same files zipped are rejected the same way.
+    zipped = tmp_path / "bad.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for p in path.iterdir():
+            zf.write(p, p.name)
+    with pytest.raises(HwgenError, match=message):
+        hwq.load(zipped)
+
+
+class _Evil:
+    """Unpickling this would create the file ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_pickles_are_never_loaded(tmp_path, net):
+    marker = tmp_path / "pwned"
+    doc, arrays = _unpack(hwq.save(net, tmp_path / "good.hwq"))
+    arrays["fc2.weight"] = np.array([_Evil(marker)], dtype=object)
+    path = _write_dir(tmp_path / "bad.hwq", doc, arrays)
+    with pytest.raises(HwgenError, match=r"weights.npz: unreadable array"):
+        hwq.load(path)
+    assert not marker.exists()
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(HwgenError, match=r"nope.hwq: no such file or directory$"):
+        hwq.load(tmp_path / "nope.hwq")
+
+
+@pytest.mark.parametrize("missing", ["model.json", "weights.npz"])
+def test_missing_member(tmp_path, net, missing):
+    d = hwq.save(net, tmp_path / "d.hwq", archive=False)
+    (d / missing).unlink()
+    with pytest.raises(HwgenError, match=rf"d.hwq: missing {missing}$"):
+        hwq.load(d)
+    z = tmp_path / "z.hwq"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("other.json" if missing == "model.json" else "model.json", "{}")
+    with pytest.raises(HwgenError, match=rf"z.hwq: missing {missing}$"):
+        hwq.load(z)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"format": "hwq", ', r"model.json is not valid JSON \(Expecting"),
+        (b"\xff\xfe{}", "model.json is not valid JSON"),
+        ("[1, 2]", "model.json: the top level must be an object, not list"),
+        ('{"format": "hwq"}', "model.json: the top level has no 'version'"),
+    ],
+)
+def test_broken_json(tmp_path, net, text, message):
+    d = hwq.save(net, tmp_path / "d.hwq", archive=False)
+    (d / "model.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(HwgenError, match=message) as e:
+        hwq.load(d)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("data", [b"", b"not a zip at all", b"PK\x03\x04truncated"])
+def test_not_an_archive(tmp_path, data):
+    (tmp_path / "x.hwq").write_bytes(data)
+    with pytest.raises(HwgenError, match=r"x.hwq: not a .hwq directory or zip archive"):
+        hwq.load(tmp_path / "x.hwq")
+
+
+def test_weights_not_an_npz(tmp_path, net):
+    d = hwq.save(net, tmp_path / "d.hwq", archive=False)
+    for data in (b"garbage", b"PK\x03\x04garbage"):
+        (d / "weights.npz").write_bytes(data)
+        with pytest.raises(HwgenError, match=r"weights.npz is not a valid .npz file"):
+            hwq.load(d)
+
+
+def test_documented_example_is_accurate():
+    """docs/hwq-format.md §5: its model.json and arrays load, and give the documented outputs."""
+    text = (Path(__file__).parents[1] / "docs" / "hwq-format.md").read_text()
+    doc = json.loads(text.split("```json\n")[1].split("```")[0])
+    rows = re.findall(r"^\| `([\w.]+)` +\| int8 +\| \([\d, ]+\) +\| `(\[.*\])` \|$", text, re.M)
+    arrays = {k: np.array(json.loads(v), dtype=np.int8) for k, v in rows}
+    assert sorted(arrays) == ["conv1.bias", "conv1.weight", "fc.bias", "fc.weight"]
+    net = hwq.from_json(doc, arrays)
+    x = np.array([[16, -16, 8, 0], [4, 0, -4, 12], [32, 2, 1, -7], [5, 5, -20, 3]])
+    outs = dict(zip(net.names, gm.forward(net, x.reshape(1, 1, 4, 4)), strict=True))
+    table = text.split("| layer   | output |")[1]
+    documented = re.findall(r"^\| `(\w+)` +\| `(\[.*?\])`", table, re.M)
+    assert [k for k, _ in documented] == net.names
+    for name, value in documented:
+        assert outs[name][0].tolist() == json.loads(value), name

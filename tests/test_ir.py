@@ -1,0 +1,293 @@
+"""The IR: format semantics, accumulator bounds, constructor errors naming layer and value."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conftest import example_network
+
+from hwgen.errors import HwgenError
+from hwgen.ir import (
+    ACC_BITS_MAX,
+    ActFormat,
+    AvgPool2d,
+    Conv2d,
+    Fixed,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Network,
+    Pow2,
+    ReLU,
+    acc_bits,
+    acc_frac,
+    acc_range,
+    signed_bits,
+)
+
+# ---------------------------------------------------------------- formats
+
+
+def test_act_format_ranges():
+    assert (ActFormat(8, 3).lo, ActFormat(8, 3).hi) == (-128, 127)
+    assert (ActFormat(8, 3, signed=False).lo, ActFormat(8, 3, signed=False).hi) == (0, 255)
+    assert (ActFormat(1, 0, signed=False).lo, ActFormat(1, 0, signed=False).hi) == (0, 1)
+    assert str(ActFormat(8, -2)) == "s8.f-2" and str(ActFormat(4, 1, False)) == "u4.f1"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((1, 0), r"activation bits must be an integer in \[2, 24\], not 1"),
+        ((0, 0, False), r"activation bits must be an integer in \[1, 24\], not 0"),
+        ((25, 0), r"not 25"),
+        ((8, 33), r"activation frac must be an integer in \[-32, 32\], not 33"),
+        ((8, -33), r"not -33"),
+        ((8.0, 0), r"not 8.0"),
+        ((True, 0), r"not True"),
+    ],
+)
+def test_act_format_errors(args, message):
+    with pytest.raises(HwgenError, match=message):
+        ActFormat(*args)
+
+
+def test_fixed_range_and_grid():
+    f = Fixed(4, 2)
+    assert (f.lo, f.hi, f.frac) == (-8, 7, 2)
+    assert f.on_grid(np.arange(-10, 10)).tolist() == [v in range(-8, 8) for v in range(-10, 10)]
+    with pytest.raises(
+        HwgenError, match=r"Fixed weight bits must be an integer in \[2, 16\], not 1"
+    ):
+        Fixed(1, 0)
+    with pytest.raises(HwgenError, match=r"Fixed weight frac .*\[-64, 64\], not 65"):
+        Fixed(8, 65)
+
+
+@pytest.mark.parametrize("bits", range(1, 8))
+@pytest.mark.parametrize("emax", [-3, 0, 5])
+def test_pow2_levels(bits, emax):
+    """emin = emax + 1 - 2**(bits-2) (bits >= 3), else emax; integers ±2**(e - emin) and 0."""
+    f = Pow2(bits, emax)
+    emin = emax + 1 - 2 ** (bits - 2) if bits >= 3 else emax
+    assert (f.emin, f.frac, f.max_shift) == (emin, -emin, emax - emin)
+    ints = {s * 2 ** (e - emin) for e in range(emin, emax + 1) for s in (-1, 1)}
+    if bits >= 2:
+        ints.add(0)
+    # 2**(bits-2) magnitudes per sign plus zero (bits >= 3): the code fills its bits but one.
+    assert len(ints) == {1: 2, 2: 3}.get(bits, 2 ** (bits - 1) + 1)
+    near = {v + d for v in ints for d in (-1, 1)} | {2 * f.hi, -2 * f.hi} | set(range(-20, 21))
+    candidates = np.array(sorted(ints | near))
+    assert set(candidates[f.on_grid(candidates)].tolist()) == ints
+    assert (f.lo, f.hi) == (-(2**f.max_shift), 2**f.max_shift)
+    # Real values: integer * 2**-frac are exactly the levels of DESIGN §2.
+    assert {v * 2.0**-f.frac for v in ints} - {0.0} == {
+        s * 2.0**e for e in range(emin, emax + 1) for s in (-1, 1)
+    }
+
+
+def test_pow2_names_and_errors():
+    assert str(Pow2(1, 0)) == "binary.emax0" and str(Pow2(2, 0)) == "ternary.emax0"
+    assert str(Pow2(5, -2)) == "pow2_5.emax-2"
+    with pytest.raises(HwgenError, match=r"Pow2 weight bits must be an integer in \[1, 7\], not 8"):
+        Pow2(8, 0)
+    with pytest.raises(HwgenError, match=r"Pow2\(7, emax=-40\) has weight frac 71, outside"):
+        Pow2(7, -40)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _lin(weight, bias=None, wfmt=None, name="fc", **kw) -> Linear:
+    weight = np.asarray(weight)
+    bias = np.zeros(weight.shape[0], int) if bias is None else bias
+    out, inp = weight.shape
+    return Linear(name, inp, out, wfmt or Fixed(8, 0), ActFormat(8, 0), weight, bias, **kw)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _lin([[1, 2]], name="1x"), r"layer name must be an identifier .*, not '1x'"),
+        (lambda: _lin([[1, 200]]), r"layer fc: weight\[0, 1\] = 200 is not in fixed8.f0"),
+        (lambda: _lin([[1, 3]], wfmt=Pow2(3, 0)), r"layer fc: weight\[0, 1\] = 3 is not in pow2_3"),
+        (lambda: _lin([[0, 1]], wfmt=Pow2(1, 0)), r"layer fc: weight\[0, 0\] = 0 is not in binary"),
+        (
+            lambda: _lin([[1.0, 2.0]]),
+            "layer fc: weight must be an integer array, not dtype float64",
+        ),
+        (lambda: _lin([[1, 2]], bias=[0, 0]), r"layer fc: bias has shape \(2,\), expected \(1,\)"),
+        (lambda: _lin([[1, 2]], bias=[0.5]), "layer fc: bias must be an integer array"),
+        (
+            lambda: _lin(np.array([[1, 2**64 - 1]], dtype=np.uint64)),
+            "layer fc: weight holds 18446744073709551615, outside the int64 range",
+        ),
+        (
+            lambda: Linear("fc", 2, 1, "s8", ActFormat(8, 0), [[1, 1]], [0]),
+            "layer fc: weight_format must be Fixed or Pow2",
+        ),
+        (
+            lambda: Conv2d("c", 1, 1, 0, Fixed(4, 0), ActFormat(8, 0), [], [0]),
+            r"layer c: kernel must be an integer in \[1, 65536\], not 0",
+        ),
+        (
+            lambda: Conv2d("c", 1, 1, (3, 3, 3), Fixed(4, 0), ActFormat(8, 0), [], [0]),
+            r"layer c: kernel must be an int or a pair of ints, not \(3, 3, 3\)",
+        ),
+        (
+            lambda: Conv2d("c", 1, 1, 1, Fixed(4, 0), ActFormat(8, 0), [[[[1]]]], [0], padding=-1),
+            r"layer c: padding must be an integer in \[0, 65536\], not -1",
+        ),
+        (lambda: MaxPool2d("p", 2, stride=0), r"layer p: stride .*, not 0"),
+        (lambda: AvgPool2d("p", (2, 3)), r"layer p: average pool window area 6 \(2x3\) is not"),
+        (lambda: ReLU("a-b"), "not 'a-b'"),
+    ],
+)
+def test_layer_errors_name_layer_and_value(make, message):
+    with pytest.raises(HwgenError, match=message) as e:
+        make()
+    assert "\n" not in str(e.value)
+
+
+def test_layers_are_frozen_and_weights_read_only():
+    layer = _lin([[1, 2]])
+    assert layer.weight.dtype == np.int64
+    with pytest.raises(AttributeError):
+        layer.name = "x"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="read-only"):
+        layer.weight[0, 0] = 3
+    conv = Conv2d(
+        "c", 1, 2, 3, Pow2(2, 0), ActFormat(4, 0), np.zeros((2, 1, 3, 3), np.int8), [1, 2]
+    )
+    assert conv.kernel == (3, 3) and conv.stride == (1, 1) and conv.padding == (0, 0)
+    assert conv.weight.dtype == np.int64 and conv.fan_in == 9
+    assert MaxPool2d("p", 3).stride == (3, 3) and MaxPool2d("p", 3, 1).stride == (1, 1)
+
+
+# ---------------------------------------------------------------- accumulators
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(-5, 5), (-8, 7), (-128, 0), (0, 255), (0, 0), (-1, 0)])
+def test_signed_bits_is_the_narrowest_width(lo, hi):
+    bits = signed_bits(lo, hi)
+    assert -(2 ** (bits - 1)) <= lo and hi <= 2 ** (bits - 1) - 1
+    if bits > 1:
+        assert lo < -(2 ** (bits - 2)) or hi > 2 ** (bits - 2) - 1
+
+
+def test_acc_range_is_reached_by_brute_force():
+    """The bounds are the true min/max of bias + Σ a w over every input in range."""
+    fmt = ActFormat(3, 0)
+    weight = np.array([[3, -2, 0], [-1, -1, 2]])
+    layer = _lin(weight, bias=np.array([5, -7]))
+    sums = [weight @ np.array(a) + layer.bias for a in itertools.product(range(-4, 4), repeat=3)]
+    lo, hi = acc_range(layer, fmt)
+    assert lo.tolist() == np.min(sums, axis=0).tolist()
+    assert hi.tolist() == np.max(sums, axis=0).tolist()
+    assert acc_bits(layer, fmt) == signed_bits(min(lo), max(hi))
+    assert (
+        acc_frac(layer, ActFormat(3, 2)) == 2 and acc_frac(_lin(weight, wfmt=Fixed(4, 3)), fmt) == 3
+    )
+
+
+def test_acc_range_exact_past_int64():
+    """Worst cases past 2**62 are computed on Python integers, not wrapped."""
+    w = np.full((1, 4), 2**31)
+    layer = _lin(w, bias=np.array([2**62]), wfmt=Pow2(7, 0))
+    lo, hi = acc_range(layer, ActFormat(24, 0))
+    assert int(hi[0]) == 2**62 + 4 * 2**31 * (2**23 - 1)
+    assert int(lo[0]) == 2**62 - 4 * 2**31 * 2**23
+
+
+def test_network_rejects_accumulators_wider_than_the_limit():
+    layer = _lin(np.full((1, 1), 1), bias=np.array([2**61 - 128]))
+    Network((1,), ActFormat(8, 0), (layer,))  # hi = 2**61 - 1: 62 bits, allowed
+    layer = _lin(np.full((1, 1), 1), bias=np.array([-(2**61) + 128]))
+    Network((1,), ActFormat(8, 0), (layer,))  # lo = -2**61: 62 bits, allowed
+    for bias in (2**61, -(2**61) + 127, -(2**63)):
+        layer = _lin(np.array([[1], [1]]), bias=np.array([bias, 0]))
+        with pytest.raises(
+            HwgenError, match=rf"layer fc: accumulator needs \d+ bits \(max {ACC_BITS_MAX}\)"
+        ):
+            Network((1,), ActFormat(8, 0), (layer,))
+
+
+# ---------------------------------------------------------------- network
+
+
+def test_network_shapes_and_formats():
+    net = example_network()
+    assert net.shapes == (
+        (1, 8, 8),
+        (4, 8, 8),
+        (4, 4, 4),
+        (6, 2, 2),
+        (6, 1, 1),
+        (6, 1, 1),
+        (6,),
+        (12,),
+        (10,),
+    )
+    assert [str(f) for f in net.formats] == [
+        "s8.f4",
+        "u8.f1",
+        "u8.f1",
+        "s8.f-2",
+        "s8.f-2",
+        "s8.f-2",
+        "s8.f-2",
+        "u6.f-3",
+        "s10.f-3",
+    ]
+    assert net.output_shape == (10,) and net.output_format == ActFormat(10, -3)
+    assert (
+        net.names[0] == "conv1" and net.index("fc1") == 6 and net.layer("flat") == Flatten("flat")
+    )
+    with pytest.raises(HwgenError, match=r"no layer named 'x' \(layers: conv1, pool1, "):
+        net.layer("x")
+    assert net == example_network() and net != example_network(seed=1)
+
+
+def _conv(name="c", cin=1, cout=2, k=3, **kw) -> Conv2d:
+    return Conv2d(
+        name,
+        cin,
+        cout,
+        k,
+        Fixed(4, 0),
+        ActFormat(8, 0),
+        np.zeros((cout, cin, k, k), int),
+        np.zeros(cout, int),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("shape", "layers", "message"),
+    [
+        ((1, 8, 8), (), "the network has no layers"),
+        ((1, 8), (ReLU("r"),), r"network input shape must be \(C, H, W\) or \(F,\), not \(1, 8\)"),
+        ((0, 8, 8), (ReLU("r"),), r"not \(0, 8, 8\)"),
+        ((1, 8, 8), (ReLU("r"), ReLU("r")), "layer name 'r' is used twice"),
+        ((2, 8, 8), (_conv(),), "layer c: in_channels is 1, input has 2"),
+        ((1, 2, 8), (_conv(),), r"layer c: kernel 3x3 larger than padded input 2x8"),
+        (
+            (1, 8, 8),
+            (_conv(), _lin([[1, 1]])),
+            r"layer fc: needs a flat input \(add Flatten\), got shape \(2, 6, 6\)",
+        ),
+        ((1, 8, 8), (Flatten("f"), _lin([[1, 1]])), "layer fc: in_features is 2, input has 64"),
+        ((8,), (MaxPool2d("p", 2),), r"layer p: needs a \(C, H, W\) feature map, got shape \(8,\)"),
+        ((1, 8, 8), ("relu",), "unsupported layer type str"),
+    ],
+)
+def test_network_errors(shape, layers, message):
+    with pytest.raises(HwgenError, match=message):
+        Network(shape, ActFormat(8, 0), layers)
+
+
+def test_conv_output_shape_with_stride_and_padding():
+    net = Network((1, 7, 9), ActFormat(8, 0), (_conv(k=3, stride=(2, 3), padding=(1, 0)),))
+    assert net.output_shape == (2, 4, 3)  # (7+2-3)//2+1, (9-3)//3+1
