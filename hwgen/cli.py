@@ -40,6 +40,27 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     demo(args.output)
 
 
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from hwgen.commands import tune
+
+    tune(args.model, args.scheme, args.max_drop, args.data, args.epochs, args.output)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> None:
+    from hwgen.commands import quantize
+
+    quantize(
+        args.model,
+        args.output,
+        scheme=args.scheme,
+        bits=args.bits,
+        act_bits=args.act_bits,
+        precision_path=args.precision,
+        data=args.data,
+        epochs=args.epochs,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hwgen", description="Quantized CNNs to verified shift-and-add FPGA hardware.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,9 +79,50 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", type=Path, default=Path("hwgen-demo"), help="output folder")
     d.set_defaults(func=_cmd_demo)
 
+    t = sub.add_parser("tune", help="search per-layer bit widths; write report + precision.toml")
+    t.add_argument("model", help="ONNX file or built-in example (digits)")
+    t.add_argument(
+        "--scheme",
+        choices=("fixed", "pow2", "inq", "ternary", "binary"),
+        default="fixed",
+        help="quantisation scheme searched (default: fixed)",
+    )
+    t.add_argument(
+        "--max-drop",
+        type=float,
+        required=True,
+        metavar="POINTS",
+        help="accuracy drop allowed against the float model, in percentage points",
+    )
+    t.add_argument(
+        "--data",
+        type=Path,
+        help="calibration/evaluation .npz: x, y (optional x_test, y_test, x_train, y_train)",
+    )
+    t.add_argument("--epochs", type=int, help="INQ retraining epochs (inq, ternary, binary)")
+    t.add_argument("-o", "--output", type=Path, required=True, help="report folder")
+    t.set_defaults(func=_cmd_tune)
+
+    q = sub.add_parser("quantize", help="quantize a float model to a .hwq")
+    q.add_argument("model", help="ONNX file or built-in example (digits)")
+    q.add_argument(
+        "--scheme",
+        choices=("auto", "fixed", "inq", "pow2", "ternary", "binary"),
+        help="quantisation scheme (needed without --precision; overrides its scheme)",
+    )
+    q.add_argument("--bits", type=int, help="weight bits of every layer (overrides --precision)")
+    q.add_argument("--act-bits", type=int, help="activation bits of every layer and the input")
+    q.add_argument("--precision", type=Path, help="per-layer precision.toml (from hwgen tune)")
+    q.add_argument(
+        "--data",
+        type=Path,
+        help="calibration .npz: x (float NCHW); optional y, x_train/y_train, x_test/y_test",
+    )
+    q.add_argument("--epochs", type=int, help="INQ epochs per step (inq, ternary, binary)")
+    q.add_argument("-o", "--output", type=Path, required=True, help="output .hwq")
+    q.set_defaults(func=_cmd_quantize)
+
     for name, issue, text in (
-        ("quantize", 3, "quantize a float model to a .hwq"),
-        ("tune", 3, "search per-layer bit widths; write a report and precision.toml"),
         ("build", 4, "generate Verilog, ROM contents and test vectors from a .hwq"),
         ("sim", 4, "simulate a build in cocotb against the golden model"),
         ("synth", 5, "synthesise a build with Yosys/nextpnr and report resources and Fmax"),

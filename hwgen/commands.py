@@ -31,5 +31,210 @@ def golden(model: Path, input_path: Path, output: Path) -> None:
     outs = gm.forward(net, x)
     arrays = {"input": gm.check_input(x, net)}
     arrays |= {layer.name: out for layer, out in zip(net.layers, outs, strict=False)}
-    atomic_write_bytes(output, npz_bytes(arrays))
+    try:
+        atomic_write_bytes(output, npz_bytes(arrays))
+    except OSError as e:  # e.g. the output is a directory, or its parent is a file
+        raise HwgenError(f"cannot write {output}: {e.strerror or e}") from None
     print(f"wrote {output}: input + {len(outs)} layer outputs for {x.shape[0]} images")
+
+
+def _tune_data(
+    path: Path,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """``--data`` for tune: calibration ``x``, evaluation (``x_test``, ``y_test``) or (``x``,
+    ``y``), and training (``x_train``, ``y_train``) or (``x``, ``y``) for retrained schemes."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise HwgenError(f"data {path}: no such file") from None
+    except (ValueError, OSError, EOFError, KeyError) as e:
+        raise HwgenError(f"data {path}: not a readable .npz of arrays ({e})") from None
+    if "x" not in arrays:
+        raise HwgenError(f"data {path}: needs an array 'x' (has: {', '.join(arrays) or 'none'})")
+    ex, ey = (arrays.get("x_test"), arrays.get("y_test"))
+    if ex is None or ey is None:
+        ex, ey = arrays["x"], arrays.get("y")
+    if ey is None:
+        raise HwgenError(f"data {path}: tune needs labels: 'y' (or 'x_test' and 'y_test')")
+    train = None
+    if "x_train" in arrays and "y_train" in arrays:
+        train = (arrays["x_train"], arrays["y_train"])
+    elif "y" in arrays:
+        train = (arrays["x"], arrays["y"])
+    for name, a in (("x", arrays["x"]), ("evaluation images", ex)):
+        if a.dtype.kind != "f" or not np.all(np.isfinite(a)):
+            raise HwgenError(f"data {path}: {name} must be finite float images, not {a.dtype}")
+    if ey.dtype.kind not in "iu" or ey.shape != (len(ex),):
+        raise HwgenError(
+            f"data {path}: labels must be {len(ex)} integers, not {ey.dtype} of shape {ey.shape}"
+        )
+    return arrays["x"], ex, ey, train
+
+
+def tune(
+    model: str,
+    scheme: str,
+    max_drop: float,
+    data: Path | None,
+    epochs: int | None,
+    output: Path,
+) -> None:
+    """``hwgen tune``: per-layer bit-width search; writes the report set and precision.toml."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hwgen.frontend import load_model
+    from hwgen.quant.inq import InqOptions
+    from hwgen.quant.tune import RETRAINED, mac_layers
+    from hwgen.quant.tune import tune as run_tune
+    from hwgen.report import check_output_dir, write_tuning_report
+
+    if not np.isfinite(max_drop) or max_drop < 0:
+        raise HwgenError(f"--max-drop must be a non-negative number of points, not {max_drop}")
+    if epochs is not None and (epochs < 1 or scheme not in RETRAINED):
+        raise HwgenError(
+            f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}) "
+            "and at least 1 epoch"
+        )
+    check_output_dir(output)
+    given = _tune_data(data) if data is not None else None  # before the model: fail fast
+    fnet, dataset = load_model(model)
+    if given is not None:
+        calib, ex, ey, train = given
+    elif dataset is not None:
+        calib, ex, ey = dataset.x_train, dataset.x_test, dataset.y_test
+        train = (dataset.x_train, dataset.y_train)
+    else:
+        raise HwgenError(f"model {model}: no bundled data; pass --data with 'x' and labels 'y'")
+    options = InqOptions(epochs=epochs) if epochs else None
+    result = run_tune(fnet, scheme, calib, ex, ey, max_drop, train, inq_options=options)
+    out = write_tuning_report(output, result)
+    table = Table(title=f"hwgen tune {fnet.name} ({scheme}, max drop {max_drop:g} points)")
+    for col in ("layer", "weights", "activations", "ROM bits"):
+        table.add_column(col, justify="right" if col == "ROM bits" else "left")
+    table.add_row("input", "", str(result.net.input_format), "")
+    for layer in mac_layers(result.net):
+        bits = layer.weight.size * layer.weight_format.bits
+        table.add_row(layer.name, str(layer.weight_format), str(layer.out_format), str(bits))
+    console = Console()
+    console.print(table)
+    verdict = "within budget" if result.within_budget else "OVER BUDGET"
+    console.print(
+        f"accuracy {100 * result.accuracy:.2f}% (float {100 * result.float_accuracy:.2f}%, "
+        f"drop {result.drop_points:.2f} points, {verdict}); weight ROM {result.rom_bits} bits "
+        f"= {result.rom_bits / result.rom_bits_8bit:.1%} of 8-bit"
+    )
+    console.print(f"report: {out / 'report.html'} (also report.md, report.json, precision.toml)")
+
+
+def _quantize_data(path: Path, need_train: bool) -> dict[str, np.ndarray]:
+    """``--data`` for quantize: ``x`` (float NCHW calibration images), optional ``y``, and
+    ``x_train``/``y_train`` (or ``x``/``y``) for the retrained schemes; no unpickling."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise HwgenError(f"data {path}: no such file") from None
+    except (ValueError, OSError, EOFError, KeyError) as e:
+        raise HwgenError(f"data {path}: not a readable .npz of arrays ({e})") from None
+    if "x" not in arrays:
+        raise HwgenError(f"data {path}: needs an array 'x' (has: {', '.join(arrays) or 'none'})")
+    for xk, yk in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
+        x, y = arrays.get(xk), arrays.get(yk)
+        if x is not None and (x.dtype.kind != "f" or x.ndim < 2 or not np.all(np.isfinite(x))):
+            raise HwgenError(
+                f"data {path}: {xk} must be finite float images (N, ...), "
+                f"not {x.dtype} of shape {x.shape}"
+            )
+        if y is not None and (x is None or y.dtype.kind not in "iu" or y.shape != (len(x),)):
+            n = "no" if x is None else len(x)
+            raise HwgenError(
+                f"data {path}: {yk} must be {n} integer labels, not {y.dtype} of shape {y.shape}"
+            )
+    if need_train and not ("y_train" in arrays or "y" in arrays):
+        raise HwgenError(f"data {path}: retraining needs labels: 'y' (or 'x_train' and 'y_train')")
+    return arrays
+
+
+def quantize(
+    model: str,
+    output: Path,
+    scheme: str | None = None,
+    bits: int | None = None,
+    act_bits: int | None = None,
+    precision_path: Path | None = None,
+    data: Path | None = None,
+    epochs: int | None = None,
+) -> None:
+    """``hwgen quantize``: quantise a float model to a ``.hwq`` and print its formats."""
+    from dataclasses import replace
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from hwgen.frontend import load_model
+    from hwgen.frontend.graph import FConv2d, FLinear
+    from hwgen.ir import Conv2d, Linear, acc_bits
+    from hwgen.quant import precision as prec
+    from hwgen.quant import quantize as run_quantize
+    from hwgen.quant.fakequant import fake_quant_predict
+    from hwgen.quant.inq import InqOptions
+    from hwgen.quant.quantize import RETRAINED
+
+    if scheme is None and precision_path is None:
+        raise HwgenError("hwgen quantize: give --scheme or --precision")
+    p = prec.load(precision_path) if precision_path is not None else prec.Precision(str(scheme))
+    effective = scheme or p.scheme
+    prec.check_bits(effective, "--bits/--act-bits", bits, act_bits)
+    if epochs is not None and (epochs < 0 or effective not in RETRAINED):
+        raise HwgenError(
+            f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}), epochs >= 0"
+        )
+    arrays = _quantize_data(data, effective in RETRAINED) if data is not None else None
+    fnet, dataset = load_model(model)
+    names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+    p = prec.for_layers(p, names).override(scheme, bits, act_bits)
+    if act_bits is not None:
+        p = replace(p, input=replace(p.input, act_bits=act_bits))
+    test = None
+    if arrays is not None:
+        calib = arrays["x"]
+        train_key = "x_train" if "y_train" in arrays else "x"
+        y_train = arrays.get("y_train", arrays.get("y"))
+        train = (arrays[train_key], y_train) if y_train is not None else None
+        if "y_test" in arrays:
+            test = (arrays["x_test"], arrays["y_test"])
+        elif "y" in arrays:
+            test = (arrays["x"], arrays["y"])
+    elif dataset is not None:
+        calib, train = dataset.x_train, (dataset.x_train, dataset.y_train)
+        test = (dataset.x_test, dataset.y_test)
+    else:
+        raise HwgenError(f"model {model}: no bundled data; pass --data with calibration images 'x'")
+    options = InqOptions(epochs=epochs) if epochs is not None else None
+    result = run_quantize(fnet, p, calib, train, inq_options=options)
+    net = result.net
+
+    table = Table(title=f"{net.name}: {p.scheme}, input {net.input_format}")
+    for col in ("layer", "op", "weights", "weight format", "output", "acc bits"):
+        table.add_column(col)
+    for layer, fmt in zip(net.layers, net.formats, strict=False):
+        if isinstance(layer, (Conv2d, Linear)):
+            table.add_row(
+                layer.name,
+                type(layer).__name__ + (" + ReLU" if layer.relu else ""),
+                str(layer.weight.size),
+                str(layer.weight_format),
+                str(layer.out_format),
+                str(acc_bits(layer, fmt)),
+            )
+    console = Console()
+    console.print(table)
+    meta = result.meta | {"source": Path(model).name, "precision": prec.dumps(result.precision)}
+    if test is not None:
+        acc = float(np.mean(fake_quant_predict(net, test[0]) == test[1]))
+        meta["test_accuracy"] = acc
+        console.print(f"fake-quantised test accuracy: {100 * acc:.2f}% ({len(test[1])} images)")
+    hwq.save(net, output, meta=meta)
+    console.print(f"wrote {output}")

@@ -181,3 +181,17 @@ def dumps(p: Precision) -> str:
 
 def save(p: Precision, path: str | Path) -> Path:
     return atomic_write_bytes(path, dumps(p).encode())
+
+
+def check_bits(scheme: str, where: str, weight_bits: int | None, act_bits: int | None) -> None:
+    """Range check of bit widths given outside a file (command-line options)."""
+    if scheme not in SCHEMES:
+        raise HwgenError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    _check_bits(scheme, where, LayerPrecision(weight_bits, act_bits))
+
+
+def for_layers(p: Precision, names: Iterable[str]) -> Precision:
+    """``p`` with a (possibly empty) entry for every named layer, so overrides reach them all."""
+    names = list(names)
+    p.check_names(names)
+    return Precision(p.scheme, {n: p.layer(n) for n in names}, p.input)

@@ -1,0 +1,111 @@
+"""The fake-quantised PyTorch model: the integer arithmetic of a Network, evaluated in float64.
+
+Weights are ``w * 2**-frac_w``, biases ``b * 2**-frac_acc``, and every activation is rounded
+with ``floor(x * 2**frac + 0.5)`` (never ``torch.round``, which rounds half to even) and
+saturated. All values are dyadic rationals, so float64 is exact while every accumulator stays
+below 2**53 (checked from the actual weights); the outputs then equal the golden model's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwgen import golden as gm
+from hwgen.errors import HwgenError
+from hwgen.ir import (
+    ActFormat,
+    AvgPool2d,
+    Conv2d,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Network,
+    ReLU,
+    acc_bits,
+    acc_frac,
+)
+
+
+def _fq(x: torch.Tensor, fmt: ActFormat, relu: bool = False) -> torch.Tensor:
+    """Round half up to ``fmt`` and saturate; returns the real value ``q * 2**-frac``."""
+    lo = max(fmt.lo, 0) if relu else fmt.lo
+    q = torch.clamp(torch.floor(x * 2.0**fmt.frac + 0.5), lo, fmt.hi)
+    return q * 2.0**-fmt.frac
+
+
+class FakeQuantNet(nn.Module):
+    """A Network as a float64 PyTorch module; ``forward`` returns every layer's real values."""
+
+    def __init__(self, net: Network) -> None:
+        super().__init__()
+        for layer, fmt in zip(net.layers, net.formats, strict=False):
+            if isinstance(layer, (Conv2d, Linear)) and acc_bits(layer, fmt) > 53:
+                raise HwgenError(
+                    f"layer {layer.name}: accumulator of {acc_bits(layer, fmt)} bits is not "
+                    "exact in float64 fake quantisation"
+                )
+        self.net = net
+        self.weights = [
+            (
+                torch.as_tensor(layer.weight * 2.0**-layer.weight_format.frac),
+                torch.as_tensor(layer.bias * 2.0 ** -acc_frac(layer, fmt)),
+            )
+            if isinstance(layer, (Conv2d, Linear))
+            else None
+            for layer, fmt in zip(net.layers, net.formats, strict=False)
+        ]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        net = self.net
+        x = _fq(x.to(torch.float64), net.input_format)
+        outs = []
+        for layer, fmt, wb in zip(net.layers, net.formats, self.weights, strict=False):
+            if isinstance(layer, Conv2d):
+                y = F.conv2d(x, wb[0], wb[1], stride=layer.stride, padding=layer.padding)
+                x = _fq(y, layer.out_format, layer.relu)
+            elif isinstance(layer, Linear):
+                x = _fq(F.linear(x, wb[0], wb[1]), layer.out_format, layer.relu)
+            elif isinstance(layer, ReLU):
+                x = torch.relu(x)
+            elif isinstance(layer, MaxPool2d):
+                x = F.max_pool2d(x, layer.kernel, layer.stride)
+            elif isinstance(layer, AvgPool2d):
+                # integer window sum / area (a power of two, so exact), then round half up
+                a = F.avg_pool2d(x * 2.0**fmt.frac, layer.kernel, layer.stride)
+                x = torch.floor(a + 0.5) * 2.0**-fmt.frac
+            elif isinstance(layer, Flatten):
+                x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1) if x.ndim == 4 else x
+            outs.append(x)
+        return outs
+
+
+def fake_quant_forward(net: Network, x_float: np.ndarray) -> list[np.ndarray]:
+    """Every layer's output as integers (int64) computed by :class:`FakeQuantNet`."""
+    with torch.no_grad():
+        outs = FakeQuantNet(net)(torch.as_tensor(np.asarray(x_float, np.float64)))
+    return [
+        (o * 2.0**fmt.frac).numpy().astype(np.int64)
+        for o, fmt in zip(outs, net.formats[1:], strict=True)
+    ]
+
+
+def fake_quant_predict(net: Network, x_float: np.ndarray) -> np.ndarray:
+    """Predicted class per image from the fake-quantised model."""
+    out = fake_quant_forward(net, x_float)[-1]
+    return out.reshape(out.shape[0], -1).argmax(axis=1)
+
+
+def golden_predict(net: Network, x_float: np.ndarray) -> np.ndarray:
+    """Predicted class per float image with the integer golden model."""
+    return gm.predict(net, gm.quantize_input(x_float, net.input_format))
+
+
+def accuracy(net: Network, x_float: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of images the integer golden model classifies as ``y``."""
+    y = np.asarray(y)
+    if y.shape != (np.asarray(x_float).shape[0],):
+        raise HwgenError(f"labels have shape {y.shape}, expected ({np.asarray(x_float).shape[0]},)")
+    return float(np.mean(golden_predict(net, x_float) == y))

@@ -1,0 +1,373 @@
+"""Per-layer bit-width search: the fewest weight ROM bits within an accuracy budget.
+
+The search is greedy and measured, never estimated: every candidate precision is quantised
+(``hwgen.quant.quantize``, which picks the fraction lengths) and scored with the integer
+golden model on the evaluation set. The budget is ``float accuracy - max_drop`` points.
+
+1. Start from the scheme's generous default (8-bit fixed / 5-bit powers of two, 8-bit
+   activations). If even that misses the budget, widen every layer two bits at a time
+   until it fits or the formats run out (keeping the most accurate widths; the result
+   then says it is over budget).
+2. Weights: try lowering one layer's weight bits by one, the layer with the most weights
+   first (it saves the most ROM bits); keep the change if the accuracy stays within the
+   budget, else freeze that layer. Repeat until every layer is frozen or at its minimum.
+3. Activations (line-buffer and datapath width, not ROM): the same, for the network
+   input and every layer output, the largest feature map first.
+
+Powers of two with retraining (``inq``, ``ternary``, ``binary``): retraining per trial
+would take far too long, so the search runs on post-training powers of two (``pow2``),
+a pessimistic proxy: steps 2-3 may cost ``max_drop`` points against the post-training
+accuracy at the starting widths (no widening), and INQ retrains once, at the end, on the
+chosen bits. If that misses the budget against the float model, INQ runs once more at the
+starting widths and the more accurate of the two is kept: at most two retrainings. Every
+final accuracy is measured again and reported as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hwgen import golden as gm
+from hwgen.errors import HwgenError
+from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
+from hwgen.ir import Conv2d, Linear, Network
+from hwgen.quant import QuantResult, quantize
+from hwgen.quant.fakequant import accuracy
+from hwgen.quant.inq import InqOptions
+from hwgen.quant.precision import InputPrecision, LayerPrecision, Precision
+
+TUNE_SCHEMES = ("fixed", "pow2", "inq", "ternary", "binary")
+RETRAINED = ("inq", "ternary", "binary")
+# scheme -> (min, start, max) weight bits searched; ternary/binary are fixed widths
+_WEIGHT_BITS = {
+    "fixed": (2, 8, 16),
+    "pow2": (2, 5, 7),
+    "inq": (2, 5, 7),
+    "ternary": (2, 2, 2),
+    "binary": (1, 1, 1),
+}
+_ACT_BITS = (2, 8, 16)
+_RAISE_STEP = 2
+_EPS = 1e-9  # accuracy comparisons in percentage points
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One measured candidate of the search."""
+
+    phase: str  # "start", "widen", "weights", "activations" or "retrain"
+    layer: str  # a layer name, "input", or "*" (every layer)
+    change: str  # e.g. "weight bits 8 -> 7"
+    accuracy: float
+    rom_bits: int
+    accepted: bool
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The chosen quantisation, how it was found, and what it costs."""
+
+    scheme: str
+    max_drop_points: float
+    float_accuracy: float
+    accuracy: float
+    quant: QuantResult
+    trials: tuple[Trial, ...]
+    # accuracy with the input and then the first k MAC layers quantised, the rest float
+    prefix_accuracy: tuple[tuple[str, float], ...]
+    eval_size: int
+    model: str = field(default="net")
+
+    @property
+    def net(self) -> Network:
+        return self.quant.net
+
+    @property
+    def precision(self) -> Precision:
+        return self.quant.precision
+
+    @property
+    def drop_points(self) -> float:
+        return 100.0 * (self.float_accuracy - self.accuracy)
+
+    @property
+    def within_budget(self) -> bool:
+        return self.drop_points <= self.max_drop_points + _EPS
+
+    @property
+    def rom_bits(self) -> int:
+        return rom_bits(self.net)
+
+    @property
+    def rom_bits_8bit(self) -> int:
+        return rom_bits(self.net, bits=8)
+
+
+def mac_layers(net: Network) -> list[Conv2d | Linear]:
+    return [lyr for lyr in net.layers if isinstance(lyr, (Conv2d, Linear))]
+
+
+def rom_bits(net: Network, bits: int | None = None) -> int:
+    """Σ weights × weight bits over the MAC layers (``bits`` overrides every layer's width)."""
+    return sum(lyr.weight.size * (bits or lyr.weight_format.bits) for lyr in mac_layers(net))
+
+
+def float_accuracy(fnet: FloatNet, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of the float model (float64), first index of the maximum as the prediction."""
+    with torch.no_grad():
+        out = fnet.forward(torch.as_tensor(np.asarray(x, np.float64)))[-1]
+    return float(np.mean(out.reshape(len(x), -1).argmax(1).numpy() == np.asarray(y)))
+
+
+def reference_activations(fnet: FloatNet, x: np.ndarray) -> list[np.ndarray]:
+    """The float model's activations on ``x``, the reference of the fraction-length search.
+
+    Computed in float32 (the precision the model was trained in) and handed over as float64:
+    PyTorch's float64 convolutions are several times slower, and the search only compares
+    squared errors that differ by far more than float32 rounding.
+    """
+    with torch.no_grad():
+        outs = fnet.forward(torch.as_tensor(np.asarray(x, np.float32)))
+    return [o.numpy().astype(np.float64) for o in outs]
+
+
+def prefix_accuracy(
+    fnet: FloatNet, net: Network, x: np.ndarray, y: np.ndarray
+) -> list[tuple[str, float]]:
+    """Accuracy as layers are quantised one by one: ``[("float", a), ("input", a), (mac1, a)..]``.
+
+    Step k runs the integer golden model up to (not including) the (k+1)-th MAC layer, turns
+    that integer tensor back into reals (``a * 2**-frac``) and finishes with the float layers.
+    The last step is the whole integer network.
+    """
+    if [lyr.name for lyr in fnet.layers] != net.names:
+        raise HwgenError("prefix accuracy: the float and quantised networks have different layers")
+    y = np.asarray(y)
+    macs = [i for i, lyr in enumerate(net.layers) if isinstance(lyr, (Conv2d, Linear))]
+    cuts = [*macs, len(net.layers)]  # integer layers [0, cut) then float layers [cut, end)
+    points = [("float", float_accuracy(fnet, x, y))]
+    xi = gm.quantize_input(x, net.input_format)
+    done = 0
+    for k, cut in enumerate(cuts):
+        for i in range(done, cut):
+            xi = gm.layer_forward(net.layers[i], xi, net.formats[i])
+        done = cut
+        xf = torch.as_tensor(xi * 2.0 ** -net.formats[cut].frac)
+        with torch.no_grad():
+            for layer in fnet.layers[cut:]:
+                xf = fnet.layer_forward(layer, xf)
+        pred = xf.reshape(len(x), -1).argmax(1).numpy()
+        points.append(
+            ("input" if k == 0 else net.layers[macs[k - 1]].name, float(np.mean(pred == y)))
+        )
+    return points
+
+
+class _Search:
+    """The greedy search state: bits per layer, the best accepted result, the trial log."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[Precision], tuple[QuantResult, float]],
+        scheme: str,
+        names: list[str],
+        wstart: int,
+        budget: Callable[[float], bool],
+    ) -> None:
+        self.evaluate, self.scheme, self.budget = evaluate, scheme, budget
+        self.wbits = dict.fromkeys(names, wstart)
+        self.abits = dict.fromkeys(["input", *names], _ACT_BITS[1])
+        self.trials: list[Trial] = []
+        self.best: QuantResult | None = None
+        self.best_acc = 0.0
+
+    def precision(self, wbits: dict[str, int], abits: dict[str, int]) -> Precision:
+        layers = {n: LayerPrecision(weight_bits=b, act_bits=abits[n]) for n, b in wbits.items()}
+        return Precision(self.scheme, layers, InputPrecision(act_bits=abits["input"]))
+
+    def trial(
+        self, phase: str, layer: str, change: str, wbits: dict[str, int], abits: dict[str, int]
+    ) -> bool:
+        """Measure a candidate; adopt it if it is the start or within the budget."""
+        q, acc = self.evaluate(self.precision(wbits, abits))
+        ok = self.budget(acc)
+        # widening is adopted when it fits or at least beats the best so far
+        take = ok or phase == "start" or (phase == "widen" and acc > self.best_acc)
+        self.trials.append(Trial(phase, layer, change, acc, rom_bits(q.net), take))
+        if take:
+            self.wbits, self.abits, self.best, self.best_acc = dict(wbits), dict(abits), q, acc
+        return ok
+
+    def widen(self, wmax: int) -> None:
+        """Every width up by ``_RAISE_STEP`` until the budget is met or nothing can grow."""
+        w, a = self.wbits, self.abits
+        while not self.budget(self.best_acc):
+            nw = {n: min(b + _RAISE_STEP, wmax) for n, b in w.items()}
+            na = {n: min(b + _RAISE_STEP, _ACT_BITS[2]) for n, b in a.items()}
+            if nw == w and na == a:
+                return
+            old, new = (max(w.values()), max(a.values())), (max(nw.values()), max(na.values()))
+            change = f"weight bits {old[0]} -> {new[0]}, act bits {old[1]} -> {new[1]}"
+            self.trial("widen", "*", change, nw, na)
+            w, a = nw, na
+
+    def lower(self, phase: str, order: list[str], lo: int, tick: Callable[[int], None]) -> None:
+        """Greedy descent of one kind of width, ``order`` = the layers, most valuable first."""
+        weights = phase == "weights"
+        frozen: set[str] = set()
+        while True:
+            bits = self.wbits if weights else self.abits
+            todo = [n for n in order if n not in frozen and bits[n] > lo]
+            if not todo:
+                return
+            n = todo[0]
+            cand = {**bits, n: bits[n] - 1}
+            kind = "weight" if weights else "act"
+            change = f"{kind} bits {bits[n]} -> {bits[n] - 1}"
+            if weights:
+                ok = self.trial(phase, n, change, cand, self.abits)
+            else:
+                ok = self.trial(phase, n, change, self.wbits, cand)
+            if ok:
+                tick(1)
+            else:
+                frozen.add(n)
+                tick(bits[n] - lo)  # the steps this layer will no longer take
+
+
+def tune(
+    fnet: FloatNet,
+    scheme: str,
+    calib_x: np.ndarray,
+    eval_x: np.ndarray,
+    eval_y: np.ndarray,
+    max_drop_points: float,
+    train: tuple[np.ndarray, np.ndarray] | None = None,
+    *,
+    progress: bool = True,
+    inq_options: InqOptions | None = None,
+) -> TuneResult:
+    """Search per-layer weight and activation bits (module docstring) and return the result.
+
+    ``train`` (images, labels) is needed by the retrained schemes; ``inq_options`` sets
+    their final retraining (epochs, learning rate, seed).
+    """
+    if scheme not in TUNE_SCHEMES:
+        raise HwgenError(f"tune: scheme {scheme!r} is not one of {', '.join(TUNE_SCHEMES)}")
+    if not np.isfinite(max_drop_points) or max_drop_points < 0:
+        raise HwgenError(
+            f"tune: max drop must be a non-negative number of points, not {max_drop_points}"
+        )
+    if scheme in RETRAINED and train is None:
+        raise HwgenError(f"tune: scheme {scheme} retrains the weights and needs training data")
+    eval_y = np.asarray(eval_y)
+    if len(eval_x) == 0 or len(eval_x) != len(eval_y):
+        raise HwgenError(
+            f"tune: need labelled evaluation data, not {len(eval_x)} images, {len(eval_y)} labels"
+        )
+    if (
+        np.shape(calib_x)[1:] != tuple(fnet.input_shape)
+        or np.shape(eval_x)[1:] != np.shape(calib_x)[1:]
+    ):
+        raise HwgenError(
+            f"tune: calibration {np.shape(calib_x)} and evaluation {np.shape(eval_x)} images "
+            f"must be (N, {', '.join(map(str, fnet.input_shape))})"
+        )
+    names = [lyr.name for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear))]
+    sizes = {
+        lyr.name: lyr.weight.size for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear))
+    }
+    facc = float_accuracy(fnet, eval_x, eval_y)
+
+    def budget(acc: float) -> bool:
+        return 100.0 * (facc - acc) <= max_drop_points + _EPS
+
+    search_scheme = "pow2" if scheme in RETRAINED else scheme
+
+    float_acts = reference_activations(fnet, calib_x)  # computed once for every trial
+
+    def evaluate(p: Precision) -> tuple[QuantResult, float]:
+        q = quantize(fnet, p, calib_x, progress=False, float_acts=float_acts)
+        return q, accuracy(q.net, eval_x, eval_y)
+
+    wlo, wstart, wmax = _WEIGHT_BITS[scheme]
+    search = _Search(evaluate, search_scheme, names, wstart, budget)
+    steps = 1 + len(names) * (wstart - wlo) + (len(names) + 1) * (_ACT_BITS[1] - _ACT_BITS[0])
+    columns = (
+        TextColumn("tune {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("start", total=steps)
+
+        def tick(n: int) -> None:
+            bar.advance(task, n)
+
+        search.trial("start", "*", "scheme default", search.wbits, search.abits)
+        tick(1)
+        start = (dict(search.wbits), dict(search.abits))
+        if scheme in RETRAINED:
+            # post-training powers of two are only a proxy: narrowing may cost max_drop
+            # points against them, and the retraining is expected to win the rest back
+            ref = min(facc, search.best_acc)
+            search.budget = lambda acc: 100.0 * (ref - acc) <= max_drop_points + _EPS
+        else:
+            search.widen(wmax)
+        bar.update(task, description="weights")
+        search.lower("weights", sorted(names, key=lambda n: -sizes[n]), wlo, tick)
+        bar.update(task, description="activations")
+        shapes = _out_sizes(fnet, names)
+        search.lower(
+            "activations", sorted(search.abits, key=lambda n: -shapes[n]), _ACT_BITS[0], tick
+        )
+    assert search.best is not None
+    quant, acc = search.best, search.best_acc
+    trials = search.trials
+    if scheme in RETRAINED:
+
+        def retrain(bits: tuple[dict[str, int], dict[str, int]]) -> tuple[QuantResult, float]:
+            """INQ on the bits only: it picks emax and the act fracs for its own weights."""
+            wb, ab = bits
+            layers = {n: LayerPrecision(weight_bits=wb[n], act_bits=ab[n]) for n in names}
+            p = Precision(scheme, layers, InputPrecision(act_bits=ab["input"]))
+            q = quantize(fnet, p, calib_x, train, progress=progress, inq_options=inq_options)
+            return q, accuracy(q.net, eval_x, eval_y)
+
+        chosen = (search.wbits, search.abits)
+        runs = [("INQ on the chosen bits", *retrain(chosen))]
+        if not budget(runs[0][2]) and chosen != start:
+            # bounded fallback: one more retraining, at the generous starting widths
+            runs.append(("INQ on the starting bits", *retrain(start)))
+        best = max(range(len(runs)), key=lambda i: runs[i][2])  # the first on ties
+        for i, (label, q, a) in enumerate(runs):
+            trials.append(Trial("retrain", "*", label, a, rom_bits(q.net), i == best))
+        _, quant, acc = runs[best]
+    return TuneResult(
+        scheme=scheme,
+        max_drop_points=float(max_drop_points),
+        float_accuracy=facc,
+        accuracy=acc,
+        quant=quant,
+        trials=tuple(trials),
+        prefix_accuracy=tuple(prefix_accuracy(fnet, quant.net, eval_x, eval_y)),
+        eval_size=len(eval_y),
+        model=fnet.name,
+    )
+
+
+def _out_sizes(fnet: FloatNet, names: list[str]) -> dict[str, int]:
+    """Elements per image of the input and of every MAC layer's output (activation order)."""
+    x = torch.zeros((1, *fnet.input_shape), dtype=torch.float64)
+    sizes = {"input": x.numel()}
+    with torch.no_grad():
+        for layer, out in zip(fnet.layers, fnet.forward(x), strict=True):
+            if layer.name in names:
+                sizes[layer.name] = out.numel()
+    return sizes

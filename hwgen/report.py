@@ -1,0 +1,516 @@
+"""Reports a user reads to choose the next bit widths: markdown, html, json and PNG plots.
+
+A report is a list of :class:`Section`\\ s, each a title, content blocks (paragraphs,
+tables, figures) and a JSON payload under its own key. The tuning sections come from
+:func:`tuning_sections`; other stages (synthesis) add their own sections to the same
+writer. :func:`write_report` renders every format into a temporary folder and renames it
+into place, so a failed run leaves nothing half-written. The content is deterministic:
+no timestamps, no absolute paths, PNGs without version metadata.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure as MplFigure
+
+from hwgen import hwq
+from hwgen.errors import HwgenError
+from hwgen.ir import Conv2d, Fixed, Linear, Pow2, WeightFormat
+from hwgen.quant.precision import dumps
+from hwgen.quant.tune import TuneResult, mac_layers
+
+REPORT_FILES = ("report.md", "report.html", "report.json", "precision.toml")
+_MAX_LEVEL_LINES = 128  # beyond this a fixed grid is drawn as its range only
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A PNG written to ``plots/<file>``, shown inline in the html."""
+
+    file: str
+    caption: str
+    png: bytes = field(repr=False)
+
+
+Block = str | Table | Plot  # a str is a paragraph of plain text
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str  # the section's key in report.json
+    title: str
+    blocks: tuple[Block, ...]
+    data: Any = None  # JSON-serialisable payload (None: not in report.json)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(title: str, sections: Sequence[Section]) -> str:
+    out = [f"# {title}", ""]
+    for sec in sections:
+        out += [f"## {sec.title}", ""]
+        for b in sec.blocks:
+            if isinstance(b, Table):
+                out.append("| " + " | ".join(map(_md_cell, b.header)) + " |")
+                out.append("|" + "---|" * len(b.header))
+                out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in b.rows]
+            elif isinstance(b, Plot):
+                out.append(f"![{b.caption}](plots/{b.file})")
+            else:
+                out.append(b)
+            out.append("")
+    return "\n".join(out)
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}"
+    "th,td{border:1px solid #bbb;padding:3px 8px;text-align:left}"
+    "th{background:#eee}figure{display:inline-block;margin:0.5em}"
+    "img{max-width:520px}figcaption{font-size:90%;color:#555}"
+)
+
+
+def render_html(title: str, sections: Sequence[Section]) -> str:
+    """One self-contained page: the plots are embedded as data URIs, every text escaped."""
+    e = html.escape
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
+    for sec in sections:
+        out.append(f'<h2 id="{e(sec.key)}">{e(sec.title)}</h2>')
+        for b in sec.blocks:
+            if isinstance(b, Table):
+                out.append("<table>")
+                out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in b.header) + "</tr>")
+                out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b.rows]
+                out.append("</table>")
+            elif isinstance(b, Plot):
+                src = "data:image/png;base64," + base64.b64encode(b.png).decode()
+                out.append(
+                    f'<figure><img src="{src}" alt="{e(b.caption)}">'
+                    f"<figcaption>{e(b.caption)} (plots/{e(b.file)})</figcaption></figure>"
+                )
+            else:
+                out.append(f"<p>{e(b)}</p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def render_json(title: str, sections: Sequence[Section]) -> str:
+    doc: dict[str, Any] = {"title": title}
+    doc |= {sec.key: sec.data for sec in sections if sec.data is not None}
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def _is_report_dir(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or (path / "report.json").is_file())
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Refuse an output folder that exists and is not an earlier report (before any work)."""
+    path = Path(path)
+    if path.exists() and not _is_report_dir(path):
+        raise HwgenError(
+            f"output {path} exists and is not an hwgen report folder; choose another -o"
+        )
+    return path
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    title: str,
+    sections: Sequence[Section],
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write report.md/.html/.json, plots/*.png and ``extra_files`` into ``out_dir`` atomically.
+
+    Everything goes into a temporary sibling folder that is renamed into place; an earlier
+    report in ``out_dir`` is replaced only once the new one is complete.
+    """
+    out = check_output_dir(out_dir)
+    files = {
+        "report.md": render_markdown(title, sections).encode(),
+        "report.html": render_html(title, sections).encode(),
+        "report.json": render_json(title, sections).encode(),
+        **(extra_files or {}),
+    }
+    figures = [b for s in sections for b in s.blocks if isinstance(b, Plot)]
+    files |= {f"plots/{f.file}": f.png for f in figures}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        new = tmp / "new"
+        for name, data in files.items():
+            (new / name).parent.mkdir(parents=True, exist_ok=True)
+            (new / name).write_bytes(data)
+        if out.exists():
+            os.replace(out, tmp / "old")
+        try:
+            os.replace(new, out)
+        except BaseException:
+            if (tmp / "old").exists():
+                os.replace(tmp / "old", out)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _png(fig: MplFigure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _curve_axes(
+    ax: Any, curve: list[tuple[int, float]], chosen: int | None, what: str, xlabel: str
+) -> None:
+    xs = [c[0] for c in curve]
+    ys = [c[1] for c in curve]
+    ax.plot(xs, ys, "o-", color="tab:blue", label="candidates")
+    if chosen is not None and chosen in xs:
+        ax.plot(
+            [chosen],
+            [ys[xs.index(chosen)]],
+            "o",
+            ms=12,
+            mfc="none",
+            mec="tab:red",
+            mew=2,
+            label=f"chosen {chosen}",
+        )
+    if ys and min(ys) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("squared error")
+    ax.set_title(what)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def error_plot(name: str, result: TuneResult) -> Plot:
+    """Weight and activation error vs fraction length (emax for powers of two), chosen marked."""
+    q, lp = result.quant, result.precision.layer(name)
+    wcurve, acurve = q.weight_curves.get(name, []), q.act_curves.get(name, [])
+    panels = [c for c in (wcurve, acurve) if c] or [[]]
+    fig = MplFigure(figsize=(4.2 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    col = 0
+    if wcurve:
+        pow2 = lp.emax is not None
+        chosen = lp.emax if pow2 else lp.weight_frac
+        _curve_axes(
+            axes[0][col],
+            wcurve,
+            chosen,
+            f"{name}: weights",
+            "emax" if pow2 else "weight fraction length",
+        )
+        col += 1
+    if acurve:
+        _curve_axes(
+            axes[0][col],
+            acurve,
+            lp.act_frac,
+            f"{name}: output activations",
+            "activation fraction length",
+        )
+    fig.tight_layout()
+    return Plot(f"{name}_error.png", f"{name}: quantisation error vs fraction length", _png(fig))
+
+
+def input_error_plot(result: TuneResult) -> Plot | None:
+    curve = result.quant.act_curves.get("input")
+    if not curve:
+        return None
+    fig = MplFigure(figsize=(4.2, 3.2))
+    ax = fig.subplots()
+    _curve_axes(
+        ax, curve, result.precision.input.act_frac, "network input", "activation fraction length"
+    )
+    fig.tight_layout()
+    return Plot("input_error.png", "input: quantisation error vs fraction length", _png(fig))
+
+
+def weight_levels(fmt: WeightFormat) -> np.ndarray:
+    """Every real value a weight of ``fmt`` can take, ascending."""
+    if isinstance(fmt, Fixed):
+        return np.arange(fmt.lo, fmt.hi + 1, dtype=np.float64) * 2.0**-fmt.frac
+    assert isinstance(fmt, Pow2)
+    mags = 2.0 ** np.arange(fmt.emin, fmt.emax + 1)
+    levels = np.concatenate([-mags[::-1], [0.0] if fmt.has_zero else [], mags])
+    return levels
+
+
+def histogram_plot(name: str, w: np.ndarray, fmt: WeightFormat) -> Plot:
+    """Histogram of the float weights with the quantisation levels of ``fmt`` drawn on it."""
+    w = np.asarray(w, np.float64).ravel()
+    fig = MplFigure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    levels = weight_levels(fmt)
+    lim = max(float(np.abs(w).max(initial=0.0)), float(np.abs(levels).max())) * 1.05 or 1.0
+    if len(levels) <= _MAX_LEVEL_LINES:
+        for v in levels:
+            ax.axvline(v, color="tab:red", lw=0.6, alpha=0.7, zorder=3)
+        note = f"{len(levels)} levels"
+    else:
+        for v in (levels[0], levels[-1]):
+            ax.axvline(v, color="tab:red", lw=1.0, zorder=3)
+        note = f"{len(levels)} levels, step {2.0**-fmt.frac:g} (range drawn)"
+    ax.hist(w, bins=min(100, max(10, w.size // 10)), range=(-lim, lim), color="tab:blue")
+    ax.set_xlim(-lim, lim)
+    ax.set_title(f"{name}: weights, {fmt} ({note})")
+    ax.set_xlabel("weight value")
+    ax.set_ylabel("count")
+    fig.tight_layout()
+    return Plot(f"{name}_hist.png", f"{name}: float weights and the levels of {fmt}", _png(fig))
+
+
+def prefix_plot(result: TuneResult) -> Plot:
+    steps = result.prefix_accuracy
+    fig = MplFigure(figsize=(max(5.0, 0.7 * len(steps) + 2), 3.4))
+    ax = fig.subplots()
+    xs = np.arange(len(steps))
+    ax.plot(xs, [100 * a for _, a in steps], "o-", color="tab:blue", label="quantised prefix")
+    floor = 100 * result.float_accuracy - result.max_drop_points
+    ax.axhline(floor, color="tab:red", ls="--", label=f"budget ({result.max_drop_points:g} points)")
+    ax.set_xticks(xs, [s for s, _ in steps], rotation=30, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy as layers are quantised one by one (rest float)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return Plot("prefix_accuracy.png", "accuracy with the first k layers quantised", _png(fig))
+
+
+# ---------------------------------------------------------------- the tuning sections
+
+
+def _pct(a: float) -> str:
+    return f"{100 * a:.2f}%"
+
+
+def layer_rows(result: TuneResult) -> list[dict[str, Any]]:
+    """Per MAC layer: formats, ROM bits and accuracy impact (the JSON of the layer table)."""
+    net = result.net
+    doc = hwq.to_json(net)
+    impact = dict(result.prefix_accuracy)
+    steps = [n for n, _ in result.prefix_accuracy]
+    rows = []
+    for i, (layer, ldoc) in enumerate(zip(net.layers, doc["layers"], strict=True)):
+        if not isinstance(layer, (Conv2d, Linear)):
+            continue
+        prev = steps[steps.index(layer.name) - 1]
+        fin = net.formats[i]
+        rows.append(
+            {
+                "name": layer.name,
+                "op": ldoc["op"],
+                "weight_shape": list(layer.weight.shape),
+                "out_shape": ldoc["out_shape"],
+                "weights": int(layer.weight.size),
+                "weight_format": ldoc["weight_format"],
+                "in_format": {"bits": fin.bits, "frac": fin.frac, "signed": fin.signed},
+                "out_format": ldoc["out_format"],
+                "rom_bits": int(layer.weight.size * layer.weight_format.bits),
+                "accuracy_impact_points": round(100 * (impact[layer.name] - impact[prev]), 6),
+            }
+        )
+    return rows
+
+
+def tuning_sections(result: TuneResult) -> list[Section]:
+    """Summary, per-layer table, prefix accuracy, search log and per-layer plots."""
+    net = result.net
+    rows = layer_rows(result)
+    summary = {
+        "model": result.model,
+        "scheme": result.scheme,
+        "max_drop_points": result.max_drop_points,
+        "eval_images": result.eval_size,
+        "float_accuracy": result.float_accuracy,
+        "quant_accuracy": result.accuracy,
+        "drop_points": round(result.drop_points, 6),
+        "within_budget": result.within_budget,
+        "rom_bits": result.rom_bits,
+        "rom_bits_8bit": result.rom_bits_8bit,
+        "input_format": hwq.to_json(net)["input"]["format"],
+    }
+    verdict = "within" if result.within_budget else "OVER"
+    totals = Table(
+        ("quantity", "value"),
+        (
+            ("model", result.model),
+            ("scheme", result.scheme),
+            ("evaluation images", str(result.eval_size)),
+            ("float accuracy", _pct(result.float_accuracy)),
+            ("quantised accuracy", _pct(result.accuracy)),
+            (
+                "drop",
+                f"{result.drop_points:.2f} points ({verdict} the budget of "
+                f"{result.max_drop_points:g})",
+            ),
+            ("input format", str(net.input_format)),
+            (
+                "weight ROM bits",
+                f"{result.rom_bits} ({result.rom_bits / result.rom_bits_8bit:.1%} of 8-bit)",
+            ),
+            ("8-bit baseline ROM bits", str(result.rom_bits_8bit)),
+        ),
+    )
+    layer_table = Table(
+        (
+            "layer",
+            "op",
+            "weight shape",
+            "out shape",
+            "weight format",
+            "act format",
+            "ROM bits",
+            "accuracy impact",
+        ),
+        tuple(
+            (
+                r["name"],
+                r["op"],
+                "x".join(map(str, r["weight_shape"])),
+                "x".join(map(str, r["out_shape"])),
+                str(lyr.weight_format),
+                str(lyr.out_format),
+                str(r["rom_bits"]),
+                f"{r['accuracy_impact_points']:+.2f} points",
+            )
+            for r, lyr in zip(rows, mac_layers(net), strict=True)
+        ),
+    )
+    prefix = [{"step": s, "accuracy": a} for s, a in result.prefix_accuracy]
+    trials = [
+        {
+            "phase": t.phase,
+            "layer": t.layer,
+            "change": t.change,
+            "accuracy": t.accuracy,
+            "rom_bits": t.rom_bits,
+            "accepted": t.accepted,
+        }
+        for t in result.trials
+    ]
+    trial_table = Table(
+        ("#", "phase", "layer", "change", "accuracy", "ROM bits", "accepted"),
+        tuple(
+            (
+                str(i),
+                t.phase,
+                t.layer,
+                t.change,
+                _pct(t.accuracy),
+                str(t.rom_bits),
+                "yes" if t.accepted else "no",
+            )
+            for i, t in enumerate(result.trials)
+        ),
+    )
+    q = result.quant
+    curves = {
+        n: {
+            "weight": [list(p) for p in q.weight_curves.get(n, [])],
+            "act": [list(p) for p in q.act_curves.get(n, [])],
+        }
+        for n in ["input", *net.names]
+        if n in q.weight_curves or n in q.act_curves
+    }
+    figures: list[Block] = []
+    inp = input_error_plot(result)
+    if inp is not None:
+        figures.append(inp)
+    for layer in mac_layers(net):
+        figures.append(error_plot(layer.name, result))
+        if layer.name in q.float_weights:
+            figures.append(
+                histogram_plot(layer.name, q.float_weights[layer.name], layer.weight_format)
+            )
+    return [
+        Section(
+            "summary",
+            "Summary",
+            (
+                "Accuracy is measured with the integer golden model on the evaluation set; "
+                "ROM bits are the sum over layers of weights x weight bits.",
+                totals,
+            ),
+            summary,
+        ),
+        Section(
+            "layers",
+            "Layers",
+            (
+                "Accuracy impact: the change in accuracy when this layer joins the quantised "
+                "prefix (the layers before it quantised, the layers after it float).",
+                layer_table,
+            ),
+            rows,
+        ),
+        Section(
+            "prefix_accuracy",
+            "Accuracy as layers are quantised",
+            (
+                prefix_plot(result),
+                Table(
+                    ("quantised up to", "accuracy"),
+                    tuple((p["step"], _pct(p["accuracy"])) for p in prefix),
+                ),
+            ),
+            prefix,
+        ),
+        Section(
+            "trials",
+            "Search",
+            (
+                "Greedy search: lower one layer's weight bits at a time (most weights first) while "
+                "the accuracy stays within the budget, then the activation bits likewise.",
+                trial_table,
+            ),
+            trials,
+        ),
+        Section(
+            "curves", "Per-layer quantisation error and weight histograms", tuple(figures), curves
+        ),
+    ]
+
+
+def write_tuning_report(out_dir: str | os.PathLike, result: TuneResult) -> Path:
+    """The tuning report set and ``precision.toml`` (the chosen configuration) in ``out_dir``."""
+    check_output_dir(out_dir)  # before the plots are drawn
+    sections = tuning_sections(result)
+    extra = {"precision.toml": dumps(result.precision).encode()}
+    return write_report(out_dir, f"hwgen tuning report: {result.model}", sections, extra)

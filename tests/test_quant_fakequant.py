@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+
+from hwgen import golden as gm
+from hwgen import hwq
+from hwgen.examples.digits import digits_float_net
+from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
+from hwgen.ir import (
+    ActFormat,
+    AvgPool2d,
+    Conv2d,
+    Fixed,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Network,
+    Pow2,
+    ReLU,
+)
+from hwgen.quant import quantize
+from hwgen.quant.fakequant import FakeQuantNet, accuracy, fake_quant_forward, fake_quant_predict
+from hwgen.quant.inq import InqOptions, with_weights
+from hwgen.quant.precision import LayerPrecision, Precision
+
+
+def _random_net(rng: np.random.Generator) -> Network:
+    wf = Pow2(4, -1)
+    w1 = rng.choice([-4, -2, -1, 0, 1, 2, 4], size=(6, 3, 3, 3))
+    w2 = rng.integers(-128, 128, size=(5, 6 * 2 * 2))
+    return Network(
+        (3, 9, 9),
+        ActFormat(6, 3),
+        (
+            Conv2d("c1", 3, 6, 3, wf, ActFormat(5, 2, False), w1, rng.integers(-50, 50, 6),
+                   stride=(2, 2), padding=(1, 1), relu=True),
+            AvgPool2d("a1", (2, 2)),
+            ReLU("r1"),
+            MaxPool2d("m1", (1, 1)),
+            Flatten("f"),
+            Linear("fc", 24, 5, Fixed(8, 7), ActFormat(4, -1), w2, rng.integers(-900, 900, 5)),
+        ),
+    )  # fmt: skip
+
+
+def test_fake_quant_equals_golden_on_random_nets_with_ties_and_saturation():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        net = _random_net(rng)
+        # inputs on the half-step grid hit the rounding ties; large ones saturate
+        x = rng.integers(-80, 80, size=(16, 3, 9, 9)) * 2.0**-4
+        ref = gm.forward(net, gm.quantize_input(x, net.input_format))
+        got = fake_quant_forward(net, x)
+        for a, b in zip(ref, got, strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_half_to_even_would_differ():
+    # the same input with torch.round would give 0 for 0.5 and 2 for 1.5: floor(x + 0.5) does not
+    net = Network((1,), ActFormat(4, 0), (ReLU("r"),))
+    x = np.array([[0.5], [1.5], [-0.5], [2.5]])
+    assert fake_quant_forward(net, x)[0].ravel().tolist() == [1, 2, 0, 3]
+    assert torch.round(torch.tensor([0.5, 2.5])).tolist() == [0.0, 2.0]
+
+
+def test_fake_quant_net_is_a_module():
+    net = _random_net(np.random.default_rng(1))
+    out = FakeQuantNet(net)(torch.zeros(2, 3, 9, 9))
+    assert len(out) == len(net.layers) and out[-1].dtype == torch.float64
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_float_net()
+
+
+def _on_grid_float_net(fnet: FloatNet, nets: dict[str, Network]) -> FloatNet:
+    """``fnet`` with the real values of each named layer's integer weights in ``nets``."""
+    params = {}
+    for fl in fnet.layers:
+        if isinstance(fl, (FConv2d, FLinear)):
+            layer = nets[fl.name].layer(fl.name)
+            params[fl.name] = (layer.weight * 2.0**-layer.weight_format.frac, fl.bias)
+    return with_weights(fnet, params)
+
+
+@pytest.mark.parametrize("scheme", ["fixed", "pow2", "inq", "ternary", "binary", "auto"])
+def test_fake_quant_equals_golden_on_digits(digits, scheme, tmp_path):
+    fnet, data = digits
+    if scheme == "auto":  # float weights already on fixed / pow2 grids, detected losslessly
+        fixed = quantize(fnet, Precision("fixed"), data.x_train).net
+        pow2 = quantize(
+            fnet, Precision("pow2", {"fc": LayerPrecision(weight_bits=3)}), data.x_train
+        )
+        fnet = _on_grid_float_net(fnet, {"conv1": fixed, "conv2": pow2.net, "fc": pow2.net})
+    r = quantize(
+        fnet, Precision(scheme), data.x_train, (data.x_train, data.y_train),
+        progress=False, inq_options=InqOptions(epochs=1),
+    )  # fmt: skip
+    path = hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta)
+    net = hwq.load(path)
+    golden = gm.forward(net, gm.quantize_input(data.x_test, net.input_format))
+    fake = fake_quant_forward(r.net, data.x_test)
+    for a, b in zip(golden, fake, strict=True):
+        assert np.array_equal(a, b)
+    xq = gm.quantize_input(data.x_test, net.input_format)
+    assert np.array_equal(fake_quant_predict(r.net, data.x_test), gm.predict(net, xq))
+    assert accuracy(net, data.x_test, data.y_test) > 0.5
+    if scheme == "auto":
+        assert set(r.detected) == {"conv1", "conv2", "fc"}
+        for fl in fnet.layers:
+            if isinstance(fl, (FConv2d, FLinear)):
+                layer = net.layer(fl.name)
+                assert r.detected[fl.name] == str(layer.weight_format)
+                assert isinstance(layer.weight_format, Fixed if fl.name == "conv1" else Pow2)
+                assert np.array_equal(layer.weight * 2.0**-layer.weight_format.frac, fl.weight)

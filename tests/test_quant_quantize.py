@@ -1,0 +1,117 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from hwgen import hwq
+from hwgen.errors import HwgenError
+from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet
+from hwgen.ir import Fixed, Pow2
+from hwgen.quant import QuantResult, quantize
+from hwgen.quant.inq import InqOptions
+from hwgen.quant.precision import LayerPrecision, Precision
+
+
+def _fnet(w1: np.ndarray, w2: np.ndarray) -> FloatNet:
+    return FloatNet(
+        (1, 4, 4),
+        (
+            FConv2d("conv", w1, np.array([0.1, -0.2]), padding=(1, 1), relu=True),
+            FFlatten("flat"),
+            FLinear("fc", w2, np.linspace(-1, 1, 3)),
+        ),
+    )
+
+
+@pytest.fixture
+def float_net() -> FloatNet:
+    rng = np.random.default_rng(0)
+    return _fnet(rng.normal(0, 0.5, (2, 1, 3, 3)), rng.normal(0, 0.2, (3, 32)))
+
+
+@pytest.fixture
+def calib() -> np.ndarray:
+    return np.random.default_rng(1).uniform(0, 1, (64, 1, 4, 4))
+
+
+@pytest.mark.parametrize(("scheme", "kind", "bits"), [("fixed", Fixed, 8), ("pow2", Pow2, 5)])
+def test_defaults_resolution_and_reproducibility(float_net, calib, scheme, kind, bits):
+    r = quantize(float_net, Precision(scheme), calib, progress=False)
+    assert isinstance(r, QuantResult) and r.detected == {}
+    for name in ("conv", "fc"):
+        lp = r.precision.layers[name]
+        layer = r.net.layer(name)
+        assert isinstance(layer.weight_format, kind) and lp.weight_bits == bits
+        assert lp.act_bits == 8 and lp.act_frac == layer.out_format.frac
+        assert lp.act_signed == (name == "fc")  # the ReLU output is unsigned
+        assert (lp.weight_frac is None) == (kind is Pow2) and (lp.emax is None) == (kind is Fixed)
+        assert {f for f, _ in r.act_curves[name]} >= {layer.out_format.frac}
+        assert np.array_equal(
+            r.float_weights[name], float_net.layers[0 if name == "conv" else 2].weight
+        )
+    assert r.precision.input.act_bits == 8 and "input" in r.act_curves
+    again = quantize(float_net, r.precision, calib, progress=False)
+    assert again.net == r.net and again.precision == r.precision
+
+
+def test_pow2_uses_inq_emax(float_net, calib):
+    r = quantize(float_net, Precision("pow2", {"conv": LayerPrecision(weight_bits=3)}), calib)
+    w = float_net.layers[0].weight
+    n1 = int(np.floor(np.log2(4 / 3 * np.abs(w).max())))
+    assert r.net.layer("conv").weight_format == Pow2(3, n1)
+    assert dict(r.weight_curves["conv"])[n1] >= 0
+
+
+def test_auto_detects_and_reproduces(calib):
+    rng = np.random.default_rng(2)
+    w1 = rng.choice([-0.5, -0.25, 0.0, 0.125, 1.0], size=(2, 1, 3, 3))
+    w1.flat[:2] = [1.0, -0.125]  # range 2**-3 .. 2**0 and a zero: 4 levels, 4 bits
+    w1.flat[2] = 0.0
+    w2 = rng.integers(-20, 20, size=(3, 32)) * 2.0**-5
+    fnet = _fnet(w1, w2)
+    r = quantize(fnet, Precision("auto"), calib)
+    assert r.detected == {"conv": "pow2_4.emax0", "fc": "fixed6.f5"}
+    assert np.array_equal(r.net.layer("fc").weight, (w2 * 32).astype(int))
+    assert quantize(fnet, r.precision, calib).net == r.net
+    # a claimed format the weights are not on: layer and index named
+    with pytest.raises(HwgenError, match=r"^layer fc: weight\[\d+, \d+\] = .* fixed4\.f5"):
+        quantize(fnet, Precision("auto", {"fc": LayerPrecision(weight_bits=4)}), calib)
+
+
+def test_auto_off_grid_is_an_error(float_net, calib):
+    with pytest.raises(HwgenError, match=r"^layer conv: weight\[0, 0, 0, 0\] = .* on no"):
+        quantize(float_net, Precision("auto"), calib)
+
+
+def test_errors(float_net, calib):
+    with pytest.raises(HwgenError, match="needs labelled training data"):
+        quantize(float_net, Precision("inq"), calib)
+    with pytest.raises(HwgenError, match="no conv/linear layer 'fc2'"):
+        quantize(float_net, Precision("fixed", {"fc2": LayerPrecision(weight_bits=4)}), calib)
+    with pytest.raises(HwgenError, match="scheme ternary has 2-bit weights, not 3"):
+        quantize(float_net, Precision("ternary", {"fc": LayerPrecision(weight_bits=3)}), calib)
+
+
+def test_inq_is_deterministic_and_on_grid(float_net, calib):
+    y = np.arange(64) % 3
+    opts = InqOptions(epochs=1, batch_size=16)
+    a = quantize(float_net, Precision("inq"), calib, (calib, y), progress=False, inq_options=opts)
+    b = quantize(float_net, a.precision, calib, (calib, y), progress=False, inq_options=opts)
+    assert a.net == b.net
+    assert a.net.layer("fc").weight_format.bits == 5
+    # float_weights are the retrained, not yet fully quantised ones
+    assert not np.array_equal(a.float_weights["fc"], float_net.layers[2].weight)
+
+
+def test_meta_in_hwq(float_net, calib, tmp_path):
+    r = quantize(float_net, Precision("fixed"), calib)
+    path = hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta)
+    meta = hwq.load_meta(path)
+    assert meta["scheme"] == "fixed"
+    assert meta["formats"]["fc"] == {
+        "weight": str(r.net.layer("fc").weight_format),
+        "out": str(r.net.layer("fc").out_format),
+    }
+    with zipfile.ZipFile(path) as z:
+        assert json.loads(z.read("model.json"))["meta"] == meta

@@ -1,0 +1,237 @@
+"""The bit-width search: budget kept, widths lowered greedily, trials logged truthfully."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hwgen.quant.tune as tune_module
+from hwgen.errors import HwgenError
+from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
+from hwgen.ir import Fixed, Pow2
+from hwgen.quant import quantize
+from hwgen.quant.fakequant import accuracy
+from hwgen.quant.inq import InqOptions
+from hwgen.quant.tune import (
+    TuneResult,
+    float_accuracy,
+    mac_layers,
+    prefix_accuracy,
+    rom_bits,
+    tune,
+)
+
+
+def toy_problem(seed: int = 0) -> tuple[FloatNet, np.ndarray, np.ndarray]:
+    """A small random CNN and images labelled by the float model itself (float accuracy 1)."""
+    rng = np.random.default_rng(seed)
+
+    def he(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[1:])), shape)
+
+    fnet = FloatNet(
+        (1, 8, 8),
+        (
+            FConv2d("conv1", he(4, 1, 3, 3), rng.normal(0, 0.1, 4), padding=(1, 1), relu=True),
+            FMaxPool2d("pool", (2, 2), (2, 2)),
+            FConv2d("conv2", he(8, 4, 3, 3), rng.normal(0, 0.1, 8), padding=(1, 1), relu=True),
+            FFlatten("flat"),
+            FLinear("fc", he(10, 128), rng.normal(0, 0.1, 10)),
+        ),
+        "toy",
+    )
+    x = rng.random((300, 1, 8, 8))
+    with torch.no_grad():
+        y = fnet.forward(torch.as_tensor(x))[-1].argmax(1).numpy()
+    return fnet, x, y
+
+
+@pytest.fixture(scope="module")
+def toy() -> tuple[FloatNet, np.ndarray, np.ndarray]:
+    return toy_problem()
+
+
+def _check_log(r: TuneResult, x: np.ndarray, y: np.ndarray) -> None:
+    """The final net is measured truthfully and every search decision obeyed the budget."""
+    assert r.accuracy == accuracy(r.net, x, y)
+    assert r.rom_bits == rom_bits(r.net)
+    floor = 100 * r.float_accuracy - r.max_drop_points - 1e-9
+    for t in r.trials:
+        if t.phase in ("weights", "activations"):
+            assert t.accepted == (100 * t.accuracy >= floor), t
+    kept = [t.rom_bits for t in r.trials if t.accepted and t.phase != "widen"]
+    assert kept == sorted(kept, reverse=True)  # accepted steps never add ROM
+
+
+def test_zero_drop_keeps_float_accuracy(toy):
+    fnet, x, y = toy
+    r = tune(fnet, "fixed", x[:100], x[100:], y[100:], 0.0, progress=False)
+    assert r.float_accuracy == 1.0
+    assert r.accuracy >= r.float_accuracy and r.within_budget
+    _check_log(r, x[100:], y[100:])
+    assert r.rom_bits < r.rom_bits_8bit  # it did find something to save
+    assert any(not t.accepted for t in r.trials)  # and it stopped at a real limit
+
+
+def test_generous_budget_reaches_the_minimum_widths(toy):
+    fnet, x, y = toy
+    r = tune(fnet, "fixed", x[:100], x[100:], y[100:], 100.0, progress=False)
+    assert all(t.accepted for t in r.trials)
+    layers = mac_layers(r.net)
+    assert all(lyr.weight_format == Fixed(2, lyr.weight_format.frac) for lyr in layers)
+    assert all(lyr.out_format.bits == 2 for lyr in layers)
+    assert r.net.input_format.bits == 2
+    assert r.rom_bits == 2 * sum(lyr.weight.size for lyr in layers)
+    # largest ROM saving first: fc (1280 weights) is lowered before conv2 (288) and conv1 (36)
+    order = [t.layer for t in r.trials if t.phase == "weights"]
+    assert order == ["fc"] * 6 + ["conv2"] * 6 + ["conv1"] * 6
+    # 1 start + 18 weight steps + 4 activations x 6 steps: every step measured once
+    assert len(r.trials) == 1 + 18 + 24
+
+
+def test_search_is_deterministic_and_reproducible_from_its_precision(toy):
+    fnet, x, y = toy
+    a = tune(fnet, "fixed", x[:100], x[100:], y[100:], 1.0, progress=False)
+    b = tune(fnet, "fixed", x[:100], x[100:], y[100:], 1.0, progress=False)
+    assert a.net == b.net and a.trials == b.trials
+    again = quantize(fnet, a.precision, x[:100], progress=False)
+    assert again.net == a.net
+
+
+def test_pow2_scheme_searches_pow2_bits(toy):
+    fnet, x, y = toy
+    r = tune(fnet, "pow2", x[:100], x[100:], y[100:], 0.5, progress=False)
+    assert all(isinstance(lyr.weight_format, Pow2) for lyr in mac_layers(r.net))
+    assert r.trials[0].rom_bits == 5 * sum(lyr.weight.size for lyr in mac_layers(r.net))
+    _check_log(r, x[100:], y[100:])
+    assert r.within_budget
+
+
+def test_inq_searches_post_training_then_retrains_once(toy):
+    fnet, x, y = toy
+    opts = InqOptions(epochs=1, portions=(0.5, 1.0))
+    r = tune(
+        fnet,
+        "inq",
+        x[:100],
+        x[100:],
+        y[100:],
+        2.0,
+        (x[:100], y[:100]),
+        progress=False,
+        inq_options=opts,
+    )
+    retrains = [t for t in r.trials if t.phase == "retrain"]
+    assert retrains[0].change == "INQ on the chosen bits" and len(retrains) <= 2
+    assert [t.accuracy for t in retrains if t.accepted] == [r.accuracy]
+    assert r.within_budget or len(retrains) == 2  # the bounded fallback ran
+    assert r.precision.scheme == "inq"
+    searched = {t.layer for t in r.trials if t.phase == "weights"}
+    assert searched == {"conv1", "conv2", "fc"}
+    assert r.accuracy == accuracy(r.net, x[100:], y[100:])
+
+
+def test_ternary_keeps_two_bit_weights(toy):
+    fnet, x, y = toy
+    opts = InqOptions(epochs=1, portions=(1.0,))
+    r = tune(
+        fnet,
+        "ternary",
+        x[:100],
+        x[100:],
+        y[100:],
+        100.0,
+        (x[:100], y[:100]),
+        progress=False,
+        inq_options=opts,
+    )
+    assert not any(t.phase == "weights" for t in r.trials)
+    assert all(lyr.weight_format.bits == 2 for lyr in mac_layers(r.net))
+
+
+def test_prefix_accuracy_runs_from_float_to_the_integer_net(toy):
+    fnet, x, y = toy
+    q = tune(fnet, "fixed", x, x, y, 100.0, progress=False)
+    steps = prefix_accuracy(fnet, q.net, x, y)
+    assert [s for s, _ in steps] == ["float", "input", "conv1", "conv2", "fc"]
+    assert steps[0][1] == float_accuracy(fnet, x, y) == 1.0
+    assert steps[-1][1] == accuracy(q.net, x, y)
+    assert steps[-1][1] < 1.0  # 2-bit everything: the prefix does show the damage
+
+
+def _fake_accuracy(monkeypatch, table: dict[int, float]) -> None:
+    """Accuracy as a function of the narrowest weight width: the greedy logic, exactly."""
+
+    def fake(net, x, y):
+        return table.get(min(lyr.weight_format.bits for lyr in mac_layers(net)), 0.5)
+
+    monkeypatch.setattr(tune_module, "accuracy", fake)
+
+
+def test_widens_until_the_budget_fits(toy, monkeypatch):
+    fnet, x, y = toy
+    _fake_accuracy(monkeypatch, {10: 1.0, 11: 1.0, 12: 1.0})
+    r = tune(fnet, "fixed", x[:50], x[:50], y[:50], 0.0, progress=False)
+    phases = [(t.phase, t.layer, t.change, t.accepted) for t in r.trials]
+    assert phases[:2] == [
+        ("start", "*", "scheme default", True),
+        ("widen", "*", "weight bits 8 -> 10, act bits 8 -> 10", True),
+    ]
+    # then each layer tries 10 -> 9 once and is frozen; activations cost nothing here
+    assert phases[2:5] == [
+        ("weights", n, "weight bits 10 -> 9", False) for n in ("fc", "conv2", "conv1")
+    ]
+    assert all(lyr.weight_format.bits == 10 for lyr in mac_layers(r.net))
+    assert all(lyr.out_format.bits == 2 for lyr in mac_layers(r.net))
+    assert r.within_budget and r.accuracy == 1.0
+
+
+def test_widening_that_never_fits_keeps_the_most_accurate(toy, monkeypatch):
+    fnet, x, y = toy
+    _fake_accuracy(monkeypatch, {10: 0.9, 12: 0.8})
+    r = tune(fnet, "fixed", x[:50], x[:50], y[:50], 0.0, progress=False)
+    widen = [(t.change, t.accepted) for t in r.trials if t.phase == "widen"]
+    assert widen == [
+        ("weight bits 8 -> 10, act bits 8 -> 10", True),
+        ("weight bits 10 -> 12, act bits 10 -> 12", False),
+        ("weight bits 12 -> 14, act bits 12 -> 14", False),
+        ("weight bits 14 -> 16, act bits 14 -> 16", False),
+    ]
+    assert all(lyr.weight_format.bits == 10 for lyr in mac_layers(r.net))
+    assert r.accuracy == 0.9 and not r.within_budget
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scheme": "auto"}, "tune: scheme 'auto' is not one of"),
+        ({"max_drop_points": -1.0}, "non-negative number of points, not -1.0"),
+        ({"max_drop_points": float("nan")}, "non-negative number of points, not nan"),
+        ({"scheme": "inq"}, "scheme inq retrains the weights and needs training data"),
+        ({"eval_y": np.zeros(3, int)}, "need labelled evaluation data, not 200 images, 3 labels"),
+        ({"calib_x": np.zeros((4, 1, 7, 7))}, "must be (N, 1, 8, 8)"),
+    ],
+)
+def test_bad_arguments(toy, kwargs, message):
+    fnet, x, y = toy
+    args = {
+        "scheme": "fixed",
+        "calib_x": x[:100],
+        "eval_x": x[100:],
+        "eval_y": y[100:],
+        "max_drop_points": 1.0,
+    } | kwargs
+    with pytest.raises(HwgenError) as e:
+        tune(fnet, progress=False, **args)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_digits_zero_drop():
+    from hwgen.examples.digits import digits_float_net
+
+    fnet, d = digits_float_net()
+    r = tune(fnet, "fixed", d.x_train, d.x_test, d.y_test, 0.0, progress=False)
+    assert r.accuracy >= r.float_accuracy
+    _check_log(r, d.x_test, d.y_test)
+    assert r.rom_bits < r.rom_bits_8bit

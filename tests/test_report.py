@@ -1,0 +1,226 @@
+"""The tuning report set: complete, consistent with the net, deterministic, atomic; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+from test_quant_tune import toy_problem
+
+from hwgen import hwq, report
+from hwgen.cli import main
+from hwgen.errors import HwgenError
+from hwgen.ir import Fixed, Pow2
+from hwgen.quant import precision, quantize
+from hwgen.quant.fakequant import accuracy
+from hwgen.quant.tune import TuneResult, mac_layers, tune
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def result() -> TuneResult:
+    fnet, x, y = toy_problem()
+    return tune(fnet, "fixed", x[:100], x[100:], y[100:], 1.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def written(result, tmp_path_factory):
+    return report.write_tuning_report(tmp_path_factory.mktemp("report") / "rep", result)
+
+
+def _read_report(out) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_report_set_is_complete_and_consistent(result, written):
+    out = written
+    for name in report.REPORT_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    doc = _read_report(out)
+    net = result.net
+    s = doc["summary"]
+    assert s["scheme"] == "fixed" and s["model"] == "toy" and s["eval_images"] == 200
+    assert s["float_accuracy"] == result.float_accuracy == 1.0
+    assert s["quant_accuracy"] == result.accuracy
+    assert s["drop_points"] == pytest.approx(100 * (1.0 - result.accuracy))
+    assert s["within_budget"] is True
+    assert s["rom_bits"] == sum(lyr.weight.size * lyr.weight_format.bits for lyr in mac_layers(net))
+    assert s["rom_bits_8bit"] == 8 * sum(lyr.weight.size for lyr in mac_layers(net))
+    model = hwq.to_json(net)
+    assert s["input_format"] == model["input"]["format"]
+    rows = doc["layers"]
+    macs = [ld for ld in model["layers"] if ld["op"] in ("conv2d", "linear")]
+    assert [r["name"] for r in rows] == ["conv1", "conv2", "fc"]
+    for r, ld, lyr in zip(rows, macs, mac_layers(net), strict=True):
+        assert r["weight_format"] == ld["weight_format"] and r["out_format"] == ld["out_format"]
+        assert r["weight_shape"] == list(lyr.weight.shape) and r["out_shape"] == ld["out_shape"]
+        assert r["rom_bits"] == lyr.weight.size * lyr.weight_format.bits
+    # the impacts add up from the float accuracy to the quantised one (input step aside)
+    steps = dict((p["step"], p["accuracy"]) for p in doc["prefix_accuracy"])
+    total = sum(r["accuracy_impact_points"] for r in rows)
+    assert total == pytest.approx(100 * (result.accuracy - steps["input"]))
+    assert steps["fc"] == result.accuracy == accuracy(net, *_toy_eval())
+    assert len(doc["trials"]) == len(result.trials)
+    first = result.trials[0]
+    assert doc["trials"][0] == {
+        "phase": "start",
+        "layer": "*",
+        "change": "scheme default",
+        "accuracy": first.accuracy,
+        "rom_bits": first.rom_bits,
+        "accepted": True,
+    }
+    assert set(doc["curves"]) == {"input", "conv1", "conv2", "fc"}
+
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == sorted(
+        ["input_error.png", "prefix_accuracy.png"]
+        + [f"{n}_{k}.png" for n in ("conv1", "conv2", "fc") for k in ("error", "hist")]
+    )
+    for p in (out / "plots").iterdir():
+        data = p.read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        img = matplotlib.image.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img[..., :3].std() > 0  # something is drawn
+
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    for lyr in mac_layers(net):
+        row = f"<tr><td>{lyr.name}</td><td>{'conv2d' if lyr.name != 'fc' else 'linear'}</td>"
+        assert row in page
+        assert f"<td>{lyr.weight_format}</td><td>{lyr.out_format}</td>" in page
+    assert page.count('<img src="data:image/png;base64,') == len(plots)
+    md = (out / "report.md").read_text()
+    assert "| conv1 | conv2d | 4x1x3x3 | 4x8x8 |" in md
+    assert all(f"](plots/{p})" in md for p in plots)
+
+
+def _toy_eval() -> tuple[np.ndarray, np.ndarray]:
+    _, x, y = toy_problem()
+    return x[100:], y[100:]
+
+
+def test_precision_toml_reproduces_the_net(result, written):
+    p = precision.load(written / "precision.toml")
+    assert p == result.precision
+    fnet, x, _ = toy_problem()
+    assert quantize(fnet, p, x[:7], progress=False).net == result.net  # every frac is pinned
+
+
+def test_report_is_deterministic(result, written, tmp_path):
+    a = written
+    b = report.write_tuning_report(tmp_path / "b", result)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    text = "".join((b / n).read_text() for n in ("report.md", "report.json"))
+    assert str(tmp_path) not in text and "/tmp" not in text
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_report(result, tmp_path, monkeypatch):
+    sections = report.tuning_sections(result)  # the plots, rendered once
+
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "render_html", broken)
+    with pytest.raises(RuntimeError):
+        report.write_report(tmp_path / "new", "t", sections)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    old = report.write_report(tmp_path / "old", "t", sections)
+    before = (old / "report.json").read_bytes()
+    monkeypatch.setattr(report, "render_html", broken)
+    with pytest.raises(RuntimeError):
+        report.write_report(old, "t", sections)
+    assert (old / "report.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    monkeypatch.undo()
+    report.write_report(old, "t2", sections)  # a finished rewrite replaces it
+    assert _read_report(old)["title"] == "t2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_refuses_a_folder_that_is_not_a_report(result, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(HwgenError, match="is not an hwgen report folder"):
+        report.write_tuning_report(tmp_path / "mine", result)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_weight_levels():
+    assert report.weight_levels(Fixed(2, 1)).tolist() == [-1.0, -0.5, 0.0, 0.5]
+    assert report.weight_levels(Pow2(3, 0)).tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert report.weight_levels(Pow2(2, -1)).tolist() == [-0.5, 0.0, 0.5]
+    assert report.weight_levels(Pow2(1, 2)).tolist() == [-4.0, 4.0]  # binary: no zero
+
+
+def test_html_escapes_text():
+    sec = report.Section(
+        "x", "a <b> & c", ("<script>alert(1)</script>", report.Table(("<th>",), (("<td>&",),)))
+    )
+    page = report.render_html("t<", [sec])
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<td>&lt;td&gt;&amp;</td>" in page and "<title>t&lt;</title>" in page
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_tune_digits_round_trip(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["tune", "digits", "--max-drop", "1", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "report: " in printed and "within budget" in printed
+    doc = _read_report(out)
+    assert doc["summary"]["within_budget"] and doc["summary"]["drop_points"] <= 1.0 + 1e-9
+    hwq_path = tmp_path / "x.hwq"
+    rc = main(
+        ["quantize", "digits", "--precision", str(out / "precision.toml"), "-o", str(hwq_path)]
+    )
+    assert rc == 0
+    net = hwq.load(hwq_path)
+    model = hwq.to_json(net)
+    macs = [ld for ld in model["layers"] if ld["op"] in ("conv2d", "linear")]
+    assert [(r["weight_format"], r["out_format"]) for r in doc["layers"]] == [
+        (ld["weight_format"], ld["out_format"]) for ld in macs
+    ]
+    assert doc["summary"]["input_format"] == model["input"]["format"]
+    # the same network the tune measured: its accuracy is the reported one
+    from hwgen.examples.digits import digits_float_net
+
+    _, d = digits_float_net()
+    assert accuracy(net, d.x_test, d.y_test) == doc["summary"]["quant_accuracy"]
+    fnet, _ = digits_float_net()
+    again = quantize(fnet, precision.load(out / "precision.toml"), d.x_train, progress=False)
+    assert again.net == net
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tune", "nosuchmodel", "--max-drop", "1", "-o", "{out}"], "nosuchmodel"),
+        (["tune", "digits", "--max-drop", "-1", "-o", "{out}"], "--max-drop must be"),
+        (["tune", "digits", "--max-drop", "1"], "the following arguments are required: -o"),
+        (["tune", "digits", "-o", "{out}"], "required: --max-drop"),
+        (["tune", "digits", "--max-drop", "1", "--epochs", "3", "-o", "{out}"], "--epochs 3"),
+        (
+            ["tune", "digits", "--max-drop", "1", "--data", "{tmp}/none.npz", "-o", "{out}"],
+            "no such file",
+        ),
+    ],
+)
+def test_cli_errors(tmp_path, capsys, argv, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [a.format(out=work / "rep", tmp=work) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("hwgen: error: ") and message in err
+    assert list(work.iterdir()) == []  # nothing written
