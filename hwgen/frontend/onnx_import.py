@@ -320,11 +320,37 @@ class _Converter:
         self.b.flatten(path)
 
 
+_PLUMBING = frozenset(
+    {
+        "Expand",
+        "Shape",
+        "Gather",
+        "Unsqueeze",
+        "Squeeze",
+        "Concat",
+        "Slice",
+        "Cast",
+        "ConstantOfShape",
+        "Constant",
+        "Transpose",
+        "Range",
+        "Where",
+    }
+)
+
+
 def _check_ops(graph: onnx.GraphProto) -> None:
-    for node in graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in _DATA_OPS | _CONST_OPS:
-            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            raise HwgenError(f"unsupported op {op} at {_where(node)}")
+    bad = [
+        node
+        for node in graph.node
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _DATA_OPS | _CONST_OPS
+    ]
+    if bad:
+        # Name the layer the user wrote (an LSTM), not the shape plumbing around it (Expand).
+        worst = min(bad, key=lambda n: n.op_type in _PLUMBING)
+        op = worst.op_type if worst.domain in ("", "ai.onnx") else f"{worst.domain}.{worst.op_type}"
+        more = f" (and {len(bad) - 1} more unsupported nodes)" if len(bad) > 1 else ""
+        raise HwgenError(f"unsupported op {op} at {_where(worst)}{more}")
 
 
 def from_onnx(path: str | Path, name: str | None = None) -> FloatNet:
