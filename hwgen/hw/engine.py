@@ -1,0 +1,257 @@
+"""Layer engines: one streaming hardware component per layer, and what the build needs to
+know about it (``EngineInfo``).
+
+A Conv2d or Linear engine is the sliding-window unit followed by the MAC unit (weight ROMs,
+PE x SIMD MAC array, requantisers): SIMD input channels per beat in, PE output channels per
+beat out. A dense layer is the same engine on a 1x1 map of ``in_features`` channels. Pool
+and ReLU engines come from hwgen.hw.pool with ``pe`` channels per beat in and out. Flatten
+has no engine: H,W,C streams are already in flattened order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from amaranth import Module
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hwgen.errors import HwgenError
+from hwgen.hw.mac import MACUnit
+from hwgen.hw.pool import AvgPool, MaxPool, ReLUEngine
+from hwgen.hw.requant import act_shape
+from hwgen.hw.rom import ROM_STYLES, code_bits, rom_words
+from hwgen.hw.window import SlidingWindow
+from hwgen.ir import (
+    AvgPool2d,
+    Conv2d,
+    Flatten,
+    Layer,
+    Linear,
+    MaxPool2d,
+    Network,
+    ReLU,
+    acc_bits,
+)
+
+MAX_LANES = 1024  # PE*SIMD (or pool lanes) beyond this is not a sensible FPGA layer
+_KINDS = {Conv2d: "conv", Linear: "dense", MaxPool2d: "maxpool", AvgPool2d: "avgpool", ReLU: "relu"}
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Parameters of one layer engine as built; counts are per image.
+
+    ``roms`` holds each PE's ROM words in address order (hwgen.hw.rom layout): ``uint64``
+    arrays when ``rom_width <= 64``, else arrays of Python ints. Empty for pool and ReLU,
+    whose ``acc_bits``, ``rom_depth`` and ``rom_width`` are 0.
+    """
+
+    kind: str  # conv | dense | maxpool | avgpool | relu
+    in_lanes: int
+    in_bits: int
+    in_signed: bool
+    out_lanes: int
+    out_bits: int
+    out_signed: bool
+    in_beats: int
+    out_beats: int
+    pe: int
+    simd: int
+    acc_bits: int
+    rom_depth: int
+    rom_width: int
+    macs: int
+    ideal_cycles: int
+    roms: list[np.ndarray] = field(repr=False, compare=False)
+
+
+def _layer(net: Network, index: int) -> Layer:
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(net.layers):
+        raise HwgenError(f"layer index must be in [0, {len(net.layers) - 1}], not {index!r}")
+    layer = net.layers[index]
+    if isinstance(layer, Flatten):
+        raise HwgenError(f"layer {layer.name}: Flatten has no engine (it only relabels the stream)")
+    return layer
+
+
+def _divisor(what: str, layer: Layer, value: object, of: int, of_what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or of % value:
+        raise HwgenError(f"layer {layer.name}: {what} must divide {of_what} = {of}, not {value!r}")
+
+
+def _mac_dims(net: Network, index: int) -> tuple[int, int, int, int]:
+    """(Cin, Cout, KH*KW, output pixels) of a Conv2d or Linear layer."""
+    layer, out = net.layers[index], net.shapes[index + 1]
+    if isinstance(layer, Conv2d):
+        return (
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel[0] * layer.kernel[1],
+            (out[1] * out[2]),
+        )
+    assert isinstance(layer, Linear)
+    return layer.in_features, layer.out_features, 1, 1
+
+
+def _check_folding(net: Network, index: int, pe: int, simd: int) -> Layer:
+    layer = _layer(net, index)
+    if isinstance(layer, (Conv2d, Linear)):
+        cin, cout, _, _ = _mac_dims(net, index)
+        _divisor("PE", layer, pe, cout, "output channels")
+        _divisor("SIMD", layer, simd, cin, "input channels")
+        lanes = pe * simd
+    else:
+        _divisor("PE", layer, pe, net.shapes[index][0], "channels")
+        lanes = pe
+    if lanes > MAX_LANES:
+        raise HwgenError(
+            f"layer {layer.name}: {lanes} lanes (PE={pe}, SIMD={simd}) is too wide "
+            f"(at most {MAX_LANES})"
+        )
+    return layer
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
+
+
+def choose_folding(net: Network, index: int, max_pe: int, max_simd: int) -> tuple[int, int]:
+    """(PE, SIMD): the largest divisors of Cout and Cin (C for pool/ReLU) within the limits.
+
+    For pool and ReLU engines SIMD is meaningless and returned equal to PE.
+    """
+    layer = _layer(net, index)
+    for what, v in (("max PE", max_pe), ("max SIMD", max_simd)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise HwgenError(f"layer {layer.name}: {what} must be a positive integer, not {v!r}")
+    if isinstance(layer, (Conv2d, Linear)):
+        cin, cout, _, _ = _mac_dims(net, index)
+        return _largest_divisor(cout, max_pe), _largest_divisor(cin, max_simd)
+    pe = _largest_divisor(net.shapes[index][0], max_pe)
+    return pe, pe
+
+
+def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
+    """What the build and the benches need to know about layer ``index``'s engine."""
+    layer = _check_folding(net, index, pe, simd)
+    fin, fout = net.formats[index], net.formats[index + 1]
+    shape_in, shape_out = net.shapes[index], net.shapes[index + 1]
+    size_in, size_out = int(np.prod(shape_in)), int(np.prod(shape_out))
+    if isinstance(layer, (Conv2d, Linear)):
+        cin, cout, kk, pixels = _mac_dims(net, index)
+        macs = pixels * cout * kk * cin
+        roms = rom_words(layer, pe, simd)
+        return EngineInfo(
+            kind=_KINDS[type(layer)],
+            in_lanes=simd,
+            in_bits=fin.bits,
+            in_signed=fin.signed,
+            out_lanes=pe,
+            out_bits=fout.bits,
+            out_signed=fout.signed,
+            in_beats=size_in // simd,
+            out_beats=size_out // pe,
+            pe=pe,
+            simd=simd,
+            acc_bits=acc_bits(layer, fin),
+            rom_depth=len(roms[0]),
+            rom_width=simd * code_bits(layer.weight_format),
+            macs=macs,
+            ideal_cycles=macs // (pe * simd),
+            roms=roms,
+        )
+    return EngineInfo(
+        kind=_KINDS[type(layer)],
+        in_lanes=pe,
+        in_bits=fin.bits,
+        in_signed=fin.signed,
+        out_lanes=pe,
+        out_bits=fout.bits,
+        out_signed=fout.signed,
+        in_beats=size_in // pe,
+        out_beats=size_out // pe,
+        pe=pe,
+        simd=pe,
+        acc_bits=0,
+        rom_depth=0,
+        rom_width=0,
+        macs=0,
+        ideal_cycles=max(size_in, size_out) // pe,
+        roms=[],
+    )
+
+
+class MACEngine(wiring.Component):
+    """A Conv2d or Linear layer: sliding window + MAC unit.
+
+    Members
+    -------
+    i : In(stream.Signature(ArrayLayout(input shape, simd)))
+        The input map in H,W,C order, SIMD channels per beat.
+    o : Out(stream.Signature(ArrayLayout(output shape, pe)))
+        The output map in H,W,C order, PE channels per beat.
+    """
+
+    def __init__(self, net: Network, index: int, pe: int, simd: int, rom_style: str) -> None:
+        layer = net.layers[index]
+        assert isinstance(layer, (Conv2d, Linear))
+        self.layer, self.fmt, self.shape = layer, net.formats[index], net.shapes[index]
+        self.pe, self.simd, self.rom_style = pe, simd, rom_style
+        super().__init__(
+            {
+                "i": In(stream.Signature(data.ArrayLayout(act_shape(self.fmt), simd))),
+                "o": Out(stream.Signature(data.ArrayLayout(act_shape(layer.out_format), pe))),
+            }
+        )
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        layer = self.layer
+        if isinstance(layer, Conv2d):
+            c, h, w = self.shape
+            geometry = dict(kernel=layer.kernel, stride=layer.stride, padding=layer.padding)
+        else:
+            c, h, w = layer.in_features, 1, 1
+            geometry = dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0))
+        folds = layer.bias.shape[0] // self.pe
+        m.submodules.window = window = SlidingWindow(
+            channels=c,
+            height=h,
+            width=w,
+            lanes=self.simd,
+            shape=act_shape(self.fmt),
+            repeats=folds,
+            **geometry,
+        )
+        m.submodules.mac = mac = MACUnit(layer, self.fmt, self.pe, self.simd, self.rom_style)
+        wiring.connect(m, wiring.flipped(self.i), window.i)
+        wiring.connect(m, window.o, mac.i)
+        wiring.connect(m, mac.o, wiring.flipped(self.o))
+        return m
+
+
+def make_engine(
+    net: Network, index: int, pe: int, simd: int, rom_style: str = "inline"
+) -> wiring.Component:
+    """The streaming engine of layer ``index`` (see the module docstring for its ports)."""
+    layer = _check_folding(net, index, pe, simd)
+    if rom_style not in ROM_STYLES:
+        raise HwgenError(f"ROM style must be one of {', '.join(ROM_STYLES)}, not {rom_style!r}")
+    if isinstance(layer, (Conv2d, Linear)):
+        return MACEngine(net, index, pe, simd, rom_style)
+    c, h, w = net.shapes[index] if len(net.shapes[index]) == 3 else (net.shapes[index][0], 1, 1)
+    shape = act_shape(net.formats[index])
+    if isinstance(layer, ReLU):
+        return ReLUEngine(shape=shape, lanes=pe)
+    pool = MaxPool if isinstance(layer, MaxPool2d) else AvgPool
+    return pool(
+        channels=c,
+        height=h,
+        width=w,
+        kernel=layer.kernel,
+        stride=layer.stride,
+        lanes=pe,
+        shape=shape,
+    )

@@ -1,0 +1,248 @@
+"""The MAC array (PE x SIMD lanes, an adder tree and an accumulator per PE) and the MAC unit
+that streams window beats through it with the weight ROMs and the requantisers.
+
+Lanes: a Pow2 lane has no multiplier: it shifts the activation by the code's shift (no
+shifter for ternary and binary) and negates by one's complement, ``-x = ~x + 1``; the "+1"s
+of a PE's negative lanes are counted and added once at the root of its adder tree. A Fixed
+lane is a multiplier (the baseline). Accumulators are ``hwgen.ir.acc_bits`` wide (enough for
+any input, from the actual weights); every narrower sum in front of them is exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hwgen.hw.requant import Requantizer, act_shape
+from hwgen.hw.rom import WeightROM, code_bits, rom_file, rom_words
+from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, WeightFormat, acc_bits, acc_frac
+
+
+def _tree_sum(terms: list[Value]) -> Value:
+    """Balanced adder tree; Amaranth widens each sum by one bit, so it is exact."""
+    while len(terms) > 1:
+        pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        terms = pairs + terms[len(terms) - len(terms) % 2 :]
+    return terms[0]
+
+
+def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value]:
+    """One Pow2 lane: (``±(a << shift)`` minus 1 when negative, is-negative bit)."""
+    if fmt.bits >= 3:
+        sb = fmt.bits - 2
+        mag, sign, zero = a << code[:sb], code[sb], code[sb + 1]
+    else:
+        mag, sign, zero = a, code[0], (code[1] if fmt.bits == 2 else Const(0, 1))
+    if not mag.shape().signed:  # one more bit so the one's complement has a sign
+        mag = Cat(mag, Const(0, 1)).as_signed()
+    # ~x == -x - 1 stays in x's signed range: no sign extension needed.
+    return Mux(zero, 0, Mux(sign, ~mag, mag)), sign & ~zero
+
+
+class MACArray(wiring.Component):
+    """PE x SIMD lanes, one adder tree and one accumulator per PE; two pipeline stages.
+
+    Inputs are one window beat with its weight codes (the codes read from the ROMs for that
+    beat). Stage 1 registers the tree sums; stage 2 accumulates: the first beat of a
+    repetition starts from the bias of its output channel, ``acc = bias[fold*PE + k]``.
+
+    Parameters
+    ----------
+    weight_format : Fixed or Pow2
+    in_format : ActFormat
+    pe, simd : int
+    acc_bits : int
+        Accumulator width.
+    bias : array of int, shape (folds, pe)
+        Bias at accumulator scale per neuron fold and PE (a constant table).
+
+    Members
+    -------
+    en : In(1)
+        Advance the pipeline (all registers hold while 0).
+    valid, first, last : In(1)
+        The beat is valid / first / last of its repetition (one neuron fold's window).
+    fold : In(range(folds))
+        The beat's neuron fold (selects the bias).
+    act : In(ArrayLayout(act_shape(in_format), simd))
+    codes : In(ArrayLayout(ArrayLayout(unsigned(code_bits), simd), pe))
+    acc : Out(ArrayLayout(signed(acc_bits), pe))
+        The accumulators; final for a repetition while ``done``.
+    done : Out(1)
+        ``acc`` holds a repetition's complete sum (until the next advance).
+    """
+
+    def __init__(
+        self,
+        weight_format: WeightFormat,
+        in_format: ActFormat,
+        pe: int,
+        simd: int,
+        acc_bits: int,
+        bias: np.ndarray,
+    ) -> None:
+        self.weight_format, self.in_format = weight_format, in_format
+        self.pe, self.simd, self.acc_bits = pe, simd, acc_bits
+        self.bias = np.asarray(bias, dtype=object).reshape(-1, pe)
+        folds = self.bias.shape[0]
+        cb = code_bits(weight_format)
+        super().__init__(
+            {
+                "en": In(1),
+                "valid": In(1),
+                "first": In(1),
+                "last": In(1),
+                "fold": In(range(folds)),
+                "act": In(data.ArrayLayout(act_shape(in_format), simd)),
+                "codes": In(data.ArrayLayout(data.ArrayLayout(unsigned(cb), simd), pe)),
+                "acc": Out(data.ArrayLayout(signed(acc_bits), pe)),
+                "done": Out(1),
+            }
+        )
+
+    def _sum(self, k: int) -> Value:
+        fmt = self.weight_format
+        acts = [self.act[lane] for lane in range(self.simd)]
+        codes = [self.codes[k][lane] for lane in range(self.simd)]
+        if isinstance(fmt, Fixed):
+            return _tree_sum([a * c.as_signed() for a, c in zip(acts, codes, strict=True)])
+        lanes = [_pow2_lane(fmt, a, c) for a, c in zip(acts, codes, strict=True)]
+        # The "+1" of each negated lane, counted and added once at the root.
+        return _tree_sum([t for t, _ in lanes]) + sum(n for _, n in lanes)
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        s_valid, s_first, s_last = Signal(), Signal(), Signal()
+        s_fold = Signal.like(self.fold)
+        with m.If(self.en):
+            m.d.sync += [
+                s_valid.eq(self.valid),
+                s_first.eq(self.first),
+                s_last.eq(self.last),
+                s_fold.eq(self.fold),
+                self.done.eq(s_valid & s_last),
+            ]
+        for k in range(self.pe):
+            total = self._sum(k)
+            # Sums are added modulo 2**acc_bits: exact, since the final value fits.
+            width = min(len(total), self.acc_bits)
+            s_sum = Signal(signed(width), name=f"sum{k}")
+            biases = [Const(int(b), signed(self.acc_bits)) for b in self.bias[:, k]]
+            bias = biases[0] if len(biases) == 1 else Array(biases)[s_fold]
+            acc = self.acc[k]
+            with m.If(self.en):
+                m.d.sync += s_sum.eq(total)
+                with m.If(s_valid):
+                    m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum)
+        return m
+
+
+class MACUnit(wiring.Component):
+    """Window beats in, requantised output channels out: ROMs + MAC array + requantisers.
+
+    Consumes the sliding-window stream (``repeats = Cout/PE`` repetitions of each output
+    pixel's window, order kh, kw, channel group, ``last`` on each repetition's final beat),
+    one beat per cycle; emits PE output channels per repetition. The ROM address is the
+    beat count modulo the ROM depth; its read latency is hidden by registering the beat.
+
+    Members
+    -------
+    i : In(stream.Signature(StructLayout({"data": ArrayLayout(in shape, simd), "last": 1})))
+    o : Out(stream.Signature(ArrayLayout(out shape, pe)))
+    """
+
+    def __init__(
+        self,
+        layer: Conv2d | Linear,
+        in_format: ActFormat,
+        pe: int,
+        simd: int,
+        rom_style: str = "inline",
+    ) -> None:
+        self.layer, self.in_format, self.pe, self.simd = layer, in_format, pe, simd
+        self.rom_style = rom_style
+        self.words = rom_words(layer, pe, simd)
+        self.depth = len(self.words[0])
+        self.acc_bits = acc_bits(layer, in_format)
+        out = layer.out_format
+        super().__init__(
+            {
+                "i": In(
+                    stream.Signature(
+                        data.StructLayout(
+                            {
+                                "data": data.ArrayLayout(act_shape(in_format), simd),
+                                "last": 1,
+                            }
+                        )
+                    )
+                ),
+                "o": Out(stream.Signature(data.ArrayLayout(act_shape(out), pe))),
+            }
+        )
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        layer, pe, depth = self.layer, self.pe, self.depth
+        folds = layer.bias.shape[0] // pe
+        m.submodules.mac = mac = MACArray(
+            layer.weight_format,
+            self.in_format,
+            pe,
+            self.simd,
+            self.acc_bits,
+            layer.bias.reshape(folds, pe),
+        )
+        width = self.simd * code_bits(layer.weight_format)
+        roms = []
+        for k, words in enumerate(self.words):
+            rom = WeightROM(
+                width=width,
+                depth=depth,
+                init=words,
+                style=self.rom_style,
+                init_file=rom_file(layer.name, k),
+            )
+            m.submodules[f"rom{k}"] = rom
+            roms.append(rom)
+
+        # The whole pipeline advances unless a finished output waits for its consumer.
+        adv = ~(self.o.valid & ~self.o.ready)
+        take = self.i.valid & adv
+        m.d.comb += [self.i.ready.eq(adv), mac.en.eq(adv)]
+
+        addr = Signal(range(depth), name="addr")  # address of the next beat
+        addr_s = Signal.like(addr)  # address of the beat in the stage register
+        fold = Signal.like(mac.fold)
+        first = Signal(init=1)  # the next beat starts a repetition
+        with m.If(take):
+            m.d.sync += [
+                addr.eq(Mux(addr == depth - 1, 0, addr + 1)),
+                addr_s.eq(addr),
+                first.eq(self.i.payload.last),
+            ]
+            if folds > 1:
+                with m.If(self.i.payload.last):
+                    m.d.sync += fold.eq(Mux(fold == folds - 1, 0, fold + 1))
+        with m.If(adv):
+            m.d.sync += mac.valid.eq(take)
+            with m.If(take):
+                m.d.sync += [
+                    mac.act.eq(self.i.payload.data),
+                    mac.first.eq(first),
+                    mac.last.eq(self.i.payload.last),
+                    mac.fold.eq(fold),
+                ]
+        for k, rom in enumerate(roms):
+            # While stalled, re-read the held beat's word so the ROM output holds too.
+            m.d.comb += [rom.addr.eq(Mux(adv, addr, addr_s)), mac.codes[k].eq(rom.data)]
+
+        shift = acc_frac(layer, self.in_format) - layer.out_format.frac
+        for k in range(pe):
+            rq = Requantizer(self.acc_bits, shift, layer.out_format, layer.relu)
+            m.submodules[f"requant{k}"] = rq
+            m.d.comb += [rq.i.eq(mac.acc[k]), self.o.payload[k].eq(rq.o)]
+        m.d.comb += self.o.valid.eq(mac.done)
+        return m

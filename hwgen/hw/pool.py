@@ -1,0 +1,190 @@
+"""Pooling and ReLU engines: ``lanes`` channels per beat in and out, same format in and out.
+
+``MaxPool`` and ``AvgPool`` put a ``SlidingWindow`` (no padding, one repetition) in front of a
+reducer. The window arrives in order (kh, kw, channel group), so the reducer keeps one partial
+result per channel group in a circular shift register of ``C / lanes`` entries: each beat takes
+the oldest entry (its own group's), combines it with the beat and pushes the result back; on
+the window's last (kh, kw) the result leaves instead. Average pooling (power-of-two area only)
+is ``rhu(sum / area) = (sum + area/2) >> log2(area)``, an arithmetic shift (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+from amaranth import Module, Mux, Shape, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hwgen.errors import HwgenError
+from hwgen.hw.window import SlidingWindow
+
+
+class _Pool(wiring.Component):
+    """A pool engine: sliding window + per-group reducer.
+
+    Subclasses define the reduction: ``_acc_shape()`` (one partial result), ``_combine(acc, x)``
+    and ``_finish(acc)`` (the output value).
+
+    Parameters
+    ----------
+    channels, height, width : int
+        The input map C, H, W.
+    kernel, stride : tuple[int, int]
+        (rows, columns); no padding.
+    lanes : int
+        Channels per beat; divides ``channels``.
+    shape : Shape
+        One value, ``signed(bits)`` or ``unsigned(bits)``, in and out.
+
+    Members
+    -------
+    i : In(stream.Signature(data.ArrayLayout(shape, lanes)))
+        The input map in H,W,C order.
+    o : Out(stream.Signature(data.ArrayLayout(shape, lanes)))
+        The pooled map in H,W,C order.
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        height: int,
+        width: int,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        lanes: int,
+        shape: Shape,
+    ) -> None:
+        # Built here so bad parameters raise at construction.
+        self.window = SlidingWindow(
+            channels=channels,
+            height=height,
+            width=width,
+            kernel=kernel,
+            stride=stride,
+            padding=(0, 0),
+            lanes=lanes,
+            shape=shape,
+        )
+        self.kernel, self.lanes, self.shape = kernel, lanes, Shape.cast(shape)
+        self.groups = channels // lanes
+        super().__init__(
+            {
+                "i": In(stream.Signature(data.ArrayLayout(shape, lanes))),
+                "o": Out(stream.Signature(data.ArrayLayout(shape, lanes))),
+            }
+        )
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        m.submodules.window = window = self.window
+        wiring.connect(m, wiring.flipped(self.i), window.i)
+        win = window.o
+
+        area = self.kernel[0] * self.kernel[1]
+        pos = Signal(range(area))  # window position (kh, kw) of the current beat
+        g = Signal(range(self.groups))
+        first, final = pos == 0, pos == area - 1
+        acc_shape = self._acc_shape()
+        # Circular shift register: entry 0 always belongs to the current group.
+        accs = [
+            Signal(data.ArrayLayout(acc_shape, self.lanes), name=f"acc{k}")
+            for k in range(self.groups)
+        ]
+        new = [
+            Mux(first, win.payload.data[k], self._combine(accs[0][k], win.payload.data[k]))
+            for k in range(self.lanes)
+        ]
+
+        out_valid = Signal()
+        out_data = Signal(data.ArrayLayout(self.shape, self.lanes))
+        m.d.comb += [
+            win.ready.eq(~final | ~out_valid | self.o.ready),
+            self.o.valid.eq(out_valid),
+            self.o.payload.eq(out_data),
+        ]
+        with m.If(self.o.ready):
+            m.d.sync += out_valid.eq(0)
+        with m.If(win.valid & win.ready):
+            m.d.sync += [
+                g.eq(Mux(g == self.groups - 1, 0, g + 1)),
+                *(accs[k].eq(accs[k + 1]) for k in range(self.groups - 1)),
+                *(accs[-1][k].eq(new[k]) for k in range(self.lanes)),
+            ]
+            with m.If(g == self.groups - 1):
+                m.d.sync += pos.eq(Mux(final, 0, pos + 1))
+            with m.If(final):
+                m.d.sync += [out_valid.eq(1)]
+                m.d.sync += [out_data[k].eq(self._finish(new[k])) for k in range(self.lanes)]
+        return m
+
+
+class MaxPool(_Pool):
+    """Max pooling, exact (parameters and members as ``_Pool``)."""
+
+    def _acc_shape(self) -> Shape:
+        return self.shape
+
+    def _combine(self, acc: object, x: object) -> object:
+        return Mux(x > acc, x, acc)
+
+    def _finish(self, acc: object) -> object:
+        return acc
+
+
+class AvgPool(_Pool):
+    """Average pooling over a power-of-two area, round half up (parameters and members as
+    ``_Pool``)."""
+
+    def __init__(self, *, kernel: tuple[int, int], **kwargs: object) -> None:
+        super().__init__(kernel=kernel, **kwargs)
+        area = kernel[0] * kernel[1]
+        if area & (area - 1):
+            raise HwgenError(
+                f"average pool: window area {area} ({kernel[0]}x{kernel[1]}) is not a power of two"
+            )
+        self.log2_area = area.bit_length() - 1
+
+    def _acc_shape(self) -> Shape:
+        # The sum of ``area`` values needs log2(area) more bits (+1 for the rounding add).
+        return Shape(self.shape.width + self.log2_area + 1, self.shape.signed)
+
+    def _combine(self, acc: object, x: object) -> object:
+        return acc + x
+
+    def _finish(self, acc: object) -> object:
+        if self.log2_area == 0:
+            return acc
+        return (acc + (1 << (self.log2_area - 1))) >> self.log2_area
+
+
+class ReLUEngine(wiring.Component):
+    """``max(x, 0)`` per lane, same format; one registered stage.
+
+    Members
+    -------
+    i : In(stream.Signature(data.ArrayLayout(shape, lanes)))
+    o : Out(stream.Signature(data.ArrayLayout(shape, lanes)))
+    """
+
+    def __init__(self, *, shape: Shape, lanes: int) -> None:
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+            raise HwgenError(f"ReLU engine: lanes must be a positive integer, not {lanes!r}")
+        self.shape, self.lanes = Shape.cast(shape), lanes
+        super().__init__(
+            {
+                "i": In(stream.Signature(data.ArrayLayout(shape, lanes))),
+                "o": Out(stream.Signature(data.ArrayLayout(shape, lanes))),
+            }
+        )
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        m.d.comb += self.i.ready.eq(~self.o.valid | self.o.ready)
+        with m.If(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += self.o.valid.eq(1)
+            for k in range(self.lanes):
+                x = self.i.payload[k]
+                m.d.sync += self.o.payload[k].eq(Mux(x < 0, 0, x))
+        return m

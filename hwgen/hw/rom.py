@@ -1,0 +1,186 @@
+"""Weight ROMs: the weight code layout, the per-PE word contents, and the ROM component.
+
+Weight codes (one per weight, ``code_bits(fmt)`` wide):
+
+- ``Fixed(bits, frac)``: the weight in two's complement, ``bits`` wide.
+- ``Pow2(bits, emax)``, bits >= 3: ``[zero | sign | shift]``, ``bits`` wide. ``shift`` =
+  ``e - emin`` in the ``bits - 2`` LSBs (the integer weight is ``±2**shift``), ``sign`` (1 =
+  negative) above it, the ``zero`` flag in the MSB. A zero weight is ``zero=1, sign=0,
+  shift=0``.
+- ternary (``Pow2(2, emax)``, weights ``{0, ±1}``): ``[zero | sign]``, 2 bits.
+- binary (``Pow2(1, emax)``, weights ``±1``): ``[sign]``, 1 bit.
+
+ROM of processing element ``k`` (one per PE): ``depth = KH*KW*Cin/SIMD * Cout/PE`` words of
+``SIMD * code_bits`` bits, lane ``l`` (input channel ``g*SIMD + l`` of the group ``g``) at bits
+``[l*code_bits, (l+1)*code_bits)``, lane 0 at the LSB. Address order: for each neuron fold
+``nf`` (output channel ``nf*PE + k``), for ``kh``, for ``kw``, for channel group ``g`` —
+the order the sliding-window unit emits. A dense layer is ``KH = KW = 1``, Cin = in_features.
+The biases are not in the ROM: they are constants of the MAC array (see hwgen.hw.mac).
+
+The ``.hex`` form (``hex_lines``) has one word per line, most significant digit first,
+``ceil(width/4)`` hex digits, address 0 first: the format of Verilog's ``$readmemh``.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import numpy as np
+from amaranth import ClockSignal, Instance, Module, unsigned
+from amaranth.lib import memory, wiring
+from amaranth.lib.wiring import In, Out
+
+from hwgen.errors import HwgenError
+from hwgen.ir import Conv2d, Fixed, Linear, WeightFormat
+
+ROM_STYLES = ("inline", "file")
+
+
+def code_bits(fmt: WeightFormat) -> int:
+    """Width of one weight code in the ROM."""
+    return fmt.bits  # Fixed: two's complement; Pow2: [zero|sign|shift], [zero|sign] or [sign]
+
+
+def encode_weights(fmt: WeightFormat, w: np.ndarray) -> np.ndarray:
+    """Integer weights (on the format's grid) to their unsigned ROM codes, same shape."""
+    w = np.asarray(w, dtype=np.int64)
+    if isinstance(fmt, Fixed):
+        return w & ((1 << fmt.bits) - 1)
+    sign = (w < 0).astype(np.int64)
+    if fmt.bits == 1:
+        return sign
+    zero = (w == 0).astype(np.int64)
+    if fmt.bits == 2:
+        return (zero << 1) | sign
+    sb = fmt.bits - 2
+    mag = np.abs(w)
+    shift = np.zeros_like(mag)
+    for k in range(1, fmt.max_shift + 1):
+        shift[mag == (1 << k)] = k
+    return (zero << (sb + 1)) | (sign << sb) | shift
+
+
+def decode_weights(fmt: WeightFormat, codes: np.ndarray) -> np.ndarray:
+    """ROM codes back to integer weights (the inverse of ``encode_weights``)."""
+    c = np.asarray(codes, dtype=np.int64)
+    if isinstance(fmt, Fixed):
+        return np.where(c >> (fmt.bits - 1), c - (1 << fmt.bits), c)
+    if fmt.bits == 1:
+        return np.where(c & 1, -1, 1)
+    if fmt.bits == 2:
+        return np.where(c & 2, 0, np.where(c & 1, -1, 1))
+    sb = fmt.bits - 2
+    mag = np.left_shift(1, c & ((1 << sb) - 1))
+    return np.where((c >> (sb + 1)) & 1, 0, np.where((c >> sb) & 1, -mag, mag))
+
+
+def weight_matrix(layer: Conv2d | Linear) -> np.ndarray:
+    """Weights as (Cout, KH, KW, Cin): the window unit's (kh, kw, channel) order per neuron."""
+    if isinstance(layer, Linear):
+        return layer.weight[:, None, None, :]
+    return layer.weight.transpose(0, 2, 3, 1)
+
+
+def rom_words(layer: Conv2d | Linear, pe: int, simd: int) -> list[np.ndarray]:
+    """Each PE's ROM contents in address order (see the module docstring).
+
+    Words are ``uint64`` when ``simd * code_bits`` is at most 64 bits, else Python ints
+    (dtype object).
+    """
+    fmt = layer.weight_format
+    cb = code_bits(fmt)
+    w = weight_matrix(layer)
+    cout = w.shape[0]
+    codes = encode_weights(fmt, w).reshape(cout // pe, pe, -1, simd)  # nf, k, addr in fold, lane
+    wide = simd * cb > 64
+    roms = []
+    for k in range(pe):
+        c = codes[:, k].reshape(-1, simd)
+        if wide:
+            words = np.array(
+                [sum(int(v) << (lane * cb) for lane, v in enumerate(row)) for row in c],
+                dtype=object,
+            )
+        else:
+            words = np.zeros(len(c), dtype=np.uint64)
+            for lane in range(simd):
+                words |= c[:, lane].astype(np.uint64) << np.uint64(lane * cb)
+        roms.append(words)
+    return roms
+
+
+def hex_lines(words: np.ndarray, width: int) -> str:
+    """A ROM's contents as ``$readmemh`` text: one fixed-width hex word per line."""
+    digits = max(1, -(-width // 4))
+    return "".join(f"{int(v):0{digits}x}\n" for v in words)
+
+
+def rom_file(layer_name: str, k: int) -> str:
+    """Relative path of PE ``k``'s hex file, as the ``file`` ROM style loads it."""
+    return str(PurePosixPath("rom") / f"{layer_name}_pe{k}.hex")
+
+
+class WeightROM(wiring.Component):
+    """A read-only memory with a synchronous read port (data one cycle after the address).
+
+    Parameters
+    ----------
+    width, depth : int
+        Word width in bits and number of words.
+    init : sequence of int
+        The contents, address 0 first.
+    style : ``"inline"`` or ``"file"``
+        ``inline``: an ``amaranth.lib.memory.Memory`` whose contents are written into the
+        Verilog. ``file``: an instance of ``hwgen_rom`` (``rtl_templates/hwgen_rom.v``) that
+        loads ``init_file`` with ``$readmemh`` at elaboration, so weights can be swapped
+        without regenerating the RTL. Both have the same timing.
+    init_file : str
+        Relative path of the hex file (``file`` style only).
+
+    Members
+    -------
+    addr : In(max(1, ceil(log2(depth))))
+    data : Out(width)
+    """
+
+    def __init__(
+        self, *, width: int, depth: int, init: object, style: str = "inline", init_file: str = ""
+    ) -> None:
+        self.width, self.depth, self.style, self.init_file = width, depth, style, init_file
+        self.init = [int(v) for v in init]
+        error = None
+        if style not in ROM_STYLES:
+            error = f"ROM style must be one of {', '.join(ROM_STYLES)}, not {style!r}"
+        elif style == "file" and (not init_file or PurePosixPath(init_file).is_absolute()):
+            error = f"ROM init file must be a relative path, not {init_file!r}"
+        elif len(self.init) != depth:
+            error = f"ROM init has {len(self.init)} words, expected {depth}"
+        if error:
+            self._MustUse__silence = True  # a rejected component is not an unused one
+            raise HwgenError(error)
+        super().__init__(
+            {
+                "addr": In(max(1, (depth - 1).bit_length())),
+                "data": Out(width),
+            }
+        )
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        if self.style == "file":
+            m.submodules.rom = Instance(
+                "hwgen_rom",
+                p_DEPTH=self.depth,
+                p_WIDTH=self.width,
+                p_INIT_FILE=self.init_file,
+                i_clk=ClockSignal("sync"),
+                i_addr=self.addr,
+                o_data=self.data,
+            )
+            return m
+        m.submodules.mem = mem = memory.Memory(
+            shape=unsigned(self.width), depth=self.depth, init=self.init
+        )
+        rd = mem.read_port()
+        m.d.comb += [rd.addr.eq(self.addr), self.data.eq(rd.data)]
+        return m

@@ -1,0 +1,231 @@
+"""The sliding-window unit: raster pixels in, K_h x K_w windows out, with stride and zero padding.
+
+Input: the feature map in H,W,C order, ``lanes`` channels per beat (``G = C / lanes`` beats per
+pixel), images back to back. Output, for each output pixel in raster order, ``repeats`` times
+(one per neuron fold of the MAC unit), the window in order (kh, kw, channel group):
+``K_h * K_w * G`` beats, padding positions as zeros, ``last`` on the final beat of each
+repetition. A dense layer is the 1x1 case: the unit holds one vector and replays it.
+
+Buffering. Input rows go round-robin into ``K_h + S_h`` row slots of one ``Memory`` (``W * G``
+words each): the K_h rows a window row reads plus the S_h rows the next window row adds, so
+the input keeps flowing while windows are emitted. Two row-granular counters do the flow
+control, one register between them: ``ahead`` = rows completely written minus the first row
+the reader still needs (image-absolute, so consecutive images need no reset). The writer may
+write while ``ahead < K_h + S_h`` (its slot is free); the reader may emit an output pixel
+while ``ahead`` covers that pixel's rows. When the upstream delivers S_h rows at least as fast
+as the unit emits one window row, the output is valid on every cycle once the first window
+is complete.
+
+Timing. Memory read latency is one cycle; the read port is enabled only when the output
+register advances, so a stalled output beat holds steady. Fill latency: the first window is
+emitted once ``K_h - P_h`` rows are written (plus 2 cycles); from then on the output moves one
+beat per cycle unless the downstream stalls or the input falls behind.
+"""
+
+from __future__ import annotations
+
+from amaranth import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from hwgen.errors import HwgenError
+
+
+def _positive(what: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HwgenError(f"sliding window: {what} must be a positive integer, not {value!r}")
+    return value
+
+
+def _pair(what: str, value: object, lo: int) -> tuple[int, int]:
+    ok = isinstance(value, tuple) and len(value) == 2
+    if not ok or any(isinstance(v, bool) or not isinstance(v, int) or v < lo for v in value):
+        raise HwgenError(
+            f"sliding window: {what} must be a pair of integers >= {lo}, not {value!r}"
+        )
+    return value
+
+
+def window_layout(shape: Shape, lanes: int) -> data.StructLayout:
+    """The payload of the window stream: ``lanes`` values and the end-of-repetition flag."""
+    return data.StructLayout({"data": data.ArrayLayout(shape, lanes), "last": 1})
+
+
+class SlidingWindow(wiring.Component):
+    """Line-buffered sliding window over a (C, H, W) map streamed in H,W,C order.
+
+    Parameters
+    ----------
+    channels, height, width : int
+        The input map C, H, W.
+    kernel, stride, padding : tuple[int, int]
+        (rows, columns); padding at most kernel - 1 on each side, zeros inserted.
+    lanes : int
+        Channels per beat, in and out; divides ``channels``.
+    shape : Shape
+        One value, ``signed(bits)`` or ``unsigned(bits)``.
+    repeats : int
+        How many times each output pixel's window is emitted.
+
+    Members
+    -------
+    i : In(stream.Signature(data.ArrayLayout(shape, lanes)))
+        The input map, ``channels / lanes`` beats per pixel.
+    o : Out(stream.Signature(window_layout(shape, lanes)))
+        The windows: ``data`` and ``last`` (final beat of a repetition).
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int,
+        height: int,
+        width: int,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        lanes: int,
+        shape: Shape,
+        repeats: int = 1,
+    ) -> None:
+        for what, v in (
+            ("channels", channels),
+            ("height", height),
+            ("width", width),
+            ("lanes", lanes),
+            ("repeats", repeats),
+        ):
+            _positive(what, v)
+        kernel, stride = _pair("kernel", kernel, 1), _pair("stride", stride, 1)
+        padding = _pair("padding", padding, 0)
+        if channels % lanes:
+            raise HwgenError(f"sliding window: lanes {lanes} must divide channels {channels}")
+        for axis, k, p, n in (
+            ("rows", kernel[0], padding[0], height),
+            ("columns", kernel[1], padding[1], width),
+        ):
+            if p > k - 1:
+                raise HwgenError(
+                    f"sliding window: padding {p} must be at most kernel - 1 = {k - 1} ({axis})"
+                )
+            if k > n + 2 * p:
+                raise HwgenError(
+                    f"sliding window: kernel {k} is larger than the padded input {n + 2 * p} "
+                    f"({axis})"
+                )
+        self.channels, self.height, self.width = channels, height, width
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.lanes, self.shape, self.repeats = lanes, shape, repeats
+        self.groups = channels // lanes
+        self.out_height = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
+        self.out_width = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+        self.slots = kernel[0] + stride[0]
+        self.depth = self.slots * width * self.groups
+        super().__init__(
+            {
+                "i": In(stream.Signature(data.ArrayLayout(shape, lanes))),
+                "o": Out(stream.Signature(window_layout(shape, lanes))),
+            }
+        )
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        h, w, g_n, nr = self.height, self.width, self.groups, self.slots
+        row_words = w * g_n
+        width = Shape.cast(self.i.payload.shape()).width
+        m.submodules.mem = mem = Memory(shape=unsigned(width), depth=self.depth, init=[])
+        wr = mem.write_port()
+        rd = mem.read_port()
+
+        # Rows completely written minus the first row the reader needs (image-absolute).
+        ahead = Signal(range(-h - 2, nr + 2))
+
+        # Writer: raster order is address order, wrapping around the row slots.
+        waddr = Signal(range(self.depth))
+        wcol = Signal(range(row_words))
+        w_fire = self.i.valid & self.i.ready
+        row_written = Signal()
+        m.d.comb += [
+            self.i.ready.eq(ahead < nr),
+            wr.addr.eq(waddr),
+            wr.data.eq(self.i.payload),
+            wr.en.eq(w_fire),
+            row_written.eq(w_fire & (wcol == row_words - 1)),
+        ]
+        with m.If(w_fire):
+            m.d.sync += [
+                waddr.eq(Mux(waddr == self.depth - 1, 0, waddr + 1)),
+                wcol.eq(Mux(wcol == row_words - 1, 0, wcol + 1)),
+            ]
+
+        # Reader position: repetition, kh (a), kw (b), group (g) within output pixel (oy, ox);
+        # top/left are the window's first input row/column, slot_top the slot of row top.
+        rep = Signal(range(self.repeats))
+        a, b, g = Signal(range(kh)), Signal(range(kw)), Signal(range(g_n))
+        ox, oy = Signal(range(self.out_width)), Signal(range(self.out_height))
+        top = Signal(signed(max(h, ph, sh).bit_length() + 2), init=-ph)
+        left = Signal(signed(max(w, pw, sw).bit_length() + 2), init=-pw)
+        slot_top = Signal(range(nr), init=(-ph) % nr)
+
+        row, col = top + a, left + b
+        pad = (row < 0) | (row >= h) | (col < 0) | (col >= w)
+        slot_sum = slot_top + a
+        slot = Mux(slot_sum >= nr, slot_sum - nr, slot_sum)
+        m.d.comb += rd.addr.eq(slot * row_words + col.as_unsigned() * g_n + g)
+
+        # Rows of this window row that exist in the image (the rest is padding).
+        lo = Mux(top < 0, 0, top)
+        hi = Mux(top + (kh - 1) > h - 1, h - 1, top + (kh - 1))
+        can = ahead >= hi - lo + 1
+
+        out_valid, out_pad, out_last = Signal(), Signal(), Signal()
+        advance = ~out_valid | self.o.ready
+        issue = advance & can
+        m.d.comb += [
+            rd.en.eq(advance),
+            self.o.valid.eq(out_valid),
+            self.o.payload.data.eq(Mux(out_pad, 0, rd.data)),
+            self.o.payload.last.eq(out_last),
+        ]
+
+        end_rep = (g == g_n - 1) & (b == kw - 1) & (a == kh - 1)
+        end_pixel = end_rep & (rep == self.repeats - 1)
+        end_row = end_pixel & (ox == self.out_width - 1)
+        end_image = end_row & (oy == self.out_height - 1)
+        with m.If(advance):
+            m.d.sync += [out_valid.eq(can), out_pad.eq(pad), out_last.eq(end_rep)]
+
+        # How far the first needed row moves when a window row (or the image) is done.
+        next_top = top + sh
+        step = Mux(end_image, h - lo, Mux(next_top < 0, 0, next_top) - lo)
+        m.d.sync += ahead.eq(ahead + row_written - Mux(issue & end_row, step, 0))
+
+        def wrap_add(value, n):
+            total = value + n
+            return Mux(total >= nr, total - nr, total)
+
+        with m.If(issue):
+            m.d.sync += g.eq(Mux(g == g_n - 1, 0, g + 1))
+            with m.If(g == g_n - 1):
+                m.d.sync += b.eq(Mux(b == kw - 1, 0, b + 1))
+                with m.If(b == kw - 1):
+                    m.d.sync += a.eq(Mux(a == kh - 1, 0, a + 1))
+            with m.If(end_rep):
+                m.d.sync += rep.eq(Mux(rep == self.repeats - 1, 0, rep + 1))
+            with m.If(end_pixel):
+                m.d.sync += [
+                    ox.eq(Mux(end_row, 0, ox + 1)),
+                    left.eq(Mux(end_row, -pw, left + sw)),
+                ]
+            with m.If(end_image):
+                # The next image's first window row: top = -ph, (h - (OH-1)*sh) rows further.
+                m.d.sync += [
+                    oy.eq(0),
+                    top.eq(-ph),
+                    slot_top.eq(wrap_add(slot_top, (h - (self.out_height - 1) * sh) % nr)),
+                ]
+            with m.Elif(end_row):
+                m.d.sync += [oy.eq(oy + 1), top.eq(next_top), slot_top.eq(wrap_add(slot_top, sh))]
+        return m

@@ -1,0 +1,242 @@
+"""Layer engines (window + MAC unit, pool, ReLU) against the golden model; engine_info,
+choose_folding and the parameter checks."""
+
+import random
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from hwgen.errors import HwgenError
+from hwgen.golden import layer_forward
+from hwgen.hw.engine import choose_folding, engine_info, make_engine
+from hwgen.ir import (
+    ActFormat,
+    AvgPool2d,
+    Conv2d,
+    Fixed,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    Network,
+    Pow2,
+    ReLU,
+)
+
+
+def _pack(values, bits):
+    return sum((int(v) & ((1 << bits) - 1)) << (i * bits) for i, v in enumerate(values))
+
+
+def _unpack(word, bits, n, signed):
+    vals = [(word >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]
+    return [v - (1 << bits) if signed and v >> (bits - 1) else v for v in vals]
+
+
+def run_engine(net, index, pe, simd, x, stall_in=0.0, stall_out=0.0, seed=0):
+    """Images (N, C, H, W) or (N, F) through layer ``index``'s engine; (NCHW out, cycles)."""
+    info = engine_info(net, index, pe, simd)
+    dut = make_engine(net, index, pe, simd)
+    hwc = x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+    beats = hwc.reshape(-1, info.in_lanes)
+    n_out = info.out_beats * x.shape[0]
+    rng_in, rng_out = random.Random(seed), random.Random(seed + 1)
+    got, cycles = [], [0]
+
+    async def producer(ctx):
+        for beat in beats:
+            while rng_in.random() < stall_in:
+                await ctx.tick()
+            ctx.set(dut.i.payload.as_value(), _pack(beat, info.in_bits))
+            ctx.set(dut.i.valid, 1)
+            await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+
+    async def consumer(ctx):
+        while len(got) < n_out * info.out_lanes:
+            ready = rng_out.random() >= stall_out
+            ctx.set(dut.o.ready, ready)
+            _, _, valid, word = await ctx.tick().sample(dut.o.valid, dut.o.payload.as_value())
+            cycles[0] += 1
+            if valid and ready:
+                got.extend(_unpack(word, info.out_bits, info.out_lanes, info.out_signed))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(producer)
+    sim.add_testbench(consumer)
+    sim.run()
+    shape = net.shapes[index + 1]
+    out = np.array(got).reshape(x.shape[0], *shape[1:], shape[0]) if len(shape) == 3 else None
+    out = out.transpose(0, 3, 1, 2) if out is not None else np.array(got).reshape(x.shape[0], -1)
+    return out, cycles[0]
+
+
+def _weights(rng, fmt, shape):
+    if isinstance(fmt, Fixed):
+        return rng.integers(fmt.lo, fmt.hi, size=shape, endpoint=True)
+    mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
+    w = mag * rng.choice([-1, 1], size=shape)
+    return np.where(rng.random(shape) < 0.3, 0, w) if fmt.has_zero else w
+
+
+def _conv_net(rng, wfmt, cin, cout, hw, kernel, stride=1, padding=0):
+    fin = ActFormat(8, 4)
+    w = _weights(rng, wfmt, (cout, cin, *np.broadcast_to(kernel, 2)))
+    out = ActFormat(8, min(fin.frac + wfmt.frac - 4, 32))
+    layer = Conv2d(
+        "conv",
+        cin,
+        cout,
+        kernel,
+        wfmt,
+        out,
+        w,
+        rng.integers(-500, 500, cout),
+        stride=stride,
+        padding=padding,
+        relu=True,
+    )
+    return Network((cin, *hw), fin, (layer,))
+
+
+def _check(net, index, pe, simd, x, **kw):
+    got, cycles = run_engine(net, index, pe, simd, x, **kw)
+    assert np.array_equal(got, layer_forward(net.layers[index], x, net.formats[index]))
+    return cycles
+
+
+@pytest.mark.parametrize(
+    ("wfmt", "pe", "simd", "kernel", "stride", "padding"),
+    [
+        (Pow2(4, -1), 2, 2, 3, 1, 1),
+        (Pow2(2, 0), 4, 1, (1, 3), (2, 1), (0, 1)),
+        (Pow2(1, 0), 1, 4, (3, 2), 2, (1, 0)),
+        (Fixed(8, 6), 2, 4, 2, 1, 0),
+    ],
+    ids=["pow2", "ternary", "binary", "fixed"],
+)
+def test_conv_engine_two_images_with_stalls(wfmt, pe, simd, kernel, stride, padding):
+    rng = np.random.default_rng(pe + simd)
+    net = _conv_net(rng, wfmt, 4, 4, (4, 5), kernel, stride, padding)
+    x = rng.integers(-128, 128, size=(2, 4, 4, 5))
+    _check(net, 0, pe, simd, x, stall_in=0.3, stall_out=0.3, seed=pe)
+
+
+def test_dense_engine():
+    rng = np.random.default_rng(1)
+    fin = ActFormat(6, 3, signed=False)
+    layer = Linear(
+        "fc",
+        12,
+        6,
+        Pow2(5, -2),
+        ActFormat(8, 2),
+        _weights(rng, Pow2(5, -2), (6, 12)),
+        rng.integers(-99, 99, 6),
+    )
+    net = Network((12,), fin, (layer,))
+    x = rng.integers(0, 64, size=(2, 12))
+    _check(net, 0, 3, 4, x, stall_in=0.2, stall_out=0.2)
+
+
+@pytest.mark.parametrize(
+    "layer", [MaxPool2d("pool", 2), AvgPool2d("pool", 2), ReLU("relu")], ids=["max", "avg", "relu"]
+)
+def test_pool_and_relu_dispatch(layer):
+    rng = np.random.default_rng(2)
+    net = Network((4, 4, 4), ActFormat(8, 0), (layer,))
+    x = rng.integers(-128, 128, size=(1, 4, 4, 4))
+    _check(net, 0, 2, 2, x, stall_in=0.2, stall_out=0.2)
+
+
+def test_cycles_close_to_ideal():
+    """3x3 conv 8->8 on 6x6, PE=SIMD=4: cycles <= 1.05 * ideal + fill latency."""
+    rng = np.random.default_rng(3)
+    net = _conv_net(rng, Pow2(4, -1), 8, 8, (6, 6), 3, 1, 1)
+    x = rng.integers(-128, 128, size=(1, 8, 6, 6))
+    cycles = _check(net, 0, 4, 4, x)
+    ideal = engine_info(net, 0, 4, 4).ideal_cycles
+    fill = 2 * 6 * 8 // 4 + 16  # about two input rows before the first window, + pipeline
+    assert ideal == 6 * 6 * 9 * 8 * 8 // 16
+    assert cycles <= 1.05 * ideal + fill
+
+
+def test_engine_info_and_folding():
+    rng = np.random.default_rng(4)
+    conv = _conv_net(rng, Pow2(4, 0), 6, 8, (5, 5), 3, padding=1).layers[0]
+    net = Network(
+        (6, 5, 5),
+        ActFormat(8, 4),
+        (
+            conv,
+            MaxPool2d("pool", 2),
+            Flatten("flat"),
+            Linear(
+                "fc",
+                32,
+                3,
+                Fixed(4, 0),
+                ActFormat(8, 0),
+                rng.integers(-8, 8, (3, 32)),
+                np.zeros(3, int),
+            ),
+        ),
+    )
+    info = engine_info(net, 0, 4, 3)
+    assert (info.kind, info.in_lanes, info.out_lanes, info.in_bits, info.out_bits) == (
+        "conv",
+        3,
+        4,
+        8,
+        8,
+    )
+    assert info.in_beats == 5 * 5 * 6 // 3 and info.out_beats == 5 * 5 * 8 // 4
+    assert info.rom_depth == 9 * 6 // 3 * 8 // 4 and info.rom_width == 3 * 4
+    assert info.macs == 25 * 8 * 9 * 6 and info.ideal_cycles == info.macs // 12
+    assert len(info.roms) == 4 and all(len(r) == info.rom_depth for r in info.roms)
+    pool = engine_info(net, 1, 2, 2)
+    assert (pool.kind, pool.in_beats, pool.out_beats, pool.roms) == ("maxpool", 100, 16, [])
+    assert engine_info(net, 3, 3, 8).kind == "dense"
+    assert choose_folding(net, 0, 4, 4) == (4, 3)
+    assert choose_folding(net, 0, 5, 1) == (4, 1)
+    assert choose_folding(net, 1, 3, 3) == (2, 2)
+    assert choose_folding(net, 3, 16, 16) == (3, 16)
+
+
+@pytest.mark.parametrize(
+    ("index", "pe", "simd", "msg"),
+    [
+        (0, 3, 1, "layer conv: PE must divide output channels = 8, not 3"),
+        (0, 2, 4, "layer conv: SIMD must divide input channels = 6, not 4"),
+        (1, 5, 1, "layer pool: PE must divide channels = 8, not 5"),
+        (2, 1, 1, "layer flat: Flatten has no engine"),
+        (7, 1, 1, "layer index must be in"),
+    ],
+)
+def test_bad_parameters(index, pe, simd, msg):
+    rng = np.random.default_rng(5)
+    conv = _conv_net(rng, Pow2(4, 0), 6, 8, (4, 4), 3).layers[0]
+    net = Network((6, 4, 4), ActFormat(8, 4), (conv, MaxPool2d("pool", 2), Flatten("flat")))
+    with pytest.raises(HwgenError, match=msg):
+        make_engine(net, index, pe, simd)
+    with pytest.raises(HwgenError, match=msg):
+        engine_info(net, index, pe, simd)
+
+
+def test_too_wide_and_bad_rom_style():
+    rng = np.random.default_rng(6)
+    layer = Linear(
+        "fc",
+        2048,
+        2,
+        Pow2(2, 0),
+        ActFormat(8, 0),
+        _weights(rng, Pow2(2, 0), (2, 2048)),
+        np.zeros(2, int),
+    )
+    net = Network((2048,), ActFormat(8, 0), (layer,))
+    with pytest.raises(HwgenError, match=r"layer fc: 4096 lanes \(PE=2, SIMD=2048\) is too wide"):
+        make_engine(net, 0, 2, 2048)
+    with pytest.raises(HwgenError, match="ROM style must be one of inline, file, not 'x'"):
+        make_engine(net, 0, 1, 1, rom_style="x")

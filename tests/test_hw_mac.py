@@ -1,0 +1,263 @@
+"""The MAC unit (ROMs + MAC array + requantisers) against the golden model.
+
+The window stream is generated here by a NumPy model of the window order (neuron fold, kh,
+kw, channel group per output pixel), so these tests do not depend on the window unit.
+"""
+
+import random
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from hwgen.golden import conv2d_acc, layer_forward
+from hwgen.hw.mac import MACUnit
+from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2, acc_bits, acc_frac, acc_range
+
+
+def _pack(values, bits: int) -> int:
+    return sum((int(v) & ((1 << bits) - 1)) << (i * bits) for i, v in enumerate(values))
+
+
+def _unpack(word: int, bits: int, n: int, signed: bool) -> list[int]:
+    out = []
+    for i in range(n):
+        v = (word >> (i * bits)) & ((1 << bits) - 1)
+        out.append(v - (1 << bits) if signed and v >> (bits - 1) else v)
+    return out
+
+
+def window_beats(x: np.ndarray, layer: Conv2d, simd: int, pe: int) -> list[tuple[list, int]]:
+    """(lanes, last) beats of the window stream for one (C, H, W) image."""
+    c = x.shape[0]
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw)))
+    oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    per_rep = kh * kw * c // simd
+    beats = []
+    for oy in range(oh):
+        for ox in range(ow):
+            for _ in range(layer.out_channels // pe):
+                n = 0
+                for a in range(kh):
+                    for b in range(kw):
+                        for g in range(c // simd):
+                            n += 1
+                            lanes = list(xp[g * simd : (g + 1) * simd, oy * sh + a, ox * sw + b])
+                            beats.append((lanes, int(n == per_rep)))
+    return beats
+
+
+def run_mac(dut: MACUnit, beats, n_out: int, stall_in=0.0, stall_out=0.0, seed=0):
+    """Feed window beats, collect ``n_out`` output beats; returns (beats, cycles)."""
+    fin, fout = dut.in_format, dut.layer.out_format
+    rng_in, rng_out = random.Random(seed), random.Random(seed + 1)
+    got: list[list[int]] = []
+    cycles = [0]
+
+    async def producer(ctx):
+        for lanes, last in beats:
+            while rng_in.random() < stall_in:
+                await ctx.tick()
+            word = _pack(lanes, fin.bits) | (last << (len(lanes) * fin.bits))
+            ctx.set(dut.i.payload.as_value(), word)
+            ctx.set(dut.i.valid, 1)
+            await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+
+    async def consumer(ctx):
+        while len(got) < n_out:
+            ready = rng_out.random() >= stall_out
+            ctx.set(dut.o.ready, ready)
+            _, _, valid, word = await ctx.tick().sample(dut.o.valid, dut.o.payload.as_value())
+            cycles[0] += 1
+            if valid and ready:
+                got.append(_unpack(word, fout.bits, dut.pe, fout.signed))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(producer)
+    sim.add_testbench(consumer)
+    sim.run()
+    return got, cycles[0]
+
+
+def check_conv(layer: Conv2d, fin: ActFormat, x: np.ndarray, pe: int, simd: int, **stalls):
+    """Run one image through a MAC unit and compare with the golden model."""
+    expected = layer_forward(layer, x[None], fin)[0]
+    oc, oh, ow = expected.shape
+    dut = MACUnit(layer, fin, pe, simd)
+    got, cycles = run_mac(dut, window_beats(x, layer, simd, pe), oh * ow * oc // pe, **stalls)
+    hw = np.array(got).reshape(oh, ow, oc).transpose(2, 0, 1)
+    assert np.array_equal(hw, expected)
+    return cycles
+
+
+def random_weights(rng, fmt, shape):
+    if isinstance(fmt, Fixed):
+        return rng.integers(fmt.lo, fmt.hi, size=shape, endpoint=True)
+    mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
+    sign = rng.choice([-1, 1], size=shape)
+    zero = rng.random(shape) < 0.3 if fmt.has_zero else np.zeros(shape, bool)
+    return np.where(zero, 0, sign * mag)
+
+
+WEIGHT_FORMATS = [
+    Pow2(1, 0),
+    Pow2(2, -1),
+    Pow2(3, 0),
+    Pow2(4, -1),
+    Pow2(5, -3),
+    Pow2(6, -3),
+    Pow2(7, 0),
+    Fixed(2, 0),
+    Fixed(5, 3),
+    Fixed(8, 6),
+    Fixed(16, 14),
+]
+
+
+@pytest.mark.parametrize("wfmt", WEIGHT_FORMATS, ids=str)
+def test_conv_formats_with_stalls(wfmt):
+    rng = np.random.default_rng(wfmt.bits)
+    fin = ActFormat(6, 4, signed=bool(wfmt.bits % 2))
+    w = random_weights(rng, wfmt, (4, 4, 2, 2))
+    # Output frac chosen so requantisation shifts right by a few bits: rounding is exercised.
+    out = ActFormat(8, min(fin.frac + wfmt.frac - 3, 32))
+    layer = Conv2d("c", 4, 4, 2, wfmt, out, w, rng.integers(-300, 300, 4), padding=1, relu=True)
+    x = rng.integers(fin.lo, fin.hi, size=(4, 3, 3), endpoint=True)
+    check_conv(layer, fin, x, pe=2, simd=2, stall_in=0.3, stall_out=0.3, seed=wfmt.bits)
+
+
+@pytest.mark.parametrize(
+    ("pe", "simd", "kernel", "stride", "padding"),
+    [
+        (1, 1, (3, 1), (1, 2), (1, 0)),
+        (4, 1, (1, 3), (2, 1), (0, 2)),
+        (1, 4, (2, 3), (2, 2), (1, 1)),
+    ],
+)
+def test_conv_foldings_and_geometry(pe, simd, kernel, stride, padding):
+    rng = np.random.default_rng(pe * 10 + simd)
+    fin, wfmt = ActFormat(8, 4), Pow2(4, 0)
+    layer = Conv2d(
+        "c",
+        4,
+        4,
+        kernel,
+        wfmt,
+        ActFormat(8, 2),
+        random_weights(rng, wfmt, (4, 4, *kernel)),
+        rng.integers(-100, 100, 4),
+        stride=stride,
+        padding=padding,
+    )
+    x = rng.integers(fin.lo, fin.hi, size=(4, 4, 5), endpoint=True)
+    check_conv(layer, fin, x, pe, simd, stall_in=0.2, stall_out=0.4, seed=pe)
+
+
+def test_dense():
+    rng = np.random.default_rng(7)
+    fin, wfmt = ActFormat(8, 5, signed=False), Fixed(6, 5)
+    w = random_weights(rng, wfmt, (6, 12))
+    layer = Linear("fc", 12, 6, wfmt, ActFormat(8, 4), w, rng.integers(-999, 999, 6))
+    x = rng.integers(fin.lo, fin.hi, size=(2, 12), endpoint=True)
+    expected = layer_forward(layer, x, fin)
+    for img in range(2):
+        dut = MACUnit(layer, fin, 3, 4)
+        beats = window_beats(x[img][:, None, None], as_conv(layer), 4, 3)
+        got, _ = run_mac(dut, beats, 2, stall_in=0.3, stall_out=0.3, seed=img)
+        assert np.array_equal(np.array(got).reshape(-1), expected[img])
+
+
+def as_conv(layer: Linear) -> Conv2d:
+    """The 1x1 convolution that streams like ``layer`` (for the window model only)."""
+    return Conv2d(
+        layer.name,
+        layer.in_features,
+        layer.out_features,
+        1,
+        layer.weight_format,
+        layer.out_format,
+        layer.weight[:, :, None, None],
+        layer.bias,
+    )
+
+
+@pytest.mark.parametrize("wfmt", [Fixed(8, 0), Pow2(4, 0), Pow2(2, 0)], ids=str)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_accumulator_at_its_bound(wfmt, sign):
+    """All-extreme activations against all-extreme weights: the accumulator reaches the
+    exact bound of acc_range, and the output shows it unshifted (s = 0, wide format)."""
+    fin = ActFormat(8, 0)
+    top = wfmt.lo if isinstance(wfmt, Fixed) else wfmt.hi
+    w = np.full((2, 8, 3, 3), top)
+    bias = np.full(2, sign * 10_000)
+    layer = Conv2d("c", 8, 2, 3, wfmt, ActFormat(24, wfmt.frac), w, bias)
+    x = np.full((8, 3, 3), fin.lo if (top < 0) == (sign > 0) else fin.hi)
+    acc = conv2d_acc(x[None], layer, fin)[0, :, 0, 0]
+    lo, hi = acc_range(layer, fin)
+    assert acc.tolist() == (hi if sign > 0 else lo).tolist()
+    assert acc_frac(layer, fin) == layer.out_format.frac
+    assert acc_bits(layer, fin) <= 24
+    check_conv(layer, fin, x, pe=2, simd=4)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_saturation_high_and_low(relu):
+    rng = np.random.default_rng(3)
+    fin, wfmt = ActFormat(8, 0), Fixed(8, 0)
+    w = rng.integers(-128, 128, size=(4, 4, 1, 1))
+    layer = Conv2d("c", 4, 4, 1, wfmt, ActFormat(4, -4), w, np.zeros(4, int), relu=relu)
+    x = rng.integers(-128, 128, size=(4, 4, 4))
+    out = layer_forward(layer, x[None], fin)
+    lo = 0 if relu else -8
+    assert (out == 7).any() and (out == lo).any()  # both bounds are hit
+    check_conv(layer, fin, x, pe=4, simd=2, stall_out=0.5)
+
+
+def test_round_half_up_ties():
+    fin, wfmt = ActFormat(8, 0), Fixed(4, 0)
+    rng = np.random.default_rng(5)
+    w = rng.integers(-8, 8, size=(2, 2, 1, 1))
+    layer = Conv2d("c", 2, 2, 1, wfmt, ActFormat(8, -2), w, np.array([2, -2]))
+    x = rng.integers(-128, 128, size=(2, 6, 6))
+    acc = conv2d_acc(x[None], layer, fin)
+    ties = acc % 4 == 2
+    assert ties.sum() >= 10 and (acc[ties] < 0).any() and (acc[ties] > 0).any()
+    check_conv(layer, fin, x, pe=1, simd=2)
+
+
+def test_left_shift_saturates():
+    """s < 0: the accumulator is shifted left; large values saturate, small ones do not."""
+    fin, wfmt = ActFormat(6, 0), Pow2(3, 0)
+    rng = np.random.default_rng(9)
+    w = random_weights(rng, wfmt, (2, 2, 1, 1))
+    layer = Conv2d("c", 2, 2, 1, wfmt, ActFormat(10, 4), w, np.array([0, 1]))
+    assert acc_frac(layer, fin) - layer.out_format.frac == -3
+    x = rng.integers(-32, 32, size=(2, 5, 5))
+    out = layer_forward(layer, x[None], fin)
+    assert (np.abs(out) == 511).any() or (out == -512).any()
+    assert ((out > -512) & (out < 511) & (out != 0)).any()
+    check_conv(layer, fin, x, pe=2, simd=1, stall_in=0.3)
+
+
+def test_one_beat_per_cycle():
+    """Without stalls, a window beat is consumed every cycle: cycles = beats + fill."""
+    rng = np.random.default_rng(11)
+    fin, wfmt = ActFormat(8, 4), Pow2(4, 0)
+    layer = Conv2d(
+        "c",
+        8,
+        8,
+        3,
+        wfmt,
+        ActFormat(8, 2),
+        random_weights(rng, wfmt, (8, 8, 3, 3)),
+        np.zeros(8, int),
+        padding=1,
+    )
+    x = rng.integers(-128, 128, size=(8, 4, 4))
+    cycles = check_conv(layer, fin, x, pe=2, simd=4)
+    beats = 16 * 9 * 8 * 8 // (2 * 4)
+    assert beats <= cycles <= beats + 4

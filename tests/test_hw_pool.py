@@ -1,0 +1,103 @@
+"""Max/average pool and ReLU engines against hwgen.golden.layer_forward (np.array_equal)."""
+
+import numpy as np
+import pytest
+from amaranth import signed, unsigned
+
+from hwgen.errors import HwgenError
+from hwgen.golden import layer_forward
+from hwgen.hw.pool import AvgPool, MaxPool, ReLUEngine
+from hwgen.hw.streams import run_stream
+from hwgen.ir import ActFormat, AvgPool2d, MaxPool2d, ReLU
+
+
+def run_engine(dut, x, lanes, out_shape, stall_in=0.0, stall_out=0.0, seed=0):
+    """Images (N, C, H, W) through ``dut`` in H,W,C beats; the output as (N, *out_shape)."""
+    beats = [b.tolist() for b in x.transpose(0, 2, 3, 1).reshape(-1, lanes)]
+    c, h, w = out_shape
+    got, _ = run_stream(dut, beats, len(x) * c * h * w // lanes, stall_in, stall_out, seed)
+    return np.array(got).reshape(len(x), h, w, c).transpose(0, 3, 1, 2)
+
+
+def _images(rng, fmt, n, c, h, w, mode):
+    if mode == "extremes":
+        return np.where(rng.random((n, c, h, w)) < 0.5, fmt.lo, fmt.hi)
+    return rng.integers(fmt.lo, fmt.hi, size=(n, c, h, w), endpoint=True)
+
+
+POOLS = {
+    # layer, fmt, (c, h, w), lanes
+    "max2": (MaxPool2d("p", 2), ActFormat(8, 2), (4, 4, 6), 2),
+    "max3_s2_odd": (MaxPool2d("p", 3, 2), ActFormat(5, 0), (3, 7, 5), 3),
+    "max_nonsquare_unsigned": (
+        MaxPool2d("p", (1, 2), (2, 1)),
+        ActFormat(6, 0, False),
+        (2, 5, 4),
+        1,
+    ),
+    "avg2": (AvgPool2d("p", 2), ActFormat(8, 2), (4, 4, 6), 4),
+    "avg4x2_unsigned": (AvgPool2d("p", (4, 2), (2, 2)), ActFormat(7, 1, False), (2, 6, 4), 1),
+    "avg_1x1": (AvgPool2d("p", 1), ActFormat(4, 0), (2, 2, 3), 2),
+    "avg2x1_signed_odd_sums": (AvgPool2d("p", (2, 1), (1, 3)), ActFormat(3, 0), (6, 3, 7), 2),
+}
+
+
+@pytest.mark.parametrize("case", POOLS.values(), ids=POOLS.keys())
+@pytest.mark.parametrize("mode", ["random", "extremes"])
+@pytest.mark.parametrize("stalls", [(0.0, 0.0), (0.3, 0.4)], ids=["free", "stalls"])
+def test_pool_matches_golden(case, mode, stalls):
+    layer, fmt, (c, h, w), lanes = case
+    rng = np.random.default_rng(c * h * w)
+    x = _images(rng, fmt, 2, c, h, w, mode)
+    expected = layer_forward(layer, x, fmt)
+    engine = MaxPool if isinstance(layer, MaxPool2d) else AvgPool
+    shape = signed(fmt.bits) if fmt.signed else unsigned(fmt.bits)
+    dut = engine(
+        channels=c,
+        height=h,
+        width=w,
+        kernel=layer.kernel,
+        stride=layer.stride,
+        lanes=lanes,
+        shape=shape,
+    )
+    got = run_engine(dut, x, lanes, expected.shape[1:], *stalls, seed=len(layer.kernel))
+    assert np.array_equal(got, expected)
+
+
+def test_avg_pool_rounds_half_up():
+    """Sums -3, -2, -1, 1 over area 2 (…-1.5, -1, -0.5, 0.5): rhu gives -1, -1, 0, 1."""
+    fmt = ActFormat(4, 0)
+    x = np.array([[-2, -1], [-1, -1], [-1, 0], [0, 1]]).reshape(1, 4, 1, 2)
+    dut = AvgPool(
+        channels=4, height=1, width=2, kernel=(1, 2), stride=(1, 1), lanes=4, shape=signed(4)
+    )
+    got = run_engine(dut, x, 4, (4, 1, 1))
+    assert got.ravel().tolist() == [-1, -1, 0, 1]
+    assert np.array_equal(got, layer_forward(AvgPool2d("p", (1, 2), 1), x, fmt))
+
+
+@pytest.mark.parametrize("fmt", [ActFormat(6, 0), ActFormat(5, 0, False)])
+def test_relu_matches_golden(fmt):
+    rng = np.random.default_rng(fmt.bits)
+    x = _images(rng, fmt, 2, 4, 3, 2, "random")
+    dut = ReLUEngine(shape=signed(fmt.bits) if fmt.signed else unsigned(fmt.bits), lanes=2)
+    got = run_engine(dut, x, 2, (4, 3, 2), 0.4, 0.4, seed=fmt.bits)
+    assert np.array_equal(got, layer_forward(ReLU("r"), x, fmt))
+
+
+def test_relu_streams_one_beat_per_cycle():
+    beats = [[k - 8] for k in range(16)]
+    got, cycles = run_stream(ReLUEngine(shape=signed(5), lanes=1), beats, 16)
+    assert got == [[max(k - 8, 0)] for k in range(16)]
+    assert cycles == 17
+
+
+def test_pool_rejects_bad_parameters():
+    params = dict(channels=4, height=4, width=4, stride=(2, 2), lanes=2, shape=signed(8))
+    with pytest.raises(HwgenError, match=r"average pool: window area 3 \(3x1\) is not a power"):
+        AvgPool(kernel=(3, 1), **params)
+    with pytest.raises(HwgenError, match="lanes 3 must divide channels 4"):
+        MaxPool(kernel=(2, 2), **{**params, "lanes": 3})
+    with pytest.raises(HwgenError, match="ReLU engine: lanes must be a positive integer, not 0"):
+        ReLUEngine(shape=signed(8), lanes=0)

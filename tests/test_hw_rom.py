@@ -1,0 +1,140 @@
+"""Weight codes, ROM contents and order, and the ROM component (inline and file styles)."""
+
+import numpy as np
+import pytest
+from amaranth.back import verilog
+from amaranth.sim import Simulator
+
+from hwgen.errors import HwgenError
+from hwgen.hw.rom import (
+    WeightROM,
+    code_bits,
+    decode_weights,
+    encode_weights,
+    hex_lines,
+    rom_file,
+    rom_words,
+)
+from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2
+
+
+def grid(fmt) -> np.ndarray:
+    vals = np.arange(fmt.lo, fmt.hi + 1)
+    return vals[fmt.on_grid(vals)]
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        Fixed(2, 0),
+        Fixed(8, 3),
+        Fixed(16, 0),
+        Pow2(1, 0),
+        Pow2(2, 0),
+        Pow2(3, 0),
+        Pow2(4, 2),
+        Pow2(5, 0),
+    ],
+    ids=str,
+)
+def test_codes_round_trip(fmt):
+    w = grid(fmt)
+    codes = encode_weights(fmt, w)
+    assert codes.min() >= 0 and codes.max() < 1 << code_bits(fmt)
+    assert len(set(codes.tolist())) == len(w)
+    assert np.array_equal(decode_weights(fmt, codes), w)
+
+
+def test_code_layouts():
+    # Pow2 4 bits: [zero | sign | shift(2)]
+    assert encode_weights(Pow2(4, 0), np.array([1, 8, -4, 0])).tolist() == [
+        0b0000,
+        0b0011,
+        0b0110,
+        0b1000,
+    ]
+    assert encode_weights(Pow2(2, 0), np.array([1, -1, 0])).tolist() == [0b00, 0b01, 0b10]
+    assert encode_weights(Pow2(1, 0), np.array([1, -1])).tolist() == [0, 1]
+    assert encode_weights(Fixed(4, 0), np.array([-8, -1, 7])).tolist() == [0x8, 0xF, 0x7]
+    assert code_bits(Pow2(7, 0)) == 7 and code_bits(Pow2(2, 0)) == 2
+
+
+def _conv(rng, fmt, cout, cin, k):
+    w = rng.integers(fmt.lo, fmt.hi, size=(cout, cin, *k), endpoint=True)
+    return Conv2d("conv1", cin, cout, k, fmt, ActFormat(8, 0), w, np.zeros(cout, int))
+
+
+@pytest.mark.parametrize(("pe", "simd"), [(1, 1), (2, 3), (4, 6)])
+def test_rom_order(pe, simd):
+    """Word (nf, kh, kw, g) of PE k holds weight[nf*PE + k, g*SIMD + lane, kh, kw]."""
+    fmt = Fixed(5, 0)
+    layer = _conv(np.random.default_rng(pe), fmt, 4, 6, (2, 3))
+    roms = rom_words(layer, pe, simd)
+    assert len(roms) == pe
+    for k, words in enumerate(roms):
+        assert len(words) == 2 * 3 * 6 // simd * 4 // pe
+        addr = 0
+        for nf in range(4 // pe):
+            for kh in range(2):
+                for kw in range(3):
+                    for g in range(6 // simd):
+                        word = int(words[addr])
+                        for lane in range(simd):
+                            code = (word >> (lane * 5)) & 31
+                            w = layer.weight[nf * pe + k, g * simd + lane, kh, kw]
+                            assert decode_weights(fmt, np.array([code]))[0] == w
+                        addr += 1
+
+
+def test_wide_words_are_python_ints():
+    fmt = Fixed(16, 0)
+    w = np.full((1, 8), -1)
+    layer = Linear("fc", 8, 1, fmt, ActFormat(8, 0), w, np.zeros(1, int))
+    (words,) = rom_words(layer, 1, 8)
+    assert words.dtype == object and int(words[0]) == (1 << 128) - 1
+    assert hex_lines(words, 128) == "f" * 32 + "\n"
+
+
+def test_hex_lines_and_file_names():
+    assert hex_lines(np.array([1, 0x2AB], dtype=np.uint64), 10) == "001\n2ab\n"
+    assert rom_file("conv1", 3) == "rom/conv1_pe3.hex"
+
+
+def test_inline_rom_reads_with_one_cycle_latency():
+    init = [(i * 37) % 251 for i in range(13)]
+    dut = WeightROM(width=8, depth=13, init=init)
+    got = []
+
+    async def bench(ctx):
+        for addr in [*range(13), 5, 5, 0]:
+            ctx.set(dut.addr, addr)
+            await ctx.tick()
+            got.append(ctx.get(dut.data))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert got == [*init, init[5], init[5], init[0]]
+
+
+def test_file_rom_instantiates_hwgen_rom_with_a_relative_path():
+    dut = WeightROM(width=12, depth=5, init=[0] * 5, style="file", init_file="rom/c_pe0.hex")
+    text = verilog.convert(dut, name="top", emit_src=False)
+    assert "hwgen_rom #(" in text
+    assert '.INIT_FILE("rom/c_pe0.hex")' in text
+    assert ".DEPTH(32'd5)" in text and ".WIDTH(32'd12)" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "msg"),
+    [
+        (dict(style="bram"), "ROM style must be one of inline, file, not 'bram'"),
+        (dict(style="file", init_file="/abs/x.hex"), "relative path, not '/abs/x.hex'"),
+        (dict(init=[1, 2]), "ROM init has 2 words, expected 4"),
+    ],
+)
+def test_bad_parameters(kwargs, msg):
+    args = dict(width=4, depth=4, init=[0] * 4) | kwargs
+    with pytest.raises(HwgenError, match=msg.replace("(", r"\(")):
+        WeightROM(**args)

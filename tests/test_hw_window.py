@@ -1,0 +1,202 @@
+"""The sliding-window unit against a NumPy model of the window stream order."""
+
+import numpy as np
+import pytest
+from amaranth import signed, unsigned
+
+from hwgen.errors import HwgenError
+from hwgen.hw.streams import run_stream
+from hwgen.hw.window import SlidingWindow
+
+
+def window_model(x, kernel, stride, padding, lanes, repeats):
+    """The window beats of one (C, H, W) image: per output pixel, ``repeats`` times, (kh, kw,
+    group) with zero padding; ``last`` on each repetition's final beat."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    c, h, w = x.shape
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw)))
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    window = [(a, b, g) for a in range(kh) for b in range(kw) for g in range(c // lanes)]
+    beats = []
+    for oy in range(oh):
+        for ox in range(ow):
+            for _ in range(repeats):
+                for n, (a, b, g) in enumerate(window, 1):
+                    lanes_ = xp[g * lanes : (g + 1) * lanes, oy * sh + a, ox * sw + b]
+                    beats.append({"data": lanes_.tolist(), "last": int(n == len(window))})
+    return beats
+
+
+def run_window(
+    c,
+    h,
+    w,
+    kernel,
+    stride,
+    padding,
+    lanes,
+    repeats,
+    *,
+    images=2,
+    bits=6,
+    is_signed=True,
+    stall_in=0.0,
+    stall_out=0.0,
+    seed=0,
+    times=None,
+):
+    """Stream ``images`` random images through a SlidingWindow; assert it matches the model."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (-(1 << bits - 1), (1 << bits - 1) - 1) if is_signed else (0, (1 << bits) - 1)
+    xs = rng.integers(lo, hi, size=(images, c, h, w), endpoint=True)
+    dut = SlidingWindow(
+        channels=c,
+        height=h,
+        width=w,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        lanes=lanes,
+        repeats=repeats,
+        shape=signed(bits) if is_signed else unsigned(bits),
+    )
+    expected = [b for x in xs for b in window_model(x, kernel, stride, padding, lanes, repeats)]
+    beats_in = [b.tolist() for x in xs for b in x.transpose(1, 2, 0).reshape(-1, lanes)]
+    got, cycles = run_stream(dut, beats_in, len(expected), stall_in, stall_out, seed, times=times)
+    for n, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g == e, f"beat {n} of {len(expected)}: got {g}, expected {e}"
+    return cycles
+
+
+CASES = {
+    # c, h, w, kernel, stride, padding, lanes, repeats
+    "3x3_pad1": (2, 4, 5, (3, 3), (1, 1), (1, 1), 1, 1),
+    "nonsquare_stride": (4, 5, 4, (2, 3), (2, 1), (1, 2), 2, 2),
+    "dense_1x1_map": (6, 1, 1, (1, 1), (1, 1), (0, 0), 3, 3),
+    "pool_2x2_s2_odd": (2, 5, 5, (2, 2), (2, 2), (0, 0), 1, 1),
+    "1x1_stride_skips_rows": (2, 4, 6, (1, 1), (3, 2), (0, 0), 2, 1),
+    "max_padding": (1, 4, 4, (3, 3), (1, 1), (2, 2), 1, 1),
+    "kernel_is_map": (4, 3, 2, (3, 2), (1, 1), (0, 0), 4, 2),
+    "tall_kernel_stride_gt_kernel": (3, 7, 3, (2, 1), (3, 2), (1, 0), 3, 1),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("stalls", [(0.0, 0.0), (0.3, 0.3)], ids=["free", "stalls"])
+def test_window_matches_model(case, stalls):
+    run_window(*case, images=2, stall_in=stalls[0], stall_out=stalls[1], seed=sum(case[:3]))
+
+
+def test_three_images_unsigned_with_heavy_backpressure():
+    run_window(
+        4,
+        4,
+        4,
+        (3, 3),
+        (1, 1),
+        (1, 1),
+        2,
+        2,
+        images=3,
+        bits=5,
+        is_signed=False,
+        stall_in=0.1,
+        stall_out=0.7,
+        seed=5,
+    )
+
+
+def test_slow_input_bounds_output():
+    run_window(2, 6, 6, (3, 3), (2, 2), (1, 1), 2, 1, images=2, stall_in=0.8, seed=6)
+
+
+def _random_case(rng):
+    kh, kw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    ph, pw = int(rng.integers(0, kh)), int(rng.integers(0, kw))
+    h = int(rng.integers(max(1, kh - 2 * ph), 7))
+    w = int(rng.integers(max(1, kw - 2 * pw), 7))
+    lanes = int(rng.choice([1, 2, 3]))
+    c = lanes * int(rng.integers(1, 4))
+    stride = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    return c, h, w, (kh, kw), stride, (ph, pw), lanes, int(rng.integers(1, 4))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_geometries(seed):
+    rng = np.random.default_rng(100 + seed)
+    run_window(*_random_case(rng), images=2, stall_in=0.3, stall_out=0.3, seed=seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(300))
+def test_random_geometries_campaign(seed):
+    rng = np.random.default_rng(1000 + seed)
+    stalls = rng.choice([0.0, 0.2, 0.6], size=2)
+    run_window(
+        *_random_case(rng),
+        images=int(rng.integers(1, 4)),
+        bits=int(rng.integers(2, 9)),
+        is_signed=bool(rng.integers(2)),
+        stall_in=float(stalls[0]),
+        stall_out=float(stalls[1]),
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("repeats", [4, 1])
+def test_throughput_one_beat_per_cycle_once_full(repeats):
+    """16x16, 3x3 pad 1, 16 channels, lanes 4: after the first window, one beat every cycle
+    (this is the MAC's ideal: OH*OW*K*K*Cin*Cout/(PE*SIMD) beats with PE = 16/repeats)."""
+    times = []
+    cycles = run_window(16, 16, 16, (3, 3), (1, 1), (1, 1), 4, repeats, images=1, times=times)
+    n = 16 * 16 * 9 * 4 * repeats
+    fill = times[0]  # the first input beat is taken in cycle 1
+    assert fill == 2 * 16 * 4 + 2  # two input rows (K - P), then read + output register
+    assert times[-1] - times[0] + 1 == n  # no bubble at all once full
+    assert cycles == fill + n - 1
+
+
+def test_back_to_back_images_have_no_bubble():
+    times = []
+    run_window(2, 4, 4, (3, 3), (1, 1), (1, 1), 1, 1, images=3, times=times)
+    assert times[-1] - times[0] + 1 == len(times)
+
+
+def test_buffer_is_rows_not_images():
+    dut = SlidingWindow(
+        channels=16,
+        height=64,
+        width=64,
+        kernel=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        lanes=4,
+        shape=signed(8),
+    )
+    assert dut.depth == (3 + 1) * 64 * 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lanes=3), "lanes 3 must divide channels 4"),
+        (dict(padding=(3, 0)), r"padding 3 must be at most kernel - 1 = 2 \(rows\)"),
+        (dict(kernel=(3, 7)), r"kernel 7 is larger than the padded input 6 \(columns\)"),
+        (dict(stride=(0, 1)), r"stride must be a pair of integers >= 1, not \(0, 1\)"),
+        (dict(repeats=0), "repeats must be a positive integer, not 0"),
+    ],
+)
+def test_rejects_bad_parameters(kwargs, message):
+    params = dict(
+        channels=4,
+        height=4,
+        width=4,
+        kernel=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        lanes=2,
+        shape=signed(8),
+        repeats=1,
+    )
+    with pytest.raises(HwgenError, match=message):
+        SlidingWindow(**{**params, **kwargs})
