@@ -13,7 +13,7 @@ host (protocol in hwgen.hw.hostlink), the last predicted class on the LEDs.
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from amaranth import ClockDomain, ClockSignal, Elaboratable, Module, Signal
+from amaranth import ClockDomain, Elaboratable, Module, Signal
 from amaranth.lib import cdc, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -163,7 +163,7 @@ class BoardTop(Elaboratable):
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
-        m.domains.sync = ClockDomain("sync")
+        m.domains.sync = cd_sync = ClockDomain("sync")
         locked = Signal()
         if self.board.device == "ecp5-85f":
             clk = platform.request("clk25", dir="i")
@@ -171,7 +171,7 @@ class BoardTop(Elaboratable):
         else:
             pad = platform.request("clk12", dir="-")
             m.submodules.pll = ice40_pll(self.pll, pad.io, "sync", locked)
-        platform.add_clock_constraint(ClockSignal("sync"), self.clk_mhz * 1e6)
+        platform.add_clock_constraint(cd_sync.clk, self.clk_mhz * 1e6)
         m.submodules.reset = cdc.ResetSynchronizer(~locked, domain="sync")
 
         uart = platform.request("uart", 0)
