@@ -150,21 +150,18 @@ class HostLink(wiring.Component):
                         value = self.net_o.payload[k]
                         pos = count + k
                         m.d.sync += logits[pos].eq(value)
-                    # Running argmax over this beat's lanes; '>' keeps the first maximum.
-                    run_best, run_idx = best, best_idx
-                    for k in range(lanes):
-                        value = self.net_o.payload[k]
-                        first = (count == 0) if k == 0 else 0
-                        take = first | (value > run_best)
-                        nb = Signal(self.out_shape, name=f"nb{k}")
-                        ni = Signal(range(n), name=f"ni{k}")
-                        m.d.comb += [nb.eq(run_best), ni.eq(run_idx)]
-                        with m.If(take):
-                            m.d.comb += [nb.eq(value), ni.eq(count + k)]
-                        run_best, run_idx = nb, ni
-                    m.d.sync += [best.eq(run_best), best_idx.eq(run_idx), count.eq(count + lanes)]
+                    m.d.sync += count.eq(count + lanes)
                     with m.If(count + lanes == n):
-                        m.next = "HEAD"
+                        m.d.sync += idx.eq(0)
+                        m.next = "ARGMAX"
+            with m.State("ARGMAX"):
+                # One logit per cycle (short paths, and the UART is far slower anyway);
+                # '>' keeps the first index of the maximum.
+                with m.If((idx == 0) | (logits[idx] > best)):
+                    m.d.sync += [best.eq(logits[idx]), best_idx.eq(idx)]
+                m.d.sync += idx.eq(idx + 1)
+                with m.If(idx == n - 1):
+                    m.next = "HEAD"
             with m.State("HEAD"):
                 m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(SYNC_OUT)]
                 with m.If(self.tx.ready):
