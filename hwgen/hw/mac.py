@@ -42,11 +42,12 @@ def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value]:
 
 
 class MACArray(wiring.Component):
-    """PE x SIMD lanes, one adder tree and one accumulator per PE; two pipeline stages.
+    """PE x SIMD lanes, one adder tree and one accumulator per PE; three pipeline stages.
 
     Inputs are one window beat with its weight codes (the codes read from the ROMs for that
-    beat). Stage 1 registers the tree sums; stage 2 accumulates: the first beat of a
-    repetition starts from the bias of its output channel, ``acc = bias[fold*PE + k]``.
+    beat). Stage 1 registers the lane products, stage 2 the tree sums; stage 3 accumulates:
+    the first beat of a repetition starts from the bias of its output channel,
+    ``acc = bias[fold*PE + k]``.
 
     Parameters
     ----------
@@ -102,30 +103,45 @@ class MACArray(wiring.Component):
             }
         )
 
-    def _sum(self, k: int) -> Value:
+    def _terms(self, k: int) -> list[Value]:
+        """PE ``k``'s lane products, plus (Pow2) the count of negated lanes' "+1"s."""
         fmt = self.weight_format
         acts = [self.act[lane] for lane in range(self.simd)]
         codes = [self.codes[k][lane] for lane in range(self.simd)]
         if isinstance(fmt, Fixed):
-            return _tree_sum([a * c.as_signed() for a, c in zip(acts, codes, strict=True)])
+            return [a * c.as_signed() for a, c in zip(acts, codes, strict=True)]
         lanes = [_pow2_lane(fmt, a, c) for a, c in zip(acts, codes, strict=True)]
         # The "+1" of each negated lane, counted and added once at the root.
-        return _tree_sum([t for t, _ in lanes]) + sum(n for _, n in lanes)
+        return [t for t, _ in lanes] + [sum(n for _, n in lanes)]
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
-        s_valid, s_first, s_last = Signal(), Signal(), Signal()
-        s_fold = Signal.like(self.fold)
+        # Stage 1 registers the lane products, stage 2 the adder-tree sums, stage 3
+        # accumulates: each stage is one level of logic deep enough for >100 MHz on ECP5.
+        ctl = [
+            (
+                Signal(name=f"valid{s}"),
+                Signal(name=f"first{s}"),
+                Signal(name=f"last{s}"),
+                Signal.like(self.fold, name=f"fold{s}"),
+            )
+            for s in (1, 2)
+        ]
         with m.If(self.en):
-            m.d.sync += [
-                s_valid.eq(self.valid),
-                s_first.eq(self.first),
-                s_last.eq(self.last),
-                s_fold.eq(self.fold),
-                self.done.eq(s_valid & s_last),
-            ]
+            src = (self.valid, self.first, self.last, self.fold)
+            for stage in ctl:
+                m.d.sync += [dst.eq(v) for dst, v in zip(stage, src, strict=True)]
+                src = stage
+            m.d.sync += self.done.eq(ctl[1][0] & ctl[1][2])
+        s_valid, s_first, _, s_fold = ctl[1]
         for k in range(self.pe):
-            total = self._sum(k)
+            terms = []
+            for j, term in enumerate(self._terms(k)):
+                reg = Signal(term.shape(), name=f"term{k}_{j}")
+                with m.If(self.en):
+                    m.d.sync += reg.eq(term)
+                terms.append(reg)
+            total = _tree_sum(terms)
             # Sums are added modulo 2**acc_bits: exact, since the final value fits.
             width = min(len(total), self.acc_bits)
             s_sum = Signal(signed(width), name=f"sum{k}")
