@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from hwgen import golden as gm
 from hwgen import hwq
@@ -238,3 +242,86 @@ def quantize(
         console.print(f"fake-quantised test accuracy: {100 * acc:.2f}% ({len(test[1])} images)")
     hwq.save(net, output, meta=meta)
     console.print(f"wrote {output}")
+
+
+def build(
+    model: Path,
+    output: Path,
+    max_pe: int,
+    max_simd: int,
+    folding: Path | None,
+    rom_style: str,
+    vectors: int,
+) -> None:
+    """``hwgen build``: Verilog, ROM hex, manifest and vectors for a ``.hwq``."""
+    from hwgen.emit import BuildOptions, build_file, load_folding
+
+    for what, v in (("--pe", max_pe), ("--simd", max_simd), ("--vectors", vectors)):
+        if v < 1:
+            raise HwgenError(f"{what} must be a positive integer, not {v}")
+    opts = BuildOptions(
+        max_pe, max_simd, load_folding(folding) if folding else None, rom_style, vectors
+    )
+    manifest = build_file(model, output, opts)
+    table = Table(title=f"hwgen build {manifest['model']} -> {output}")
+    for col in ("layer", "engine", "PE x SIMD", "in", "out", "acc bits", "ROM", "ideal cycles"):
+        table.add_column(col)
+    for e in manifest["layers"]:
+        rom = f"{e['pe']} x {e['rom_depth']}x{e['rom_width']}" if e["rom_depth"] else ""
+        table.add_row(
+            e["name"],
+            e["kind"],
+            f"{e['pe']} x {e['simd']}",
+            e["in_format"],
+            e["out_format"],
+            str(e["acc_bits"] or ""),
+            rom,
+            str(e["ideal_cycles"]),
+        )
+    Console().print(table)
+    print(f"wrote {output}: top {manifest['top']['axi_module']} ({output / 'files.f'})")
+
+
+def sim(
+    build_dir: Path,
+    targets: list[str] | None,
+    simulator: str,
+    images: int | None,
+    stalls: float,
+    waves: bool,
+    seed: int,
+) -> bool:
+    """``hwgen sim``: each target's engine against its golden vectors; True if all match."""
+    from hwgen.simulate import load_manifest, simulate_layer
+
+    manifest = load_manifest(build_dir)
+    names = targets or [e["name"] for e in manifest["layers"]]
+    table = Table(title=f"hwgen sim {build_dir} ({simulator}, stalls {stalls})")
+    for col in ("layer", "outputs checked", "mismatches", "cycles", "ideal MACs/(PE*SIMD)"):
+        table.add_column(col)
+    failures = []
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
+        task = bar.add_task("simulating", total=len(names))
+        for name in names:
+            bar.update(task, description=f"simulating {name}")
+            r = simulate_layer(
+                build_dir, name, stalls, seed, vectors=images, simulator=simulator, waves=waves
+            )
+            table.add_row(
+                name, str(r.outputs_checked), str(r.mismatches), str(r.cycles), str(r.ideal_cycles)
+            )
+            if not r.ok:
+                failures.append(f"{r.first_mismatch} (waveform: {r.waves})")
+            elif name == "network":
+                per = r.cycles / r.images
+                table.caption = (
+                    f"RTL == golden: {r.images}/{r.images} images; "
+                    f"{per:.0f} cycles per inference (pipelined)"
+                )
+            bar.advance(task)
+    Console().print(table)
+    for f in failures:
+        print(f"MISMATCH {f}", file=sys.stderr)
+    return not failures

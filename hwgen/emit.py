@@ -1,0 +1,318 @@
+"""``hwgen build``: deterministic Verilog, ROM contents, file list, manifest and test vectors.
+
+A build folder (docs/build-format.md)::
+
+    manifest.json            what was built: modules, ports, formats, folding, ROMs, cycles
+    files.f                  the sources of the network top, relative to the folder
+    rtl/<net>_<layer>.v      one module per layer engine (Flatten has none)
+    rtl/<net>_top.v          the network with AXI4-Stream ports (s_axis_*, m_axis_*)
+    rtl/<net>_stream.v       the same chain with hwgen's stream ports, for the benches
+    rom/<layer>_pe<k>.hex    each PE's weight ROM, $readmemh text
+    vectors/<layer>.npz      per-layer test vectors: golden input and output streams
+    vectors/network.npz      whole-network vectors
+    vendor/                  Vivado (Arty A7) and Quartus project skeletons
+
+Everything is written to a temporary folder and renamed into place at the end, and the
+same model and options give byte-identical files anywhere (no paths, no timestamps).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from amaranth.back import verilog
+
+from hwgen import golden, hwq
+from hwgen.errors import HwgenError
+from hwgen.fsutil import npz_bytes
+from hwgen.hw.board import AxiNetwork
+from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
+from hwgen.hw.network import NetworkTop
+from hwgen.hw.rom import hex_lines, rom_file
+from hwgen.ir import ActFormat, Conv2d, Flatten, Linear, Network
+from hwgen.templates import template, vendor_projects
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BUILD_FORMAT = "hwgen-build"
+BUILD_VERSION = 1
+DEFAULT_MAX_PE = 4
+DEFAULT_MAX_SIMD = 4
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build: lane limits (clamped per layer to divisors) or an explicit folding."""
+
+    max_pe: int = DEFAULT_MAX_PE
+    max_simd: int = DEFAULT_MAX_SIMD
+    folding: Mapping[str, tuple[int, int]] | None = None
+    rom_style: str = "inline"
+    vectors: int = 8  # real (or random) images per vector file, plus two extreme ones
+    seed: int = 0
+
+
+def module_name(net: Network, suffix: str) -> str:
+    """A Verilog identifier for one of this network's modules."""
+    return re.sub(r"\W", "_", f"{net.name}_{suffix}")
+
+
+def load_folding(path: Path) -> dict[str, tuple[int, int]]:
+    """``folding.toml``: ``[layers.<name>]`` tables with ``pe`` and ``simd``."""
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise HwgenError(f"folding file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise HwgenError(f"folding file {path}: not valid TOML ({e})") from None
+    if set(doc) - {"layers"} or not isinstance(doc.get("layers", {}), dict):
+        raise HwgenError(f"folding file {path}: expected only [layers.<name>] tables")
+    out = {}
+    for name, d in doc.get("layers", {}).items():
+        if not isinstance(d, dict) or set(d) - {"pe", "simd"}:
+            raise HwgenError(f"folding file {path}: [layers.{name}] takes only pe and simd")
+        out[name] = (d.get("pe", 1), d.get("simd", d.get("pe", 1)))
+    return out
+
+
+def choose_foldings(net: Network, opts: BuildOptions) -> dict[str, tuple[int, int]]:
+    """(PE, SIMD) per layer with an engine: the explicit folding, else the largest divisors."""
+    engines = {
+        layer.name: i for i, layer in enumerate(net.layers) if not isinstance(layer, Flatten)
+    }
+    given = dict(opts.folding or {})
+    for name in given:
+        if name not in engines:
+            raise HwgenError(
+                f"folding: the model has no layer {name!r} with an engine "
+                f"(it has: {', '.join(engines)})"
+            )
+    return {
+        name: given.get(name) or choose_folding(net, i, opts.max_pe, opts.max_simd)
+        for name, i in engines.items()
+    }
+
+
+def _streams(x: np.ndarray, lanes: int) -> np.ndarray:
+    """A batch in H,W,C order cut into beats: (N, beats, lanes)."""
+    flat = golden.flatten_hwc(x)
+    return flat.reshape(x.shape[0], -1, lanes)
+
+
+def _extremes(fmt: ActFormat, shape: tuple[int, ...]) -> np.ndarray:
+    """All-max and all-min inputs: accumulators at their bounds, saturation both ways."""
+    return np.stack([np.full(shape, fmt.hi), np.full(shape, fmt.lo)]).astype(np.int64)
+
+
+def network_inputs(net: Network, meta: Mapping[str, Any], count: int, seed: int) -> np.ndarray:
+    """Real example images when the model came from a built-in example, else random ones."""
+    if meta.get("source") == "digits" and net.input_shape == (1, 8, 8):
+        from hwgen.examples.digits import load_digits_split
+
+        x = load_digits_split().x_test[:count]
+        return golden.quantize_input(x, net.input_format)
+    rng = np.random.default_rng(seed)
+    fmt = net.input_format
+    return rng.integers(fmt.lo, fmt.hi + 1, size=(count, *net.input_shape), dtype=np.int64)
+
+
+def _entry(
+    net: Network,
+    name: str,
+    module: str,
+    info: EngineInfo,
+    sources: list[str],
+    out_shape: tuple[int, ...],
+    vectors: str,
+    images: int,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "module": module,
+        "sources": sources,
+        "kind": info.kind,
+        "pe": info.pe,
+        "simd": info.simd,
+        "in_lanes": info.in_lanes,
+        "in_bits": info.in_bits,
+        "in_signed": info.in_signed,
+        "out_lanes": info.out_lanes,
+        "out_bits": info.out_bits,
+        "out_signed": info.out_signed,
+        "out_shape": list(out_shape),
+        "in_beats": info.in_beats,
+        "out_beats": info.out_beats,
+        "acc_bits": info.acc_bits,
+        "rom_depth": info.rom_depth,
+        "rom_width": info.rom_width,
+        "macs": info.macs,
+        "ideal_cycles": info.ideal_cycles,
+        "vectors": vectors,
+        "vector_images": images,
+    }
+
+
+def _layer_fields(net: Network, index: int) -> dict[str, Any]:
+    layer = net.layers[index]
+    d: dict[str, Any] = {
+        "in_format": str(net.formats[index]),
+        "out_format": str(net.formats[index + 1]),
+    }
+    if isinstance(layer, (Conv2d, Linear)):
+        d["weight_format"] = str(layer.weight_format)
+        d["relu"] = layer.relu
+    return d
+
+
+def _write(root: Path, rel: str, data: str | bytes) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def build(
+    net: Network,
+    out_dir: str | Path,
+    opts: BuildOptions = BuildOptions(),
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Generate the build folder for ``net``; returns the manifest."""
+    out_dir = Path(out_dir)
+    meta = meta or {}
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
+        raise HwgenError(f"{out_dir} exists and is not a hwgen build folder: not overwriting it")
+    foldings = choose_foldings(net, opts)
+    x = network_inputs(net, meta, opts.vectors, opts.seed)
+    x = np.concatenate([x, _extremes(net.input_format, net.input_shape)])
+    acts = [x, *golden.forward(net, x)]
+    rom_src = ["rtl/hwgen_rom.v"] if opts.rom_style == "file" else []
+
+    files: dict[str, str | bytes] = {}
+    layers, infos = [], []
+    for index, layer in enumerate(net.layers):
+        if isinstance(layer, Flatten):
+            continue
+        pe, simd = foldings[layer.name]
+        info = engine_info(net, index, pe, simd)
+        infos.append(info)
+        module = module_name(net, layer.name)
+        engine = make_engine(net, index, pe, simd, opts.rom_style)
+        files[f"rtl/{module}.v"] = verilog.convert(engine, name=module, emit_src=False)
+        for k, words in enumerate(info.roms):
+            files[rom_file(layer.name, k)] = hex_lines(words, info.rom_width)
+        # The network's own activations, then this layer's extremes.
+        fin = net.formats[index]
+        lx = np.concatenate([acts[index], _extremes(fin, net.shapes[index])])
+        ly = golden.layer_forward(layer, lx, fin)
+        vec = f"vectors/{layer.name}.npz"
+        files[vec] = npz_bytes(
+            {
+                "input": lx,
+                "output": ly,
+                "input_stream": _streams(lx, info.in_lanes),
+                "output_stream": _streams(ly, info.out_lanes),
+            }
+        )
+        entry = _entry(
+            net,
+            layer.name,
+            module,
+            info,
+            [f"rtl/{module}.v", *rom_src],
+            net.shapes[index + 1],
+            vec,
+            len(lx),
+        )
+        entry |= _layer_fields(net, index)
+        entry["roms"] = [rom_file(layer.name, k) for k in range(len(info.roms))]
+        layers.append(entry)
+
+    top_module, stream_module = module_name(net, "top"), module_name(net, "stream")
+    files[f"rtl/{top_module}.v"] = verilog.convert(
+        AxiNetwork(net, foldings, opts.rom_style), name=top_module, emit_src=False
+    )
+    files[f"rtl/{stream_module}.v"] = verilog.convert(
+        NetworkTop(net, foldings, opts.rom_style), name=stream_module, emit_src=False
+    )
+    files["vectors/network.npz"] = npz_bytes(
+        {
+            "input": x,
+            "output": acts[-1],
+            "input_stream": _streams(x, infos[0].in_lanes),
+            "output_stream": _streams(acts[-1], infos[-1].out_lanes),
+        }
+    )
+    bottleneck = max(infos, key=lambda i: i.ideal_cycles)
+    net_entry = _entry(
+        net,
+        "network",
+        stream_module,
+        bottleneck,
+        [f"rtl/{stream_module}.v", *rom_src],
+        net.output_shape,
+        "vectors/network.npz",
+        len(x),
+    )
+    net_entry |= {
+        "in_lanes": infos[0].in_lanes,
+        "in_bits": infos[0].in_bits,
+        "in_signed": infos[0].in_signed,
+        "in_beats": infos[0].in_beats,
+        "out_lanes": infos[-1].out_lanes,
+        "out_bits": infos[-1].out_bits,
+        "out_signed": infos[-1].out_signed,
+        "out_beats": infos[-1].out_beats,
+        "kind": "network",
+        "macs": sum(i.macs for i in infos),
+        "axi_module": top_module,
+        "axi_sources": [f"rtl/{top_module}.v", *rom_src],
+    }
+    if rom_src:
+        files["rtl/hwgen_rom.v"] = template("hwgen_rom.v")
+    files["files.f"] = "".join(f"{s}\n" for s in net_entry["axi_sources"])
+    for rel, text in vendor_projects(top_module, net_entry["axi_sources"], 100.0).items():
+        files[f"vendor/{rel}"] = text
+
+    manifest = {
+        "format": BUILD_FORMAT,
+        "version": BUILD_VERSION,
+        "model": net.name,
+        "source": meta.get("source"),
+        "scheme": meta.get("scheme"),
+        "input_shape": list(net.input_shape),
+        "input_format": str(net.input_format),
+        "rom_style": opts.rom_style,
+        "foldings": {k: list(v) for k, v in foldings.items()},
+        "layers": layers,
+        "top": net_entry,
+    }
+    files["manifest.json"] = json.dumps(manifest, indent=2) + "\n"
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for rel, data in sorted(files.items()):
+            _write(tmp, rel, data)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def build_file(model: Path, out_dir: Path, opts: BuildOptions) -> dict[str, Any]:
+    """``hwgen build MODEL.hwq -o DIR``."""
+    return build(hwq.load(model), out_dir, opts, hwq.load_meta(model))

@@ -1,0 +1,101 @@
+"""simulate_layer on a stand-in stream component (lane-wise ReLU with a throttle)."""
+
+import json
+
+import numpy as np
+import pytest
+from amaranth import Module, Signal, signed
+from amaranth.back import verilog
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hwgen.errors import HwgenError
+from hwgen.fsutil import npz_bytes
+from hwgen.simulate import check_outputs, simulate_layer
+
+
+class _Relu(wiring.Component):
+    """Registered lane-wise ReLU that accepts one beat every ``every`` cycles."""
+
+    def __init__(self, lanes: int, bits: int, every: int) -> None:
+        self.lanes, self.every = lanes, every
+        lay = data.ArrayLayout(signed(bits), lanes)
+        super().__init__({"i": In(stream.Signature(lay)), "o": Out(stream.Signature(lay))})
+
+    def elaborate(self, platform):
+        m = Module()
+        wait = Signal(range(self.every + 1))
+        with m.If(wait != 0):
+            m.d.sync += wait.eq(wait - 1)
+        m.d.comb += self.i.ready.eq((wait == 0) & (~self.o.valid | self.o.ready))
+        with m.If(self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [self.o.valid.eq(1), wait.eq(self.every - 1)]
+            for k in range(self.lanes):
+                v = self.i.payload[k]
+                m.d.sync += self.o.payload[k].eq(v)
+                with m.If(v < 0):
+                    m.d.sync += self.o.payload[k].eq(0)
+        return m
+
+
+def _build(tmp_path, c=8, h=4, w=4, lanes=4, bits=8, n=3, every=1):
+    (tmp_path / "rtl").mkdir()
+    (tmp_path / "vectors").mkdir()
+    v = verilog.convert(_Relu(lanes, bits, every), name="relu1", emit_src=False)
+    (tmp_path / "rtl/relu1.v").write_text(v)
+    x = np.random.default_rng(0).integers(-(1 << bits - 1), 1 << bits - 1, (n, c, h, w))
+    x[-1], x[-2] = (1 << bits - 1) - 1, -(1 << bits - 1)  # extremes
+    y = np.maximum(x, 0)
+
+    def st(a):
+        return a.transpose(0, 2, 3, 1).reshape(n, -1, lanes)
+
+    (tmp_path / "vectors/relu1.npz").write_bytes(
+        npz_bytes({"input": x, "output": y, "input_stream": st(x), "output_stream": st(y)}))
+    beats = c * h * w // lanes
+    entry = {"name": "relu1", "module": "relu1", "sources": ["rtl/relu1.v"],
+             "in_lanes": lanes, "in_bits": bits, "in_signed": True, "out_lanes": lanes,
+             "out_bits": bits, "out_signed": True, "out_shape": [c, h, w], "in_beats": beats,
+             "out_beats": beats, "ideal_cycles": beats * every,
+             "vectors": "vectors/relu1.npz", "vector_images": n}
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"format": "hwgen-build", "layers": [entry]}))
+    return entry
+
+
+def test_check_outputs_names_the_first_bad_value():
+    entry = {"name": "c1", "out_shape": [8, 4, 4]}
+    exp = np.zeros((2, 32, 4), dtype=np.int64)
+    got = exp.reshape(-1, 4).copy()
+    got[32 + 5, 2] = 7
+    r = check_outputs(entry, exp, got)
+    assert r["mismatches"] == 1 and r["outputs_checked"] == 256
+    assert r["first_mismatch"] == "layer c1: image 1, row 0, col 2, channel 6: expected 0, got 7"
+    r = check_outputs(entry, exp, got[:-1])
+    assert r["mismatches"] == 5
+
+
+def test_standin_bit_exact_with_stalls_then_corrupted(tmp_path):
+    _build(tmp_path)
+    r = simulate_layer(tmp_path, "relu1")
+    assert (r.outputs_checked, r.mismatches, r.first_mismatch) == (384, 0, None)
+    assert r.cycles == r.ideal_cycles + 1  # one cycle of register latency
+    r = simulate_layer(tmp_path, "relu1", stalls=0.3, seed=5)
+    assert r.ok and r.cycles > r.ideal_cycles
+    vec = dict(np.load(tmp_path / "vectors/relu1.npz"))
+    vec["output_stream"][0, 5, 2] += 1
+    (tmp_path / "vectors/relu1.npz").write_bytes(npz_bytes(vec))
+    r = simulate_layer(tmp_path, "relu1", stalls=0.2, seed=1)
+    assert r.mismatches == 1
+    assert r.first_mismatch.startswith("layer relu1: image 0, row 0, col 2, channel 6: expected")
+    assert r.waves is not None and r.waves.is_file()
+
+
+def test_bad_build_folder_and_layer(tmp_path):
+    with pytest.raises(HwgenError, match="not a hwgen build folder"):
+        simulate_layer(tmp_path, "x")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "hwgen-build", "layers": []}))
+    with pytest.raises(HwgenError, match="no layer named 'x'"):
+        simulate_layer(tmp_path, "x")
