@@ -84,6 +84,12 @@ def _cmd_sim(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from hwgen.commands import synth
+
+    synth(args.build_dir, args.device, args.target_mhz)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hwgen", description="Quantized CNNs to verified shift-and-add FPGA hardware.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -184,12 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="stall pattern seed")
     sm.set_defaults(func=_cmd_sim)
 
-    for name, issue, text in (
-        ("synth", 5, "synthesise a build with Yosys/nextpnr and report resources and Fmax"),
-    ):
-        s = sub.add_parser(name, help=f"{text} (not available yet)", add_help=False)
-        s.add_argument("rest", nargs=argparse.REMAINDER)
-        s.set_defaults(func=_not_yet(issue))
+    sy = sub.add_parser("synth", help="synthesise a build (Yosys/nextpnr): resources and Fmax")
+    sy.add_argument("build_dir", type=Path, help="folder written by hwgen build")
+    sy.add_argument(
+        "--device", choices=("ecp5-85f", "up5k"), help="default: the build's board, else ecp5-85f"
+    )
+    sy.add_argument(
+        "--target-mhz", type=float, default=150.0, help="clock nextpnr optimises for (default 150)"
+    )
+    sy.set_defaults(func=_cmd_synth)
     return p
 
 

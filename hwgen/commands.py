@@ -325,3 +325,42 @@ def sim(
     for f in failures:
         print(f"MISMATCH {f}", file=sys.stderr)
     return not failures
+
+
+def synth(build_dir: Path, device: str | None, target_mhz: float) -> None:
+    """``hwgen synth``: resources per layer and Fmax of the whole design, as a report."""
+    from hwgen.report import write_synth_report
+    from hwgen.simulate import load_manifest
+    from hwgen.synth import synth_build
+
+    manifest = load_manifest(build_dir)
+    device = device or (manifest.get("board") or {}).get("device") or "ecp5-85f"
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
+        task = bar.add_task("synthesising", total=len(manifest["layers"]) + 1)
+
+        def step(name: str, done: int) -> None:
+            bar.update(task, description=f"synthesising {name}", completed=done)
+
+        doc = synth_build(build_dir, device, target_mhz, progress=step)
+    out = write_synth_report(build_dir, doc)
+    table = Table(title=f"hwgen synth {build_dir} ({device}, target {target_mhz:g} MHz)")
+    for col in ("layer", "LUT4", "FF", "BRAM", "DSP"):
+        table.add_column(col)
+    for name, d in doc["layers"].items():
+        table.add_row(name, str(d["luts"]), str(d["ffs"]), str(d["brams"]), str(d["dsps"]))
+    table.add_row(
+        "network",
+        str(doc["luts"]),
+        str(doc["ffs"]),
+        str(doc["brams"]),
+        str(doc["dsps"]),
+        style="bold",
+    )
+    table.caption = (
+        f"Fmax {doc['fmax_mhz']:.1f} MHz, {doc['cycles_per_inference']:g} cycles "
+        f"per inference -> {doc['inferences_per_second']:,.0f} inferences/s"
+    )
+    Console().print(table)
+    print(f"report: {out / 'synth.html'} (also synth.md, synth.json)")

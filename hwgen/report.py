@@ -27,6 +27,7 @@ from matplotlib.figure import Figure as MplFigure
 
 from hwgen import hwq
 from hwgen.errors import HwgenError
+from hwgen.fsutil import atomic_write_bytes
 from hwgen.ir import Conv2d, Fixed, Linear, Pow2, WeightFormat
 from hwgen.quant.precision import dumps
 from hwgen.quant.tune import TuneResult, mac_layers
@@ -514,3 +515,83 @@ def write_tuning_report(out_dir: str | os.PathLike, result: TuneResult) -> Path:
     sections = tuning_sections(result)
     extra = {"precision.toml": dumps(result.precision).encode()}
     return write_report(out_dir, f"hwgen tuning report: {result.model}", sections, extra)
+
+
+# ---------------------------------------------------------------- synthesis
+
+
+def synth_plot(doc: dict[str, Any]) -> Plot:
+    """LUTs and FFs per layer, next to the whole design's, on a log scale."""
+    names = [*doc["layers"], "network"]
+    luts = [doc["layers"][n]["luts"] for n in doc["layers"]] + [doc["luts"]]
+    ffs = [doc["layers"][n]["ffs"] for n in doc["layers"]] + [doc["ffs"]]
+    fig = MplFigure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, luts, 0.4, label="LUT4")
+    ax.bar(x + 0.2, ffs, 0.4, label="FF")
+    ax.set_xticks(x, names)
+    ax.set_yscale("log")
+    ax.set_ylabel("cells")
+    ax.set_title(f"{doc['top']} on {doc['device']}: Fmax {doc['fmax_mhz']:.1f} MHz")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return Plot("synth_resources.png", "resources per layer and for the network", _png(fig))
+
+
+def synthesis_sections(doc: dict[str, Any]) -> list[Section]:
+    avail = doc["available"]
+    summary = Table(
+        ("Fmax", "target", "LUT4", "FF", "BRAM", "DSP", "cycles/inference", "inferences/s"),
+        (
+            (
+                f"{doc['fmax_mhz']:.1f} MHz",
+                f"{doc['target_mhz']:g} MHz",
+                f"{doc['luts']} / {avail['luts']}",
+                f"{doc['ffs']} / {avail['ffs']}",
+                f"{doc['brams']} / {avail['brams']}",
+                f"{doc['dsps']} / {avail['dsps']}",
+                f"{doc['cycles_per_inference']:g}",
+                f"{doc['inferences_per_second']:,.0f}",
+            ),
+        ),
+    )
+    layers = Table(
+        ("layer", "engine", "PE x SIMD", "LUT4", "FF", "BRAM", "DSP", "ideal cycles"),
+        tuple(
+            (
+                name,
+                d["kind"],
+                f"{d['pe']} x {d['simd']}",
+                str(d["luts"]),
+                str(d["ffs"]),
+                str(d["brams"]),
+                str(d["dsps"]),
+                str(d["ideal_cycles"]),
+            )
+            for name, d in doc["layers"].items()
+        ),
+    )
+    text = (
+        f"Whole design placed and routed by nextpnr against {doc['target_mhz']:g} MHz; "
+        f"layers synthesised alone by Yosys (no routing). Cycles per inference: "
+        f"{doc['cycles_source']}."
+    )
+    return [Section("synth", "Synthesis", (text, summary, layers, synth_plot(doc)), doc)]
+
+
+def write_synth_report(build_dir: str | os.PathLike, doc: dict[str, Any]) -> Path:
+    """``reports/synth.{md,html,json}`` and ``reports/plots/`` inside a build folder."""
+    sections = synthesis_sections(doc)
+    title = f"hwgen synthesis: {doc['top']} on {doc['device']}"
+    files = {
+        "synth.md": render_markdown(title, sections).encode(),
+        "synth.html": render_html(title, sections).encode(),
+        "synth.json": (json.dumps(doc, indent=2) + "\n").encode(),
+    }
+    files |= {f"plots/{b.file}": b.png for s in sections for b in s.blocks if isinstance(b, Plot)}
+    out = Path(build_dir) / "reports"
+    for name, data in sorted(files.items()):
+        atomic_write_bytes(out / name, data)
+    return out

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -246,3 +247,81 @@ def parse_log_fmax(text: str) -> float | None:
     """Fmax from a nextpnr log ("Max frequency for clock ... : X MHz"), last report wins."""
     found = re.findall(r"Max frequency for clock .*?: ([0-9.]+) MHz", text)
     return float(found[-1]) if found else None
+
+
+def _measured_cycles(build_dir: Path) -> float | None:
+    """Cycles per inference from the last whole-network simulation, if one ran."""
+    result = build_dir / "sim_build" / "network" / "result.json"
+    bench = build_dir / "sim_build" / "network" / "bench.json"
+    if not (result.is_file() and bench.is_file()):
+        return None
+    res, cfg = json.loads(result.read_text()), json.loads(bench.read_text())
+    if res.get("mismatches") or not res.get("cycles") or cfg.get("stalls"):
+        return None  # only a clean, stall-free run measures the design itself
+    return res["cycles"] / cfg["images"]
+
+
+def synth_build(
+    build_dir: Path,
+    device: str = "ecp5-85f",
+    target_mhz: float = 150.0,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict[str, object]:
+    """Resources per layer (Yosys) and for the whole network (Yosys + nextpnr Fmax).
+
+    Returns the ``synth.json`` document: whole-design ``fmax_mhz``, ``luts``, ``ffs``,
+    ``brams``, ``dsps``, ``cycles_per_inference``, ``inferences_per_second`` and
+    per-layer figures under ``layers``.
+    """
+    from hwgen.simulate import load_manifest
+
+    build_dir = Path(build_dir)
+    manifest = load_manifest(build_dir)
+    if device not in DEVICES:
+        raise HwgenError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+    top = manifest["top"]
+    jobs = [(e["name"], e["module"], e["sources"], False) for e in manifest["layers"]]
+    jobs.append(("network", top["axi_module"], top["axi_sources"], True))
+    results: dict[str, SynthResult] = {}
+    for done, (name, module, sources, pnr) in enumerate(jobs):
+        if progress is not None:
+            progress(name, done)
+        results[name] = synthesize(
+            [build_dir / s for s in sources], module, device, target_mhz=target_mhz, place_route=pnr
+        )
+    whole = results.pop("network")
+    measured = _measured_cycles(build_dir)
+    # Layers run concurrently: a pipelined network's rate is its slowest engine's.
+    estimate = max(
+        max(e["ideal_cycles"], e["in_beats"], e["out_beats"]) for e in manifest["layers"]
+    )
+    cycles = measured or float(estimate)
+    fmax = whole.fmax_mhz or 0.0
+    dev = DEVICES[device]
+    res = whole.resources
+    return {
+        "device": device,
+        "target_mhz": target_mhz,
+        "top": top["axi_module"],
+        "fmax_mhz": fmax,
+        "luts": res.luts,
+        "ffs": res.ffs,
+        "brams": res.brams,
+        "dsps": res.dsps,
+        "available": {"luts": dev.luts, "ffs": dev.ffs, "brams": dev.brams, "dsps": dev.dsps},
+        "cycles_per_inference": round(cycles, 1),
+        "cycles_source": "measured (hwgen sim --network, no stalls)"
+        if measured
+        else "estimate (slowest engine's ideal cycles per image)",
+        "inferences_per_second": round(fmax * 1e6 / cycles, 1) if cycles else 0.0,
+        "layers": {
+            name: {
+                **asdict(r.resources),
+                "kind": e["kind"],
+                "pe": e["pe"],
+                "simd": e["simd"],
+                "ideal_cycles": e["ideal_cycles"],
+            }
+            for (name, r), e in zip(results.items(), manifest["layers"], strict=True)
+        },
+    }
