@@ -64,7 +64,18 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 def _cmd_build(args: argparse.Namespace) -> None:
     from hwgen.commands import build
 
-    build(args.model, args.output, args.pe, args.simd, args.folding, args.rom_style, args.vectors)
+    build(
+        args.model,
+        args.output,
+        args.pe,
+        args.simd,
+        args.folding,
+        args.rom_style,
+        args.vectors,
+        args.board,
+        args.clock_mhz,
+        args.baud,
+    )
 
 
 def _cmd_sim(args: argparse.Namespace) -> None:
@@ -169,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="test images per vector file, besides the all-max and all-min ones",
     )
+    b.add_argument(
+        "--board",
+        choices=("ulx3s-85f", "icebreaker"),
+        help="also build a bitstream: the network behind a UART on this board",
+    )
+    b.add_argument(
+        "--clock-mhz",
+        type=float,
+        help="the network's clock on the board (PLL; default 50 ulx3s, 24 icebreaker)",
+    )
+    b.add_argument("--baud", type=int, default=115200, help="UART baud rate (default 115200)")
     b.set_defaults(func=_cmd_build)
 
     sm = sub.add_parser("sim", help="simulate a build in cocotb against the golden model")

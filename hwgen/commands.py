@@ -252,6 +252,9 @@ def build(
     folding: Path | None,
     rom_style: str,
     vectors: int,
+    board: str | None = None,
+    clock_mhz: float | None = None,
+    baud: int = 115200,
 ) -> None:
     """``hwgen build``: Verilog, ROM hex, manifest and vectors for a ``.hwq``."""
     from hwgen.emit import BuildOptions, build_file, load_folding
@@ -260,7 +263,14 @@ def build(
         if v < 1:
             raise HwgenError(f"{what} must be a positive integer, not {v}")
     opts = BuildOptions(
-        max_pe, max_simd, load_folding(folding) if folding else None, rom_style, vectors
+        max_pe,
+        max_simd,
+        load_folding(folding) if folding else None,
+        rom_style,
+        vectors,
+        board=board,
+        board_mhz=clock_mhz,
+        baud=baud,
     )
     manifest = build_file(model, output, opts)
     table = Table(title=f"hwgen build {manifest['model']} -> {output}")
@@ -280,6 +290,12 @@ def build(
         )
     Console().print(table)
     print(f"wrote {output}: top {manifest['top']['axi_module']} ({output / 'files.f'})")
+    if "board" in manifest:
+        b = manifest["board"]
+        print(
+            f"bitstream: {output / b['bitstream']} ({b['name']}, network at "
+            f"{b['clock_mhz']:g} MHz, UART {b['baud']} baud)"
+        )
 
 
 def sim(

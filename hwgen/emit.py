@@ -19,6 +19,7 @@ same model and options give byte-identical files anywhere (no paths, no timestam
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -34,11 +35,12 @@ from amaranth.back import verilog
 from hwgen import golden, hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import npz_bytes
-from hwgen.hw.board import AxiNetwork
+from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
 from hwgen.ir import ActFormat, Conv2d, Flatten, Linear, Network
+from hwgen.synth import DEVICES, synthesize, tool_env
 from hwgen.templates import template, vendor_projects
 
 if sys.version_info >= (3, 11):
@@ -62,6 +64,9 @@ class BuildOptions:
     rom_style: str = "inline"
     vectors: int = 8  # real (or random) images per vector file, plus two extreme ones
     seed: int = 0
+    board: str | None = None  # also build a bitstream for this board (hwgen.hw.board.BOARDS)
+    board_mhz: float | None = None  # the network's clock on the board (default per board)
+    baud: int = 115200
 
 
 def module_name(net: Network, suffix: str) -> str:
@@ -298,6 +303,18 @@ def build(
         "layers": layers,
         "top": net_entry,
     }
+    board = None
+    if opts.board:
+        board_top = BoardTop(net, foldings, opts.board, opts.board_mhz, opts.baud)
+        check_fits(files, net_entry["axi_sources"], top_module, board_top.board.device)
+        board = {
+            "name": opts.board,
+            "device": board_top.board.device,
+            "clock_mhz": board_top.clk_mhz,
+            "baud": opts.baud,
+            "bitstream": "board/top.bit",
+        }
+        manifest["board"] = board
     files["manifest.json"] = json.dumps(manifest, indent=2) + "\n"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -305,12 +322,53 @@ def build(
     try:
         for rel, data in sorted(files.items()):
             _write(tmp, rel, data)
+        if board is not None:
+            build_bitstream(board_top, opts.board, tmp / "board")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def check_fits(files: Mapping[str, str | bytes], sources: list[str], top: str, device: str) -> None:
+    """Synthesise the network alone and refuse, before place-and-route, what cannot fit."""
+    with tempfile.TemporaryDirectory(prefix="hwgen-fit-") as tmp:
+        for rel in sources:
+            _write(Path(tmp), rel, files[rel])
+        res = synthesize([Path(tmp) / s for s in sources], top, device, place_route=False)
+    dev = DEVICES[device]
+    over = [
+        f"{what} {need} > {have}"
+        for what, need, have in (
+            ("LUT4", res.resources.luts, dev.luts),
+            ("FF", res.resources.ffs, dev.ffs),
+            ("BRAM", res.resources.brams, dev.brams),
+            ("DSP", res.resources.dsps, dev.dsps),
+        )
+        if need > have
+    ]
+    if over:
+        raise HwgenError(
+            f"the network does not fit {device}: estimated {', '.join(over)} "
+            "(available); use narrower folding (--pe/--simd) or fewer bits"
+        )
+
+
+def build_bitstream(top: BoardTop, board: str, out: Path) -> Path:
+    """Yosys, nextpnr and the packer from the YoWASP wheels through amaranth-boards."""
+    env = {**os.environ, **tool_env()}
+    saved = dict(os.environ)
+    os.environ.update(env)  # amaranth's build scripts read the tool names from here
+    try:
+        platform_for(board).build(top, name="top", build_dir=str(out), do_program=False)
+    except Exception as e:  # the toolchain's own error (its log is in the build folder)
+        raise HwgenError(f"bitstream build for {board} failed: {e}") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return out / "top.bit"
 
 
 def build_file(model: Path, out_dir: Path, opts: BuildOptions) -> dict[str, Any]:

@@ -131,7 +131,7 @@ class BoardTop(Elaboratable):
         net: Network,
         foldings: Mapping[str, tuple[int, int]],
         board: str,
-        target_mhz: float,
+        target_mhz: float | None = None,
         baud: int = 115200,
     ) -> None:
         if board not in BOARDS:
@@ -139,6 +139,7 @@ class BoardTop(Elaboratable):
         self.board = BOARDS[board]
         self.network = AxiNetwork(net, foldings)
         top = self.network.top
+        target_mhz = target_mhz or self.board.default_target_mhz
         if self.board.device == "ecp5-85f":
             self.pll = ecp5_pll_config(self.board.clock_mhz, target_mhz)
         else:

@@ -16,10 +16,15 @@ while ``ahead`` covers that pixel's rows. When the upstream delivers S_h rows at
 as the unit emits one window row, the output is valid on every cycle once the first window
 is complete.
 
-Timing. Memory read latency is one cycle; the read port is enabled only when the output
-register advances, so a stalled output beat holds steady. Fill latency: the first window is
-emitted once ``K_h - P_h`` rows are written (plus 2 cycles); from then on the output moves one
-beat per cycle unless the downstream stalls or the input falls behind.
+Timing (for Fmax). The reader is pipelined: a position counter stage runs one beat ahead and
+registers each beat's read address, padding flag and flow-control numbers (rows it needs,
+rows its issue frees), so the issue decision is one comparison of registers and the memory
+address comes straight from a register. The read happens in the issuing cycle, so a row is
+never freed before its last read. The memory output (slow on FPGAs) goes through the padding
+mux into the output register. One enable moves issue, read and output register together, so a
+stalled output beat holds steady. Fill latency: the first window is emitted once
+``K_h - P_h`` rows are written (plus 3 cycles); from then on the output moves one beat per
+cycle unless the downstream stalls or the input falls behind.
 """
 
 from __future__ import annotations
@@ -160,8 +165,13 @@ class SlidingWindow(wiring.Component):
                 wcol.eq(Mux(wcol == row_words - 1, 0, wcol + 1)),
             ]
 
-        # Reader position: repetition, kh (a), kw (b), group (g) within output pixel (oy, ox);
-        # top/left are the window's first input row/column, slot_top the slot of row top.
+        # The reader is two stages so the flow-control check and the memory address are each
+        # one short step from a register. The position counters walk the window: repetition,
+        # kh (a), kw (b), group (g) within output pixel (oy, ox); top/left are the window's
+        # first input row/column, slot_top the slot of row top. The issue register (iss_*)
+        # holds the previous position as a beat ready to issue: its read address, padding and
+        # flow-control numbers. The counters depend on nothing else, so they run one beat
+        # ahead and move whenever the issue register issues (or is empty, after reset).
         rep = Signal(range(self.repeats))
         a, b, g = Signal(range(kh)), Signal(range(kw)), Signal(range(g_n))
         ox, oy = Signal(range(self.out_width)), Signal(range(self.out_height))
@@ -173,40 +183,58 @@ class SlidingWindow(wiring.Component):
         pad = (row < 0) | (row >= h) | (col < 0) | (col >= w)
         slot_sum = slot_top + a
         slot = Mux(slot_sum >= nr, slot_sum - nr, slot_sum)
-        m.d.comb += rd.addr.eq(slot * row_words + col.as_unsigned() * g_n + g)
-
-        # Rows of this window row that exist in the image (the rest is padding).
-        lo = Mux(top < 0, 0, top)
-        hi = Mux(top + (kh - 1) > h - 1, h - 1, top + (kh - 1))
-        can = ahead >= hi - lo + 1
-
-        out_valid, out_pad, out_last = Signal(), Signal(), Signal()
-        advance = ~out_valid | self.o.ready
-        issue = advance & can
-        m.d.comb += [
-            rd.en.eq(advance),
-            self.o.valid.eq(out_valid),
-            self.o.payload.data.eq(Mux(out_pad, 0, rd.data)),
-            self.o.payload.last.eq(out_last),
-        ]
-
         end_rep = (g == g_n - 1) & (b == kw - 1) & (a == kh - 1)
         end_pixel = end_rep & (rep == self.repeats - 1)
         end_row = end_pixel & (ox == self.out_width - 1)
         end_image = end_row & (oy == self.out_height - 1)
-        with m.If(advance):
-            m.d.sync += [out_valid.eq(can), out_pad.eq(pad), out_last.eq(end_rep)]
-
-        # How far the first needed row moves when a window row (or the image) is done.
+        # Rows of this window row that exist in the image (the rest is padding), and how far
+        # the first needed row moves once the window row (or the image) is done.
+        lo = Mux(top < 0, 0, top)
+        hi = Mux(top + (kh - 1) > h - 1, h - 1, top + (kh - 1))
         next_top = top + sh
         step = Mux(end_image, h - lo, Mux(next_top < 0, 0, next_top) - lo)
-        m.d.sync += ahead.eq(ahead + row_written - Mux(issue & end_row, step, 0))
+
+        iss_valid, iss_pad, iss_last = Signal(), Signal(), Signal()
+        iss_addr = Signal.like(rd.addr)
+        iss_need = Signal(range(kh + 1))  # rows of its window row that must be written
+        iss_free = Signal(range(h + 1))  # rows its issue releases (at a window row's end)
+
+        # Issue -> memory read (r) -> output register (o), one enable for the whole pipeline:
+        # everything holds while an output beat waits. The memory output is slow, so it
+        # only meets the padding mux before a register.
+        r_valid, r_pad, r_last = Signal(), Signal(), Signal()
+        advance = ~self.o.valid | self.o.ready
+        issue = advance & iss_valid & (ahead >= iss_need)
+        load = ~iss_valid | issue
+        m.d.comb += [
+            # Read in the issuing cycle: a row is freed no earlier than its last read.
+            rd.addr.eq(iss_addr),
+            rd.en.eq(advance),
+        ]
+        with m.If(advance):
+            m.d.sync += [
+                r_valid.eq(issue),
+                r_pad.eq(iss_pad),
+                r_last.eq(iss_last),
+                self.o.valid.eq(r_valid),
+                self.o.payload.data.eq(Mux(r_pad, 0, rd.data)),
+                self.o.payload.last.eq(r_last),
+            ]
+        m.d.sync += ahead.eq(ahead + row_written - Mux(issue, iss_free, 0))
 
         def wrap_add(value, n):
             total = value + n
             return Mux(total >= nr, total - nr, total)
 
-        with m.If(issue):
+        with m.If(load):
+            m.d.sync += [
+                iss_valid.eq(1),
+                iss_pad.eq(pad),
+                iss_last.eq(end_rep),
+                iss_addr.eq(slot * row_words + col.as_unsigned() * g_n + g),
+                iss_need.eq(hi - lo + 1),
+                iss_free.eq(Mux(end_row, step, 0)),
+            ]
             m.d.sync += g.eq(Mux(g == g_n - 1, 0, g + 1))
             with m.If(g == g_n - 1):
                 m.d.sync += b.eq(Mux(b == kw - 1, 0, b + 1))
