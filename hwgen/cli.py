@@ -35,9 +35,9 @@ def _cmd_golden(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from hwgen.commands import demo
+    from hwgen.demo import run
 
-    demo(args.output)
+    run(args.output)
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:

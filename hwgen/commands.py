@@ -330,11 +330,10 @@ def sim(
             )
             if not r.ok:
                 failures.append(f"{r.first_mismatch} (waveform: {r.waves})")
-            elif name == "network":
-                per = r.cycles / r.images
+            if name == "network":
                 table.caption = (
-                    f"RTL == golden: {r.images}/{r.images} images; "
-                    f"{per:.0f} cycles per inference (pipelined)"
+                    f"RTL == golden: {r.images_equal}/{r.images} images; "
+                    f"{r.cycles / r.images:.0f} cycles per inference (pipelined)"
                 )
             bar.advance(task)
     Console().print(table)

@@ -52,6 +52,8 @@ class SimResult:
     wall_seconds: float
     first_mismatch: str | None
     waves: Path | None = None
+    images_equal: int = 0  # images whose every output matched the golden model
+    rtl_output: Path | None = None  # (beats, lanes) the RTL produced, as .npy
 
     @property
     def ok(self) -> bool:
@@ -110,10 +112,22 @@ def check_outputs(entry: dict[str, Any], expected: np.ndarray, got: np.ndarray) 
             f"layer {entry['name']}: image {image}, row {row}, col {col}, channel {ch}: "
             f"expected {want}, got {have}"
         )
+    # Whole images the RTL got exactly right (a missing beat spoils its image).
+    per_image = expected.shape[1] * expected.shape[2]
+    flat_exp, flat_got = exp.reshape(-1), got.reshape(-1)
+    images_equal = sum(
+        len(flat_got) >= (k + 1) * per_image
+        and np.array_equal(
+            flat_exp[k * per_image : (k + 1) * per_image],
+            flat_got[k * per_image : (k + 1) * per_image],
+        )
+        for k in range(expected.shape[0])
+    )
     return {
         "outputs_checked": int(n * exp.shape[-1]),
         "mismatches": int(bad.size + missing),
         "first_mismatch": first,
+        "images_equal": int(images_equal),
     }
 
 
@@ -288,4 +302,6 @@ def simulate_layer(
         wall,
         first,
         wave_file if first is not None or waves else None,
+        res.get("images_equal", 0),
+        build_dir / "sim_build" / (entry["name"] + ("-waves" if waves else "")) / "rtl_output.npy",
     )

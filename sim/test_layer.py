@@ -62,6 +62,8 @@ async def stream_vectors(dut: object) -> None:
         "cycles": round((t_out[-1] - t_in[0]) / CLOCK_NS) + 1 if t_in and t_out else 0,
         "first_output_cycles": round((t_out[0] - t_in[0]) / CLOCK_NS) + 1 if t_in and t_out else 0,
     }
+    # What the RTL produced, for callers that look past equality (predicted classes).
+    np.save(Path(cfg["result"]).with_name("rtl_output.npy"), got)
     Path(cfg["result"]).write_text(json.dumps(result, indent=1))
     assert not timed_out, f"timeout: {len(mon.beats)} of {expected.size // expected.shape[-1]} "\
         f"output beats after {limit} cycles"
