@@ -101,6 +101,12 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     synth(args.build_dir, args.device, args.target_mhz)
 
 
+def _cmd_run(args: argparse.Namespace) -> None:
+    from hwgen.commands import run
+
+    run(args.port, args.build_dir, args.images, args.baud)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hwgen", description="Quantized CNNs to verified shift-and-add FPGA hardware.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -221,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-mhz", type=float, default=150.0, help="clock nextpnr optimises for (default 150)"
     )
     sy.set_defaults(func=_cmd_synth)
+
+    r = sub.add_parser("run", help="send images to a board over UART and print the classes")
+    r.add_argument("images", type=Path, help="NCHW .npy: integers in the input format, or floats")
+    r.add_argument("--port", required=True, help="serial port, e.g. /dev/ttyUSB0")
+    r.add_argument(
+        "--build",
+        type=Path,
+        required=True,
+        dest="build_dir",
+        help="the folder of hwgen build --board",
+    )
+    r.add_argument("--baud", type=int, help="default: the baud rate the board was built for")
+    r.set_defaults(func=_cmd_run)
     return p
 
 

@@ -379,3 +379,30 @@ def synth(build_dir: Path, device: str | None, target_mhz: float) -> None:
     )
     Console().print(table)
     print(f"report: {out / 'synth.html'} (also synth.md, synth.json)")
+
+
+def run(port: str, build_dir: Path, images_path: Path, baud: int | None) -> None:
+    """``hwgen run``: send images to a board built with ``--board``; print the classes."""
+    from hwgen.host import Wire, open_port, run_images
+    from hwgen.ir import ActFormat
+    from hwgen.simulate import load_manifest
+
+    manifest = load_manifest(build_dir)
+    board = manifest.get("board")
+    if board is None:
+        raise HwgenError(f"{build_dir} was built without --board: there is no board to talk to")
+    if "input" not in manifest:
+        raise HwgenError(f"{build_dir} was built by an older hwgen: build it again")
+    fmt = ActFormat(**manifest["input"])
+    x = load_npy(images_path, "images")
+    if x.dtype.kind == "f":
+        x = gm.quantize_input(x, fmt)
+    shape = tuple(manifest["input_shape"])
+    if x.ndim != 1 + len(shape) or x.shape[1:] != shape:
+        raise HwgenError(f"images have shape {x.shape}, expected (N, {', '.join(map(str, shape))})")
+    if x.size and (x.min() < fmt.lo or x.max() > fmt.hi):
+        raise HwgenError(f"image values must be in the input format {fmt} [{fmt.lo}, {fmt.hi}]")
+    wire = Wire(fmt.bits, fmt.signed, manifest["outputs"], manifest["output_signed"])
+    conn = open_port(port, baud or board["baud"])
+    for k, (cls, logits) in enumerate(run_images(conn, x, wire)):
+        print(f"image {k}: class {cls}  logits {' '.join(map(str, logits.tolist()))}")

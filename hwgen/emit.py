@@ -298,6 +298,13 @@ def build(
         "scheme": meta.get("scheme"),
         "input_shape": list(net.input_shape),
         "input_format": str(net.input_format),
+        "input": {
+            "bits": net.input_format.bits,
+            "frac": net.input_format.frac,
+            "signed": net.input_format.signed,
+        },
+        "outputs": int(np.prod(net.output_shape)),
+        "output_signed": net.output_format.signed,
         "rom_style": opts.rom_style,
         "foldings": {k: list(v) for k, v in foldings.items()},
         "layers": layers,
