@@ -123,6 +123,66 @@ def platform_for(board: str) -> object:
     return Platform()
 
 
+class SerialCore(wiring.Component):
+    """The network behind a UART: what the board runs, without the board's clock and pins.
+
+    Members
+    -------
+    rx : In(1)
+        Serial line from the host (idle high).
+    tx : Out(1)
+        Serial line to the host.
+    last_class : Out(8)
+        The class most recently sent.
+    """
+
+    rx: In(1, init=1)
+    tx: Out(1, init=1)
+    last_class: Out(8)
+
+    def __init__(
+        self,
+        net: Network,
+        foldings: Mapping[str, tuple[int, int]],
+        divisor: int,
+        rom_style: str = "inline",
+    ) -> None:
+        self.network = AxiNetwork(net, foldings, rom_style)
+        first, last = self.network.top.infos[0], self.network.top.infos[-1]
+        self.link = HostLink(
+            n_in=first.in_beats * first.in_lanes,
+            in_bits=first.in_bits,
+            in_signed=first.in_signed,
+            in_lanes=first.in_lanes,
+            n_out=last.out_beats * last.out_lanes,
+            out_bits=last.out_bits,
+            out_signed=last.out_signed,
+            out_lanes=last.out_lanes,
+        )
+        self.divisor = divisor
+        super().__init__()
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        m.submodules.rx = rx = UARTRx(self.divisor)
+        m.submodules.tx = tx = UARTTx(self.divisor)
+        m.submodules.link = link = self.link
+        m.submodules.net = net = self.network
+        m.d.comb += [rx.rx.eq(self.rx), self.tx.eq(tx.tx), self.last_class.eq(link.last_class)]
+        wiring.connect(m, rx.o, link.rx)
+        wiring.connect(m, link.tx, tx.i)
+        m.d.comb += [
+            net.s_axis_tdata.eq(link.net_i.payload.data.as_value()),
+            net.s_axis_tlast.eq(link.net_i.payload.last),
+            net.s_axis_tvalid.eq(link.net_i.valid),
+            link.net_i.ready.eq(net.s_axis_tready),
+            link.net_o.payload.as_value().eq(net.m_axis_tdata),
+            link.net_o.valid.eq(net.m_axis_tvalid),
+            net.m_axis_tready.eq(link.net_o.ready),
+        ]
+        return m
+
+
 class BoardTop(Elaboratable):
     """The network behind a UART on a board, clocked from a PLL at ``target_mhz``."""
 
@@ -137,8 +197,7 @@ class BoardTop(Elaboratable):
         if board not in BOARDS:
             raise HwgenError(f"unknown board {board!r} (known: {', '.join(BOARDS)})")
         self.board = BOARDS[board]
-        self.network = AxiNetwork(net, foldings)
-        top = self.network.top
+        self.net, self.foldings = net, foldings
         target_mhz = target_mhz or self.board.default_target_mhz
         if self.board.device == "ecp5-85f":
             self.pll = ecp5_pll_config(self.board.clock_mhz, target_mhz)
@@ -148,19 +207,6 @@ class BoardTop(Elaboratable):
         self.divisor = round(self.clk_mhz * 1e6 / baud)
         if abs(self.clk_mhz * 1e6 / self.divisor / baud - 1) > 0.02:
             raise HwgenError(f"baud {baud} is not reachable within 2 % from {self.clk_mhz} MHz")
-        first, last = top.infos[0], top.infos[-1]
-        n_in = first.in_beats * first.in_lanes
-        n_out = last.out_beats * last.out_lanes
-        self.link = HostLink(
-            n_in=n_in,
-            in_bits=first.in_bits,
-            in_signed=first.in_signed,
-            in_lanes=first.in_lanes,
-            n_out=n_out,
-            out_bits=last.out_bits,
-            out_signed=last.out_signed,
-            out_lanes=last.out_lanes,
-        )
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
@@ -176,23 +222,9 @@ class BoardTop(Elaboratable):
         m.submodules.reset = cdc.ResetSynchronizer(~locked, domain="sync")
 
         uart = platform.request("uart", 0)
-        m.submodules.rx = rx = UARTRx(self.divisor)
-        m.submodules.tx = tx = UARTTx(self.divisor)
-        m.submodules.link = link = self.link
-        m.submodules.net = net = self.network
-        m.d.comb += [rx.rx.eq(uart.rx.i), uart.tx.o.eq(tx.tx)]
-        wiring.connect(m, rx.o, link.rx)
-        wiring.connect(m, link.tx, tx.i)
-        m.d.comb += [
-            net.s_axis_tdata.eq(link.net_i.payload.data.as_value()),
-            net.s_axis_tlast.eq(link.net_i.payload.last),
-            net.s_axis_tvalid.eq(link.net_i.valid),
-            link.net_i.ready.eq(net.s_axis_tready),
-            link.net_o.payload.as_value().eq(net.m_axis_tdata),
-            link.net_o.valid.eq(net.m_axis_tvalid),
-            net.m_axis_tready.eq(link.net_o.ready),
-        ]
+        m.submodules.core = core = SerialCore(self.net, self.foldings, self.divisor)
+        m.d.comb += [core.rx.eq(uart.rx.i), uart.tx.o.eq(core.tx)]
         # The last class sent, on the LEDs: a sign of life without a host.
         leds = [platform.request("led", k) for k in range(2 if self.board.device == "up5k" else 8)]
-        m.d.comb += [led.o.eq(link.last_class[k]) for k, led in enumerate(leds)]
+        m.d.comb += [led.o.eq(core.last_class[k]) for k, led in enumerate(leds)]
         return m
