@@ -47,15 +47,7 @@ def _tune_data(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """``--data`` for tune: calibration ``x``, evaluation (``x_test``, ``y_test``) or (``x``,
     ``y``), and training (``x_train``, ``y_train``) or (``x``, ``y``) for retrained schemes."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise HwgenError(f"data {path}: no such file") from None
-    except (ValueError, OSError, EOFError, KeyError) as e:
-        raise HwgenError(f"data {path}: not a readable .npz of arrays ({e})") from None
-    if "x" not in arrays:
-        raise HwgenError(f"data {path}: needs an array 'x' (has: {', '.join(arrays) or 'none'})")
+    arrays = _load_data(path, need_train=False)  # read and checked alike
     ex, ey = (arrays.get("x_test"), arrays.get("y_test"))
     if ex is None or ey is None:
         ex, ey = arrays["x"], arrays.get("y")
@@ -66,13 +58,6 @@ def _tune_data(
         train = (arrays["x_train"], arrays["y_train"])
     elif "y" in arrays:
         train = (arrays["x"], arrays["y"])
-    for name, a in (("x", arrays["x"]), ("evaluation images", ex)):
-        if a.dtype.kind != "f" or not np.all(np.isfinite(a)):
-            raise HwgenError(f"data {path}: {name} must be finite float images, not {a.dtype}")
-    if ey.dtype.kind not in "iu" or ey.shape != (len(ex),):
-        raise HwgenError(
-            f"data {path}: labels must be {len(ex)} integers, not {ey.dtype} of shape {ey.shape}"
-        )
     return arrays["x"], ex, ey, train
 
 
@@ -132,9 +117,11 @@ def tune(
     console.print(f"report: {out / 'report.html'} (also report.md, report.json, precision.toml)")
 
 
-def _quantize_data(path: Path, need_train: bool) -> dict[str, np.ndarray]:
-    """``--data`` for quantize: ``x`` (float NCHW calibration images), optional ``y``, and
-    ``x_train``/``y_train`` (or ``x``/``y``) for the retrained schemes; no unpickling."""
+def _load_data(path: Path, need_train: bool) -> dict[str, np.ndarray]:
+    """``--data`` for quantize and tune: ``x`` (float NCHW calibration images), optional
+    ``y``, ``x_train``/``y_train`` (or ``x``/``y``) for the retrained schemes and
+    ``x_test``/``y_test``; every image array finite floats, every label array matching; no
+    unpickling."""
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -195,7 +182,7 @@ def quantize(
         raise HwgenError(
             f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}), epochs >= 0"
         )
-    arrays = _quantize_data(data, effective in RETRAINED) if data is not None else None
+    arrays = _load_data(data, effective in RETRAINED) if data is not None else None
     fnet, dataset = load_model(model)
     names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
     p = prec.for_layers(p, names).override(scheme, bits, act_bits)
