@@ -1,15 +1,13 @@
 """Layer engines (window + MAC unit, pool, ReLU) against the golden model; engine_info,
 choose_folding and the parameter checks."""
 
-import random
-
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 from hwgen.errors import HwgenError
 from hwgen.golden import layer_forward
 from hwgen.hw.engine import choose_folding, engine_info, make_engine
+from hwgen.hw.streams import run_stream
 from hwgen.ir import (
     ActFormat,
     AvgPool2d,
@@ -24,52 +22,21 @@ from hwgen.ir import (
 )
 
 
-def _pack(values, bits):
-    return sum((int(v) & ((1 << bits) - 1)) << (i * bits) for i, v in enumerate(values))
-
-
-def _unpack(word, bits, n, signed):
-    vals = [(word >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]
-    return [v - (1 << bits) if signed and v >> (bits - 1) else v for v in vals]
-
-
 def run_engine(net, index, pe, simd, x, stall_in=0.0, stall_out=0.0, seed=0):
-    """Images (N, C, H, W) or (N, F) through layer ``index``'s engine; (NCHW out, cycles)."""
+    """Images (N, C, H, W) or (N, F) through layer ``index``'s engine; (NCHW out, cycles).
+
+    Driven by hwgen.hw.streams.run_stream, which also checks the stream rules."""
     info = engine_info(net, index, pe, simd)
     dut = make_engine(net, index, pe, simd)
     hwc = x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
-    beats = hwc.reshape(-1, info.in_lanes)
+    beats = hwc.reshape(-1, info.in_lanes).tolist()
     n_out = info.out_beats * x.shape[0]
-    rng_in, rng_out = random.Random(seed), random.Random(seed + 1)
-    got, cycles = [], [0]
-
-    async def producer(ctx):
-        for beat in beats:
-            while rng_in.random() < stall_in:
-                await ctx.tick()
-            ctx.set(dut.i.payload.as_value(), _pack(beat, info.in_bits))
-            ctx.set(dut.i.valid, 1)
-            await ctx.tick().until(dut.i.ready)
-            ctx.set(dut.i.valid, 0)
-
-    async def consumer(ctx):
-        while len(got) < n_out * info.out_lanes:
-            ready = rng_out.random() >= stall_out
-            ctx.set(dut.o.ready, ready)
-            _, _, valid, word = await ctx.tick().sample(dut.o.valid, dut.o.payload.as_value())
-            cycles[0] += 1
-            if valid and ready:
-                got.extend(_unpack(word, info.out_bits, info.out_lanes, info.out_signed))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(producer)
-    sim.add_testbench(consumer)
-    sim.run()
+    out_beats, cycles = run_stream(dut, beats, n_out, stall_in, stall_out, seed)
+    got = [v for beat in out_beats for v in beat]
     shape = net.shapes[index + 1]
     out = np.array(got).reshape(x.shape[0], *shape[1:], shape[0]) if len(shape) == 3 else None
     out = out.transpose(0, 3, 1, 2) if out is not None else np.array(got).reshape(x.shape[0], -1)
-    return out, cycles[0]
+    return out, cycles
 
 
 def _weights(rng, fmt, shape):
