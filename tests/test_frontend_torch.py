@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwgen.errors import HwgenError
-from hwgen.frontend.bn import fold_batchnorm, identifier
+from hwgen.frontend.chain import fold_batchnorm, identifier
 from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FMaxPool2d, FReLU
 from hwgen.frontend.torch_import import from_module, load_state_dict_file
 

@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from hwgen.errors import HwgenError
-from hwgen.frontend.bn import ChainBuilder, identifier
+from hwgen.frontend.chain import ChainBuilder, identifier
 from hwgen.frontend.graph import FloatNet
 
 _DATA_OPS = {

@@ -31,7 +31,7 @@ from torch.fx.node import _get_qualified_name
 from torch.fx.passes.shape_prop import ShapeProp
 
 from hwgen.errors import HwgenError
-from hwgen.frontend.bn import ChainBuilder
+from hwgen.frontend.chain import ChainBuilder
 from hwgen.frontend.graph import FloatNet
 
 _NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)

@@ -139,21 +139,24 @@ def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
     fin, fout = net.formats[index], net.formats[index + 1]
     shape_in, shape_out = net.shapes[index], net.shapes[index + 1]
     size_in, size_out = int(np.prod(shape_in)), int(np.prod(shape_out))
+    common = dict(
+        kind=_KINDS[type(layer)],
+        in_bits=fin.bits,
+        in_signed=fin.signed,
+        out_bits=fout.bits,
+        out_signed=fout.signed,
+        pe=pe,
+    )
     if isinstance(layer, (Conv2d, Linear)):
         cin, cout, kk, pixels = _mac_dims(net, index)
         macs = pixels * cout * kk * cin
         roms = rom_words(layer, pe, simd)
         return EngineInfo(
-            kind=_KINDS[type(layer)],
+            **common,
             in_lanes=simd,
-            in_bits=fin.bits,
-            in_signed=fin.signed,
             out_lanes=pe,
-            out_bits=fout.bits,
-            out_signed=fout.signed,
             in_beats=size_in // simd,
             out_beats=size_out // pe,
-            pe=pe,
             simd=simd,
             acc_bits=acc_bits(layer, fin),
             rom_depth=len(roms[0]),
@@ -162,17 +165,13 @@ def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
             ideal_cycles=macs // (pe * simd),
             roms=roms,
         )
+    # Pool and ReLU: PE channels per beat in and out, no ROM, no MACs.
     return EngineInfo(
-        kind=_KINDS[type(layer)],
+        **common,
         in_lanes=pe,
-        in_bits=fin.bits,
-        in_signed=fin.signed,
         out_lanes=pe,
-        out_bits=fout.bits,
-        out_signed=fout.signed,
         in_beats=size_in // pe,
         out_beats=size_out // pe,
-        pe=pe,
         simd=pe,
         acc_bits=0,
         rom_depth=0,
