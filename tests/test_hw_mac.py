@@ -4,27 +4,13 @@ The window stream is generated here by a NumPy model of the window order (neuron
 kw, channel group per output pixel), so these tests do not depend on the window unit.
 """
 
-import random
-
 import numpy as np
 import pytest
-from amaranth.sim import Simulator
 
 from hwgen.golden import conv2d_acc, layer_forward
 from hwgen.hw.mac import MACUnit
+from hwgen.hw.streams import run_stream
 from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2, acc_bits, acc_frac, acc_range
-
-
-def _pack(values, bits: int) -> int:
-    return sum((int(v) & ((1 << bits) - 1)) << (i * bits) for i, v in enumerate(values))
-
-
-def _unpack(word: int, bits: int, n: int, signed: bool) -> list[int]:
-    out = []
-    for i in range(n):
-        v = (word >> (i * bits)) & ((1 << bits) - 1)
-        out.append(v - (1 << bits) if signed and v >> (bits - 1) else v)
-    return out
 
 
 def window_beats(x: np.ndarray, layer: Conv2d, simd: int, pe: int) -> list[tuple[list, int]]:
@@ -50,36 +36,8 @@ def window_beats(x: np.ndarray, layer: Conv2d, simd: int, pe: int) -> list[tuple
 
 def run_mac(dut: MACUnit, beats, n_out: int, stall_in=0.0, stall_out=0.0, seed=0):
     """Feed window beats, collect ``n_out`` output beats; returns (beats, cycles)."""
-    fin, fout = dut.in_format, dut.layer.out_format
-    rng_in, rng_out = random.Random(seed), random.Random(seed + 1)
-    got: list[list[int]] = []
-    cycles = [0]
-
-    async def producer(ctx):
-        for lanes, last in beats:
-            while rng_in.random() < stall_in:
-                await ctx.tick()
-            word = _pack(lanes, fin.bits) | (last << (len(lanes) * fin.bits))
-            ctx.set(dut.i.payload.as_value(), word)
-            ctx.set(dut.i.valid, 1)
-            await ctx.tick().until(dut.i.ready)
-            ctx.set(dut.i.valid, 0)
-
-    async def consumer(ctx):
-        while len(got) < n_out:
-            ready = rng_out.random() >= stall_out
-            ctx.set(dut.o.ready, ready)
-            _, _, valid, word = await ctx.tick().sample(dut.o.valid, dut.o.payload.as_value())
-            cycles[0] += 1
-            if valid and ready:
-                got.append(_unpack(word, fout.bits, dut.pe, fout.signed))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-6)
-    sim.add_testbench(producer)
-    sim.add_testbench(consumer)
-    sim.run()
-    return got, cycles[0]
+    window = [{"data": [int(v) for v in lanes], "last": last} for lanes, last in beats]
+    return run_stream(dut, window, n_out, stall_in, stall_out, seed)
 
 
 def check_conv(layer: Conv2d, fin: ActFormat, x: np.ndarray, pe: int, simd: int, **stalls):
