@@ -19,16 +19,7 @@ def _board_sim(net, images: np.ndarray) -> list[bytes]:
     """The board's link and network without the UART: request bytes in, reply bytes out."""
     top = NetworkTop(net, _foldings(net, 2, 2))
     first, last = top.infos[0], top.infos[-1]
-    link = HostLink(
-        n_in=first.in_beats * first.in_lanes,
-        in_bits=first.in_bits,
-        in_signed=first.in_signed,
-        in_lanes=first.in_lanes,
-        n_out=last.out_beats * last.out_lanes,
-        out_bits=last.out_bits,
-        out_signed=last.out_signed,
-        out_lanes=last.out_lanes,
-    )
+    link = HostLink.for_engines(first, last)
     m = Module()
     m.submodules.top, m.submodules.link = top, link
     m.d.comb += [

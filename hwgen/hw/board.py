@@ -149,16 +149,7 @@ class SerialCore(wiring.Component):
     ) -> None:
         self.network = AxiNetwork(net, foldings, rom_style)
         first, last = self.network.top.infos[0], self.network.top.infos[-1]
-        self.link = HostLink(
-            n_in=first.in_beats * first.in_lanes,
-            in_bits=first.in_bits,
-            in_signed=first.in_signed,
-            in_lanes=first.in_lanes,
-            n_out=last.out_beats * last.out_lanes,
-            out_bits=last.out_bits,
-            out_signed=last.out_signed,
-            out_lanes=last.out_lanes,
-        )
+        self.link = HostLink.for_engines(first, last)
         self.divisor = divisor
         super().__init__()
 

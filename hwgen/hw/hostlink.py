@@ -12,11 +12,16 @@ The host sends one image and waits for its answer before sending the next (a UAR
 flow control: the receive FIFO only covers short stalls of the network).
 """
 
+from typing import TYPE_CHECKING
+
 from amaranth import Array, Module, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
+
+if TYPE_CHECKING:
+    from hwgen.hw.engine import EngineInfo
 
 SYNC_IN = 0xA5
 SYNC_OUT = 0x5A
@@ -80,6 +85,20 @@ class HostLink(wiring.Component):
                 "net_o": In(stream.Signature(data.ArrayLayout(out_shape, out_lanes))),
                 "last_class": Out(8),
             }
+        )
+
+    @classmethod
+    def for_engines(cls, first: "EngineInfo", last: "EngineInfo") -> "HostLink":
+        """The link for a network whose first and last engines are ``first`` and ``last``."""
+        return cls(
+            n_in=first.in_beats * first.in_lanes,
+            in_bits=first.in_bits,
+            in_signed=first.in_signed,
+            in_lanes=first.in_lanes,
+            n_out=last.out_beats * last.out_lanes,
+            out_bits=last.out_bits,
+            out_signed=last.out_signed,
+            out_lanes=last.out_lanes,
         )
 
     def elaborate(self, platform: object) -> Module:
