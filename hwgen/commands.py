@@ -210,7 +210,7 @@ def quantize(
     table = Table(title=f"{net.name}: {p.scheme}, input {net.input_format}")
     for col in ("layer", "op", "weights", "weight format", "output", "acc bits"):
         table.add_column(col)
-    for layer, fmt in zip(net.layers, net.formats, strict=False):
+    for layer in net.layers:
         if isinstance(layer, (Conv2d, Linear)):
             table.add_row(
                 layer.name,
@@ -218,7 +218,7 @@ def quantize(
                 str(layer.weight.size),
                 str(layer.weight_format),
                 str(layer.out_format),
-                str(acc_bits(layer, fmt)),
+                str(acc_bits(layer, net.in_format(layer))),
             )
     console = Console()
     console.print(table)

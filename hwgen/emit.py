@@ -39,7 +39,7 @@ from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
-from hwgen.ir import ActFormat, Conv2d, Flatten, Linear, Network
+from hwgen.ir import INPUT, ActFormat, Conv2d, Flatten, Linear, Network
 from hwgen.synth import DEVICES, synthesize, tool_env
 from hwgen.templates import template, vendor_projects
 
@@ -172,8 +172,8 @@ def _entry(
 def _layer_fields(net: Network, index: int) -> dict[str, Any]:
     layer = net.layers[index]
     d: dict[str, Any] = {
-        "in_format": str(net.formats[index]),
-        "out_format": str(net.formats[index + 1]),
+        "in_format": str(net.in_format(layer)),
+        "out_format": str(net.formats[layer.name]),
     }
     if isinstance(layer, (Conv2d, Linear)):
         d["weight_format"] = str(layer.weight_format)
@@ -201,7 +201,7 @@ def build(
     foldings = choose_foldings(net, opts)
     x = network_inputs(net, meta, opts.vectors, opts.seed)
     x = np.concatenate([x, _extremes(net.input_format, net.input_shape)])
-    acts = [x, *golden.forward(net, x)]
+    acts = dict(zip([INPUT, *net.names], [x, *golden.forward(net, x)], strict=True))
     rom_src = ["rtl/hwgen_rom.v"] if opts.rom_style == "file" else []
 
     files: dict[str, str | bytes] = {}
@@ -218,8 +218,8 @@ def build(
         for k, words in enumerate(info.roms):
             files[rom_file(layer.name, k)] = hex_lines(words, info.rom_width)
         # The network's own activations, then this layer's extremes.
-        fin = net.formats[index]
-        lx = np.concatenate([acts[index], _extremes(fin, net.shapes[index])])
+        fin = net.in_format(layer)
+        lx = np.concatenate([acts[layer.inputs[0]], _extremes(fin, net.in_shape(layer))])
         ly = golden.layer_forward(layer, lx, fin)
         vec = f"vectors/{layer.name}.npz"
         files[vec] = npz_bytes(
@@ -236,7 +236,7 @@ def build(
             module,
             info,
             [f"rtl/{module}.v", *rom_src],
-            net.shapes[index + 1],
+            net.shapes[layer.name],
             vec,
             len(lx),
         )
@@ -254,9 +254,9 @@ def build(
     files["vectors/network.npz"] = npz_bytes(
         {
             "input": x,
-            "output": acts[-1],
+            "output": acts[net.output],
             "input_stream": _streams(x, infos[0].in_lanes),
-            "output_stream": _streams(acts[-1], infos[-1].out_lanes),
+            "output_stream": _streams(acts[net.output], infos[-1].out_lanes),
         }
     )
     bottleneck = max(infos, key=lambda i: i.ideal_cycles)

@@ -13,16 +13,21 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from hwgen.errors import HwgenError
 from hwgen.ir import (
+    INPUT,
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Flatten,
+    GlobalAvgPool,
     Layer,
     Linear,
     MaxPool2d,
     Network,
     ReLU,
+    SubsamplePad,
     acc_frac,
+    add_frac,
 )
 
 _EXACT_FLOAT = ((np.float32, 2**24), (np.float64, 2**53))
@@ -115,8 +120,41 @@ def flatten_hwc(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 3, 1).reshape(n, h * w * c)  # explicit sizes: n may be 0
 
 
-def layer_forward(layer: Layer, x: np.ndarray, in_format: ActFormat) -> np.ndarray:
-    """One layer on an int64 batch whose values are in ``in_format``."""
+def add_forward(
+    a: np.ndarray, b: np.ndarray, fa: ActFormat, fb: ActFormat, layer: Add
+) -> np.ndarray:
+    """``sat(rhu((a·2^(F-fa) + b·2^(F-fb)) · 2^-(F-fo)))`` with F the finer input frac."""
+    f = add_frac(fa, fb)
+    total = (a << (f - fa.frac)) + (b << (f - fb.frac))  # Network proved it fits 62 bits
+    return requantize(total, f - layer.out_format.frac, layer.out_format, layer.relu)
+
+
+def subsample_pad(x: np.ndarray, layer: SubsamplePad) -> np.ndarray:
+    """``x[:, :, ::sh, ::sw]`` with ``pad`` zero channels before and after."""
+    (sh, sw), (before, after) = layer.stride, layer.pad
+    return np.pad(x[:, :, ::sh, ::sw], ((0, 0), (before, after), (0, 0), (0, 0)))
+
+
+def _avg(total: np.ndarray, area: int) -> np.ndarray:
+    m = area.bit_length() - 1  # area is a power of two
+    return rhu_shift(total, m) if m else total
+
+
+def layer_forward(
+    layer: Layer, x: np.ndarray | list[np.ndarray], in_format: ActFormat | list[ActFormat]
+) -> np.ndarray:
+    """One layer on int64 batches whose values are in their formats.
+
+    ``x`` and ``in_format`` are lists (one entry per input) for ``add``; a single array and
+    format, or one-element lists, for every other op.
+    """
+    if isinstance(layer, Add):
+        assert isinstance(x, list) and isinstance(in_format, list)
+        return add_forward(x[0], x[1], in_format[0], in_format[1], layer)
+    if isinstance(x, list):
+        x = x[0]
+    if isinstance(in_format, list):
+        in_format = in_format[0]
     if isinstance(layer, (Conv2d, Linear)):
         acc_fn = conv2d_acc if isinstance(layer, Conv2d) else linear_acc
         acc = acc_fn(x, layer, in_format)
@@ -126,24 +164,26 @@ def layer_forward(layer: Layer, x: np.ndarray, in_format: ActFormat) -> np.ndarr
         return np.maximum(x, 0)
     if isinstance(layer, Flatten):
         return flatten_hwc(x)
+    if isinstance(layer, SubsamplePad):
+        return subsample_pad(x, layer)
+    if isinstance(layer, GlobalAvgPool):
+        return _avg(x.sum(axis=(2, 3), keepdims=True), x.shape[2] * x.shape[3])
     (kh, kw), (sh, sw) = layer.kernel, layer.stride
     win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     if isinstance(layer, MaxPool2d):
         return win.max(axis=(4, 5))
     assert isinstance(layer, AvgPool2d)
-    total = win.sum(axis=(4, 5))
-    m = (kh * kw).bit_length() - 1
-    return rhu_shift(total, m) if m else total
+    return _avg(win.sum(axis=(4, 5)), kh * kw)
 
 
 def forward(net: Network, x: np.ndarray) -> list[np.ndarray]:
-    """Every layer's output (int64, NCHW or NF) for an integer input batch in the input format."""
-    x = check_input(x, net)
-    outs = []
-    for layer, fmt in zip(net.layers, net.formats, strict=False):
-        x = layer_forward(layer, x, fmt)
-        outs.append(x)
-    return outs
+    """Every layer's output (int64, NCHW or NF), in layer order, for an integer input batch."""
+    acts = {INPUT: check_input(x, net)}
+    for layer in net.layers:
+        acts[layer.name] = layer_forward(
+            layer, [acts[i] for i in layer.inputs], [net.formats[i] for i in layer.inputs]
+        )
+    return [acts[layer.name] for layer in net.layers]
 
 
 def predict(net: Network, x: np.ndarray) -> np.ndarray:

@@ -25,21 +25,25 @@ from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes, npz_bytes, zip_bytes
 from hwgen.ir import (
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Fixed,
     Flatten,
+    GlobalAvgPool,
     Layer,
     Linear,
     MaxPool2d,
     Network,
     Pow2,
     ReLU,
+    SubsamplePad,
     WeightFormat,
 )
 
 FORMAT_NAME = "hwq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # version 1 (sequential, no add/global pool/shortcut) is still read
+_V1_OPS = (Conv2d, Linear, MaxPool2d, AvgPool2d, ReLU, Flatten)
 MODEL_JSON = "model.json"
 WEIGHTS_NPZ = "weights.npz"
 
@@ -57,7 +61,7 @@ def _weight_fmt_to_json(f: WeightFormat) -> dict[str, Any]:
     return {"kind": "pow2", "bits": f.bits, "emax": f.emax}
 
 
-def _layer_to_json(layer: Layer, out_shape: tuple[int, ...]) -> dict[str, Any]:
+def _layer_to_json(layer: Layer, out_shape: tuple[int, ...], v2: bool) -> dict[str, Any]:
     d: dict[str, Any] = {"name": layer.name}
     if isinstance(layer, Conv2d):
         d |= {
@@ -73,8 +77,12 @@ def _layer_to_json(layer: Layer, out_shape: tuple[int, ...]) -> dict[str, Any]:
     elif isinstance(layer, (MaxPool2d, AvgPool2d)):
         op = "maxpool2d" if isinstance(layer, MaxPool2d) else "avgpool2d"
         d |= {"op": op, "kernel": list(layer.kernel), "stride": list(layer.stride)}
+    elif isinstance(layer, SubsamplePad):
+        d |= {"op": "subsample_pad", "stride": list(layer.stride), "pad": list(layer.pad)}
+    elif isinstance(layer, Add):
+        d |= {"op": "add", "relu": layer.relu, "out_format": _act_to_json(layer.out_format)}
     else:
-        d["op"] = "relu" if isinstance(layer, ReLU) else "flatten"
+        d["op"] = {ReLU: "relu", Flatten: "flatten", GlobalAvgPool: "global_avgpool"}[type(layer)]
     if isinstance(layer, (Conv2d, Linear)):
         d |= {
             "relu": layer.relu,
@@ -83,22 +91,31 @@ def _layer_to_json(layer: Layer, out_shape: tuple[int, ...]) -> dict[str, Any]:
             "weight": f"{layer.name}.weight",
             "bias": f"{layer.name}.bias",
         }
+    if v2:
+        d["inputs"] = list(layer.inputs)
     d["out_shape"] = list(out_shape)
     return d
 
 
 def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``model.json`` document of a network."""
-    return {
+    """The ``model.json`` document of a network.
+
+    A chain of version 1 ops is written as version 1, byte for byte what earlier hwgen
+    wrote; anything else as version 2 (every layer names its inputs, the top level its
+    output).
+    """
+    v2 = not (net.is_chain and all(isinstance(lyr, _V1_OPS) for lyr in net.layers))
+    doc: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": 2 if v2 else 1,
         "name": net.name,
         "input": {"shape": list(net.input_shape), "format": _act_to_json(net.input_format)},
-        "layers": [
-            _layer_to_json(lyr, s) for lyr, s in zip(net.layers, net.shapes[1:], strict=False)
-        ],
-        "meta": meta or {},
+        "layers": [_layer_to_json(lyr, net.shapes[lyr.name], v2) for lyr in net.layers],
     }
+    if v2:
+        doc["output"] = net.output
+    doc["meta"] = meta or {}
+    return doc
 
 
 def _smallest_int_dtype(a: np.ndarray) -> np.dtype:
@@ -209,11 +226,23 @@ def _array(arrays: dict[str, np.ndarray], doc: _Doc, key: str) -> np.ndarray:
     return a
 
 
-def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray]) -> Layer:
+def _inputs(doc: _Doc, v2: bool) -> tuple[str, ...]:
+    if not v2:
+        return ()  # version 1: each layer reads the one before it
+    v = doc.get("inputs", list)
+    if not v or not all(isinstance(i, str) for i in v):
+        raise HwgenError(f"model.json: {doc.where}.inputs must be layer names, not {v!r}")
+    return tuple(v)
+
+
+def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool) -> Layer:
     doc = _Doc(d, f"layers[{i}]")
     name = doc.get("name", str)
     doc.where = f"layer {name}"
     op = doc.get("op", str)
+    if not v2 and op in ("add", "global_avgpool", "subsample_pad"):
+        raise HwgenError(f"model.json: layer {name} has op {op!r}, which needs version 2")
+    inputs = _inputs(doc, v2)
     if op == "conv2d":
         return Conv2d(
             name,
@@ -227,6 +256,7 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray]) -> Layer:
             stride=doc.ints("stride", 2),
             padding=doc.ints("padding", 2),
             relu=doc.get("relu", bool),
+            inputs=inputs,
         )
     if op == "linear":
         return Linear(
@@ -238,12 +268,21 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray]) -> Layer:
             _array(arrays, doc, "weight"),
             _array(arrays, doc, "bias"),
             relu=doc.get("relu", bool),
+            inputs=inputs,
         )
     pools: dict[str, Callable[..., Layer]] = {"maxpool2d": MaxPool2d, "avgpool2d": AvgPool2d}
     if op in pools:
-        return pools[op](name, doc.ints("kernel", 2), doc.ints("stride", 2))
-    if op in ("relu", "flatten"):
-        return ReLU(name) if op == "relu" else Flatten(name)
+        return pools[op](name, doc.ints("kernel", 2), doc.ints("stride", 2), inputs=inputs)
+    if op == "subsample_pad":
+        return SubsamplePad(name, doc.ints("stride", 2), doc.ints("pad", 2), inputs=inputs)
+    if op == "add":
+        out_format = _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format")
+        return Add(name, out_format, inputs, relu=doc.get("relu", bool))
+    simple: dict[str, Callable[..., Layer]] = {
+        "relu": ReLU, "flatten": Flatten, "global_avgpool": GlobalAvgPool,
+    }  # fmt: skip
+    if op in simple:
+        return simple[op](name, inputs=inputs)
     raise HwgenError(f"model.json: layer {name} has unknown op {op!r}")
 
 
@@ -253,13 +292,15 @@ def from_json(model: object, arrays: dict[str, np.ndarray]) -> Network:
     if doc.get("format", str) != FORMAT_NAME:
         raise HwgenError(f"model.json: format is {doc.d['format']!r}, not {FORMAT_NAME!r}")
     version = doc.get("version", int)
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise HwgenError(
-            f"model.json: unknown format version {version} (this hwgen reads {FORMAT_VERSION})"
+            f"model.json: unknown format version {version} (this hwgen reads 1 and "
+            f"{FORMAT_VERSION})"
         )
+    v2 = version == 2
     inp = _Doc(doc.get("input", dict), "input")
     raw_layers = doc.get("layers", list)
-    layers = [_layer_from_json(d, i, arrays) for i, d in enumerate(raw_layers)]
+    layers = [_layer_from_json(d, i, arrays, v2) for i, d in enumerate(raw_layers)]
     shape = inp.get("shape", list)
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
         raise HwgenError(f"model.json: input.shape must be integers, not {shape!r}")
@@ -269,7 +310,13 @@ def from_json(model: object, arrays: dict[str, np.ndarray]) -> Network:
         tuple(layers),
         doc.get("name", str, "net"),
     )
-    for layer, d, shape in zip(net.layers, raw_layers, net.shapes[1:], strict=False):
+    if v2 and doc.get("output", str) != net.output:
+        raise HwgenError(
+            f"model.json: output is {doc.d['output']!r}, but the last layer is {net.output!r} "
+            "(layers are in topological order; every other layer feeds a later one)"
+        )
+    for layer, d in zip(net.layers, raw_layers, strict=True):
+        shape = net.shapes[layer.name]
         ldoc = _Doc(d, f"layer {layer.name}")
         declared = ldoc.ints("out_shape", len(ldoc.get("out_shape", list)))
         if declared != shape:

@@ -9,7 +9,7 @@ vectors; a batch dimension is never part of the IR.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -216,6 +216,7 @@ class Conv2d(_MacLayer):
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     relu: bool = False
+    inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -244,6 +245,7 @@ class Linear(_MacLayer):
     weight: np.ndarray = field(repr=False)
     bias: np.ndarray = field(repr=False)
     relu: bool = False
+    inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -261,6 +263,7 @@ class ReLU:
     """Standalone ReLU: ``max(x, 0)`` in the input's format."""
 
     name: str
+    inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -271,6 +274,7 @@ class _Pool:
     name: str
     kernel: tuple[int, int]
     stride: tuple[int, int] | None = None  # None: equal to the kernel, as in PyTorch
+    inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -303,17 +307,73 @@ class Flatten:
     """(C, H, W) -> (H*W*C,) in H, W, C order (the hardware's stream order)."""
 
     name: str
+    inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name(self.name)
 
 
-Layer = Conv2d | Linear | ReLU | MaxPool2d | AvgPool2d | Flatten
-LAYER_TYPES = (Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, Flatten)
+@dataclass(frozen=True)
+class GlobalAvgPool:
+    """(C, H, W) -> (C, 1, 1): ``rhu(sum / (H*W))`` per channel, H*W a power of two."""
+
+    name: str
+    inputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+
+
+@dataclass(frozen=True)
+class SubsamplePad:
+    """The option-A ResNet shortcut: ``x[:, ::sh, ::sw]`` then zero channels around it.
+
+    Output ``(before + C + after, ceil(H / sh), ceil(W / sw))``: channels ``[0, before)`` and
+    the last ``after`` are 0, the others the subsampled input; exact, same format.
+    """
+
+    name: str
+    stride: tuple[int, int] = (1, 1)
+    pad: tuple[int, int] = (0, 0)  # zero channels before, after
+    inputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        object.__setattr__(self, "stride", _pair(f"layer {self.name}: stride", self.stride, 1))
+        object.__setattr__(self, "pad", _pair(f"layer {self.name}: pad", self.pad, 0))
+
+
+@dataclass(frozen=True)
+class Add:
+    """Sum of two tensors of one shape, requantised to ``out_format`` (docs/hwq-format.md).
+
+    Exact sum at ``F = max(frac_a, frac_b)``, then ``sat(rhu(s * 2**-(F - frac_o)))``, with
+    the lower bound 0 when ``relu``.
+    """
+
+    name: str
+    out_format: ActFormat
+    inputs: tuple[str, ...] = ()
+    relu: bool = False
+
+    def __post_init__(self) -> None:
+        _check_name(self.name)
+        if not isinstance(self.out_format, ActFormat):
+            raise HwgenError(f"layer {self.name}: out_format must be an ActFormat")
+        object.__setattr__(self, "relu", bool(self.relu))
+
+
+Layer = (
+    Conv2d | Linear | ReLU | MaxPool2d | AvgPool2d | Flatten | GlobalAvgPool | SubsamplePad | Add
+)
+LAYER_TYPES = (
+    Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, Flatten, GlobalAvgPool, SubsamplePad, Add,
+)  # fmt: skip
+MacLayer = Conv2d | Linear
 
 
 def _check_name(name: object) -> None:
-    if name == "input":  # the network input's key in every per-layer output file
+    if name == INPUT:  # the network input's key in every per-layer output file
         raise HwgenError("layer name 'input' is reserved for the network input")
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise HwgenError(f"layer name must be an identifier ([A-Za-z_][A-Za-z0-9_]*), not {name!r}")
@@ -352,11 +412,39 @@ def acc_bits(layer: Conv2d | Linear, in_format: ActFormat) -> int:
     return signed_bits(int(lo.min()), int(hi.max()))
 
 
-def _out_shape(layer: Layer, shape: Shape) -> Shape:
-    n = layer.name
+def add_frac(fa: ActFormat, fb: ActFormat) -> int:
+    """Fraction length of an add's exact sum: the finer of its two inputs."""
+    return max(fa.frac, fb.frac)
+
+
+def add_range(fa: ActFormat, fb: ActFormat) -> tuple[int, int]:
+    """Exact (min, max) of an add's aligned sum ``a * 2**(F-fa) + b * 2**(F-fb)``."""
+    f = add_frac(fa, fb)
+    ka, kb = f - fa.frac, f - fb.frac
+    return (fa.lo << ka) + (fb.lo << kb), (fa.hi << ka) + (fb.hi << kb)
+
+
+def _out_shape(layer: Layer, shapes: list[Shape]) -> Shape:
+    n, shape = layer.name, shapes[0]
+    if isinstance(layer, Add):
+        if shapes[1] != shape:
+            raise HwgenError(f"layer {n}: adds inputs of different shapes {shape} and {shapes[1]}")
+        return shape
+    spatial = (Conv2d, MaxPool2d, AvgPool2d, GlobalAvgPool, SubsamplePad)
+    if isinstance(layer, spatial) and len(shape) != 3:
+        raise HwgenError(f"layer {n}: needs a (C, H, W) feature map, got shape {shape}")
+    if isinstance(layer, GlobalAvgPool):
+        c, h, w = shape
+        if (h * w) & (h * w - 1):
+            raise HwgenError(
+                f"layer {n}: global average pool over {h}x{w} = {h * w} values, not a power of two"
+            )
+        return (c, 1, 1)
+    if isinstance(layer, SubsamplePad):
+        c, h, w = shape
+        (sh, sw), (before, after) = layer.stride, layer.pad
+        return (before + c + after, -(-h // sh), -(-w // sw))
     if isinstance(layer, (Conv2d, MaxPool2d, AvgPool2d)):
-        if len(shape) != 3:
-            raise HwgenError(f"layer {n}: needs a (C, H, W) feature map, got shape {shape}")
         c, h, w = shape
         (kh, kw), (sh, sw) = layer.kernel, layer.stride
         ph, pw = layer.padding if isinstance(layer, Conv2d) else (0, 0)
@@ -377,23 +465,49 @@ def _out_shape(layer: Layer, shape: Shape) -> Shape:
     return shape  # ReLU
 
 
+def _out_format(layer: Layer, formats: list[ActFormat]) -> ActFormat:
+    if isinstance(layer, (Conv2d, Linear)):
+        bits = acc_bits(layer, formats[0])
+        if bits > ACC_BITS_MAX:
+            raise HwgenError(
+                f"layer {layer.name}: accumulator needs {bits} bits (max {ACC_BITS_MAX}); "
+                "use narrower weights or activations"
+            )
+        return layer.out_format
+    if isinstance(layer, Add):
+        bits = signed_bits(*add_range(*formats))
+        if bits > ACC_BITS_MAX:
+            raise HwgenError(
+                f"layer {layer.name}: aligning {formats[0]} with {formats[1]} needs {bits} bits "
+                f"(max {ACC_BITS_MAX}); use closer fraction lengths"
+            )
+        return layer.out_format
+    return formats[0]
+
+
+INPUT = "input"  # the name of the network input among layer inputs
+
+
 @dataclass(frozen=True, eq=False)
 class Network(_ArrayEq):
-    """A sequential network of integer layers with its input shape (C, H, W) and format.
+    """A network of integer layers: a DAG in topological order, with its input (C, H, W).
 
-    ``shapes[i]`` and ``formats[i]`` are the input of layer ``i``; ``shapes[-1]`` and
-    ``formats[-1]`` the network output. Both are derived and checked on construction.
+    Each layer names its inputs (``"input"`` or an earlier layer); a layer given without
+    inputs reads the layer before it (or the network input), so a plain list of layers is a
+    chain. ``add`` takes two inputs, every other op one. Every layer but the last feeds some
+    later layer: the last layer is the network's output. ``shapes`` and ``formats`` map
+    ``"input"`` and every layer name to that tensor's shape and format; both are derived
+    and checked on construction.
     """
 
     input_shape: Shape
     input_format: ActFormat
     layers: tuple[Layer, ...]
     name: str = "net"
-    shapes: tuple[Shape, ...] = field(init=False, repr=False, compare=False)
-    formats: tuple[ActFormat, ...] = field(init=False, repr=False, compare=False)
+    shapes: dict[str, Shape] = field(init=False, repr=False, compare=False)
+    formats: dict[str, ActFormat] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         if not self.layers:
             raise HwgenError("the network has no layers")
@@ -403,27 +517,44 @@ class Network(_ArrayEq):
             )
         if not isinstance(self.input_format, ActFormat):
             raise HwgenError("network input_format must be an ActFormat")
-        seen: set[str] = set()
-        shapes, formats = [self.input_shape], [self.input_format]
+        shapes, formats = {INPUT: self.input_shape}, {INPUT: self.input_format}
+        used: set[str] = set()
+        layers = []
+        prev = INPUT
         for layer in self.layers:
             if not isinstance(layer, LAYER_TYPES):
                 raise HwgenError(f"unsupported layer type {type(layer).__name__}")
-            if layer.name in seen:
+            if layer.name in shapes:
                 raise HwgenError(f"layer name {layer.name!r} is used twice")
-            seen.add(layer.name)
-            shapes.append(_out_shape(layer, shapes[-1]))
-            if isinstance(layer, (Conv2d, Linear)):
-                bits = acc_bits(layer, formats[-1])
-                if bits > ACC_BITS_MAX:
+            if not layer.inputs:
+                layer = replace(layer, inputs=(prev,))
+            inputs = layer.inputs
+            arity = 2 if isinstance(layer, Add) else 1
+            if not isinstance(inputs, tuple) or len(inputs) != arity:
+                raise HwgenError(
+                    f"layer {layer.name}: takes {arity} input{'s' * (arity > 1)}, "
+                    f"not {list(inputs) if isinstance(inputs, tuple) else inputs!r}"
+                )
+            for src in inputs:
+                if src not in shapes:
                     raise HwgenError(
-                        f"layer {layer.name}: accumulator needs {bits} bits (max {ACC_BITS_MAX}); "
-                        "use narrower weights or activations"
+                        f"layer {layer.name}: input {src!r} is not the network input or an "
+                        "earlier layer"
                     )
-                formats.append(layer.out_format)
-            else:
-                formats.append(formats[-1])
-        object.__setattr__(self, "shapes", tuple(shapes))
-        object.__setattr__(self, "formats", tuple(formats))
+            used.update(inputs)
+            shapes[layer.name] = _out_shape(layer, [shapes[i] for i in inputs])
+            formats[layer.name] = _out_format(layer, [formats[i] for i in inputs])
+            layers.append(layer)
+            prev = layer.name
+        for layer in layers[:-1]:
+            if layer.name not in used:
+                raise HwgenError(
+                    f"layer {layer.name}: its output is never used (only the last layer, "
+                    f"{prev}, is the network output)"
+                )
+        object.__setattr__(self, "layers", tuple(layers))
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(self, "formats", formats)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -434,14 +565,40 @@ class Network(_ArrayEq):
     def index(self, name: str) -> int:
         return self.layers.index(self.layer(name))
 
+    def in_shape(self, layer: Layer) -> Shape:
+        """Shape of the (first) input of ``layer``."""
+        return self.shapes[layer.inputs[0]]
+
+    def in_format(self, layer: Layer) -> ActFormat:
+        """Format of the (first) input of ``layer``."""
+        return self.formats[layer.inputs[0]]
+
+    def consumers(self, name: str) -> list[Layer]:
+        """The layers that read tensor ``name`` (``"input"`` or a layer), in order."""
+        return [layer for layer in self.layers if name in layer.inputs]
+
+    @property
+    def is_chain(self) -> bool:
+        """Whether every layer reads only the one before it (a version 1 network)."""
+        prev = INPUT
+        for layer in self.layers:
+            if layer.inputs != (prev,):
+                return False
+            prev = layer.name
+        return True
+
     @property
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
     @property
+    def output(self) -> str:
+        return self.layers[-1].name
+
+    @property
     def output_shape(self) -> Shape:
-        return self.shapes[-1]
+        return self.shapes[self.output]
 
     @property
     def output_format(self) -> ActFormat:
-        return self.formats[-1]
+        return self.formats[self.output]

@@ -328,11 +328,11 @@ def layer_rows(result: TuneResult) -> list[dict[str, Any]]:
     impact = dict(result.prefix_accuracy)
     steps = [n for n, _ in result.prefix_accuracy]
     rows = []
-    for i, (layer, ldoc) in enumerate(zip(net.layers, doc["layers"], strict=True)):
+    for layer, ldoc in zip(net.layers, doc["layers"], strict=True):
         if not isinstance(layer, (Conv2d, Linear)):
             continue
         prev = steps[steps.index(layer.name) - 1]
-        fin = net.formats[i]
+        fin = net.in_format(layer)
         rows.append(
             {
                 "name": layer.name,

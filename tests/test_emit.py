@@ -120,15 +120,16 @@ def test_manifest_describes_the_build(built):
     # Largest divisors within the default limits of 4.
     assert m["foldings"]["conv1"] == [4, 1] and m["foldings"]["conv2"] == [3, 4]
     assert m["foldings"]["fc2"] == [2, 4] and m["foldings"]["pool2"] == [3, 3]
-    for (i, layer), e in zip(engines, m["layers"], strict=True):
+    for (_, layer), e in zip(engines, m["layers"], strict=True):
         assert e["module"] == module_name(net, layer.name)
         assert e["sources"] == [f"rtl/{e['module']}.v"]
-        assert e["in_format"] == str(net.formats[i]) and e["out_format"] == str(net.formats[i + 1])
-        assert e["in_bits"] == net.formats[i].bits and e["out_bits"] == net.formats[i + 1].bits
-        assert e["out_signed"] == net.formats[i + 1].signed
-        assert e["out_shape"] == list(net.shapes[i + 1])
-        assert e["in_beats"] * e["in_lanes"] == int(np.prod(net.shapes[i]))
-        assert e["out_beats"] * e["out_lanes"] == int(np.prod(net.shapes[i + 1]))
+        fin, fout = net.in_format(layer), net.formats[layer.name]
+        assert e["in_format"] == str(fin) and e["out_format"] == str(fout)
+        assert e["in_bits"] == fin.bits and e["out_bits"] == fout.bits
+        assert e["out_signed"] == fout.signed
+        assert e["out_shape"] == list(net.shapes[layer.name])
+        assert e["in_beats"] * e["in_lanes"] == int(np.prod(net.in_shape(layer)))
+        assert e["out_beats"] * e["out_lanes"] == int(np.prod(net.shapes[layer.name]))
         v = (built / e["sources"][0]).read_text()
         assert f"module {e['module']}(" in v
         assert _port_width(v, "input", "i__payload") == e["in_lanes"] * e["in_bits"]
@@ -137,7 +138,7 @@ def test_manifest_describes_the_build(built):
             assert e["weight_format"] == str(layer.weight_format) and e["relu"] == layer.relu
             kk = layer.kernel[0] * layer.kernel[1] if isinstance(layer, Conv2d) else 1
             cin = layer.weight.shape[1]
-            pixels = int(np.prod(net.shapes[i + 1][1:])) if isinstance(layer, Conv2d) else 1
+            pixels = int(np.prod(net.shapes[layer.name][1:])) if isinstance(layer, Conv2d) else 1
             assert e["macs"] == pixels * len(layer.bias) * kk * cin
             assert e["ideal_cycles"] == e["macs"] // (e["pe"] * e["simd"])
             assert e["ideal_cycles"] * e["pe"] * e["simd"] == e["macs"]
@@ -175,7 +176,7 @@ def test_vectors_are_the_golden_model(built):
         else:
             index = net.names.index(e["name"])
             assert len(x) == 8 + 2 + 2  # 8 random, network extremes, layer extremes
-            fin = net.formats[index]
+            fin = net.in_format(net.layers[index])
             assert np.array_equal(y, golden.layer_forward(net.layers[index], x, fin))
         # The last two images are the all-max and all-min inputs.
         assert np.all(x[-2] == fin.hi) and np.all(x[-1] == fin.lo)

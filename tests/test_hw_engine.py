@@ -33,7 +33,7 @@ def run_engine(net, index, pe, simd, x, stall_in=0.0, stall_out=0.0, seed=0):
     n_out = info.out_beats * x.shape[0]
     out_beats, cycles = run_stream(dut, beats, n_out, stall_in, stall_out, seed)
     got = [v for beat in out_beats for v in beat]
-    shape = net.shapes[index + 1]
+    shape = net.shapes[net.layers[index].name]
     out = np.array(got).reshape(x.shape[0], *shape[1:], shape[0]) if len(shape) == 3 else None
     out = out.transpose(0, 3, 1, 2) if out is not None else np.array(got).reshape(x.shape[0], -1)
     return out, cycles
@@ -69,7 +69,9 @@ def _conv_net(rng, wfmt, cin, cout, hw, kernel, stride=1, padding=0):
 
 def _check(net, index, pe, simd, x, **kw):
     got, cycles = run_engine(net, index, pe, simd, x, **kw)
-    assert np.array_equal(got, layer_forward(net.layers[index], x, net.formats[index]))
+    assert np.array_equal(
+        got, layer_forward(net.layers[index], x, net.in_format(net.layers[index]))
+    )
     return cycles
 
 

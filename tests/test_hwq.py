@@ -126,7 +126,10 @@ def _object_array(doc, arrays):
 
 
 BAD_MODELS = {
-    "unknown version": (_set("version", 2), r"unknown format version 2 \(this hwgen reads 1\)"),
+    "unknown version": (
+        _set("version", 3),
+        r"unknown format version 3 \(this hwgen reads 1 and 2\)",
+    ),
     "wrong format name": (_set("format", "onnx"), "format is 'onnx', not 'hwq'"),
     "unknown op": (_set("conv2", "op", "conv3d"), "layer conv2 has unknown op 'conv3d'"),
     "empty network": (_drop_layers, "the network has no layers"),

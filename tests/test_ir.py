@@ -219,7 +219,8 @@ def test_network_rejects_accumulators_wider_than_the_limit():
 
 def test_network_shapes_and_formats():
     net = example_network()
-    assert net.shapes == (
+    assert list(net.shapes) == ["input", *net.names]
+    assert tuple(net.shapes.values()) == (
         (1, 8, 8),
         (4, 8, 8),
         (4, 4, 4),
@@ -230,7 +231,7 @@ def test_network_shapes_and_formats():
         (12,),
         (10,),
     )
-    assert [str(f) for f in net.formats] == [
+    assert [str(f) for f in net.formats.values()] == [
         "s8.f4",
         "u8.f1",
         "u8.f1",
@@ -242,9 +243,8 @@ def test_network_shapes_and_formats():
         "s10.f-3",
     ]
     assert net.output_shape == (10,) and net.output_format == ActFormat(10, -3)
-    assert (
-        net.names[0] == "conv1" and net.index("fc1") == 6 and net.layer("flat") == Flatten("flat")
-    )
+    assert net.names[0] == "conv1" and net.index("fc1") == 6
+    assert net.layer("flat") == Flatten("flat", inputs=(net.names[net.index("flat") - 1],))
     with pytest.raises(HwgenError, match=r"no layer named 'x' \(layers: conv1, pool1, "):
         net.layer("x")
     assert net == example_network() and net != example_network(seed=1)

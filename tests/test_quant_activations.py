@@ -36,7 +36,7 @@ def _weights(fnet: FloatNet, bits: int = 6) -> dict:
 
 def _error(net: Network, x: np.ndarray, i: int, ref: np.ndarray) -> float:
     out = gm.forward(net, gm.quantize_input(x, net.input_format))[i]
-    return float(np.sum((out * 2.0 ** -net.formats[i + 1].frac - ref) ** 2))
+    return float(np.sum((out * 2.0 ** -net.formats[net.layers[i].name].frac - ref) ** 2))
 
 
 def test_greedy_frac_is_best_given_earlier_layers():

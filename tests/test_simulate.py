@@ -53,15 +53,29 @@ def _build(tmp_path, c=8, h=4, w=4, lanes=4, bits=8, n=3, every=1):
         return a.transpose(0, 2, 3, 1).reshape(n, -1, lanes)
 
     (tmp_path / "vectors/relu1.npz").write_bytes(
-        npz_bytes({"input": x, "output": y, "input_stream": st(x), "output_stream": st(y)}))
+        npz_bytes({"input": x, "output": y, "input_stream": st(x), "output_stream": st(y)})
+    )
     beats = c * h * w // lanes
-    entry = {"name": "relu1", "module": "relu1", "sources": ["rtl/relu1.v"],
-             "in_lanes": lanes, "in_bits": bits, "in_signed": True, "out_lanes": lanes,
-             "out_bits": bits, "out_signed": True, "out_shape": [c, h, w], "in_beats": beats,
-             "out_beats": beats, "ideal_cycles": beats * every,
-             "vectors": "vectors/relu1.npz", "vector_images": n}
+    entry = {
+        "name": "relu1",
+        "module": "relu1",
+        "sources": ["rtl/relu1.v"],
+        "in_lanes": lanes,
+        "in_bits": bits,
+        "in_signed": True,
+        "out_lanes": lanes,
+        "out_bits": bits,
+        "out_signed": True,
+        "out_shape": [c, h, w],
+        "in_beats": beats,
+        "out_beats": beats,
+        "ideal_cycles": beats * every,
+        "vectors": "vectors/relu1.npz",
+        "vector_images": n,
+    }
     (tmp_path / "manifest.json").write_text(
-        json.dumps({"format": "hwgen-build", "layers": [entry]}))
+        json.dumps({"format": "hwgen-build", "layers": [entry]})
+    )
     return entry
 
 

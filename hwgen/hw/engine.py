@@ -83,7 +83,8 @@ def _divisor(what: str, layer: Layer, value: object, of: int, of_what: str) -> N
 
 def _mac_dims(net: Network, index: int) -> tuple[int, int, int, int]:
     """(Cin, Cout, KH*KW, output pixels) of a Conv2d or Linear layer."""
-    layer, out = net.layers[index], net.shapes[index + 1]
+    layer = net.layers[index]
+    out = net.shapes[layer.name]
     if isinstance(layer, Conv2d):
         return (
             layer.in_channels,
@@ -103,7 +104,7 @@ def _check_folding(net: Network, index: int, pe: int, simd: int) -> Layer:
         _divisor("SIMD", layer, simd, cin, "input channels")
         lanes = pe * simd
     else:
-        _divisor("PE", layer, pe, net.shapes[index][0], "channels")
+        _divisor("PE", layer, pe, net.in_shape(layer)[0], "channels")
         lanes = pe
     if lanes > MAX_LANES:
         raise HwgenError(
@@ -129,15 +130,15 @@ def choose_folding(net: Network, index: int, max_pe: int, max_simd: int) -> tupl
     if isinstance(layer, (Conv2d, Linear)):
         cin, cout, _, _ = _mac_dims(net, index)
         return _largest_divisor(cout, max_pe), _largest_divisor(cin, max_simd)
-    pe = _largest_divisor(net.shapes[index][0], max_pe)
+    pe = _largest_divisor(net.in_shape(layer)[0], max_pe)
     return pe, pe
 
 
 def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
     """What the build and the benches need to know about layer ``index``'s engine."""
     layer = _check_folding(net, index, pe, simd)
-    fin, fout = net.formats[index], net.formats[index + 1]
-    shape_in, shape_out = net.shapes[index], net.shapes[index + 1]
+    fin, fout = net.in_format(layer), net.formats[layer.name]
+    shape_in, shape_out = net.in_shape(layer), net.shapes[layer.name]
     size_in, size_out = int(np.prod(shape_in)), int(np.prod(shape_out))
     common = dict(
         kind=_KINDS[type(layer)],
@@ -196,7 +197,7 @@ class MACEngine(wiring.Component):
     def __init__(self, net: Network, index: int, pe: int, simd: int, rom_style: str) -> None:
         layer = net.layers[index]
         assert isinstance(layer, (Conv2d, Linear))
-        self.layer, self.fmt, self.shape = layer, net.formats[index], net.shapes[index]
+        self.layer, self.fmt, self.shape = layer, net.in_format(layer), net.in_shape(layer)
         self.pe, self.simd, self.rom_style = pe, simd, rom_style
         super().__init__(
             {
@@ -240,8 +241,9 @@ def make_engine(
         raise HwgenError(f"ROM style must be one of {', '.join(ROM_STYLES)}, not {rom_style!r}")
     if isinstance(layer, (Conv2d, Linear)):
         return MACEngine(net, index, pe, simd, rom_style)
-    c, h, w = net.shapes[index] if len(net.shapes[index]) == 3 else (net.shapes[index][0], 1, 1)
-    shape = act_shape(net.formats[index])
+    in_shape = net.in_shape(layer)
+    c, h, w = in_shape if len(in_shape) == 3 else (in_shape[0], 1, 1)
+    shape = act_shape(net.in_format(layer))
     if isinstance(layer, ReLU):
         return ReLUEngine(shape=shape, lanes=pe)
     pool = MaxPool if isinstance(layer, MaxPool2d) else AvgPool

@@ -72,7 +72,7 @@ class NetworkTop(wiring.Component):
         prev_lanes = self.infos[0].in_lanes
         for (index, pe, simd), info in zip(self.stages, self.infos, strict=True):
             name = self.net.layers[index].name
-            shape = act_shape(self.net.formats[index])
+            shape = act_shape(self.net.in_format(self.net.layers[index]))
             if prev_lanes != info.in_lanes:
                 prev = self._convert(m, name, prev, shape, prev_lanes, info.in_lanes)
             engine = make_engine(self.net, index, pe, simd, self.rom_style)
@@ -83,7 +83,7 @@ class NetworkTop(wiring.Component):
                 prev = engine.o
             else:
                 prev = self._fifo(
-                    m, name, engine.o, act_shape(self.net.formats[index + 1]), info.out_lanes
+                    m, name, engine.o, act_shape(self.net.formats[name]), info.out_lanes
                 )
             prev_lanes = info.out_lanes
         wiring.connect(m, prev, wiring.flipped(self.o))

@@ -16,16 +16,22 @@ from torch import nn
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.ir import (
+    INPUT,
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Flatten,
+    GlobalAvgPool,
     Linear,
     MaxPool2d,
     Network,
     ReLU,
+    SubsamplePad,
     acc_bits,
     acc_frac,
+    add_range,
+    signed_bits,
 )
 
 
@@ -41,45 +47,61 @@ class FakeQuantNet(nn.Module):
 
     def __init__(self, net: Network) -> None:
         super().__init__()
-        for layer, fmt in zip(net.layers, net.formats, strict=False):
-            if isinstance(layer, (Conv2d, Linear)) and acc_bits(layer, fmt) > 53:
-                raise HwgenError(
-                    f"layer {layer.name}: accumulator of {acc_bits(layer, fmt)} bits is not "
-                    "exact in float64 fake quantisation"
-                )
         self.net = net
-        self.weights = [
-            (
-                torch.as_tensor(layer.weight * 2.0**-layer.weight_format.frac),
-                torch.as_tensor(layer.bias * 2.0 ** -acc_frac(layer, fmt)),
-            )
-            if isinstance(layer, (Conv2d, Linear))
-            else None
-            for layer, fmt in zip(net.layers, net.formats, strict=False)
-        ]
+        self.weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in net.layers:
+            if isinstance(layer, (Conv2d, Linear)):
+                fmt = net.in_format(layer)
+                if acc_bits(layer, fmt) > 53:
+                    raise HwgenError(
+                        f"layer {layer.name}: accumulator of {acc_bits(layer, fmt)} bits is not "
+                        "exact in float64 fake quantisation"
+                    )
+                self.weights[layer.name] = (
+                    torch.as_tensor(layer.weight * 2.0**-layer.weight_format.frac),
+                    torch.as_tensor(layer.bias * 2.0 ** -acc_frac(layer, fmt)),
+                )
+            elif isinstance(layer, Add):
+                bits = signed_bits(*add_range(*(net.formats[i] for i in layer.inputs)))
+                if bits > 53:
+                    raise HwgenError(
+                        f"layer {layer.name}: aligned sum of {bits} bits is not exact in "
+                        "float64 fake quantisation"
+                    )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         net = self.net
-        x = _fq(x.to(torch.float64), net.input_format)
-        outs = []
-        for layer, fmt, wb in zip(net.layers, net.formats, self.weights, strict=False):
+        acts = {INPUT: _fq(x.to(torch.float64), net.input_format)}
+        for layer in net.layers:
+            x = acts[layer.inputs[0]]
+            fmt = net.in_format(layer)
             if isinstance(layer, Conv2d):
-                y = F.conv2d(x, wb[0], wb[1], stride=layer.stride, padding=layer.padding)
+                w, b = self.weights[layer.name]
+                y = F.conv2d(x, w, b, stride=layer.stride, padding=layer.padding)
                 x = _fq(y, layer.out_format, layer.relu)
             elif isinstance(layer, Linear):
-                x = _fq(F.linear(x, wb[0], wb[1]), layer.out_format, layer.relu)
+                w, b = self.weights[layer.name]
+                x = _fq(F.linear(x, w, b), layer.out_format, layer.relu)
+            elif isinstance(layer, Add):
+                # both inputs are exact dyadic values: their float64 sum is the aligned sum
+                x = _fq(x + acts[layer.inputs[1]], layer.out_format, layer.relu)
             elif isinstance(layer, ReLU):
                 x = torch.relu(x)
             elif isinstance(layer, MaxPool2d):
                 x = F.max_pool2d(x, layer.kernel, layer.stride)
-            elif isinstance(layer, AvgPool2d):
+            elif isinstance(layer, (AvgPool2d, GlobalAvgPool)):
                 # integer window sum / area (a power of two, so exact), then round half up
-                a = F.avg_pool2d(x * 2.0**fmt.frac, layer.kernel, layer.stride)
+                kernel = x.shape[2:] if isinstance(layer, GlobalAvgPool) else layer.kernel
+                stride = kernel if isinstance(layer, GlobalAvgPool) else layer.stride
+                a = F.avg_pool2d(x * 2.0**fmt.frac, tuple(kernel), tuple(stride))
                 x = torch.floor(a + 0.5) * 2.0**-fmt.frac
+            elif isinstance(layer, SubsamplePad):
+                (sh, sw), (before, after) = layer.stride, layer.pad
+                x = F.pad(x[:, :, ::sh, ::sw], (0, 0, 0, 0, before, after))
             elif isinstance(layer, Flatten):
                 x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1) if x.ndim == 4 else x
-            outs.append(x)
-        return outs
+            acts[layer.name] = x
+        return [acts[layer.name] for layer in net.layers]
 
 
 def fake_quant_forward(net: Network, x_float: np.ndarray) -> list[np.ndarray]:
@@ -87,8 +109,8 @@ def fake_quant_forward(net: Network, x_float: np.ndarray) -> list[np.ndarray]:
     with torch.no_grad():
         outs = FakeQuantNet(net)(torch.as_tensor(np.asarray(x_float, np.float64)))
     return [
-        (o * 2.0**fmt.frac).numpy().astype(np.int64)
-        for o, fmt in zip(outs, net.formats[1:], strict=True)
+        (o * 2.0 ** net.formats[layer.name].frac).numpy().astype(np.int64)
+        for o, layer in zip(outs, net.layers, strict=True)
     ]
 
 

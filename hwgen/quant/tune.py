@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
-from hwgen.ir import Conv2d, Linear, Network
+from hwgen.ir import INPUT, Conv2d, Linear, Network
 from hwgen.quant import QuantResult, quantize
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.inq import InqOptions
@@ -151,17 +151,20 @@ def prefix_accuracy(
     macs = [i for i, lyr in enumerate(net.layers) if isinstance(lyr, (Conv2d, Linear))]
     cuts = [*macs, len(net.layers)]  # integer layers [0, cut) then float layers [cut, end)
     points = [("float", float_accuracy(fnet, x, y))]
-    xi = gm.quantize_input(x, net.input_format)
+    ints = {INPUT: gm.quantize_input(x, net.input_format)}
     done = 0
     for k, cut in enumerate(cuts):
-        for i in range(done, cut):
-            xi = gm.layer_forward(net.layers[i], xi, net.formats[i])
+        for layer in net.layers[done:cut]:
+            ints[layer.name] = gm.layer_forward(
+                layer, [ints[i] for i in layer.inputs], [net.formats[i] for i in layer.inputs]
+            )
         done = cut
-        xf = torch.as_tensor(xi * 2.0 ** -net.formats[cut].frac)
+        xf = {n: torch.as_tensor(v * 2.0 ** -net.formats[n].frac) for n, v in ints.items()}
         with torch.no_grad():
             for layer in fnet.layers[cut:]:
-                xf = fnet.layer_forward(layer, xf)
-        pred = xf.reshape(len(x), -1).argmax(1).numpy()
+                xf[layer.name] = fnet.layer_forward(layer, *(xf[i] for i in layer.inputs))
+        out = xf[net.output]
+        pred = out.reshape(len(x), -1).argmax(1).numpy()
         points.append(
             ("input" if k == 0 else net.layers[macs[k - 1]].name, float(np.mean(pred == y)))
         )
