@@ -1,4 +1,4 @@
-"""Max/average pool and ReLU engines against hwgen.golden.layer_forward (np.array_equal)."""
+"""Pool (max, average, global average) and ReLU engines against hwgen.golden.layer_forward."""
 
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ from amaranth import signed, unsigned
 
 from hwgen.errors import HwgenError
 from hwgen.golden import layer_forward
-from hwgen.hw.pool import AvgPool, MaxPool, ReLUEngine
+from hwgen.hw.pool import AvgPool, GlobalAvgPoolEngine, MaxPool, ReLUEngine
 from hwgen.hw.streams import run_stream
-from hwgen.ir import ActFormat, AvgPool2d, MaxPool2d, ReLU
+from hwgen.ir import ActFormat, AvgPool2d, GlobalAvgPool, MaxPool2d, ReLU
 
 
 def run_engine(dut, x, lanes, out_shape, stall_in=0.0, stall_out=0.0, seed=0):
@@ -101,3 +101,29 @@ def test_pool_rejects_bad_parameters():
         MaxPool(kernel=(2, 2), **{**params, "lanes": 3})
     with pytest.raises(HwgenError, match="ReLU engine: lanes must be a positive integer, not 0"):
         ReLUEngine(shape=signed(8), lanes=0)
+
+
+GLOBALS = {
+    # fmt, (c, h, w), lanes
+    "resnet_8x8": (ActFormat(8, 2), (4, 8, 8), 2),
+    "unsigned_4x2": (ActFormat(5, 0, False), (3, 4, 2), 1),
+    "ties_2x1": (ActFormat(3, 0), (6, 2, 1), 3),
+    "one_pixel": (ActFormat(4, 0), (2, 1, 1), 2),
+}
+
+
+@pytest.mark.parametrize("case", GLOBALS.values(), ids=GLOBALS.keys())
+@pytest.mark.parametrize("mode", ["random", "extremes"])
+@pytest.mark.parametrize("stalls", [(0.0, 0.0), (0.3, 0.4)], ids=["free", "stalls"])
+def test_global_avg_pool_matches_golden(case, mode, stalls):
+    fmt, (c, h, w), lanes = case
+    x = _images(np.random.default_rng(c * h * w), fmt, 3, c, h, w, mode)
+    shape = signed(fmt.bits) if fmt.signed else unsigned(fmt.bits)
+    dut = GlobalAvgPoolEngine(channels=c, height=h, width=w, lanes=lanes, shape=shape)
+    got = run_engine(dut, x, lanes, (c, 1, 1), *stalls, seed=c)
+    assert np.array_equal(got, layer_forward(GlobalAvgPool("g"), x, fmt))
+
+
+def test_global_avg_pool_rejects_bad_lanes():
+    with pytest.raises(HwgenError, match="global pool: lanes must divide channels 6, not 4"):
+        GlobalAvgPoolEngine(channels=6, height=2, width=2, lanes=4, shape=signed(8))

@@ -3,13 +3,16 @@ know about it (``EngineInfo``).
 
 A Conv2d or Linear engine is the sliding-window unit followed by the MAC unit (weight ROMs,
 PE x SIMD MAC array, requantisers): SIMD input channels per beat in, PE output channels per
-beat out. A dense layer is the same engine on a 1x1 map of ``in_features`` channels. Pool
-and ReLU engines come from hwgen.hw.pool with ``pe`` channels per beat in and out. Flatten
-has no engine: H,W,C streams are already in flattened order.
+beat out. A dense layer is the same engine on a 1x1 map of ``in_features`` channels. Pool,
+global average pool and ReLU engines come from hwgen.hw.pool, add and subsample-pad engines
+from hwgen.hw.residual, all with ``pe`` channels per beat in and out (an add engine has two
+inputs, ``a`` and ``b``, instead of ``i``). Flatten has no engine: H,W,C streams are already
+in flattened order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,24 +22,37 @@ from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
 from hwgen.hw.mac import MACUnit
-from hwgen.hw.pool import AvgPool, MaxPool, ReLUEngine
+from hwgen.hw.pool import AvgPool, GlobalAvgPoolEngine, MaxPool, ReLUEngine
 from hwgen.hw.requant import act_shape
+from hwgen.hw.residual import AddEngine, SubsamplePadEngine
 from hwgen.hw.rom import ROM_STYLES, code_bits, rom_words
 from hwgen.hw.window import SlidingWindow
 from hwgen.ir import (
+    Add,
     AvgPool2d,
     Conv2d,
     Flatten,
+    GlobalAvgPool,
     Layer,
     Linear,
     MaxPool2d,
     Network,
     ReLU,
+    SubsamplePad,
     acc_bits,
 )
 
 MAX_LANES = 1024  # PE*SIMD (or pool lanes) beyond this is not a sensible FPGA layer
-_KINDS = {Conv2d: "conv", Linear: "dense", MaxPool2d: "maxpool", AvgPool2d: "avgpool", ReLU: "relu"}
+_KINDS = {
+    Conv2d: "conv",
+    Linear: "dense",
+    MaxPool2d: "maxpool",
+    AvgPool2d: "avgpool",
+    ReLU: "relu",
+    Add: "add",
+    SubsamplePad: "subsample_pad",
+    GlobalAvgPool: "global_avgpool",
+}
 
 
 @dataclass(frozen=True)
@@ -44,11 +60,12 @@ class EngineInfo:
     """Parameters of one layer engine as built; counts are per image.
 
     ``roms`` holds each PE's ROM words in address order (hwgen.hw.rom layout): ``uint64``
-    arrays when ``rom_width <= 64``, else arrays of Python ints. Empty for pool and ReLU,
-    whose ``acc_bits``, ``rom_depth`` and ``rom_width`` are 0.
+    arrays when ``rom_width <= 64``, else arrays of Python ints. Empty for engines without
+    MACs, whose ``acc_bits``, ``rom_depth`` and ``rom_width`` are 0. An add engine's second
+    input (``b``) has ``in_b_bits`` and ``in_b_signed`` (0 and False for the other engines).
     """
 
-    kind: str  # conv | dense | maxpool | avgpool | relu
+    kind: str  # conv | dense | maxpool | avgpool | relu | add | subsample_pad | global_avgpool
     in_lanes: int
     in_bits: int
     in_signed: bool
@@ -65,6 +82,8 @@ class EngineInfo:
     macs: int
     ideal_cycles: int
     roms: list[np.ndarray] = field(repr=False, compare=False)
+    in_b_bits: int = 0
+    in_b_signed: bool = False
 
 
 def _layer(net: Network, index: int) -> Layer:
@@ -103,6 +122,16 @@ def _check_folding(net: Network, index: int, pe: int, simd: int) -> Layer:
         _divisor("PE", layer, pe, cout, "output channels")
         _divisor("SIMD", layer, simd, cin, "input channels")
         lanes = pe * simd
+    elif isinstance(layer, SubsamplePad):
+        counts = (
+            ("zero channels before", layer.pad[0]),
+            ("channels", net.in_shape(layer)[0]),
+            ("zero channels after", layer.pad[1]),
+        )
+        for what, n in counts:
+            if n:
+                _divisor("PE", layer, pe, n, what)
+        lanes = pe
     else:
         _divisor("PE", layer, pe, net.in_shape(layer)[0], "channels")
         lanes = pe
@@ -119,9 +148,10 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 
 def choose_folding(net: Network, index: int, max_pe: int, max_simd: int) -> tuple[int, int]:
-    """(PE, SIMD): the largest divisors of Cout and Cin (C for pool/ReLU) within the limits.
+    """(PE, SIMD): the largest divisors of Cout and Cin (C for the others) within the limits.
 
-    For pool and ReLU engines SIMD is meaningless and returned equal to PE.
+    For engines without MACs SIMD is meaningless and returned equal to PE; a subsample-pad
+    engine's PE also divides its zero channel counts.
     """
     layer = _layer(net, index)
     for what, v in (("max PE", max_pe), ("max SIMD", max_simd)):
@@ -130,7 +160,10 @@ def choose_folding(net: Network, index: int, max_pe: int, max_simd: int) -> tupl
     if isinstance(layer, (Conv2d, Linear)):
         cin, cout, _, _ = _mac_dims(net, index)
         return _largest_divisor(cout, max_pe), _largest_divisor(cin, max_simd)
-    pe = _largest_divisor(net.in_shape(layer)[0], max_pe)
+    c = net.in_shape(layer)[0]
+    if isinstance(layer, SubsamplePad):
+        c = math.gcd(c, *layer.pad)
+    pe = _largest_divisor(c, max_pe)
     return pe, pe
 
 
@@ -166,8 +199,13 @@ def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
             ideal_cycles=macs // (pe * simd),
             roms=roms,
         )
-    # Pool and ReLU: PE channels per beat in and out, no ROM, no MACs.
+    # The others: PE channels per beat in and out, no ROM, no MACs.
+    extra = {}
+    if isinstance(layer, Add):
+        fb = net.formats[layer.inputs[1]]
+        extra = dict(in_b_bits=fb.bits, in_b_signed=fb.signed)
     return EngineInfo(
+        **extra,
         **common,
         in_lanes=pe,
         out_lanes=pe,
@@ -246,6 +284,15 @@ def make_engine(
     shape = act_shape(net.in_format(layer))
     if isinstance(layer, ReLU):
         return ReLUEngine(shape=shape, lanes=pe)
+    if isinstance(layer, Add):
+        a, b = (net.formats[name] for name in layer.inputs)
+        return AddEngine(fmt_a=a, fmt_b=b, out_format=layer.out_format, relu=layer.relu, lanes=pe)
+    if isinstance(layer, SubsamplePad):
+        return SubsamplePadEngine(
+            channels=c, height=h, width=w, stride=layer.stride, pad=layer.pad, lanes=pe, shape=shape
+        )
+    if isinstance(layer, GlobalAvgPool):
+        return GlobalAvgPoolEngine(channels=c, height=h, width=w, lanes=pe, shape=shape)
     pool = MaxPool if isinstance(layer, MaxPool2d) else AvgPool
     return pool(
         channels=c,

@@ -6,6 +6,7 @@ result per channel group in a circular shift register of ``C / lanes`` entries: 
 the oldest entry (its own group's), combines it with the beat and pushes the result back; on
 the window's last (kh, kw) the result leaves instead. Average pooling (power-of-two area only)
 is ``rhu(sum / area) = (sum + area/2) >> log2(area)``, an arithmetic shift (DESIGN §2).
+``GlobalAvgPoolEngine`` is the reducer alone over the whole map (no window needed).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class _Pool(wiring.Component):
         Channels per beat; divides ``channels``.
     shape : Shape
         One value, ``signed(bits)`` or ``unsigned(bits)``, in and out.
+    direct : bool
+        No sliding window: the kernel is the whole map, whose raster order already is the
+        reducer's order.
 
     Members
     -------
@@ -53,18 +57,27 @@ class _Pool(wiring.Component):
         stride: tuple[int, int],
         lanes: int,
         shape: Shape,
+        direct: bool = False,
     ) -> None:
         # Built here so bad parameters raise at construction.
-        self.window = SlidingWindow(
-            channels=channels,
-            height=height,
-            width=width,
-            kernel=kernel,
-            stride=stride,
-            padding=(0, 0),
-            lanes=lanes,
-            shape=shape,
+        self.window = (
+            None
+            if direct
+            else SlidingWindow(
+                channels=channels,
+                height=height,
+                width=width,
+                kernel=kernel,
+                stride=stride,
+                padding=(0, 0),
+                lanes=lanes,
+                shape=shape,
+            )
         )
+        if direct and (
+            isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1 or channels % lanes
+        ):
+            raise HwgenError(f"global pool: lanes must divide channels {channels}, not {lanes!r}")
         self.kernel, self.lanes, self.shape = kernel, lanes, Shape.cast(shape)
         self.groups = channels // lanes
         super().__init__(
@@ -76,9 +89,13 @@ class _Pool(wiring.Component):
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
-        m.submodules.window = window = self.window
-        wiring.connect(m, wiring.flipped(self.i), window.i)
-        win = window.o
+        if self.window is None:
+            win = self.i
+        else:
+            m.submodules.window = window = self.window
+            wiring.connect(m, wiring.flipped(self.i), window.i)
+            win = window.o
+        values = win.payload if self.window is None else win.payload.data
 
         area = self.kernel[0] * self.kernel[1]
         pos = Signal(range(area))  # window position (kh, kw) of the current beat
@@ -91,8 +108,7 @@ class _Pool(wiring.Component):
             for k in range(self.groups)
         ]
         new = [
-            Mux(first, win.payload.data[k], self._combine(accs[0][k], win.payload.data[k]))
-            for k in range(self.lanes)
+            Mux(first, values[k], self._combine(accs[0][k], values[k])) for k in range(self.lanes)
         ]
 
         out_valid = Signal()
@@ -155,6 +171,27 @@ class AvgPool(_Pool):
         if self.log2_area == 0:
             return acc
         return (acc + (1 << (self.log2_area - 1))) >> self.log2_area
+
+
+class GlobalAvgPoolEngine(AvgPool):
+    """Average over the whole map (H*W a power of two), round half up: (C, H, W) -> (C, 1, 1).
+
+    The input already arrives in the reducer's order (pixel, channel group), so there is no
+    sliding window: the engine is the reducer alone, ``C / lanes`` partial sums and one adder
+    per lane.
+    """
+
+    def __init__(self, *, channels: int, height: int, width: int, lanes: int, shape: Shape) -> None:
+        super().__init__(
+            channels=channels,
+            height=height,
+            width=width,
+            kernel=(height, width),
+            stride=(height, width),
+            lanes=lanes,
+            shape=shape,
+            direct=True,
+        )
 
 
 class ReLUEngine(wiring.Component):

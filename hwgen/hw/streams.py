@@ -6,7 +6,8 @@ Payloads are ``data.ArrayLayout(shape, lanes)``, lane k at bits ``[k*bits, (k+1)
 
 Simulation (Amaranth's simulator, async testbenches): ``stream_put`` / ``stream_get`` move one
 beat, and ``run_stream`` runs a one-input, one-output component as a pure function over a list
-of beats with random valid/ready stalls on both sides, checking the stream rules as it goes.
+of beats with random valid/ready stalls on both sides, checking the stream rules as it goes
+(``run_streams`` likewise with several named inputs and outputs).
 Beats are Python values: an int for a plain shape, a list for an ``ArrayLayout``, a dict for a
 ``StructLayout`` (nested as the layout is).
 """
@@ -14,7 +15,7 @@ Beats are Python values: an int for a plain shape, a list for an ``ArrayLayout``
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from amaranth import ClockDomain, Module, Mux, Shape, ShapeCastable, Signal, Value
 from amaranth.lib import data, stream, wiring
@@ -202,60 +203,114 @@ def run_stream(
     beat. Raises AssertionError on a stream rule violation, or when the output stalls for
     ``max_cycles`` (default: generous).
     """
-    in_shape, out_shape = component.i.payload.shape(), component.o.payload.shape()
-    raws = [_encode(in_shape, b) for b in beats_in]
-    i_payload, o_payload = Value.cast(component.i.payload), Value.cast(component.o.payload)
+    got, cycles = run_streams(
+        component,
+        {"i": beats_in},
+        {"o": n_out},
+        stall_in,
+        stall_out,
+        seed,
+        idle=idle,
+        max_cycles=max_cycles,
+        times={"o": times} if times is not None else None,
+    )
+    return got["o"], cycles
+
+
+def run_streams(
+    component: wiring.Component,
+    inputs: Mapping[str, Sequence[object]],
+    outputs: Mapping[str, int],
+    stall_in: float = 0.0,
+    stall_out: float = 0.0,
+    seed: int = 0,
+    *,
+    idle: int = 8,
+    max_cycles: int | None = None,
+    times: Mapping[str, list[int]] | None = None,
+) -> tuple[dict[str, list[object]], int]:
+    """``run_stream`` for components with several input and output streams.
+
+    ``inputs`` maps each input member's name to its beats, ``outputs`` each output member's
+    name to the number of beats expected; every stream has its own random stalls (input k
+    seeded ``seed + 2k``, output k ``seed + 2k + 1``). Returns the beats per output and the
+    cycle in which the last output beat (of any output) was taken.
+    """
+    total_in = sum(len(b) for b in inputs.values())
     if max_cycles is None:
         slack = 1.0 / max(0.05, 1.0 - max(stall_in, stall_out))
-        max_cycles = int(2000 + 50 * slack * (len(raws) + n_out))
-    rng_in, rng_out = random.Random(seed), random.Random(seed + 1)
-    got: list[object] = []
-    cycles, sent = [0], [0]
+        max_cycles = int(2000 + 50 * slack * (total_in + sum(outputs.values())))
+    sent = [0]
+    got: dict[str, list[object]] = {name: [] for name in outputs}
+    last = [0]
+    finished = [0]
 
-    async def producer(ctx):
-        for raw in raws:
-            while rng_in.random() < stall_in:
-                await ctx.tick()
-            ctx.set(i_payload, raw)
-            ctx.set(component.i.valid, 1)
-            taken = False
-            while not taken:
-                _, _, taken = await ctx.tick().sample(component.i.ready)
-            ctx.set(component.i.valid, 0)
-            sent[0] += 1
+    def producer(name: str, beats: Sequence[object], rng: random.Random):
+        port = getattr(component, name)
+        payload, shape = Value.cast(port.payload), port.payload.shape()
+        raws = [_encode(shape, b) for b in beats]
 
-    async def consumer(ctx):
-        waiting = None  # the raw payload of a beat offered but not taken
-        cycle = 0
-        while len(got) < n_out:
-            assert cycle < max_cycles, f"no output after {cycle} cycles ({len(got)}/{n_out} beats)"
-            ready = rng_out.random() >= stall_out
-            ctx.set(component.o.ready, ready)
-            _, _, valid, raw = await ctx.tick().sample(component.o.valid, o_payload)
-            cycle += 1
-            if waiting is not None:
-                assert valid and raw == waiting, f"cycle {cycle}: a waiting output beat changed"
-            waiting = raw if valid and not ready else None
-            if valid and ready:
-                got.append(_decode(out_shape, raw))
-                if times is not None:
-                    times.append(cycle)
-        cycles[0] = cycle
-        ctx.set(component.o.ready, 1)
-        # Input that no output depends on (e.g. rows a stride skips) may still be arriving.
-        k = 0
-        while k < idle or sent[0] < len(raws):
-            assert cycle < max_cycles, f"only {sent[0]} of {len(raws)} input beats were taken"
-            _, _, valid = await ctx.tick().sample(component.o.valid)
-            cycle, k = cycle + 1, k + 1
-            assert not valid, f"extra output beat {k} cycles after the last expected one"
+        async def run(ctx):
+            for raw in raws:
+                while rng.random() < stall_in:
+                    await ctx.tick()
+                ctx.set(payload, raw)
+                ctx.set(port.valid, 1)
+                taken = False
+                while not taken:
+                    _, _, taken = await ctx.tick().sample(port.ready)
+                ctx.set(port.valid, 0)
+                sent[0] += 1
+
+        return run
+
+    def consumer(name: str, n_out: int, rng: random.Random):
+        port = getattr(component, name)
+        payload, shape = Value.cast(port.payload), port.payload.shape()
+        out, stamps = got[name], (times or {}).get(name)
+
+        async def run(ctx):
+            waiting = None  # the raw payload of a beat offered but not taken
+            cycle = 0
+            while len(out) < n_out:
+                assert cycle < max_cycles, (
+                    f"no output after {cycle} cycles ({len(out)}/{n_out} beats on {name})"
+                )
+                ready = rng.random() >= stall_out
+                ctx.set(port.ready, ready)
+                _, _, valid, raw = await ctx.tick().sample(port.valid, payload)
+                cycle += 1
+                if waiting is not None:
+                    assert valid and raw == waiting, f"cycle {cycle}: a waiting output beat changed"
+                waiting = raw if valid and not ready else None
+                if valid and ready:
+                    out.append(_decode(shape, raw))
+                    if stamps is not None:
+                        stamps.append(cycle)
+            last[0] = max(last[0], cycle)
+            finished[0] += 1
+            ctx.set(port.ready, 1)
+            # Input that no output depends on (e.g. rows a stride skips) may still be arriving.
+            k = 0
+            while k < idle or sent[0] < total_in or finished[0] < len(outputs):
+                assert cycle < max_cycles, f"only {sent[0]} of {total_in} input beats were taken"
+                _, _, valid = await ctx.tick().sample(port.valid)
+                cycle, k = cycle + 1, k + 1
+                assert not valid, (
+                    f"extra output beat on {name} {k} cycles after the last expected one"
+                )
+
+        return run
 
     top = Module()
     top.domains.sync = ClockDomain()  # also for purely combinational components
     top.submodules.dut = component
     sim = Simulator(top)
     sim.add_clock(1e-6)
-    sim.add_testbench(producer, background=True)  # the consumer checks that it finished
-    sim.add_testbench(consumer)
+    for k, (name, beats) in enumerate(inputs.items()):
+        # Background: the consumers check that every producer finished.
+        sim.add_testbench(producer(name, beats, random.Random(seed + 2 * k)), background=True)
+    for k, (name, n_out) in enumerate(outputs.items()):
+        sim.add_testbench(consumer(name, n_out, random.Random(seed + 2 * k + 1)))
     sim.run()
-    return got, cycles[0]
+    return got, last[0]
