@@ -199,6 +199,9 @@ class _Doc:
 
 def _act_from_json(d: object, where: str) -> ActFormat:
     doc = _Doc(d, where)
+    rounding = doc.get("rounding", str, "half_up")
+    if rounding != "half_up":  # reserved in version 2 for imported models (DESIGN §6)
+        raise HwgenError(f"model.json: {where}.rounding {rounding!r} is not supported (half_up)")
     return ActFormat(doc.get("bits", int), doc.get("frac", int), doc.get("signed", bool))
 
 
@@ -235,6 +238,20 @@ def _inputs(doc: _Doc, v2: bool) -> tuple[str, ...]:
     return tuple(v)
 
 
+_MAC_KEYS = {"relu", "weight_format", "out_format", "weight", "bias"}
+_KEYS = {  # per op, beyond name, op, inputs and out_shape
+    "conv2d": {"in_channels", "out_channels", "kernel", "stride", "padding"} | _MAC_KEYS,
+    "linear": {"in_features", "out_features"} | _MAC_KEYS,
+    "maxpool2d": {"kernel", "stride"},
+    "avgpool2d": {"kernel", "stride"},
+    "subsample_pad": {"stride", "pad"},
+    "add": {"relu", "out_format"},
+    "relu": set(),
+    "flatten": set(),
+    "global_avgpool": set(),
+}
+
+
 def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool) -> Layer:
     doc = _Doc(d, f"layers[{i}]")
     name = doc.get("name", str)
@@ -242,6 +259,11 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool)
     op = doc.get("op", str)
     if not v2 and op in ("add", "global_avgpool", "subsample_pad"):
         raise HwgenError(f"model.json: layer {name} has op {op!r}, which needs version 2")
+    if v2 and op in _KEYS:
+        # Version 2 readers refuse what they do not know, so later keys cannot be misread.
+        unknown = sorted(set(doc.d) - _KEYS[op] - {"name", "op", "inputs", "out_shape"})
+        if unknown:
+            raise HwgenError(f"model.json: layer {name} has unknown key {unknown[0]!r}")
     inputs = _inputs(doc, v2)
     if op == "conv2d":
         return Conv2d(

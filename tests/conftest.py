@@ -19,15 +19,18 @@ from hypothesis import strategies as st
 
 from hwgen.ir import (
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Fixed,
     Flatten,
+    GlobalAvgPool,
     Linear,
     MaxPool2d,
     Network,
     Pow2,
     ReLU,
+    SubsamplePad,
     WeightFormat,
 )
 
@@ -135,3 +138,37 @@ def example_network(seed: int = 0) -> Network:
         mac("fc2", (10, 12), Fixed(8, 5), ActFormat(10, -3)),
     )
     return Network((1, 8, 8), ActFormat(8, 4), layers, name="example")
+
+
+def residual_network(seed: int = 0) -> Network:
+    """A small ResNet with both shortcut kinds, random on-grid weights.
+
+    (3, 8, 8) s8.f4 -> stem conv 3->4 (ReLU) -> block 1: conv, conv + identity, add (ReLU)
+    -> block 2: conv stride 2 4->8, conv + option-A shortcut (subsample 2, pad 2+2), add
+    (ReLU) -> global average pool -> Flatten -> linear 8->10.
+    """
+    rng = np.random.default_rng(seed)
+
+    def conv(name, cin, cout, wfmt, out, inputs=(), **kw) -> Conv2d:
+        weight = weight_array(rng, wfmt, (cout, cin, 3, 3), "random")
+        bias = rng.integers(-64, 65, size=cout)
+        return Conv2d(name, cin, cout, 3, wfmt, out, weight, bias, padding=1, inputs=inputs, **kw)
+
+    u8 = ActFormat(8, 3, signed=False)
+    layers = (
+        conv("stem", 3, 4, Pow2(5, 0), u8, relu=True),
+        conv("b1_conv1", 4, 4, Pow2(5, -1), u8, relu=True),
+        conv("b1_conv2", 4, 4, Fixed(6, 5), ActFormat(8, 4)),
+        Add("b1_add", u8, ("b1_conv2", "stem"), relu=True),
+        conv("b2_conv1", 4, 8, Pow2(4, -1), ActFormat(8, 2, signed=False), stride=2, relu=True),
+        conv("b2_conv2", 8, 8, Pow2(3, -2), ActFormat(9, 4)),
+        SubsamplePad("b2_short", 2, (2, 2), inputs=("b1_add",)),
+        Add("b2_add", ActFormat(8, 2, signed=False), ("b2_conv2", "b2_short"), relu=True),
+        GlobalAvgPool("pool"),
+        Flatten("flat"),
+        Linear(
+            "fc", 8, 10, Fixed(8, 6), ActFormat(10, 2),
+            weight_array(rng, Fixed(8, 6), (10, 8), "random"), rng.integers(-512, 513, size=10),
+        ),
+    )  # fmt: skip
+    return Network((3, 8, 8), ActFormat(8, 4), layers, name="resnet_toy")

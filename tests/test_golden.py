@@ -9,6 +9,7 @@ integers by floor division — never by calling hwgen.golden.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -19,26 +20,33 @@ from conftest import (
     array_modes,
     example_network,
     int_array,
+    residual_network,
     rngs,
     weight_array,
     weight_formats,
 )
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.ir import (
+    INPUT,
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Fixed,
     Flatten,
+    GlobalAvgPool,
     Linear,
     MaxPool2d,
     Network,
     Pow2,
     ReLU,
+    SubsamplePad,
+    add_range,
+    signed_bits,
 )
 
 # ---------------------------------------------------------------- the oracle
@@ -85,8 +93,32 @@ def oracle_requant(acc: np.ndarray, s: int, fmt: ActFormat, relu: bool) -> np.nd
     return np.vectorize(one, otypes=[np.int64])(acc)
 
 
+def oracle_add(
+    a: np.ndarray, b: np.ndarray, fa: ActFormat, fb: ActFormat, layer: Add
+) -> np.ndarray:
+    """Exact rationals: ``rhu((a·2^-fa + b·2^-fb) · 2^fo)``, saturated (no shifts, no golden)."""
+    fmt = layer.out_format
+    lo, hi = (max(fmt.lo, 0) if layer.relu else fmt.lo), fmt.hi
+
+    def one(x: int, y: int) -> int:
+        two = Fraction(2)
+        v = (int(x) * two**-fa.frac + int(y) * two**-fb.frac) * two**fmt.frac
+        return min(max(math.floor(v + Fraction(1, 2)), lo), hi)
+
+    return np.vectorize(one, otypes=[np.int64])(a, b)
+
+
 def oracle_layer(layer, x: np.ndarray, fmt: ActFormat) -> tuple[np.ndarray, ActFormat]:
     """One layer by the oracle: (output, output format)."""
+    if isinstance(layer, SubsamplePad):
+        (sh, sw), (before, after) = layer.stride, layer.pad
+        return F.pad(_t(x)[:, :, ::sh, ::sw], (0, 0, 0, 0, before, after)).numpy().astype(
+            np.int64
+        ), fmt
+    if isinstance(layer, GlobalAvgPool):
+        area = x.shape[2] * x.shape[3]
+        total = (F.adaptive_avg_pool2d(_t(x), 1) * area).numpy().astype(np.int64)
+        return (total + area // 2) // area, fmt
     if isinstance(layer, (Conv2d, Linear)):
         acc = (oracle_conv_acc if isinstance(layer, Conv2d) else oracle_linear_acc)(x, layer)
         s = fmt.frac + layer.weight_format.frac - layer.out_format.frac
@@ -465,13 +497,100 @@ def test_forward_accepts_any_integer_dtype():
         )
 
 
+# ---------------------------------------------------------------- graphs
+
+
+@st.composite
+def add_cases(draw: st.DrawFn):
+    """Two inputs of any formats (fracs far apart too) whose aligned sum fits 62 bits."""
+    rng = draw(rngs())
+    fa, fb = draw(act_formats(max_bits=24)), draw(act_formats(max_bits=24))
+    assume(signed_bits(*add_range(fa, fb)) <= 62)
+    fine = max(fa.frac, fb.frac)
+    fo = ActFormat(draw(st.integers(2, 16)), fine - draw(st.integers(-3, 12)), draw(st.booleans()))
+    layer = Add("s", fo, ("a", "b"), relu=draw(st.booleans()))
+    shape = (draw(st.integers(1, 3)), 2, draw(st.integers(1, 4)), 3)
+    a = int_array(rng, fa.lo, fa.hi, shape, draw(array_modes))
+    b = int_array(rng, fb.lo, fb.hi, shape, draw(array_modes))
+    return a, b, fa, fb, layer
+
+
+@given(add_cases())
+def test_add_matches_oracle(case):
+    a, b, fa, fb, layer = case
+    assert np.array_equal(gm.add_forward(a, b, fa, fb, layer), oracle_add(a, b, fa, fb, layer))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_add_ties_round_half_up_and_saturates(relu):
+    # s8.f1 + s8.f1 to s8.f0: (a + b) / 2 rounds half up; all-max and all-min saturate.
+    fmt = ActFormat(8, 1)
+    layer = Add("s", ActFormat(8, 0), ("a", "b"), relu=relu)
+    a = np.array([1, -1, 3, -3, 127, -128, 127, -128, 0])
+    b = np.array([0, 0, 0, 0, 127, -128, 126, -127, -1])
+    want = [1, 0, 2, -1, 127, -128, 127, -127, 0]
+    want = [max(v, 0) for v in want] if relu else want
+    assert gm.add_forward(a, b, fmt, fmt, layer).tolist() == want
+    assert oracle_add(a, b, fmt, fmt, layer).tolist() == want
+
+
+def test_add_of_very_different_fracs_is_exact():
+    """u8 at frac -20 (steps of 2^20) plus s16 at frac 24: sum aligned to 2^-24, 62 bits."""
+    fa, fb = ActFormat(8, -20, signed=False), ActFormat(16, 24)
+    layer = Add("s", ActFormat(24, 2), ("a", "b"))
+    a, b = np.array([[255, 1, 0, 1]]), np.array([[-32768, 32767, -1, 2**22]])
+    got = gm.add_forward(a, b, fa, fb, layer)
+    assert np.array_equal(got, oracle_add(a, b, fa, fb, layer))
+    assert got.tolist() == [[ActFormat(24, 2).hi, 2**22, 0, 2**22 + 1]]
+
+
+@given(
+    rngs(), act_formats(max_bits=16), array_modes, st.sampled_from([(1, 1), (2, 2), (4, 2), (1, 8)])
+)
+def test_global_avgpool_and_subsample_pad_match_oracle(rng, fmt, mode, hw):
+    x = int_array(rng, fmt.lo, fmt.hi, (2, 3, *hw), mode)
+    for layer in (
+        GlobalAvgPool("g"),
+        SubsamplePad("s", (2, 3), (1, 2)),
+        SubsamplePad("t", 1, (0, 5)),
+    ):
+        assert np.array_equal(gm.layer_forward(layer, x, fmt), oracle_layer(layer, x, fmt)[0])
+
+
+def test_global_avgpool_rounds_half_up():
+    x = np.array([1, 1, 0, 0, -1, -1, 0, 0, 3, 2, 2, 2]).reshape(3, 1, 2, 2)
+    assert gm.layer_forward(GlobalAvgPool("g"), x, ActFormat(8, 0)).ravel().tolist() == [1, 0, 2]
+
+
+def _oracle_graph(net: Network, x: np.ndarray) -> dict[str, np.ndarray]:
+    acts = {INPUT: x}
+    for layer in net.layers:
+        if isinstance(layer, Add):
+            a, b = layer.inputs
+            acts[layer.name] = oracle_add(acts[a], acts[b], net.formats[a], net.formats[b], layer)
+        else:
+            acts[layer.name] = oracle_layer(layer, acts[layer.inputs[0]], net.in_format(layer))[0]
+    return acts
+
+
+@given(rngs(), array_modes, st.integers(0, 3))
+def test_residual_forward_matches_oracle_graph(rng, mode, seed):
+    net = residual_network(seed)
+    fmt = net.input_format
+    x = int_array(rng, fmt.lo, fmt.hi, (2, *net.input_shape), mode)
+    want = _oracle_graph(net, x)
+    for layer, got in zip(net.layers, gm.forward(net, x), strict=True):
+        assert np.array_equal(got, want[layer.name]), layer.name
+
+
 @pytest.mark.slow
 @settings(max_examples=1500)
-@given(conv_cases(), networks())
-def test_long_campaign(conv_case, net_case):
-    """``pytest -m slow``: the conv and whole-network properties on many more examples."""
+@given(conv_cases(), networks(), add_cases())
+def test_long_campaign(conv_case, net_case, add_case):
+    """``pytest -m slow``: the conv, whole-network and add properties on many more examples."""
     test_conv2d_matches_oracle.hypothesis.inner_test(conv_case)
     test_forward_matches_chain_of_oracle_layers.hypothesis.inner_test(net_case)
+    test_add_matches_oracle.hypothesis.inner_test(add_case)
 
 
 def test_forward_on_an_empty_batch():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import example_network
+from conftest import example_network, residual_network
 
 from hwgen import golden as gm
 from hwgen import hwq
@@ -312,3 +312,76 @@ def test_documented_example_is_accurate():
     assert [k for k, _ in documented] == net.names
     for name, value in documented:
         assert outs[name][0].tolist() == json.loads(value), name
+
+
+# ---------------------------------------------------------------- version 2 (graphs)
+
+
+def test_chain_is_written_as_version_1(tmp_path, net):
+    doc, _ = _unpack(hwq.save(net, tmp_path / "m.hwq"))
+    assert doc["version"] == 1 and "output" not in doc
+    assert all("inputs" not in d for d in doc["layers"])
+
+
+def test_graph_round_trip_is_exact_and_deterministic(tmp_path):
+    res = residual_network(2)
+    path = hwq.save(res, tmp_path / "r.hwq", meta={"scheme": "pow2"})
+    doc, _ = _unpack(path)
+    assert doc["version"] == 2 and doc["output"] == "fc"
+    assert _layer(doc, "b1_add") == {
+        "name": "b1_add", "op": "add", "relu": True,
+        "out_format": {"bits": 8, "frac": 3, "signed": False},
+        "inputs": ["b1_conv2", "stem"], "out_shape": [4, 8, 8],
+    }  # fmt: skip
+    assert (
+        _layer(doc, "b2_short")["pad"] == [2, 2] and _layer(doc, "pool")["op"] == "global_avgpool"
+    )
+    back = hwq.load(path)
+    assert back == res and back.shapes == res.shapes and back.formats == res.formats
+    again = hwq.save(back, tmp_path / "again.hwq", meta={"scheme": "pow2"})
+    assert again.read_bytes() == path.read_bytes()
+
+
+def _v1(doc, arrays):
+    doc["version"] = 1
+
+
+BAD_GRAPHS = {
+    "v2 op in a v1 file": (_v1, "layer b1_add has op 'add', which needs version 2"),
+    "missing inputs": (
+        lambda doc, arrays: _layer(doc, "stem").pop("inputs"),
+        "model.json: layer stem has no 'inputs'",
+    ),
+    "inputs not names": (_set("b1_add", "inputs", [1, 2]), r"layer b1_add.inputs must be layer"),
+    "later input": (
+        _set("b1_add", "inputs", ["b1_conv2", "fc"]),
+        "layer b1_add: input 'fc' is not the network input or an earlier layer",
+    ),
+    "one input to add": (_set("b1_add", "inputs", ["stem"]), "layer b1_add: takes 2 inputs"),
+    "dangling layer": (
+        _set("b2_short", "inputs", ["b2_conv1"]),
+        r"b2_add: adds inputs of different shapes",
+    ),
+    "unused layer": (
+        lambda doc, arrays: [
+            _set(n, "inputs", ["stem"])(doc, arrays) for n in ("b2_conv1", "b2_short")
+        ],
+        "layer b1_add: its output is never used",
+    ),
+    "wrong output": (_set("output", "pool"), "model.json: output is 'pool', but the last layer"),
+    "unknown key": (_set("b2_short", "offset", [1, 1]), "layer b2_short has unknown key 'offset'"),
+    "rounding": (
+        _set("b1_add", "out_format", {"bits": 8, "frac": 3, "signed": False, "rounding": "floor"}),
+        r"layer b1_add.out_format.rounding 'floor' is not supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GRAPHS))
+def test_graph_loader_rejects_with_one_line(tmp_path, case):
+    mutate, message = BAD_GRAPHS[case]
+    doc, arrays = _unpack(hwq.save(residual_network(), tmp_path / "good.hwq"))
+    mutate(doc, arrays)
+    with pytest.raises(HwgenError, match=message) as e:
+        hwq.load(_write_dir(tmp_path / "bad.hwq", doc, arrays))
+    assert "\n" not in str(e.value)

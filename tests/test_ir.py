@@ -6,24 +6,29 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import example_network
+from conftest import example_network, residual_network
 
 from hwgen.errors import HwgenError
 from hwgen.ir import (
     ACC_BITS_MAX,
+    INPUT,
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Fixed,
     Flatten,
+    GlobalAvgPool,
     Linear,
     MaxPool2d,
     Network,
     Pow2,
     ReLU,
+    SubsamplePad,
     acc_bits,
     acc_frac,
     acc_range,
+    add_range,
     signed_bits,
 )
 
@@ -291,3 +296,83 @@ def test_network_errors(shape, layers, message):
 def test_conv_output_shape_with_stride_and_padding():
     net = Network((1, 7, 9), ActFormat(8, 0), (_conv(k=3, stride=(2, 3), padding=(1, 0)),))
     assert net.output_shape == (2, 4, 3)  # (7+2-3)//2+1, (9-3)//3+1
+
+
+# ---------------------------------------------------------------- graphs
+
+
+def test_residual_network_shapes_formats_and_wiring():
+    net = residual_network()
+    assert not net.is_chain and example_network().is_chain
+    assert net.layer("b1_add").inputs == ("b1_conv2", "stem")
+    assert net.layer("b2_conv1").inputs == ("b1_add",)  # implicit: the layer before
+    assert [lyr.name for lyr in net.consumers("b1_add")] == ["b2_conv1", "b2_short"]
+    assert [lyr.name for lyr in net.consumers(INPUT)] == ["stem"]
+    assert net.shapes["b2_short"] == (8, 4, 4) and net.shapes["pool"] == (8, 1, 1)
+    assert net.formats["b2_short"] == net.formats["b1_add"]  # exact, same format
+    assert net.formats["b2_add"] == ActFormat(8, 2, signed=False)
+    assert net.in_format(net.layer("b1_add")) == net.formats["b1_conv2"]
+    assert net.output == "fc" and net.output_shape == (10,)
+    assert net == residual_network() and net != residual_network(seed=1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "stride", "pad", "out"),
+    [((16, 32, 32), 2, (8, 8), (32, 16, 16)), ((3, 5, 7), (2, 3), (0, 1), (4, 3, 3)),
+     ((4, 4, 4), 1, (0, 0), (4, 4, 4))],
+)  # fmt: skip
+def test_subsample_pad_shape(shape, stride, pad, out):
+    net = Network(shape, ActFormat(8, 0), (SubsamplePad("s", stride, pad),))
+    assert net.output_shape == out
+
+
+def test_add_range_aligns_to_the_finer_frac():
+    # s8.f0 in [-128, 127] and u4.f3 in [0, 15]: F = 3, a << 3 in [-1024, 1016]
+    assert add_range(ActFormat(8, 0), ActFormat(4, 3, signed=False)) == (-1024, 1016 + 15)
+
+
+def _add(name="a", inputs=("c", "input"), **kw) -> Add:
+    return Add(name, ActFormat(8, 0), inputs, **kw)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ((_conv(padding=1), _add(inputs=("c",))), r"layer a: takes 2 inputs, not \['c'\]"),
+        ((_conv(padding=1), _add(inputs=("c", "x"))), "layer a: input 'x' is not the network"),
+        ((_add(inputs=("input", "c")), _conv(padding=1)), "layer a: input 'c' is not the network"),
+        ((_conv(inputs=("input", "input")),), r"layer c: takes 1 input, not \['input', 'input'\]"),
+        ((_conv(), _add(inputs=("c", "input"))), r"a: adds inputs of different shapes \(2, 6, 6\)"),
+        ((_conv("c1", padding=1), _conv("c2", inputs=("input",))), "layer c1: its output is never"),
+        ((GlobalAvgPool("g", inputs=("input",)), ReLU("r")), None),
+    ],
+)  # fmt: skip
+def test_graph_errors_name_the_layer(layers, message):
+    if message is None:  # a well-formed graph, for contrast
+        Network((1, 8, 8), ActFormat(8, 0), layers)
+        return
+    with pytest.raises(HwgenError, match=message):
+        Network((1, 8, 8), ActFormat(8, 0), layers)
+
+
+def test_global_avgpool_needs_a_power_of_two_area():
+    with pytest.raises(HwgenError, match=r"layer g: global average pool over 3x4 = 12 values"):
+        Network((2, 3, 4), ActFormat(8, 0), (GlobalAvgPool("g"),))
+
+
+def _fine_conv(frac: int) -> Conv2d:
+    w = np.zeros((1, 1, 1, 1), int)
+    return Conv2d("c", 1, 1, 1, Fixed(4, 0), ActFormat(16, frac), w, np.zeros(1, int))
+
+
+@pytest.mark.parametrize(("in_frac", "conv_frac", "bits"), [(-32, 32, 81), (-10, 32, 59)])
+def test_add_whose_aligned_sum_is_too_wide_is_refused(in_frac, conv_frac, bits):
+    """s16 at frac -32 aligned to frac 32 is shifted by 64: an 81-bit sum (max 62)."""
+    layers = (_fine_conv(conv_frac), Add("a", ActFormat(8, 0), ("c", "input")))
+    if bits <= 62:
+        Network((1, 2, 2), ActFormat(16, in_frac), layers)
+        return
+    with pytest.raises(
+        HwgenError, match=rf"layer a: aligning s16.f32 with s16.f{in_frac} needs {bits} bits"
+    ):
+        Network((1, 2, 2), ActFormat(16, in_frac), layers)
