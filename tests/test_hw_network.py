@@ -7,10 +7,10 @@ from amaranth.sim import Simulator
 from hwgen import golden
 from hwgen.hw.board import AxiNetwork
 from hwgen.hw.engine import choose_folding
-from hwgen.hw.network import NetworkTop
+from hwgen.hw.network import NetworkTop, skip_fifo_depths
 from hwgen.hw.streams import run_stream
 from hwgen.ir import Flatten, Network
-from tests.conftest import example_network
+from tests.conftest import example_network, residual_network
 
 
 def _foldings(net: Network, max_pe: int, max_simd: int) -> dict[str, tuple[int, int]]:
@@ -45,6 +45,49 @@ def test_network_top_equals_golden(max_pe, max_simd, stalls):
     got, _ = run_stream(top, beats, n_out, stall_in=stalls, stall_out=stalls, seed=7)
     rtl = np.array([v for beat in got for v in beat]).reshape(2, -1)
     assert np.array_equal(rtl, golden.forward(net, x)[-1])
+
+
+def _run_network(net, foldings, n, stalls, seed, **kw):
+    top = NetworkTop(net, foldings, **kw)
+    x = _inputs(net, n, seed=seed)
+    beats = [b for img in x for b in _hwc_beats(img[None], top.infos[0].in_lanes)]
+    n_out = n * int(np.prod(net.output_shape)) // top.infos[-1].out_lanes
+    # The first image passes every layer in turn: bound the run by the layers' total work.
+    limit = int(4 * (n + 1) * sum(i.ideal_cycles for i in top.infos) / (1 - stalls) ** 2) + 5000
+    got, cycles = run_stream(
+        top, beats, n_out, stall_in=stalls, stall_out=stalls, seed=seed, max_cycles=limit
+    )
+    return np.array([v for beat in got for v in beat]).reshape(n, -1), x, cycles
+
+
+@pytest.mark.parametrize(
+    ("max_pe", "max_simd", "stalls"), [(1, 1, 0.0), (2, 2, 0.4), (4, 4, 0.2), (8, 1, 0.6)]
+)
+def test_residual_network_equals_golden(max_pe, max_simd, stalls):
+    net = residual_network(seed=max_pe)
+    rtl, x, _ = _run_network(net, _foldings(net, max_pe, max_simd), 3, stalls, seed=max_simd)
+    assert np.array_equal(rtl, golden.forward(net, x)[-1])
+
+
+def test_residual_network_skip_fifos():
+    net = residual_network()
+    depths = skip_fifo_depths(net, _foldings(net, 2, 2))
+    # The identity and the option-A shortcut get a FIFO; the conv branches do not.
+    assert set(depths) == {("b1_add", 1), ("b2_short", 0)}
+    # Each covers at least the long branch's two sliding windows (K + S rows each), in
+    # beats of the forked tensor (2 lanes): b2_conv2's 4 rows of a 4-row map stand for a
+    # whole image of b1_add (256 values).
+    assert depths[("b1_add", 1)] >= 2 * (3 + 1) * 8 * 4 // 2
+    assert depths[("b2_short", 0)] >= ((3 + 2) * 8 * 4 + 256) // 2
+
+
+def test_residual_network_deadlocks_with_small_skip_fifos():
+    # What the sizing rule prevents: with 2-beat skip FIFOs the fork blocks on the full skip
+    # branch while the add waits for the conv branch, which waits for the fork.
+    net = residual_network()
+    small = dict.fromkeys(skip_fifo_depths(net, _foldings(net, 2, 2)), 2)
+    with pytest.raises(AssertionError, match="no output after"):
+        _run_network(net, _foldings(net, 2, 2), 1, 0.0, 0, skip_depths=small)
 
 
 def test_axi_network_tlast_and_error_flag():
