@@ -8,7 +8,7 @@ A build folder (docs/build-format.md)::
     rtl/<net>_top.v          the network with AXI4-Stream ports (s_axis_*, m_axis_*)
     rtl/<net>_stream.v       the same chain with hwgen's stream ports, for the benches
     rom/<layer>_pe<k>.hex    each PE's weight ROM, $readmemh text
-    vectors/<layer>.npz      per-layer test vectors: golden input and output streams
+    vectors/<layer>.npz      per-layer test vectors: golden input(s) and output streams
     vectors/network.npz      whole-network vectors
     vendor/                  Vivado (Arty A7) and Quartus project skeletons
 
@@ -39,7 +39,7 @@ from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
-from hwgen.ir import INPUT, ActFormat, Conv2d, Flatten, Linear, Network
+from hwgen.ir import INPUT, ActFormat, Add, Conv2d, Flatten, Linear, Network
 from hwgen.synth import DEVICES, synthesize, tool_env
 from hwgen.templates import template, vendor_projects
 
@@ -172,13 +172,39 @@ def _entry(
 def _layer_fields(net: Network, index: int) -> dict[str, Any]:
     layer = net.layers[index]
     d: dict[str, Any] = {
+        "inputs": list(layer.inputs),
         "in_format": str(net.in_format(layer)),
         "out_format": str(net.formats[layer.name]),
     }
     if isinstance(layer, (Conv2d, Linear)):
         d["weight_format"] = str(layer.weight_format)
         d["relu"] = layer.relu
+    if isinstance(layer, Add):
+        fb = net.formats[layer.inputs[1]]
+        d |= {"in_b_bits": fb.bits, "in_b_signed": fb.signed, "in_b_format": str(fb)}
+        d["relu"] = layer.relu
     return d
+
+
+def _layer_vectors(
+    net: Network, index: int, acts: Mapping[str, np.ndarray], info: EngineInfo
+) -> dict[str, np.ndarray]:
+    """A layer's vector arrays: the network's activations at its input(s), then its extremes.
+
+    An add has two inputs: ``input``/``input_stream`` (a) and ``input_b``/``input_b_stream``
+    (b), both at their extremes together (all-max, all-min: saturation both ways).
+    """
+    layer = net.layers[index]
+    fins = [net.formats[name] for name in layer.inputs]
+    xs = [
+        np.concatenate([acts[name], _extremes(fmt, net.shapes[name])])
+        for name, fmt in zip(layer.inputs, fins, strict=True)
+    ]
+    y = golden.layer_forward(layer, xs, fins)
+    vec = {"input": xs[0], "output": y, "input_stream": _streams(xs[0], info.in_lanes)}
+    if len(xs) == 2:
+        vec |= {"input_b": xs[1], "input_b_stream": _streams(xs[1], info.in_lanes)}
+    return vec | {"output_stream": _streams(y, info.out_lanes)}
 
 
 def _write(root: Path, rel: str, data: str | bytes) -> None:
@@ -217,19 +243,9 @@ def build(
         files[f"rtl/{module}.v"] = verilog.convert(engine, name=module, emit_src=False)
         for k, words in enumerate(info.roms):
             files[rom_file(layer.name, k)] = hex_lines(words, info.rom_width)
-        # The network's own activations, then this layer's extremes.
-        fin = net.in_format(layer)
-        lx = np.concatenate([acts[layer.inputs[0]], _extremes(fin, net.in_shape(layer))])
-        ly = golden.layer_forward(layer, lx, fin)
+        vectors = _layer_vectors(net, index, acts, info)
         vec = f"vectors/{layer.name}.npz"
-        files[vec] = npz_bytes(
-            {
-                "input": lx,
-                "output": ly,
-                "input_stream": _streams(lx, info.in_lanes),
-                "output_stream": _streams(ly, info.out_lanes),
-            }
-        )
+        files[vec] = npz_bytes(vectors)
         entry = _entry(
             net,
             layer.name,
@@ -238,7 +254,7 @@ def build(
             [f"rtl/{module}.v", *rom_src],
             net.shapes[layer.name],
             vec,
-            len(lx),
+            len(vectors["input"]),
         )
         entry |= _layer_fields(net, index)
         entry["roms"] = [rom_file(layer.name, k) for k in range(len(info.roms))]

@@ -64,8 +64,14 @@ def _now_ns() -> float:
 class StreamDriver:
     """Drives ``<prefix>__payload/valid`` and obeys ``<prefix>__ready``."""
 
-    def __init__(self, dut: SimHandleBase, prefix: str, clk: SimHandleBase, bits: int,
-                 idle: Inserter | None = None) -> None:
+    def __init__(
+        self,
+        dut: SimHandleBase,
+        prefix: str,
+        clk: SimHandleBase,
+        bits: int,
+        idle: Inserter | None = None,
+    ) -> None:
         self.payload = getattr(dut, f"{prefix}__payload")
         self.valid = getattr(dut, f"{prefix}__valid")
         self.ready = getattr(dut, f"{prefix}__ready")
@@ -99,8 +105,16 @@ class StreamMonitor:
     ready low, valid must stay high and the payload must not change.
     """
 
-    def __init__(self, dut: SimHandleBase, prefix: str, clk: SimHandleBase, lanes: int,
-                 bits: int, signed: bool, backpressure: Inserter | None = None) -> None:
+    def __init__(
+        self,
+        dut: SimHandleBase,
+        prefix: str,
+        clk: SimHandleBase,
+        lanes: int,
+        bits: int,
+        signed: bool,
+        backpressure: Inserter | None = None,
+    ) -> None:
         self.payload = getattr(dut, f"{prefix}__payload")
         self.valid = getattr(dut, f"{prefix}__valid")
         self.ready = getattr(dut, f"{prefix}__ready")
@@ -111,8 +125,9 @@ class StreamMonitor:
         self.violations: list[str] = []
         self.ready.value = 0
 
-    async def collect(self, count: int, on_beat: Callable[[list[int]], None] | None = None
-                      ) -> list[list[int]]:
+    async def collect(
+        self, count: int, on_beat: Callable[[list[int]], None] | None = None
+    ) -> list[list[int]]:
         """Receive ``count`` beats (lane value lists) and return them."""
         ready = self.backpressure.go()
         self.ready.value = int(ready)

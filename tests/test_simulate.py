@@ -1,4 +1,5 @@
-"""simulate_layer on a stand-in stream component (lane-wise ReLU with a throttle)."""
+"""simulate_layer on a stand-in stream component (lane-wise ReLU with a throttle) and on a
+residual network's build."""
 
 import json
 
@@ -9,9 +10,12 @@ from amaranth.back import verilog
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from hwgen import golden
+from hwgen.emit import BuildOptions, build
 from hwgen.errors import HwgenError
 from hwgen.fsutil import npz_bytes
 from hwgen.simulate import check_outputs, simulate_layer
+from tests.conftest import residual_network
 
 
 class _Relu(wiring.Component):
@@ -113,3 +117,26 @@ def test_bad_build_folder_and_layer(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "hwgen-build", "layers": []}))
     with pytest.raises(HwgenError, match="no layer named 'x'"):
         simulate_layer(tmp_path, "x")
+
+
+def test_residual_network_build_and_sim(tmp_path):
+    """A residual network through hwgen build and Verilator: an add engine alone (two
+    input drivers with random stalls) and the whole DAG top."""
+    net = residual_network(seed=5)
+    manifest = build(net, tmp_path / "b", BuildOptions(max_pe=2, max_simd=2, vectors=3))
+    entries = {e["name"]: e for e in manifest["layers"]}
+    assert entries["b1_add"]["inputs"] == ["b1_conv2", "stem"]
+    assert entries["b1_add"]["kind"] == "add" and entries["b2_short"]["kind"] == "subsample_pad"
+    with np.load(tmp_path / "b/vectors/b1_add.npz") as vec:
+        expected = golden.layer_forward(
+            net.layer("b1_add"),
+            [vec["input"], vec["input_b"]],
+            [net.formats["b1_conv2"], net.formats["stem"]],
+        )
+        assert np.array_equal(vec["output"], expected)
+        assert vec["input_b_stream"].shape == (7, 4 * 8 * 8 // 2, 2)
+    for name in ("b1_add", "network"):
+        r = simulate_layer(tmp_path / "b", name, stalls=0.3, seed=2)
+        assert r.first_mismatch is None, r.first_mismatch
+        assert r.ok and r.outputs_checked > 0
+    assert r.images_equal == r.images == 5
