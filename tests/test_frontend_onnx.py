@@ -13,10 +13,21 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from hwgen.cli import main
 from hwgen.errors import HwgenError
+from hwgen.examples.resnet import CifarResNet, random_resnet20, seeded_init
 from hwgen.frontend import load_model
-from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FMaxPool2d
+from hwgen.frontend.graph import (
+    FAdd,
+    FConv2d,
+    FFlatten,
+    FGlobalAvgPool,
+    FLinear,
+    FMaxPool2d,
+    FSubsamplePad,
+)
 from hwgen.frontend.onnx_import import from_onnx
+from hwgen.frontend.torch_import import from_module
 
 
 class Net(nn.Module):
@@ -259,12 +270,12 @@ def test_bad_settings(tmp_path: Path, node, inits, shape, message):
     assert "\n" not in str(e.value)
 
 
-def test_not_a_chain(tmp_path: Path):
+def test_unused_output_refused(tmp_path: Path):
     nodes = [
         helper.make_node("Relu", ["x"], ["a"], name="r1"),
         helper.make_node("Relu", ["x"], ["y"], name="r2"),
     ]
-    with pytest.raises(HwgenError, match="not a sequential chain"):
+    with pytest.raises(HwgenError, match=r"^the output of 'r1' is never used$"):
         from_onnx(_save(_graph(nodes, {}), tmp_path / "b.onnx"))
 
 
@@ -281,9 +292,193 @@ def test_load_model_onnx_and_errors(tmp_path: Path):
     for spec, message in [
         (tmp_path / "w.pt", "needs the Python API"),
         (str(tmp_path / "model.h5"), "unsupported file type '.h5'"),
-        ("mnist", "no such file, and not a built-in example (digits)"),
+        ("mnist", "no such file, and not a built-in example (digits, digits-res, resnet20)"),
         (tmp_path / "missing.onnx", "no such file"),
     ]:
         with pytest.raises(HwgenError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
             load_model(spec)
         assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ residual networks
+
+
+def _same_graph(a, b) -> None:
+    """Two imports of one model: same layers, names, inputs and flags."""
+    assert [(type(x), x.name, x.inputs) for x in a.layers] == [
+        (type(y), y.name, y.inputs) for y in b.layers
+    ]
+    assert [getattr(x, "relu", None) for x in a.layers] == [
+        getattr(y, "relu", None) for y in b.layers
+    ]
+
+
+def test_resnet20_option_a(tmp_path: Path):
+    # The exporter folds conv + BN in float32 itself: agreement is to float32 precision.
+    model = random_resnet20(0)
+    path = _export(model, (3, 32, 32), tmp_path / "resnet20.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Slice", "Pad", "Add", "GlobalAveragePool", "ConstantOfShape"} <= ops
+    assert _max_error(path, model, (3, 32, 32)) < 1e-5
+    net = from_onnx(path)
+    _same_graph(net, from_module(model, (3, 32, 32)))
+    shortcuts = [layer for layer in net.layers if isinstance(layer, FSubsamplePad)]
+    assert [(s.name, s.stride, s.pad) for s in shortcuts] == [
+        ("layers_1_0_shortcut", (2, 2), (8, 8)),
+        ("layers_2_0_shortcut", (2, 2), (16, 16)),
+    ]
+
+
+def test_unfolded_residual_export(tmp_path: Path):
+    # BatchNormalization nodes kept, the pad amounts computed by a constant subgraph.
+    model = seeded_init(CifarResNet((1, 1), (4, 8)), 1, (3, 8, 8))
+    path = _export(
+        model,
+        (3, 8, 8),
+        tmp_path / "a.onnx",
+        training=torch.onnx.TrainingMode.PRESERVE,
+        do_constant_folding=False,
+    )
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"BatchNormalization", "Slice", "Pad", "Transpose", "Concat"} <= ops
+    assert _max_error(path, model, (3, 8, 8)) < 1e-9
+    net = from_onnx(path)
+    _same_graph(net, from_module(model, (3, 8, 8)))
+    assert [type(layer) for layer in net.layers][-3:] == [FGlobalAvgPool, FFlatten, FLinear]
+
+
+def test_option_b_shortcut(tmp_path: Path):
+    model = seeded_init(CifarResNet((1, 2), (4, 8), shortcut="B"), 2, (3, 8, 8))
+    path = _export(model, (3, 8, 8), tmp_path / "b.onnx", do_constant_folding=False)
+    assert _max_error(path, model, (3, 8, 8)) < 1e-9
+    net = from_onnx(path)
+    _same_graph(net, from_module(model, (3, 8, 8)))
+    assert sum(isinstance(layer, FAdd) for layer in net.layers) == 3
+    assert not any(isinstance(layer, FSubsamplePad) for layer in net.layers)
+
+
+class MeanHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x))
+        return self.fc(y.mean((2, 3)) + y.mean((-1, -2)))  # a fork and a join
+
+
+def test_reduce_mean_and_fork(tmp_path: Path):
+    model = MeanHead().eval()
+    path = _export(model, (2, 4, 4), tmp_path / "m.onnx")
+    assert "ReduceMean" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert _max_error(path, model, (2, 4, 4)) < 1e-9
+    kinds = [type(layer) for layer in from_onnx(path).layers]
+    assert kinds == [FConv2d, FGlobalAvgPool, FFlatten, FGlobalAvgPool, FFlatten, FAdd, FLinear]
+
+
+class Cat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv(x), x], 1)
+
+
+def test_concat_refused_by_the_cli(tmp_path: Path, capsys):
+    path = _export(Cat().eval(), (2, 4, 4), tmp_path / "cat.onnx")
+    with pytest.raises(HwgenError, match=r"^unsupported op Concat at node '/Concat'$"):
+        from_onnx(path)
+    argv = ["quantize", str(path), "--scheme", "pow2", "--bits", "5", "-o", str(tmp_path / "q")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == "hwgen: error: unsupported op Concat at node '/Concat'\n"
+
+
+@pytest.mark.parametrize(
+    ("nodes", "inits", "message"),
+    [
+        (
+            [helper.make_node("Sigmoid", ["x"], ["y"], name="sig")],
+            {},
+            "^unsupported op Sigmoid at node 'sig'$",
+        ),
+        (
+            [helper.make_node("Conv", ["x", "w"], ["y"], name="gc", group=2)],
+            {"w": np.zeros((2, 1, 1, 1))},
+            "^unsupported Conv setting group=2 dilations=.* at node 'gc'$",
+        ),
+        (
+            [helper.make_node("GlobalAveragePool", ["x"], ["y"], name="gap")],
+            {},
+            "^global average pool 'gap' over 3x3 = 9 values",
+        ),
+        (
+            [helper.make_node("ReduceMean", ["x"], ["y"], name="rm", axes=[1])],
+            {},
+            r"^unsupported ReduceMean over axes \[1\] at node 'rm'",
+        ),
+        (
+            [helper.make_node("Pad", ["x", "p"], ["y"], name="pd")],
+            {"p": np.array([0, 0, 1, 0, 0, 0, 1, 0])},
+            "^unsupported Pad at node 'pd'",
+        ),
+        (
+            [helper.make_node("Pad", ["x", "p", "v"], ["y"], name="pd")],
+            {"p": np.array([0, 1, 0, 0, 0, 1, 0, 0]), "v": np.array(1.0)},
+            "^unsupported Pad at node 'pd'",
+        ),
+        (
+            [helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"], name="sl")],
+            {"s": np.array([1]), "e": np.array([9]), "a": np.array([2]), "t": np.array([2])},
+            "^unsupported Slice at node 'sl'",
+        ),
+        (
+            [helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"], name="sl")],
+            {"s": np.array([0]), "e": np.array([1]), "a": np.array([1]), "t": np.array([1])},
+            "^unsupported Slice at node 'sl'",
+        ),
+        (
+            [
+                helper.make_node("Conv", ["x", "w"], ["c"], name="c"),
+                helper.make_node("Add", ["c", "x"], ["y"], name="join"),
+            ],
+            {"w": np.zeros((2, 2, 3, 3))},
+            r"^Add 'join' adds tensors of different shapes \(2, 1, 1\) and \(2, 3, 3\)$",
+        ),
+    ],
+)
+def test_residual_refusals(tmp_path: Path, nodes, inits, message):
+    model = _graph(nodes, {}, (1, 2, 3, 3))
+    for k, v in inits.items():  # integer inputs stay integer
+        dtype = np.float32 if v.dtype.kind == "f" else np.int64
+        model.graph.initializer.append(numpy_helper.from_array(v.astype(dtype), k))
+    with pytest.raises(HwgenError, match=message) as e:
+        from_onnx(_save(model, tmp_path / "m.onnx"))
+    assert "\n" not in str(e.value)
+
+
+def test_slice_and_pad_by_hand(tmp_path: Path):
+    # Negative start on a dimension of 1, huge ends, one Slice for both axes; Pad then Slice.
+    nodes = [
+        helper.make_node("Pad", ["x", "p"], ["a"], name="pad"),
+        helper.make_node("Slice", ["a", "s", "e", "ax", "t"], ["b"], name="sub"),
+        helper.make_node("Relu", ["b"], ["y"], name="r"),
+    ]
+    model = _graph(nodes, {}, (1, 2, 5, 4))
+    ints = {
+        "p": [0, 1, 0, 0, 0, 3, 0, 0],
+        "s": [0, -5],
+        "e": [2**62, 2**62],
+        "ax": [-1, 2],
+        "t": [3, 2],
+    }
+    for k, v in ints.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(v, np.int64), k))
+    net = from_onnx(_save(model, tmp_path / "sp.onnx"))
+    assert [type(layer) for layer in net.layers] == [FSubsamplePad, type(net.layers[1])]
+    assert net.layers[0].stride == (2, 3) and net.layers[0].pad == (1, 3)
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    want = torch.relu(F.pad(x, (0, 0, 0, 0, 1, 3))[:, :, ::2, ::3])
+    assert torch.equal(net.forward(x)[-1], want)

@@ -12,8 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwgen.errors import HwgenError
-from hwgen.frontend.chain import fold_batchnorm, identifier
-from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FMaxPool2d, FReLU
+from hwgen.examples.resnet import CifarResNet, random_resnet20, seeded_init
+from hwgen.frontend.builder import fold_batchnorm, identifier
+from hwgen.frontend.graph import (
+    FAdd,
+    FConv2d,
+    FFlatten,
+    FGlobalAvgPool,
+    FLinear,
+    FMaxPool2d,
+    FReLU,
+    FSubsamplePad,
+)
 from hwgen.frontend.torch_import import from_module, load_state_dict_file
 
 
@@ -172,15 +182,6 @@ class Sigmoid(nn.Module):
         return torch.sigmoid(self.fc(x))
 
 
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 2, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + x
-
-
 class Recurrent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -205,7 +206,6 @@ class Branchy(nn.Module):
     [
         (Recurrent(), (3, 4), "unsupported op LSTM at layer 'rnn'"),
         (Sigmoid(), (4,), "unsupported op torch.sigmoid at node 'sigmoid'"),
-        (Residual(), (2, 4, 4), "unsupported op operator.add at node 'add'"),
         (
             nn.Sequential(nn.Conv2d(1, 1, 3), nn.Tanh()),
             (1, 4, 4),
@@ -256,7 +256,7 @@ def test_view_that_is_not_a_flatten():
         from_module(Regroup(), (4, 2, 2))
 
 
-def test_fork_refused():
+def test_unused_output_refused():
     class Fork(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -266,7 +266,7 @@ def test_fork_refused():
             F.relu(x)  # a second, dead use of the input
             return self.fc(x)
 
-    with pytest.raises(HwgenError, match="not a sequential chain"):
+    with pytest.raises(HwgenError, match=r"^the output of 'relu' is never used$"):
         from_module(Fork(), (2,))
 
 
@@ -324,3 +324,215 @@ def test_state_dict_mismatch_and_missing(tmp_path: Path):
         load_state_dict_file(tmp_path / "w.pt", nn.Sequential(nn.Linear(3, 2)))
     with pytest.raises(HwgenError, match="no such file"):
         load_state_dict_file(tmp_path / "nope.pt", nn.Linear(3, 2))
+
+
+# ------------------------------------------------------------------ residual networks
+
+
+class LambdaLayer(nn.Module):
+    """The option-A shortcut as the widely used PyTorch CIFAR ResNets write it."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class LambdaBlock(nn.Module):
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1:
+            self.shortcut = LambdaLayer(
+                lambda x: F.pad(
+                    x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        out = F.relu(out)
+        return out
+
+
+class LambdaResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(LambdaBlock(4, 4, 1))
+        self.layer2 = nn.Sequential(LambdaBlock(4, 8, 2))
+        self.linear = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer2(self.layer1(out))
+        out = F.adaptive_avg_pool2d(out, 1)
+        return self.linear(out.view(out.size(0), -1))
+
+
+def _kinds(net) -> list[type]:
+    return [type(layer) for layer in net.layers]
+
+
+def test_resnet20_option_a():
+    model = random_resnet20(0)  # seeded, BatchNorm statistics non-trivial
+    net = _check_equivalent(model, (3, 32, 32))
+    kinds = _kinds(net)
+    assert kinds.count(FConv2d) == 19 and kinds.count(FAdd) == 9 and kinds.count(FLinear) == 1
+    assert kinds[-3:] == [FGlobalAvgPool, FFlatten, FLinear]
+    assert FReLU not in kinds and all(layer.relu for layer in net.layers if type(layer) is FAdd)
+    shortcuts = [layer for layer in net.layers if isinstance(layer, FSubsamplePad)]
+    assert [(s.name, s.stride, s.pad) for s in shortcuts] == [
+        ("layers_1_0_shortcut", (2, 2), (8, 8)),
+        ("layers_2_0_shortcut", (2, 2), (16, 16)),
+    ]
+    names = [layer.name for layer in net.layers]
+    i = names.index("layers_1_0_conv1")  # the first stride-2 block
+    block = net.layers[i : i + 3]
+    assert names[i : i + 4] == [
+        "layers_1_0_conv1",
+        "layers_1_0_conv2",
+        "layers_1_0_shortcut",
+        "layers_1_0",
+    ]
+    add = net.layers[i + 3]
+    assert add.name == "layers_1_0" and add.inputs == ("layers_1_0_conv2", "layers_1_0_shortcut")
+    assert block[0].relu and not block[1].relu and block[2].inputs == ("layers_0_2",)
+
+
+def test_lambda_option_a_and_functional_pool():
+    net = _check_equivalent(LambdaResNet(), (3, 8, 8))
+    assert _kinds(net) == [
+        FConv2d, FConv2d, FConv2d, FAdd, FConv2d, FConv2d, FSubsamplePad, FAdd,
+        FGlobalAvgPool, FFlatten, FLinear,
+    ]  # fmt: skip
+    shortcut = net.layers[6]
+    assert shortcut.name == "layer2_0_shortcut" and shortcut.stride == (2, 2)
+    assert shortcut.pad == (2, 2) and shortcut.inputs == ("layer1_0",)
+    assert net.layers[3].inputs == ("layer1_0_conv2", "conv1")
+
+
+def test_option_b_shortcut_folds_its_batchnorm():
+    model = seeded_init(CifarResNet((1, 2), (4, 8), shortcut="B"), 3, (3, 8, 8))
+    net = _check_equivalent(model, (3, 8, 8))
+    kinds = _kinds(net)
+    assert FSubsamplePad not in kinds and kinds.count(FAdd) == 3 and kinds.count(FConv2d) == 8
+    proj = next(layer for layer in net.layers if layer.name == "layers_1_0_shortcut_0")
+    assert proj.weight.shape == (8, 4, 1, 1) and proj.stride == (2, 2) and not proj.relu
+    assert net.layers[[layer.name for layer in net.layers].index("layers_1_0")].inputs == (
+        "layers_1_0_conv2",
+        "layers_1_0_shortcut_0",
+    )
+
+
+class ResidualSpellings(nn.Module):
+    """Other spellings: torch.add, Tensor.add, a shared add output, mean, ``...`` slices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 3, padding=1)
+        self.b = nn.Conv2d(2, 4, 1, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.add(self.a(x), x)
+        s = F.relu(s)  # fused: the add's only user
+        t = s.add(x)
+        u = torch.relu(t) + t  # t has two users: a standalone ReLU
+        short = F.pad(u, (0, 0, 0, 0, 1, 1))[..., ::2, ::2]  # pad, then subsample: merged
+        v = self.b(u) + short
+        return self.fc(v.mean((2, 3)))
+
+
+def test_functional_residual_spellings():
+    net = _check_equivalent(ResidualSpellings(), (2, 4, 4))
+    assert _kinds(net) == [
+        FConv2d, FAdd, FAdd, FReLU, FAdd, FSubsamplePad, FConv2d, FAdd, FGlobalAvgPool,
+        FFlatten, FLinear,
+    ]  # fmt: skip
+    assert [getattr(layer, "relu", None) for layer in net.layers[1:3]] == [True, False]
+    assert net.layers[5].stride == (2, 2) and net.layers[5].pad == (1, 1)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, fn, conv: nn.Module | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.conv = conv if conv is not None else nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self, x)
+
+
+@pytest.mark.parametrize(
+    ("fn", "shape", "message"),
+    [
+        (
+            lambda m, x: torch.cat([m.conv(x), x], 1),
+            (2, 4, 4),
+            "^unsupported op torch.cat at node 'cat'$",
+        ),
+        (
+            lambda m, x: torch.sigmoid(m.conv(x)),
+            (2, 4, 4),
+            "^unsupported op torch.sigmoid at node 'sigmoid'$",
+        ),
+        (lambda m, x: m.conv(x).sigmoid(), (2, 4, 4), "^unsupported op Tensor.sigmoid at node"),
+        (
+            lambda m, x: F.adaptive_avg_pool2d(m.conv(x), 1),
+            (2, 3, 3),
+            r"^global average pool 'adaptive_avg_pool2d' over 3x3 = 9 values: hwgen needs a "
+            "power of two",
+        ),
+        (lambda m, x: m.conv(x).mean(1), (2, 4, 4), r"Tensor.mean over dims \(1,\) at node 'mean'"),
+        (lambda m, x: F.pad(m.conv(x), (1, 1)), (2, 4, 4), "unsupported pad at node 'pad'"),
+        (
+            lambda m, x: F.pad(m.conv(x), (0, 0, 0, 0, 1, 1), value=1.0),
+            (2, 4, 4),
+            "unsupported pad at node 'pad'",
+        ),
+        (lambda m, x: m.conv(x)[:, :, 1::2], (2, 4, 4), "unsupported indexing at node 'getitem'"),
+        (lambda m, x: m.conv(x)[:, ::2], (2, 4, 4), "unsupported indexing at node 'getitem'"),
+        (
+            lambda m, x: m.conv(x) + 1.0,
+            (2, 4, 4),
+            "unsupported op operator.add with a constant operand 1.0 at node 'add'",
+        ),
+        (
+            lambda m, x: torch.add(m.conv(x), x, alpha=2),
+            (2, 4, 4),
+            "unsupported arguments to torch.add at node 'add'",
+        ),
+        (
+            lambda m, x: m.conv(x).mean((2, 3), keepdim=True) + x,
+            (2, 4, 4),
+            r"Add 'add' adds tensors of different shapes \(2, 1, 1\) and \(2, 4, 4\)",
+        ),
+        (
+            lambda m, x: (lambda y: m.conv[1](y) + y)(m.conv[0](x)),
+            (2, 4, 4),
+            r"BatchNorm2d 'conv.1' cannot be folded: the output of 'conv.0' before it is also",
+        ),
+    ],
+)
+def test_unsupported_graph_ops(fn, shape, message):
+    conv = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)) if "folded" in message else None
+    with pytest.raises(HwgenError, match=message) as e:
+        from_module(_Wrap(fn, conv).eval(), shape)
+    assert "\n" not in str(e.value)
+
+
+def test_grouped_conv_and_adaptive_pool_settings_refused():
+    with pytest.raises(HwgenError, match=r"^unsupported Conv2d setting groups=2 at layer 'conv'$"):
+        from_module(_Wrap(lambda m, x: m.conv(x), nn.Conv2d(2, 2, 3, groups=2)), (2, 4, 4))
+    with pytest.raises(HwgenError, match="AdaptiveAvgPool2d setting output_size=2 at layer '1'"):
+        from_module(nn.Sequential(nn.Conv2d(1, 1, 1), nn.AdaptiveAvgPool2d(2)), (1, 4, 4))

@@ -12,14 +12,22 @@ from typing import TYPE_CHECKING
 from hwgen.errors import HwgenError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from hwgen.examples import Dataset
     from hwgen.frontend.graph import FloatNet
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
-def load_model(spec: str | Path) -> tuple[FloatNet, Dataset | None]:
-    """Resolve a CLI MODEL: an ``.onnx`` file or a built-in example name (with its data)."""
+def load_model(
+    spec: str | Path, train: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[FloatNet, Dataset | None]:
+    """Resolve a CLI MODEL: an ``.onnx`` file or a built-in example name (with its data).
+
+    ``train`` is the user's training data (images, labels), for a built-in example that is
+    trained on it (``resnet20``).
+    """
     from hwgen.examples import EXAMPLES, load_example
 
     path = Path(spec)
@@ -35,8 +43,7 @@ def load_model(spec: str | Path) -> tuple[FloatNet, Dataset | None]:
             "or export it to ONNX with torch.onnx.export(..., dynamo=False)"
         )
     if isinstance(spec, str) and spec in EXAMPLES:
-        net, data = load_example(spec)
-        return net, data
+        return load_example(spec, train)
     names = ", ".join(sorted(EXAMPLES))
     if path.exists():
         raise HwgenError(

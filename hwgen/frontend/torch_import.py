@@ -1,14 +1,18 @@
 """PyTorch importer: an ``nn.Module`` traced by torch.fx becomes a :class:`FloatNet`.
 
-The module must be a chain (every intermediate tensor feeds exactly one op) of:
+The module is a graph (a tensor may feed several ops: residual networks) of:
 Conv2d (groups 1, dilation 1, zero padding), Linear, BatchNorm2d/1d (folded into the
 Conv2d/Linear before it, with the running statistics), ReLU (module, ``F.relu``,
-``torch.relu``, ``x.relu()``), MaxPool2d/AvgPool2d (module or functional; no padding,
-dilation or ceil mode), Flatten (``nn.Flatten``, ``torch.flatten(x, 1)``,
-``x.view(x.size(0), -1)``, ``x.reshape(...)``), Dropout and Identity (dropped).
-Every op is checked before any tensor is computed; anything else is an error naming
-the op and where it is. Shapes come from one run of ``torch.fx`` ShapeProp on a
-dummy batch, with the module in eval mode (its modes are restored afterwards).
+``torch.relu``, ``x.relu()``), the sum of two tensors (``a + b``, ``a += b``,
+``torch.add``, ``a.add(b)``), MaxPool2d/AvgPool2d (module or functional; no padding,
+dilation or ceil mode), global average pooling (``AdaptiveAvgPool2d(1)``,
+``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``), the option-A ResNet shortcut
+(``x[:, :, ::sh, ::sw]`` and ``F.pad`` of the channel dimension with zeros), Flatten
+(``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.view(x.size(0), -1)``, ``x.reshape(...)``),
+Dropout and Identity (dropped). Every op is checked before any tensor is computed;
+anything else is an error naming the op and where it is. Shapes come from one run of
+``torch.fx`` ShapeProp on a dummy batch, with the module in eval mode (its modes are
+restored afterwards).
 
 Weights are never unpickled from untrusted files: :func:`load_state_dict_file` reads
 state dicts with ``torch.load(weights_only=True)`` only.
@@ -31,13 +35,14 @@ from torch.fx.node import _get_qualified_name
 from torch.fx.passes.shape_prop import ShapeProp
 
 from hwgen.errors import HwgenError
-from hwgen.frontend.chain import ChainBuilder
+from hwgen.frontend.builder import INPUT, GraphBuilder
 from hwgen.frontend.graph import FloatNet
 
 _NOOP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 _RELU_FUNCTIONS: set[Callable[..., Any]] = {F.relu, F.relu_, torch.relu, torch.relu_}
 _DROPOUT_FUNCTIONS: set[Callable[..., Any]] = {F.dropout, F.dropout1d, F.dropout2d}
+_ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, torch.add}
 # Functional pools are boolean-dispatch wrappers without a signature: their parameters in order.
 _POOL_FUNCTIONS: dict[Callable[..., Any], tuple[str, tuple[str, ...]]] = {
     F.max_pool2d: (
@@ -58,18 +63,28 @@ _POOL_FUNCTIONS: dict[Callable[..., Any], tuple[str, tuple[str, ...]]] = {
     ),
 }
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
-_SHAPE_METHODS = {"size", "dim"}  # shape queries: they feed view/reshape, not the data chain
+_SHAPE_METHODS = {"size", "dim"}  # shape queries: they feed view/reshape, not the data graph
 
 
 @dataclass
 class _Op:
-    """One data op of the chain: ``kind`` is conv, linear, bn, relu, pool, flatten or noop."""
+    """One data op: ``kind`` is conv, linear, bn, relu, add, pool, gpool, subsample, pad,
+    flatten or noop; ``inputs`` are the nodes of its tensor operands."""
 
     kind: str
     node: fx.Node
-    name: str  # module path or node name, quoted in messages
+    name: str  # module path (or for a function, the module it is called in): names the layer
+    inputs: tuple[fx.Node, ...]
     module: nn.Module | None = None
-    pool: tuple[str, tuple[int, int], tuple[int, int]] | None = None  # kind, kernel, stride
+    arg: Any = None  # pool: (kind, kernel, stride); subsample: stride; pad: (before, after);
+    # gpool: keepdim
+
+
+def _path(node: fx.Node) -> str:
+    """A function's layer name: the module it is called in (a block's add is named after
+    the block), else the node's name."""
+    stack = node.meta.get("nn_module_stack")
+    return next(reversed(stack)) if stack else node.name
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -118,20 +133,29 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     return _pair(m.padding)
 
 
+def _tensor(node: fx.Node, i: int, op: str, where: str) -> fx.Node:
+    """Argument ``i`` of ``node``, which must be a tensor computed by the model."""
+    arg = node.args[i] if i < len(node.args) else None
+    if not isinstance(arg, fx.Node) or _is_shape_query(arg):
+        raise HwgenError(f"unsupported op {op} with a constant operand {arg!r} at {where}")
+    return arg
+
+
 def _module_op(node: fx.Node, m: nn.Module) -> _Op:
     path = str(node.target)
     where = f"layer '{path}'"
+    x = (_tensor(node, 0, type(m).__name__, where),)
     if isinstance(m, nn.Conv2d):
         _check_conv(m, where)
-        return _Op("conv", node, path, m)
+        return _Op("conv", node, path, x, m)
     if isinstance(m, nn.Linear):
-        return _Op("linear", node, path, m)
+        return _Op("linear", node, path, x, m)
     if isinstance(m, _BN_MODULES):
         if m.running_mean is None or m.running_var is None:
             raise HwgenError(f"{type(m).__name__} at {where} has no running statistics to fold")
-        return _Op("bn", node, path, m)
+        return _Op("bn", node, path, x, m)
     if isinstance(m, nn.ReLU):
-        return _Op("relu", node, path)
+        return _Op("relu", node, path, x)
     if isinstance(m, nn.MaxPool2d):
         pool = _pool_window(
             "MaxPool2d",
@@ -143,7 +167,7 @@ def _module_op(node: fx.Node, m: nn.Module) -> _Op:
             ceil_mode=m.ceil_mode,
             return_indices=m.return_indices,
         )
-        return _Op("pool", node, path, pool=pool)
+        return _Op("pool", node, path, x, arg=pool)
     if isinstance(m, nn.AvgPool2d):
         pool = _pool_window(
             "AvgPool2d",
@@ -154,40 +178,162 @@ def _module_op(node: fx.Node, m: nn.Module) -> _Op:
             ceil_mode=m.ceil_mode,
             divisor_override=m.divisor_override,
         )
-        return _Op("pool", node, path, pool=pool)
+        return _Op("pool", node, path, x, arg=pool)
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        if m.output_size not in (1, (1, 1), [1, 1]):
+            raise HwgenError(
+                f"unsupported AdaptiveAvgPool2d setting output_size={m.output_size!r} at {where} "
+                "(only 1: global average pooling)"
+            )
+        return _Op("gpool", node, path, x, arg=True)
     if isinstance(m, nn.Flatten):
-        return _Op("flatten", node, path)
+        return _Op("flatten", node, path, x)
     if isinstance(m, _NOOP_MODULES):
-        return _Op("noop", node, path)
+        return _Op("noop", node, path, x)
     raise HwgenError(f"unsupported op {type(m).__name__} at {where}")
+
+
+def _bind(node: fx.Node, params: Sequence[str], op: str, where: str) -> dict[str, Any]:
+    """The arguments of a call by parameter name (functionals whose signature is hidden)."""
+    if len(node.args) > len(params) or set(node.kwargs) - set(params):
+        raise HwgenError(f"unsupported arguments to {op} at {where}")
+    return dict(zip(params, node.args, strict=False)) | dict(node.kwargs)
+
+
+def _op_name(fn: Any) -> str:
+    name = _get_qualified_name(fn) if callable(fn) else str(fn)
+    return name.replace("_operator.", "operator.")
+
+
+def _add_op(node: fx.Node, op: str) -> _Op:
+    where = f"node '{node.name}'"
+    alpha = node.kwargs.get("alpha", 1)
+    if len(node.args) != 2 or set(node.kwargs) - {"alpha"} or alpha != 1:
+        raise HwgenError(f"unsupported arguments to {op} at {where} (only a + b)")
+    a, b = (_tensor(node, i, op, where) for i in (0, 1))
+    return _Op("add", node, _path(node), (a, b))
+
+
+def _mean_op(node: fx.Node, op: str) -> _Op:
+    """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-1, -2), keepdim=True)``: a global pool."""
+    where = f"node '{node.name}'"
+    bound = _bind(node, ("input", "dim", "keepdim"), op, where)
+    dims = bound.get("dim")
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if sorted(d % 4 if isinstance(d, int) else -1 for d in dims) != [2, 3]:
+        raise HwgenError(
+            f"unsupported op {op} over dims {dims} at {where} "
+            "(only over (2, 3): global average pooling)"
+        )
+    return _Op(
+        "gpool", node, _path(node), (_tensor(node, 0, op, where),), arg=bool(bound.get("keepdim"))
+    )
+
+
+def _subsample_op(node: fx.Node) -> _Op:
+    """``x[:, :, ::sh, ::sw]`` (trailing slices may be left out, ``...`` stands for ``:``s)."""
+    where = f"node '{node.name}'"
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if index.count(Ellipsis) == 1:
+        i = index.index(Ellipsis)
+        index = index[:i] + (slice(None),) * (5 - len(index)) + index[i + 1 :]
+    full = (None, 0)
+    ok = len(index) <= 4 and all(
+        isinstance(s, slice)
+        and s.start in full
+        and s.stop is None
+        and (s.step is None or (isinstance(s.step, int) and s.step >= 1))
+        for s in index
+    )
+    steps = [s.step or 1 for s in index] + [1] * (4 - len(index)) if ok else []
+    if not ok or steps[:2] != [1, 1]:
+        raise HwgenError(
+            f"unsupported indexing at {where}: only x[:, :, ::sh, ::sw] (a strided subsample of "
+            f"H and W) is supported, not {index}"
+        )
+    return _Op(
+        "subsample", node, _path(node), (_tensor(node, 0, "getitem", where),), arg=tuple(steps[2:])
+    )
+
+
+def _pad_op(node: fx.Node) -> _Op:
+    """``F.pad(x, (0, 0, 0, 0, before, after))``: zero channels around a map."""
+    where = f"node '{node.name}'"
+    bound = _bind(node, ("input", "pad", "mode", "value"), "torch.nn.functional.pad", where)
+    pad = bound.get("pad")
+    value = bound.get("value")
+    ok = (
+        isinstance(pad, (tuple, list))
+        and len(pad) % 2 == 0
+        and len(pad) <= 8
+        and all(isinstance(p, int) for p in pad)
+        and bound.get("mode", "constant") == "constant"
+        and value in (None, 0)
+    )
+    p = list(pad) + [0] * (8 - len(pad)) if ok else []
+    if not ok or any(p[:4]) or any(p[6:]) or min(p) < 0:
+        raise HwgenError(
+            f"unsupported pad at {where}: only zero channels added before/after "
+            f"(F.pad(x, (0, 0, 0, 0, before, after))), not pad={pad!r} "
+            f"mode={bound.get('mode', 'constant')!r} value={value!r}"
+        )
+    return _Op("pad", node, _path(node), (_tensor(node, 0, "pad", where),), arg=(p[4], p[5]))
 
 
 def _function_op(node: fx.Node) -> _Op | None:
     """The op of a call_function node, or None for a shape query."""
     fn = node.target
     where = f"node '{node.name}'"
+    op = _op_name(fn)
+    if fn is getattr and node.args[1:] == ("shape",):
+        return None
+    if fn is operator.getitem:
+        return None if _is_shape_query(node.args[0]) else _subsample_op(node)
     if fn in _RELU_FUNCTIONS:
-        return _Op("relu", node, node.name)
+        return _Op("relu", node, _path(node), (_tensor(node, 0, op, where),))
     if fn in _DROPOUT_FUNCTIONS:
-        return _Op("noop", node, node.name)
+        return _Op("noop", node, _path(node), (_tensor(node, 0, op, where),))
     if fn is torch.flatten:
-        return _Op("flatten", node, node.name)
+        return _Op("flatten", node, _path(node), (_tensor(node, 0, op, where),))
+    if fn in _ADD_FUNCTIONS:
+        return _add_op(node, op)
+    if fn is torch.mean:
+        return _mean_op(node, op)
+    if fn is F.pad:
+        return _pad_op(node)
+    if fn is F.adaptive_avg_pool2d:
+        size = _bind(node, ("input", "output_size"), op, where).get("output_size")
+        if size not in (1, (1, 1), [1, 1]):
+            raise HwgenError(f"unsupported {op} with output_size={size!r} at {where} (only 1)")
+        return _Op("gpool", node, _path(node), (_tensor(node, 0, op, where),), arg=True)
     if fn in _POOL_FUNCTIONS:
         kind, params = _POOL_FUNCTIONS[fn]
-        if len(node.args) > len(params) or set(node.kwargs) - set(params):
-            raise HwgenError(f"unsupported arguments to {_get_qualified_name(fn)} at {where}")
-        bound = dict(zip(params, node.args, strict=False)) | dict(node.kwargs)
+        bound = _bind(node, params, op, where)
         bound.pop("input", None)
         bound.pop("count_include_pad", None)  # irrelevant without padding
         kernel, stride = bound.pop("kernel_size", None), bound.pop("stride", None)
         pool = _pool_window(kind, where, kernel, stride, **bound)
-        return _Op("pool", node, node.name, pool=pool)
-    if fn is getattr and node.args[1:] == ("shape",):
+        return _Op("pool", node, _path(node), (_tensor(node, 0, op, where),), arg=pool)
+    raise HwgenError(f"unsupported op {op} at {where}")
+
+
+def _method_op(node: fx.Node) -> _Op | None:
+    """The op of a call_method node (``x.relu()``), or None for a shape query."""
+    method = node.target
+    op = f"Tensor.{method}"
+    where = f"node '{node.name}'"
+    if method in _SHAPE_METHODS:
         return None
-    if fn is operator.getitem and _is_shape_query(node.args[0]):
-        return None
-    name = _get_qualified_name(fn) if callable(fn) else str(fn)
-    raise HwgenError(f"unsupported op {name.replace('_operator.', 'operator.')} at {where}")
+    if method in ("add", "add_"):
+        return _add_op(node, op)
+    if method == "mean":
+        return _mean_op(node, op)
+    kinds = {"relu": "relu", "relu_": "relu", "contiguous": "noop"} | dict.fromkeys(
+        _RESHAPE_METHODS, "flatten"
+    )
+    if method not in kinds:
+        raise HwgenError(f"unsupported op {op} at {where}")
+    return _Op(kinds[str(method)], node, _path(node), (_tensor(node, 0, op, where),))
 
 
 def _is_shape_query(arg: Any) -> bool:
@@ -197,57 +343,35 @@ def _is_shape_query(arg: Any) -> bool:
     )
 
 
-def _classify(gm: fx.GraphModule) -> tuple[list[_Op], fx.Node]:
-    """Every node checked, before any computation: the data ops in order and the input node."""
+def _classify(gm: fx.GraphModule) -> tuple[list[_Op], fx.Node, fx.Node]:
+    """Every node checked, before any computation: the data ops in order, the input node
+    and the node of the returned tensor."""
     ops: list[_Op] = []
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise HwgenError(f"the model must take one input tensor, it takes {len(inputs)}")
+    output = None
     for node in gm.graph.nodes:
+        op = None
         if node.op == "call_module":
-            ops.append(_module_op(node, gm.get_submodule(node.target)))
+            op = _module_op(node, gm.get_submodule(node.target))
         elif node.op == "call_function":
             op = _function_op(node)
-            if op is not None:
-                ops.append(op)
         elif node.op == "call_method":
-            if node.target in _SHAPE_METHODS:
-                continue
-            if node.target in ("relu", "relu_"):
-                ops.append(_Op("relu", node, node.name))
-            elif node.target in _RESHAPE_METHODS:
-                ops.append(_Op("flatten", node, node.name))
-            elif node.target == "contiguous":
-                ops.append(_Op("noop", node, node.name))
-            else:
-                raise HwgenError(f"unsupported op Tensor.{node.target} at node '{node.name}'")
+            op = _method_op(node)
         elif node.op == "get_attr":
             raise HwgenError(
                 f"unsupported op get_attr '{node.target}' at node '{node.name}' "
                 "(a parameter used outside its module)"
             )
-        elif node.op == "output" and not isinstance(node.args[0], fx.Node):
-            raise HwgenError("the model must return one tensor, not a tuple or dict")
-    return ops, inputs[0]
-
-
-def _check_chain(ops: Sequence[_Op], x: fx.Node, out: fx.Node) -> None:
-    """Each op consumes the previous op's output, which nothing else uses but shape queries."""
-    for op in ops:
-        if not op.node.args or op.node.args[0] is not x:
-            raise HwgenError(
-                f"the model is not a sequential chain: node '{op.node.name}' does not take "
-                f"the output of '{x.name}' as its input"
-            )
-        data_users = [u for u in x.users if not _is_shape_query(u)]
-        if len(data_users) != 1:
-            names = ", ".join(sorted(u.name for u in data_users))
-            raise HwgenError(
-                f"the model is not a sequential chain: the output of '{x.name}' is used by {names}"
-            )
-        x = op.node
-    if out.args[0] is not x:
-        raise HwgenError(f"the model is not a sequential chain: it does not return '{x.name}'")
+        elif node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise HwgenError("the model must return one tensor, not a tuple or dict")
+            output = node.args[0]
+        if op is not None:
+            ops.append(op)
+    assert output is not None  # fx graphs always end with an output node
+    return ops, inputs[0], output
 
 
 def _first_line(e: BaseException) -> str:
@@ -291,51 +415,63 @@ def _np(t: torch.Tensor | None) -> Any:
     return None if t is None else t.detach().to(torch.float64).cpu().numpy()
 
 
-def _emit(b: ChainBuilder, op: _Op, in_shape: tuple[int, ...]) -> None:
-    m = op.module
+def _emit(b: GraphBuilder, op: _Op, xs: list[str]) -> str:
+    """Hand ``op`` to the builder; returns the handle of its output."""
+    m, x = op.module, xs[0]
     if op.kind == "conv":
         assert isinstance(m, nn.Conv2d)
-        b.conv(op.name, _np(m.weight), _np(m.bias), _pair(m.stride), _conv_padding(m))
-    elif op.kind == "linear":
+        return b.conv(op.name, x, _np(m.weight), _np(m.bias), _pair(m.stride), _conv_padding(m))
+    if op.kind == "linear":
         assert isinstance(m, nn.Linear)
-        b.linear(op.name, _np(m.weight), _np(m.bias))
-    elif op.kind == "bn":
+        return b.linear(op.name, x, _np(m.weight), _np(m.bias))
+    if op.kind == "bn":
         assert isinstance(m, nn.modules.batchnorm._BatchNorm)
         n = m.num_features
         gamma = _np(m.weight) if m.affine else np.ones(n)
         beta = _np(m.bias) if m.affine else np.zeros(n)
-        b.batchnorm(
-            op.name, type(m).__name__, gamma, beta, _np(m.running_mean), _np(m.running_var), m.eps
-        )
-    elif op.kind == "relu":
-        b.relu(op.name)
-    elif op.kind == "pool":
-        assert op.pool is not None
-        b.pool(op.name, *op.pool)
-    elif op.kind == "flatten":
-        out_shape = _shape(op.node)
+        stats = (gamma, beta, _np(m.running_mean), _np(m.running_var))
+        return b.batchnorm(op.name, x, type(m).__name__, *stats, m.eps)
+    if op.kind == "relu":
+        return b.relu(op.name, x)
+    if op.kind == "add":
+        return b.add(op.name, x, xs[1])
+    if op.kind == "pool":
+        return b.pool(op.name, x, *op.arg)
+    if op.kind == "gpool":
+        g = b.global_pool(op.name, x)
+        return g if op.arg else b.flatten(op.name, g)  # no keepdim: (N, C)
+    if op.kind == "subsample":
+        return b.subsample_pad(op.name, x, stride=op.arg) if op.arg != (1, 1) else x
+    if op.kind == "pad":
+        return b.subsample_pad(op.name, x, pad=op.arg) if op.arg != (0, 0) else x
+    if op.kind == "flatten":
+        in_shape, out_shape = torch.Size(_shape(op.inputs[0])), _shape(op.node)
         n = in_shape[0]
         if len(in_shape) in (2, 4) and out_shape == (n, in_shape[1:].numel()):
-            b.flatten(op.name)
-        elif out_shape != in_shape:
+            return b.flatten(op.name, x)
+        if out_shape != in_shape:
             raise HwgenError(
                 f"unsupported reshape at node '{op.node.name}': {tuple(in_shape[1:])} -> "
                 f"{tuple(out_shape[1:])} per image (only flattening is supported)"
             )
+    return x  # noop, or a reshape that changes nothing
 
 
 def from_module(module: nn.Module, input_shape: tuple[int, ...], name: str = "net") -> FloatNet:
     """Import a PyTorch module taking one ``(N, *input_shape)`` tensor as a float graph."""
     gm = _trace(module)
-    ops, x = _classify(gm)
-    _check_chain(ops, x, next(n for n in gm.graph.nodes if n.op == "output"))
+    ops, x, out = _classify(gm)
     _propagate_shapes(gm, input_shape)
-    b = ChainBuilder(input_shape)
-    prev = x
+    b = GraphBuilder(input_shape)
+    handles = {x: INPUT}
     for op in ops:
-        _emit(b, op, torch.Size(_shape(prev)))
-        prev = op.node
-    return b.finish(name)
+        other = next((i for i in op.inputs if i not in handles), None)
+        if other is not None:  # e.g. x + x.size(0)
+            raise HwgenError(f"unsupported operand '{other.name}' at node '{op.node.name}'")
+        handles[op.node] = _emit(b, op, [handles[i] for i in op.inputs])
+    if out not in handles:
+        raise HwgenError(f"the model must return a tensor it computes, not '{out.name}'")
+    return b.finish(name, handles[out])
 
 
 def load_state_dict_file(path: str | Path, module: nn.Module) -> nn.Module:
