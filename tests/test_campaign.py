@@ -1,18 +1,22 @@
-"""Randomized RTL campaign: random one-layer networks, built and simulated in Verilator.
+"""Randomized RTL campaign: random small networks, built and simulated in Verilator.
 
 Each case draws a layer (Conv2d with any kernel, stride and padding, Linear, max/average
-pool or ReLU), its formats (Pow2 3..7 / Fixed 2..16 / ternary / binary weights, signed or
+pool or ReLU) or a residual piece (an add of the input and a conv of it, or a whole residual
+block: two 3x3 convs and an identity or option-A subsample-pad shortcut, then an add), its
+formats (Pow2 3..7 / Fixed 2..16 / ternary / binary weights, signed or
 unsigned activations of 1..12 bits, ReLU or not, requantisation shifts of either sign),
 its weights (random, sparse, or at the extremes: all-max, all-min, ±max), a PE x SIMD
 folding and a ROM style; ``hwgen.emit.build`` writes the build folder and
 ``hwgen.simulate.simulate_layer`` streams the vectors (random images plus the all-max and
-all-min ones) through the RTL with random input idles and output backpressure. Every
-output value must equal the golden model's: ``rtl(x) == golden(x)``.
+all-min ones) through the RTL with random input idles and output backpressure (on both
+inputs of an add engine; on every stream of a network top). Every output value must equal
+the golden model's: ``rtl(x) == golden(x)``.
 
-The default suite runs a fixed sample of four cases; ``-m slow`` runs 200 random ones.
+The default suite runs a fixed sample of six cases; ``-m slow`` runs 200 random ones.
 Replay a case with ``random_case(seed)``: its ``describe()`` names everything drawn.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +28,7 @@ from hwgen.emit import BuildOptions, build
 from hwgen.ir import (
     ACT_FRAC_RANGE,
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Fixed,
@@ -33,12 +38,13 @@ from hwgen.ir import (
     Network,
     Pow2,
     ReLU,
+    SubsamplePad,
     WeightFormat,
     acc_bits,
 )
 from hwgen.simulate import simulate_layer
 
-KINDS = ("conv", "conv", "conv", "dense", "dense", "maxpool", "avgpool", "relu")
+KINDS = ("conv", "conv", "conv", "dense", "dense", "maxpool", "avgpool", "relu", "add", "residual")
 WEIGHT_KINDS = ("pow2", "pow2", "fixed", "fixed", "ternary", "binary")
 AVG_KERNELS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4), (4, 2), (4, 4))
 VECTORS = 4  # random images per vector file (the build adds the extreme ones)
@@ -50,13 +56,15 @@ class Case:
 
     seed: int
     net: Network
-    folding: tuple[int, int]
+    folding: dict[str, tuple[int, int]]
     weights: str  # the ARRAY_MODES mode of the weights ("" for pool and ReLU)
     rom_style: str
     stalls: float
-    target: str  # the layer's name, or "network" for the stream top around it
+    target: str  # a layer's name, or "network" for the stream top around them
 
     def describe(self) -> str:
+        if len(self.net.layers) > 1:
+            return self._describe_graph()
         layer, fin = self.net.layers[0], self.net.input_format
         c = self.net.input_shape
         s = f"seed {self.seed}: {type(layer).__name__} in {c} {fin}"
@@ -74,9 +82,27 @@ class Case:
                 f", weights {layer.weight_format} ({self.weights}), out {layer.out_format}"
                 f"{' relu' if layer.relu else ''}, acc {acc_bits(layer, fin)} bits"
             )
-        pe, simd = self.folding
+        pe, simd = self.folding[layer.name]
         return (
             f"{s}; PE {pe} SIMD {simd}, rom {self.rom_style}, stalls {self.stalls:.2f}, "
+            f"target {self.target}"
+        )
+
+    def _describe_graph(self) -> str:
+        net = self.net
+        parts = []
+        for layer in net.layers:
+            d = f"{layer.name}<-{'+'.join(layer.inputs)} {net.formats[layer.name]}"
+            if isinstance(layer, Conv2d):
+                d += f" k{layer.kernel} s{layer.stride} p{layer.padding} {layer.weight_format}"
+            if isinstance(layer, SubsamplePad):
+                d += f" s{layer.stride} pad{layer.pad}"
+            if getattr(layer, "relu", False):
+                d += " relu"
+            parts.append(f"{d} PE,SIMD {self.folding[layer.name]}")
+        return (
+            f"seed {self.seed}: in {net.input_shape} {net.input_format}; {'; '.join(parts)}; "
+            f"weights {self.weights}, rom {self.rom_style}, stalls {self.stalls:.2f}, "
             f"target {self.target}"
         )
 
@@ -99,17 +125,32 @@ def _act_format(rng: np.random.Generator, frac: int | None = None) -> ActFormat:
 
 
 def _mac_layer(
-    rng: np.random.Generator, kind: str, wkind: str, shape: tuple[int, ...], fin: ActFormat
+    rng: np.random.Generator,
+    kind: str,
+    wkind: str,
+    shape: tuple[int, ...],
+    fin: ActFormat,
+    *,
+    name: str | None = None,
+    cout: int | None = None,
+    same: tuple[int, int] | None = None,
 ) -> tuple[Layer, str]:
-    """A Conv2d or Linear layer for input ``shape``; returns it and its weight mode."""
+    """A Conv2d or Linear layer for input ``shape``; returns it and its weight mode.
+
+    ``same`` = (kernel, stride) asks for a square conv padded by kernel // 2 (a residual
+    branch's geometry); ``cout`` fixes the output channels.
+    """
     wfmt = _weight_format(rng, wkind)
-    cout = int(rng.integers(1, 9))
+    cout = int(rng.integers(1, 9)) if cout is None else cout
     mode = str(rng.choice(ARRAY_MODES))
     if kind == "conv":
         cin, h, w = shape
-        kernel = (int(rng.integers(1, min(h, 3) + 1)), int(rng.integers(1, min(w, 3) + 1)))
-        padding = tuple(int(rng.integers(0, k)) if rng.random() < 0.6 else 0 for k in kernel)
-        stride = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+        if same is None:
+            kernel = (int(rng.integers(1, min(h, 3) + 1)), int(rng.integers(1, min(w, 3) + 1)))
+            padding = tuple(int(rng.integers(0, k)) if rng.random() < 0.6 else 0 for k in kernel)
+            stride = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+        else:
+            kernel, stride, padding = (same[0],) * 2, (same[1],) * 2, (same[0] // 2,) * 2
         weight = weight_array(rng, wfmt, (cout, cin, *kernel), mode)
         geometry = dict(stride=stride, padding=padding)
     else:
@@ -121,9 +162,10 @@ def _mac_layer(
     def make(bias: np.ndarray, out: ActFormat) -> Layer:
         if kind == "conv":
             return Conv2d(
-                "conv", shape[0], cout, kernel, wfmt, out, weight, bias, relu=relu, **geometry
-            )
-        return Linear("fc", shape[0], cout, wfmt, out, weight, bias, relu=relu)
+                name or "conv", shape[0], cout, kernel, wfmt, out, weight, bias, relu=relu,
+                **geometry,
+            )  # fmt: skip
+        return Linear(name or "fc", shape[0], cout, wfmt, out, weight, bias, relu=relu)
 
     # Bias within the accumulator's range, and an output shift that keeps the outputs
     # mostly in range (with rounding), sometimes saturating, sometimes a left shift.
@@ -137,12 +179,74 @@ def _mac_layer(
     return make(bias, ActFormat(out_bits, frac, out_signed)), mode
 
 
+def _add_format(rng: np.random.Generator, fa: ActFormat, fb: ActFormat) -> ActFormat:
+    """An add's output format near its inputs' scale: sometimes saturating, sometimes finer."""
+    signed = bool(rng.integers(2))
+    frac = int(rng.integers(min(fa.frac, fb.frac) - 2, max(fa.frac, fb.frac) + 3))
+    return ActFormat(int(rng.integers(2 if signed else 1, 11)), frac, signed)
+
+
+def _residual_net(
+    rng: np.random.Generator, kind: str, wkind: str, fin: ActFormat
+) -> tuple[Network, dict[str, tuple[int, int]], str]:
+    """An add of the input and a conv of it, or a residual block; with a folding."""
+    c, h, w = int(rng.integers(1, 5)), int(rng.integers(2, 7)), int(rng.integers(2, 7))
+    if kind == "add":
+        k = int(rng.choice([1, 3])) if min(h, w) >= 3 else 1
+        conv, mode = _mac_layer(rng, "conv", wkind, (c, h, w), fin, cout=c, same=(k, 1))
+        add_in = ("conv", "input") if rng.random() < 0.5 else ("input", "conv")
+        fmts = [conv.out_format if i == "conv" else fin for i in add_in]
+        add = Add("add", _add_format(rng, *fmts), add_in, bool(rng.integers(2)))
+        layers: tuple[Layer, ...] = (conv, add)
+    else:
+        stride = int(rng.integers(1, 3))
+        before, after = (0, 0) if stride == 1 and rng.random() < 0.5 else (
+            int(rng.integers(0, 2)) * c, int(rng.integers(0, 2)) * c
+        )  # fmt: skip
+        cout = before + c + after
+        conv1, mode = _mac_layer(
+            rng, "conv", wkind, (c, h, w), fin, name="conv1", cout=cout, same=(3, stride)
+        )
+        conv2, _ = _mac_layer(
+            rng, "conv", wkind, (cout, -(-h // stride), -(-w // stride)), conv1.out_format,
+            name="conv2", cout=cout, same=(3, 1),
+        )  # fmt: skip
+        layers = (conv1, conv2)
+        short = "input"
+        if (stride, before, after) != (1, 0, 0):
+            layers += (SubsamplePad("short", stride, (before, after), inputs=("input",)),)
+            short = "short"
+        add = Add("add", _add_format(rng, conv2.out_format, fin), ("conv2", short), True)
+        layers += (add,)
+    net = Network((c, h, w), fin, layers, name="case")
+    folding = {}
+    for layer in layers:
+        if isinstance(layer, Conv2d):
+            folding[layer.name] = (
+                _divisor(rng, layer.out_channels), _divisor(rng, layer.in_channels)
+            )  # fmt: skip
+        else:
+            ch = net.in_shape(layer)[0]
+            if isinstance(layer, SubsamplePad):
+                ch = math.gcd(ch, *layer.pad)
+            pe = _divisor(rng, ch)
+            folding[layer.name] = (pe, pe)
+    return net, folding, mode
+
+
 def random_case(seed: int, kind: str | None = None, wkind: str | None = None) -> Case:
     """Draw case ``seed`` (``kind`` and ``wkind`` force the layer and weight kinds)."""
     rng = np.random.default_rng([20240417, seed])
     kind = kind or str(rng.choice(KINDS))
     wkind = wkind or str(rng.choice(WEIGHT_KINDS))
     fin = _act_format(rng)
+    if kind in ("add", "residual"):
+        net, folding, weights = _residual_net(rng, kind, wkind, fin)
+        net = Network(net.input_shape, fin, net.layers, name=f"case{seed}")
+        stalls = float(rng.uniform(0.1, 0.5))
+        rom_style = "file" if rng.random() < 0.25 else "inline"
+        target = "add" if kind == "add" and rng.random() < 0.5 else "network"
+        return Case(seed, net, folding, weights, rom_style, stalls, target)
     if kind == "dense":
         shape: tuple[int, ...] = (int(rng.integers(1, 17)),)
     else:
@@ -150,7 +254,7 @@ def random_case(seed: int, kind: str | None = None, wkind: str | None = None) ->
     weights = ""
     if kind in ("conv", "dense"):
         layer, weights = _mac_layer(rng, kind, wkind, shape, fin)
-        folding = (_divisor(rng, layer.weight.shape[0]), _divisor(rng, shape[0]))
+        folding = {layer.name: (_divisor(rng, layer.weight.shape[0]), _divisor(rng, shape[0]))}
     else:
         c, h, w = shape
         if kind == "maxpool":
@@ -164,7 +268,7 @@ def random_case(seed: int, kind: str | None = None, wkind: str | None = None) ->
         else:
             layer = ReLU("relu")
         pe = _divisor(rng, c)
-        folding = (pe, pe)
+        folding = {layer.name: (pe, pe)}
     net = Network(shape, fin, (layer,), name=f"case{seed}")
     stalls = float(rng.uniform(0.0, 0.5)) if rng.random() < 0.8 else 0.0
     rom_style = "file" if rng.random() < 0.25 else "inline"
@@ -174,21 +278,30 @@ def random_case(seed: int, kind: str | None = None, wkind: str | None = None) ->
 
 def run_case(case: Case, tmp_path) -> None:
     """Build ``case`` into ``tmp_path`` and require every RTL output to equal the golden one."""
-    layer = case.net.layers[0]
     opts = BuildOptions(
-        folding={layer.name: case.folding},
+        folding=case.folding,
         rom_style=case.rom_style,
         vectors=VECTORS,
         seed=case.seed,
     )
     out = tmp_path / "build"
     manifest = build(case.net, out, opts)
-    entry = manifest["top"] if case.target == "network" else manifest["layers"][0]
+    entries = {e["name"]: e for e in [*manifest["layers"], manifest["top"]]}
+    entry = entries[case.target]
     with np.load(out / entry["vectors"], allow_pickle=False) as vec:
         x, y = vec["input"], vec["output"]
+        xb = vec.get("input_b")
     # The vectors are the golden model, and hold the all-max and all-min inputs.
-    fin = case.net.input_format
-    assert np.array_equal(y, golden.layer_forward(layer, x, fin)), case.describe()
+    net = case.net
+    if case.target == "network":
+        fin = net.input_format
+        assert np.array_equal(y, golden.forward(net, x)[-1]), case.describe()
+    else:
+        layer = net.layer(case.target)
+        fins = [net.formats[i] for i in layer.inputs]
+        xs = [x] if xb is None else [x, xb]
+        assert np.array_equal(y, golden.layer_forward(layer, xs, fins)), case.describe()
+        fin = fins[0]
     assert any(np.all(img == fin.hi) for img in x) and any(np.all(img == fin.lo) for img in x)
     r = simulate_layer(out, case.target, stalls=case.stalls, seed=case.seed)
     assert r.first_mismatch is None, f"{case.describe()}: {r.first_mismatch} (waves: {r.waves})"
@@ -199,12 +312,15 @@ def run_case(case: Case, tmp_path) -> None:
 
 
 # The default sample: a convolution with INQ and one with ternary weights, a dense layer
-# with fixed-point weights and an average pool; the slow campaign covers the rest.
+# with fixed-point weights, an average pool, an add and a residual block; the slow campaign
+# covers the rest.
 SAMPLE = (
     (1, "conv", "pow2"),
     (2, "dense", "fixed"),
     (3, "conv", "ternary"),
     (4, "avgpool", None),
+    (5, "add", "fixed"),
+    (9, "residual", "pow2"),
 )
 
 
