@@ -173,6 +173,16 @@ def test_identifier():
     assert identifier("/a/b.c/") == "a_b_c"
 
 
+class _Wrap(nn.Module):
+    def __init__(self, fn, conv: nn.Module | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.conv = conv if conv is not None else nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self, x)
+
+
 class Sigmoid(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -222,6 +232,16 @@ class Branchy(nn.Module):
         (nn.Sequential(nn.AvgPool2d(2, padding=1)), (1, 4, 4), "AvgPool2d setting padding=1"),
         (nn.Sequential(nn.BatchNorm2d(1, track_running_stats=False)), (1, 4, 4), "no running"),
         (Branchy(), (4,), "cannot trace Branchy with torch.fx"),
+        (
+            _Wrap(lambda m, x: F.avg_pool2d(x, x.size(0))),
+            (2, 4, 4),
+            "unsupported AvgPool2d at node 'avg_pool2d': window computed at run time",
+        ),
+        (
+            _Wrap(lambda m, x: F.max_pool2d(x, x.shape[2] // 2)),
+            (2, 4, 4),
+            "unsupported op operator.floordiv at node 'floordiv'",
+        ),
     ],
 )
 def test_unsupported(model: nn.Module, shape: tuple[int, ...], message: str):
@@ -375,7 +395,7 @@ class LambdaResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer2(self.layer1(out))
-        out = F.adaptive_avg_pool2d(out, 1)
+        out = F.avg_pool2d(out, out.size()[3])  # the whole map: a global pool
         return self.linear(out.view(out.size(0), -1))
 
 
@@ -409,7 +429,7 @@ def test_resnet20_option_a():
     assert block[0].relu and not block[1].relu and block[2].inputs == ("layers_0_2",)
 
 
-def test_lambda_option_a_and_functional_pool():
+def test_lambda_option_a_and_pool_over_the_whole_map():
     net = _check_equivalent(LambdaResNet(), (3, 8, 8))
     assert _kinds(net) == [
         FConv2d, FConv2d, FConv2d, FAdd, FConv2d, FConv2d, FSubsamplePad, FAdd,
@@ -461,16 +481,6 @@ def test_functional_residual_spellings():
     ]  # fmt: skip
     assert [getattr(layer, "relu", None) for layer in net.layers[1:3]] == [True, False]
     assert net.layers[5].stride == (2, 2) and net.layers[5].pad == (1, 1)
-
-
-class _Wrap(nn.Module):
-    def __init__(self, fn, conv: nn.Module | None = None) -> None:
-        super().__init__()
-        self.fn = fn
-        self.conv = conv if conv is not None else nn.Conv2d(2, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self, x)
 
 
 @pytest.mark.parametrize(

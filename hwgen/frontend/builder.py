@@ -230,6 +230,8 @@ class GraphBuilder:
         self, path: str, x: str, kind: str, kernel: tuple[int, int], stride: tuple[int, int]
     ) -> str:
         c, h, w = self._need(3, kind, path, x)
+        if kind == "AvgPool2d" and tuple(kernel) == (h, w):  # F.avg_pool2d(x, x.size(3))
+            return self.global_pool(path, x)
         if kernel[0] > h or kernel[1] > w:
             raise HwgenError(f"{kind} '{path}': window {kernel} too big for {_fmt((c, h, w))}")
         out = (c, (h - kernel[0]) // stride[0] + 1, (w - kernel[1]) // stride[1] + 1)

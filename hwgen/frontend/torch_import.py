@@ -76,8 +76,9 @@ class _Op:
     name: str  # module path (or for a function, the module it is called in): names the layer
     inputs: tuple[fx.Node, ...]
     module: nn.Module | None = None
-    arg: Any = None  # pool: (kind, kernel, stride); subsample: stride; pad: (before, after);
+    # pool: (kind, kernel, stride) as given; subsample: stride; pad: (before, after);
     # gpool: keepdim
+    arg: Any = None
 
 
 def _path(node: fx.Node) -> str:
@@ -105,10 +106,34 @@ def _pool_window(
     for key, value in settings.items():
         if key in allowed and value not in (allowed[key], (allowed[key],) * 2, [allowed[key]] * 2):
             raise HwgenError(f"unsupported {kind} setting {key}={value!r} at {where}")
-    if any(isinstance(v, fx.Node) for v in (kernel_size, stride)):
+    if not all(_is_size(v) for v in (kernel_size, stride)):
         raise HwgenError(f"unsupported {kind} at {where}: window computed at run time")
-    kernel = _pair(kernel_size)
-    return kind, kernel, kernel if stride in (None, (), []) else _pair(stride)
+    return kind, kernel_size, stride
+
+
+def _is_size(v: Any) -> bool:
+    """A constant, or a size of a tensor (``x.size()[3]``, ``x.shape[2]``, ``x.size(3)``)."""
+    if isinstance(v, (tuple, list)):
+        return all(_is_size(i) for i in v)
+    if not isinstance(v, fx.Node):
+        return True
+    if v.op == "call_function" and v.target is operator.getitem:
+        query, dim = v.args[0], v.args[1]
+    elif v.op == "call_method" and v.target == "size" and len(v.args) == 2:
+        query, dim = v, v.args[1]
+    else:
+        return False
+    return _is_shape_query(query) and isinstance(dim, int) and dim != 0  # not the batch size
+
+
+def _size(v: Any) -> Any:
+    """The value of a window checked by _is_size, once shapes are known."""
+    if isinstance(v, (tuple, list)):
+        return tuple(_size(i) for i in v)
+    if not isinstance(v, fx.Node):
+        return v
+    query, i = (v.args[0], v.args[1]) if v.target is operator.getitem else (v, v.args[1])
+    return _shape(query.args[0])[i]
 
 
 def _check_conv(m: nn.Conv2d, where: str) -> None:
@@ -436,7 +461,10 @@ def _emit(b: GraphBuilder, op: _Op, xs: list[str]) -> str:
     if op.kind == "add":
         return b.add(op.name, x, xs[1])
     if op.kind == "pool":
-        return b.pool(op.name, x, *op.arg)
+        kind, kernel, stride = op.arg
+        kernel = _pair(_size(kernel))
+        stride = kernel if stride in (None, (), []) else _pair(_size(stride))
+        return b.pool(op.name, x, kind, kernel, stride)
     if op.kind == "gpool":
         g = b.global_pool(op.name, x)
         return g if op.arg else b.flatten(op.name, g)  # no keepdim: (N, C)
