@@ -6,10 +6,12 @@ Conv2d/Linear before it, with the running statistics), ReLU (module, ``F.relu``,
 ``torch.relu``, ``x.relu()``), the sum of two tensors (``a + b``, ``a += b``,
 ``torch.add``, ``a.add(b)``), MaxPool2d/AvgPool2d (module or functional; no padding,
 dilation or ceil mode), global average pooling (``AdaptiveAvgPool2d(1)``,
-``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``), the option-A ResNet shortcut
+``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``, an average pool whose window is the
+whole map, e.g. ``F.avg_pool2d(x, x.size()[3])``), the option-A ResNet shortcut
 (``x[:, :, ::sh, ::sw]`` and ``F.pad`` of the channel dimension with zeros), Flatten
-(``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.view(x.size(0), -1)``, ``x.reshape(...)``),
-Dropout and Identity (dropped). Every op is checked before any tensor is computed;
+(``nn.Flatten``, ``torch.flatten(x, 1)``, ``x.view(x.size(0), -1)``, ``x.reshape(...)``,
+``x.squeeze()`` of a (C, 1, 1) map), Dropout and Identity (dropped). Folding, fusion and
+naming are :mod:`hwgen.frontend.builder`'s. Every op is checked before any tensor is computed;
 anything else is an error naming the op and where it is. Shapes come from one run of
 ``torch.fx`` ShapeProp on a dummy batch, with the module in eval mode (its modes are
 restored afterwards).
@@ -62,7 +64,7 @@ _POOL_FUNCTIONS: dict[Callable[..., Any], tuple[str, tuple[str, ...]]] = {
         ),
     ),
 }
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze"}  # as far as they flatten
 _SHAPE_METHODS = {"size", "dim"}  # shape queries: they feed view/reshape, not the data graph
 
 
