@@ -28,9 +28,9 @@ from matplotlib.figure import Figure as MplFigure
 from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes
-from hwgen.ir import Conv2d, Fixed, Linear, Pow2, WeightFormat
+from hwgen.ir import ActFormat, Add, Fixed, Pow2, WeightFormat
 from hwgen.quant.precision import dumps
-from hwgen.quant.tune import TuneResult, mac_layers
+from hwgen.quant.tune import TuneResult, format_layers
 
 REPORT_FILES = ("report.md", "report.html", "report.json", "precision.toml")
 _MAX_LEVEL_LINES = 128  # beyond this a fixed grid is drawn as its range only
@@ -321,32 +321,42 @@ def _pct(a: float) -> str:
     return f"{100 * a:.2f}%"
 
 
+def _format_json(f: ActFormat) -> dict[str, Any]:
+    return {"bits": f.bits, "frac": f.frac, "signed": f.signed}
+
+
 def layer_rows(result: TuneResult) -> list[dict[str, Any]]:
-    """Per MAC layer: formats, ROM bits and accuracy impact (the JSON of the layer table)."""
+    """Per conv/linear and add layer: formats, ROM bits and accuracy impact (the JSON of the
+    layer table). An add has no weights: its row has ``in_formats`` (both inputs), no weight
+    keys and 0 ROM bits."""
     net = result.net
-    doc = hwq.to_json(net)
+    docs = {d["name"]: d for d in hwq.to_json(net)["layers"]}
     impact = dict(result.prefix_accuracy)
     steps = [n for n, _ in result.prefix_accuracy]
     rows = []
-    for layer, ldoc in zip(net.layers, doc["layers"], strict=True):
-        if not isinstance(layer, (Conv2d, Linear)):
-            continue
+    for layer in format_layers(net):
+        ldoc = docs[layer.name]
         prev = steps[steps.index(layer.name) - 1]
-        fin = net.in_format(layer)
-        rows.append(
-            {
-                "name": layer.name,
-                "op": ldoc["op"],
+        row: dict[str, Any] = {"name": layer.name, "op": ldoc["op"], "inputs": list(layer.inputs)}
+        if isinstance(layer, Add):
+            row |= {
+                "out_shape": ldoc["out_shape"],
+                "in_formats": [_format_json(net.formats[i]) for i in layer.inputs],
+                "out_format": ldoc["out_format"],
+                "rom_bits": 0,
+            }
+        else:
+            row |= {
                 "weight_shape": list(layer.weight.shape),
                 "out_shape": ldoc["out_shape"],
                 "weights": int(layer.weight.size),
                 "weight_format": ldoc["weight_format"],
-                "in_format": {"bits": fin.bits, "frac": fin.frac, "signed": fin.signed},
+                "in_format": _format_json(net.in_format(layer)),
                 "out_format": ldoc["out_format"],
                 "rom_bits": int(layer.weight.size * layer.weight_format.bits),
-                "accuracy_impact_points": round(100 * (impact[layer.name] - impact[prev]), 6),
             }
-        )
+        row["accuracy_impact_points"] = round(100 * (impact[layer.name] - impact[prev]), 6)
+        rows.append(row)
     return rows
 
 
@@ -404,14 +414,14 @@ def tuning_sections(result: TuneResult) -> list[Section]:
             (
                 r["name"],
                 r["op"],
-                "x".join(map(str, r["weight_shape"])),
+                "x".join(map(str, r["weight_shape"])) if "weight_shape" in r else "-",
                 "x".join(map(str, r["out_shape"])),
-                str(lyr.weight_format),
+                "-" if isinstance(lyr, Add) else str(lyr.weight_format),
                 str(lyr.out_format),
                 str(r["rom_bits"]),
                 f"{r['accuracy_impact_points']:+.2f} points",
             )
-            for r, lyr in zip(rows, mac_layers(net), strict=True)
+            for r, lyr in zip(rows, format_layers(net), strict=True)
         ),
     )
     prefix = [{"step": s, "accuracy": a} for s, a in result.prefix_accuracy]
@@ -454,7 +464,7 @@ def tuning_sections(result: TuneResult) -> list[Section]:
     inp = input_error_plot(result)
     if inp is not None:
         figures.append(inp)
-    for layer in mac_layers(net):
+    for layer in format_layers(net):
         figures.append(error_plot(layer.name, result))
         if layer.name in q.float_weights:
             figures.append(

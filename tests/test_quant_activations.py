@@ -2,11 +2,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from test_quant_tune import residual_problem
 
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
-from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
-from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Network
+from hwgen.frontend.graph import FAdd, FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
+from hwgen.ir import ActFormat, Add, Conv2d, Fixed, GlobalAvgPool, Linear, Network, SubsamplePad
 from hwgen.quant.activations import ActSpec, float_activations, greedy_network
 from hwgen.quant.weights import best_weight_frac, quantize_fixed
 
@@ -89,3 +90,56 @@ def test_calibration_shape_checked():
     specs = {n: ActSpec(8) for n in ("c1", "c2", "fc")}
     with pytest.raises(HwgenError, match=r"calibration data has shape \(3, 1, 6, 6\)"):
         greedy_network(fnet, _weights(fnet), ActSpec(8), specs, np.zeros((3, 1, 6, 6)))
+
+
+def test_residual_net_greedy_add_frac_is_best_given_earlier_layers():
+    fnet, x, _ = residual_problem(n=60)
+    names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear, FAdd))]
+    net, curves = greedy_network(
+        fnet, _weights(fnet), ActSpec(6), dict.fromkeys(names, ActSpec(6)), x
+    )
+    refs = float_activations(fnet, x)
+    assert [lyr.inputs for lyr in net.layers] == [fl.inputs for fl in fnet.layers]
+    assert isinstance(net.layer("gap"), GlobalAvgPool)
+    assert net.layer("short") == SubsamplePad("short", (2, 2), (2, 2), ("add1",))
+    assert net.formats["short"] == net.formats["add1"]
+    assert set(curves) == {"input", *names}
+    assert net.layer("add1").out_format.signed  # a plain sum is signed
+    assert net.layer("add2").out_format == ActFormat(6, net.formats["add2"].frac, False)  # ReLU
+    adds = [i for i, lyr in enumerate(net.layers) if isinstance(lyr, Add)]
+    assert len(adds) == 2
+    for i in adds:
+        layer = net.layers[i]
+        chosen = _error(net, x, i, refs[i])
+        assert dict(curves[layer.name])[layer.out_format.frac] == pytest.approx(chosen)
+        for f in range(-4, 12):  # given the quantised inputs, no other frac does better
+            other = replace(layer, out_format=replace(layer.out_format, frac=f))
+            trial = replace(net, layers=(*net.layers[:i], other, *net.layers[i + 1 :]))
+            assert _error(trial, x, i, refs[i]) >= chosen
+
+
+def test_add_specs_are_kept():
+    fnet, x, _ = residual_problem(n=20)
+    names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+    specs = dict.fromkeys(names, ActSpec(8))
+    specs |= {"add1": ActSpec(5, frac=2), "add2": ActSpec(7, frac=1, signed=True)}
+    net, _ = greedy_network(fnet, _weights(fnet), ActSpec(8), specs, x)
+    assert net.layer("add1").out_format == ActFormat(5, 2, True)
+    assert net.layer("add2").out_format == ActFormat(7, 1, True)
+    assert net.layer("add2").relu  # a signed format does not undo the fused ReLU
+
+
+def test_add_of_far_apart_fracs_is_refused_before_it_overflows():
+    fnet = FloatNet(
+        (1, 2, 2),
+        (
+            FConv2d("a", np.ones((1, 1, 1, 1)), np.zeros(1)),
+            FConv2d("b", np.ones((1, 1, 1, 1)), np.zeros(1), inputs=("input",)),
+            FAdd("s", ("a", "b")),
+        ),
+    )
+    w = {n: (Fixed(8, 0), np.ones((1, 1, 1, 1), np.int64)) for n in ("a", "b")}
+    specs = {"a": ActSpec(24, frac=-32), "b": ActSpec(24, frac=32), "s": ActSpec(8)}
+    message = r"layer s: aligning s24\.f-32 with s24\.f32 needs 89 bits"
+    with pytest.raises(HwgenError, match=message):
+        greedy_network(fnet, w, ActSpec(8), specs, np.ones((2, 1, 2, 2)))

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from test_quant_tune import residual_problem
 
 from hwgen import golden as gm
 from hwgen import hwq
@@ -114,3 +115,27 @@ def test_fake_quant_equals_golden_on_digits(digits, scheme, tmp_path):
                 assert r.detected[fl.name] == str(layer.weight_format)
                 assert isinstance(layer.weight_format, Fixed if fl.name == "conv1" else Pow2)
                 assert np.array_equal(layer.weight * 2.0**-layer.weight_format.frac, fl.weight)
+
+
+@pytest.mark.parametrize("scheme", ["fixed", "pow2", "inq", "ternary", "binary", "auto"])
+def test_fake_quant_equals_golden_on_a_residual_net(scheme, tmp_path):
+    fnet, x, y = residual_problem(n=200)
+    calib, test = x[:100], x[100:]
+    if scheme == "auto":  # float weights already on fixed / pow2 grids, detected losslessly
+        fixed = quantize(fnet, Precision("fixed"), calib, progress=False).net
+        pow2 = quantize(fnet, Precision("pow2"), calib, progress=False).net
+        grids = {fl.name: fixed if fl.name.startswith("b1") else pow2 for fl in fnet.layers}
+        fnet = _on_grid_float_net(fnet, grids)
+    r = quantize(
+        fnet, Precision(scheme), calib, (calib, y[:100]),
+        progress=False, inq_options=InqOptions(epochs=1, batch_size=16),
+    )  # fmt: skip
+    net = hwq.load(hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta))
+    assert net == r.net and not net.is_chain
+    golden = gm.forward(net, gm.quantize_input(test, net.input_format))
+    fake = fake_quant_forward(r.net, test)
+    for layer, a, b in zip(net.layers, golden, fake, strict=True):
+        assert np.array_equal(a, b), layer.name
+    if scheme == "auto":
+        assert set(r.detected) == {"stem", "b1c1", "b1c2", "b2c1", "b2c2", "fc"}
+        assert all(str(net.layer(n).weight_format) == f for n, f in r.detected.items())

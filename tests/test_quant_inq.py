@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from test_quant_tune import residual_problem
 
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
 from hwgen.ir import Pow2
-from hwgen.quant.inq import InqOptions, _select, inq, to_torch
+from hwgen.quant.inq import FloatModule, InqOptions, _select, inq
 from hwgen.quant.weights import inq_emax, quantize_pow2
 
 
@@ -21,13 +22,25 @@ def _fnet(rng: np.random.Generator) -> FloatNet:
     )
 
 
-def test_to_torch_matches_float_net():
+def test_float_module_matches_float_net():
     rng = np.random.default_rng(0)
     fnet = _fnet(rng)
     x = rng.normal(size=(5, 1, 6, 6))
     want = fnet.forward(torch.as_tensor(x))[-1]
-    got = to_torch(fnet).double()(torch.as_tensor(x))
+    got = FloatModule(fnet).double()(torch.as_tensor(x))
     assert torch.allclose(want, got, rtol=1e-6, atol=1e-6)  # float, HWC flatten: same graph
+
+
+def test_float_module_runs_the_residual_graph():
+    fnet, x, _ = residual_problem(n=6)
+    want = fnet.forward(torch.as_tensor(x))[-1]
+    module = FloatModule(fnet).double()
+    got = module(torch.as_tensor(x))
+    assert torch.allclose(want, got, rtol=1e-6, atol=1e-6)  # weights went through float32
+    assert [n for n, _ in module.named_parameters()][:4] == [
+        "macs.0.weight", "macs.0.bias", "macs.1.weight", "macs.1.bias",
+    ]  # fmt: skip
+    assert len(list(module.parameters())) == 2 * 6  # the conv/linear layers only
 
 
 def test_magnitude_partition_takes_the_largest_free_weights():
@@ -68,3 +81,19 @@ def test_options_checked():
         InqOptions(portions=(0.5, 0.4, 1.0))
     with pytest.raises(HwgenError, match="optimizer must be sgd or adam"):
         InqOptions(optimizer="rmsprop")
+
+
+def test_inq_retrains_a_residual_net_onto_its_grids():
+    fnet, x, y = residual_problem(n=96)
+    macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+    fmts = {fl.name: Pow2(5, inq_emax(fl.weight)) for fl in macs}
+    opts = InqOptions(epochs=1, batch_size=32)
+    a, _ = inq(fnet, fmts, (x.astype(np.float32), y), opts, progress=False)
+    b, _ = inq(fnet, fmts, (x.astype(np.float32), y), opts, progress=False)
+    assert [fl.inputs for fl in a.layers] == [fl.inputs for fl in fnet.layers]
+    for fl, fb, f0 in zip(a.layers, b.layers, fnet.layers, strict=True):
+        if fl.name in fmts:
+            fmt = fmts[fl.name]
+            assert np.array_equal(fl.weight, fb.weight)  # seeded
+            assert np.array_equal(quantize_pow2(fl.weight, fmt) * 2.0**-fmt.frac, fl.weight)
+            assert not np.array_equal(fl.bias, f0.bias)  # every branch was trained

@@ -3,14 +3,16 @@ import zipfile
 
 import numpy as np
 import pytest
+from test_quant_tune import residual_problem
 
 from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet
-from hwgen.ir import Fixed, Pow2
+from hwgen.ir import ActFormat, Add, Conv2d, Fixed, Linear, Pow2
 from hwgen.quant import QuantResult, quantize
+from hwgen.quant import precision as prec
 from hwgen.quant.inq import InqOptions
-from hwgen.quant.precision import LayerPrecision, Precision
+from hwgen.quant.precision import AddPrecision, LayerPrecision, Precision
 
 
 def _fnet(w1: np.ndarray, w2: np.ndarray) -> FloatNet:
@@ -115,3 +117,53 @@ def test_meta_in_hwq(float_net, calib, tmp_path):
     }
     with zipfile.ZipFile(path) as z:
         assert json.loads(z.read("model.json"))["meta"] == meta
+
+
+@pytest.fixture(scope="module")
+def residual():
+    fnet, x, _ = residual_problem(n=80)
+    return fnet, x
+
+
+@pytest.mark.parametrize("scheme", ["fixed", "pow2"])
+def test_residual_precision_round_trip(residual, scheme):
+    fnet, x = residual
+    r = quantize(fnet, Precision(scheme), x, progress=False)
+    adds = [lyr for lyr in r.net.layers if isinstance(lyr, Add)]
+    assert [a.name for a in adds] == ["add1", "add2"]
+    for a in adds:
+        f = a.out_format
+        assert r.precision.layers[a.name] == AddPrecision(f.bits, f.frac, f.signed)
+        assert {fr for fr, _ in r.act_curves[a.name]} >= {f.frac}
+    assert list(r.precision.layers) == [
+        lyr.name for lyr in r.net.layers if isinstance(lyr, (Add, Conv2d, Linear))
+    ]
+    text = prec.dumps(r.precision)
+    back = prec.for_layers(prec.parse(text), _macs(fnet), ["add1", "add2"])
+    assert back == r.precision
+    assert quantize(fnet, back, x[:5], progress=False).net == r.net  # every format pinned
+    # a file read as it is (add tables as plain layer tables) gives the same network
+    assert quantize(fnet, prec.parse(text), x[:5], progress=False).net == r.net
+
+
+def test_add_precision_is_used_and_listed_in_meta(residual, tmp_path):
+    fnet, x = residual
+    p = Precision("fixed", {"add1": AddPrecision(act_bits=5), "add2": LayerPrecision(act_frac=2)})
+    r = quantize(fnet, p, x, progress=False)
+    assert r.net.layer("add1").out_format.bits == 5
+    assert r.net.layer("add2").out_format == ActFormat(8, 2, False)
+    meta = hwq.load_meta(hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta))
+    assert meta["formats"]["add1"] == {"out": str(r.net.layer("add1").out_format)}
+    assert meta["formats"]["add2"] == {"out": "u8.f2"}
+    assert list(meta["formats"]) == ["stem", "b1c1", "b1c2", "add1", "b2c1", "b2c2", "add2", "fc"]
+
+
+def test_weight_bits_on_an_add_layer_are_refused(residual):
+    fnet, x = residual
+    p = Precision("pow2", {"add2": LayerPrecision(weight_bits=4)})
+    with pytest.raises(HwgenError, match=r"^precision: layer add2 is an add and has no weights"):
+        quantize(fnet, p, x, progress=False)
+
+
+def _macs(fnet: FloatNet) -> list[str]:
+    return [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]

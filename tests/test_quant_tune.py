@@ -8,11 +8,21 @@ import torch
 
 import hwgen.quant.tune as tune_module
 from hwgen.errors import HwgenError
-from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
+from hwgen.frontend.graph import (
+    FAdd,
+    FConv2d,
+    FFlatten,
+    FGlobalAvgPool,
+    FLinear,
+    FloatNet,
+    FMaxPool2d,
+    FSubsamplePad,
+)
 from hwgen.ir import Fixed, Pow2
 from hwgen.quant import quantize
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.inq import InqOptions
+from hwgen.quant.precision import AddPrecision
 from hwgen.quant.tune import (
     TuneResult,
     float_accuracy,
@@ -50,6 +60,48 @@ def toy_problem(seed: int = 0) -> tuple[FloatNet, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def toy() -> tuple[FloatNet, np.ndarray, np.ndarray]:
     return toy_problem()
+
+
+def residual_problem(seed: int = 0, n: int = 300) -> tuple[FloatNet, np.ndarray, np.ndarray]:
+    """A small random residual CNN and images labelled by it (float accuracy 1).
+
+    conv -> [conv, conv] + identity -> add -> [conv stride 2, conv] + subsample-pad
+    shortcut -> add (ReLU) -> global average pool -> flatten -> linear; the linear layer
+    is scaled to the spread of its inputs, so that every class occurs.
+    """
+    rng = np.random.default_rng(seed)
+
+    def he(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, np.sqrt(2.0 / np.prod(shape[1:])), shape)
+
+    def b(c: int) -> np.ndarray:
+        return rng.normal(0, 0.1, c)
+
+    body = (
+        FConv2d("stem", he(4, 2, 3, 3), b(4), padding=(1, 1), relu=True),
+        FConv2d("b1c1", he(4, 4, 3, 3), b(4), padding=(1, 1), relu=True),
+        FConv2d("b1c2", he(4, 4, 3, 3), b(4), padding=(1, 1)),
+        FAdd("add1", ("b1c2", "stem")),  # no ReLU: a signed sum
+        FConv2d("b2c1", he(8, 4, 3, 3), b(8), (2, 2), (1, 1), relu=True),
+        FConv2d("b2c2", he(8, 8, 3, 3), b(8), padding=(1, 1)),
+        FSubsamplePad("short", (2, 2), (2, 2), inputs=("add1",)),
+        FAdd("add2", ("b2c2", "short"), relu=True),
+        FGlobalAvgPool("gap"),
+        FFlatten("flat"),
+    )
+    x = rng.uniform(-1, 1, (n, 2, 8, 8))
+    with torch.no_grad():
+        feat = FloatNet((2, 8, 8), body).forward(torch.as_tensor(x))[-1].numpy()
+    w = rng.normal(0, 1, (6, 8)) / (feat.std(0) + 1e-3) / np.sqrt(8)
+    fnet = FloatNet((2, 8, 8), (*body, FLinear("fc", w, -w @ feat.mean(0))), "res")
+    with torch.no_grad():
+        y = fnet.forward(torch.as_tensor(x))[-1].argmax(1).numpy()
+    return fnet, x, y
+
+
+@pytest.fixture(scope="module")
+def res() -> tuple[FloatNet, np.ndarray, np.ndarray]:
+    return residual_problem()
 
 
 def _check_log(r: TuneResult, x: np.ndarray, y: np.ndarray) -> None:
@@ -235,3 +287,33 @@ def test_digits_zero_drop():
     assert r.accuracy >= r.float_accuracy
     _check_log(r, d.x_test, d.y_test)
     assert r.rom_bits < r.rom_bits_8bit
+
+
+def test_tune_on_a_residual_net_searches_the_add_outputs_too(res):
+    fnet, x, y = res
+    r = tune(fnet, "fixed", x[:100], x[100:], y[100:], 10.0, progress=False)
+    _check_log(r, x[100:], y[100:])
+    assert r.within_budget and r.rom_bits < r.rom_bits_8bit
+    act_layers = {t.layer for t in r.trials if t.phase == "activations"}
+    assert {"add1", "add2"} <= act_layers
+    assert {t.layer for t in r.trials if t.phase == "weights"} == {
+        "stem", "b1c1", "b1c2", "b2c1", "b2c2", "fc",
+    }  # fmt: skip
+    for name in ("add1", "add2"):
+        f = r.net.layer(name).out_format
+        assert r.precision.layers[name] == AddPrecision(f.bits, f.frac, f.signed)
+    steps = [s for s, _ in r.prefix_accuracy]
+    assert steps == ["float", "input", "stem", "b1c1", "b1c2", "add1", "b2c1", "b2c2", "add2", "fc"]
+    assert r.prefix_accuracy[-1][1] == r.accuracy
+    assert quantize(fnet, r.precision, x[:100], progress=False).net == r.net
+
+
+def test_inq_tune_on_a_residual_net_retrains_the_chosen_bits(res):
+    fnet, x, y = res
+    opts = InqOptions(epochs=1, portions=(0.5, 1.0))
+    train = (x[:100], y[:100])
+    r = tune(fnet, "inq", x[:100], x[100:], y[100:], 5.0, train, progress=False, inq_options=opts)
+    assert any(t.phase == "retrain" and t.accepted for t in r.trials)
+    assert all(isinstance(lyr.weight_format, Pow2) for lyr in mac_layers(r.net))
+    assert isinstance(r.precision.layers["add2"], AddPrecision)
+    assert r.accuracy == accuracy(r.net, x[100:], y[100:])

@@ -7,7 +7,7 @@ import json
 import matplotlib.image
 import numpy as np
 import pytest
-from test_quant_tune import toy_problem
+from test_quant_tune import residual_problem, toy_problem
 
 from hwgen import hwq, report
 from hwgen.cli import main
@@ -152,6 +152,44 @@ def test_refuses_a_folder_that_is_not_a_report(result, tmp_path):
     with pytest.raises(HwgenError, match="is not an hwgen report folder"):
         report.write_tuning_report(tmp_path / "mine", result)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_residual_report_lists_the_add_layers(tmp_path):
+    fnet, x, y = residual_problem()
+    r = tune(fnet, "fixed", x[:100], x[100:], y[100:], 100.0, progress=False)
+    out = report.write_tuning_report(tmp_path / "rep", r)
+    doc = _read_report(out)
+    rows = {row["name"]: row for row in doc["layers"]}
+    assert list(rows) == ["stem", "b1c1", "b1c2", "add1", "b2c1", "b2c2", "add2", "fc"]
+    net = r.net
+    for name in ("add1", "add2"):
+        add = net.layer(name)
+        fa, fb = (net.formats[i] for i in add.inputs)
+        assert rows[name] == {
+            "name": name,
+            "op": "add",
+            "inputs": list(add.inputs),
+            "out_shape": list(net.shapes[name]),
+            "in_formats": [{"bits": f.bits, "frac": f.frac, "signed": f.signed} for f in (fa, fb)],
+            "out_format": {
+                "bits": add.out_format.bits,
+                "frac": add.out_format.frac,
+                "signed": add.out_format.signed,
+            },
+            "rom_bits": 0,
+            "accuracy_impact_points": rows[name]["accuracy_impact_points"],
+        }
+    assert rows["b2c1"]["inputs"] == ["add1"]
+    total = sum(row["accuracy_impact_points"] for row in rows.values())
+    steps = dict((p["step"], p["accuracy"]) for p in doc["prefix_accuracy"])
+    assert total == pytest.approx(100 * (r.accuracy - steps["input"]))
+    md = (out / "report.md").read_text()
+    f2 = net.layer("add2").out_format
+    assert f"| add2 | add | - | 8x4x4 | - | {f2} | 0 |" in md
+    assert (out / "plots" / "add1_error.png").is_file()
+    assert not (out / "plots" / "add1_hist.png").exists()
+    assert set(doc["curves"]) == {"input", *rows}
+    assert precision.load(out / "precision.toml").layers["add2"].act_frac == f2.frac
 
 
 def test_weight_levels():

@@ -1,10 +1,11 @@
 """Activation formats, chosen greedily layer by layer against the float model (Qiu et al.).
 
-For the network input and then each Conv2d/Linear output in order, with every earlier layer
-already quantised, the fraction length is the one whose dequantised integer outputs are
-closest (squared error) to the float model's activations on calibration data. A layer's
-integer accumulators are computed once (hwgen.golden); each candidate fraction length is
-then only a requantisation of them.
+For the network input and then each Conv2d/Linear/Add output in topological order, with
+every earlier layer already quantised, the fraction length is the one whose dequantised
+integer outputs are closest (squared error) to the float model's activations on calibration
+data. A conv/linear layer's exact integer accumulators are computed once (hwgen.golden);
+each candidate fraction length is then only a requantisation of them (for an add, of the
+exact sum of its two already quantised inputs).
 """
 
 from __future__ import annotations
@@ -18,27 +19,37 @@ import torch
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import (
+    FAdd,
     FAvgPool2d,
     FConv2d,
     FFlatten,
+    FGlobalAvgPool,
     FLayer,
     FLinear,
     FloatNet,
     FMaxPool2d,
     FReLU,
+    FSubsamplePad,
 )
 from hwgen.ir import (
+    ACC_BITS_MAX,
     ACT_FRAC_RANGE,
+    INPUT,
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Flatten,
+    GlobalAvgPool,
     Layer,
     Linear,
     MaxPool2d,
     Network,
     ReLU,
+    SubsamplePad,
     WeightFormat,
+    add_range,
+    signed_bits,
 )
 from hwgen.quant.weights import Curve
 
@@ -106,14 +117,19 @@ def _bias_at(name: str, bias: np.ndarray, frac: int) -> np.ndarray:
 
 
 def _ir_layer(fl: FLayer) -> Layer:
+    """The IR layer of a float layer without weights or a format of its own."""
     if isinstance(fl, FReLU):
-        return ReLU(fl.name)
+        return ReLU(fl.name, fl.inputs)
     if isinstance(fl, FFlatten):
-        return Flatten(fl.name)
+        return Flatten(fl.name, fl.inputs)
     if isinstance(fl, FMaxPool2d):
-        return MaxPool2d(fl.name, fl.kernel, fl.stride)
+        return MaxPool2d(fl.name, fl.kernel, fl.stride, fl.inputs)
     if isinstance(fl, FAvgPool2d):
-        return AvgPool2d(fl.name, fl.kernel, fl.stride)
+        return AvgPool2d(fl.name, fl.kernel, fl.stride, fl.inputs)
+    if isinstance(fl, FGlobalAvgPool):
+        return GlobalAvgPool(fl.name, fl.inputs)
+    if isinstance(fl, FSubsamplePad):
+        return SubsamplePad(fl.name, fl.stride, fl.pad, fl.inputs)
     raise HwgenError(f"layer {getattr(fl, 'name', '?')}: unsupported float layer {fl!r}")
 
 
@@ -130,10 +146,20 @@ def mac_layer(
         cout, cin, kh, kw = fl.weight.shape
         return Conv2d(
             fl.name, cin, cout, (kh, kw), wfmt, out_format, wq, bias,
-            stride=fl.stride, padding=fl.padding, relu=fl.relu,
+            stride=fl.stride, padding=fl.padding, relu=fl.relu, inputs=fl.inputs,
         )  # fmt: skip
     out_f, in_f = fl.weight.shape
-    return Linear(fl.name, in_f, out_f, wfmt, out_format, wq, bias, relu=fl.relu)
+    return Linear(fl.name, in_f, out_f, wfmt, out_format, wq, bias, relu=fl.relu, inputs=fl.inputs)
+
+
+def _check_add(name: str, fa: ActFormat, fb: ActFormat) -> None:
+    """Network's check of an add's aligned sum, made before the search computes it in int64."""
+    bits = signed_bits(*add_range(fa, fb))
+    if bits > ACC_BITS_MAX:
+        raise HwgenError(
+            f"layer {name}: aligning {fa} with {fb} needs {bits} bits (max {ACC_BITS_MAX}); "
+            "use closer fraction lengths"
+        )
 
 
 def greedy_network(
@@ -146,10 +172,11 @@ def greedy_network(
 ) -> tuple[Network, dict[str, Curve]]:
     """The integer network with greedily chosen activation formats, and the error curves.
 
-    ``weights`` holds each conv/linear layer's format and integer weights; ``float_acts`` may
-    pass in :func:`float_activations` of ``calib_x`` when it is reused across calls. A ReLU
-    output gets an unsigned format unless the spec says otherwise. Curves are keyed by layer
-    name and ``"input"``.
+    ``weights`` holds each conv/linear layer's format and integer weights; ``layer_specs``
+    each conv/linear and add layer's activation spec; ``float_acts`` may pass in
+    :func:`float_activations` of ``calib_x`` when it is reused across calls. A ReLU output
+    (fused into a conv/linear/add) gets an unsigned format unless the spec says otherwise.
+    Curves are keyed by layer name and ``"input"``.
     """
     x = np.asarray(calib_x, np.float64)
     if x.ndim < 2 or x.shape[1:] != tuple(fnet.input_shape) or x.shape[0] == 0:
@@ -163,27 +190,44 @@ def greedy_network(
         float_acts = float_activations(fnet, x)
     signed_in = input_spec.signed if input_spec.signed is not None else bool(x.min() < 0)
     fmt, a, curve = search_frac(x, input_spec, signed_in, lambda f: gm.quantize_input(x, f))
-    input_format, curves = fmt, {"input": curve}
+    ints, fmts = {INPUT: a}, {INPUT: fmt}  # every tensor so far, by name
+    curves = {INPUT: curve}
+    last_use = {i: k for k, fl in enumerate(fnet.layers) for i in fl.inputs}
     layers: list[Layer] = []
-    for fl, ref in zip(fnet.layers, float_acts, strict=True):
+    for k, (fl, ref) in enumerate(zip(fnet.layers, float_acts, strict=True)):
+        xs, fs = [ints[i] for i in fl.inputs], [fmts[i] for i in fl.inputs]
+        for i in fl.inputs:
+            if last_use[i] == k:  # big calibration sets: keep only the tensors still needed
+                ints.pop(i, None)
+        quantise: Callable[[ActFormat], np.ndarray]
         if isinstance(fl, (FConv2d, FLinear)):
             wfmt, wq = weights[fl.name]
             spec = layer_specs[fl.name]
             signed = spec.signed if spec.signed is not None else not fl.relu
-            proto = mac_layer(fl, wfmt, wq, fmt, ActFormat(spec.bits, 0, signed))
+            proto: Layer = mac_layer(fl, wfmt, wq, fs[0], ActFormat(spec.bits, 0, signed))
             acc_fn = gm.conv2d_acc if isinstance(proto, Conv2d) else gm.linear_acc
-            acc = acc_fn(a, proto, fmt)  # once; each candidate only requantises it
-            facc = fmt.frac + wfmt.frac
+            acc = acc_fn(xs[0], proto, fs[0])  # once; each candidate only requantises it
+            facc = fs[0].frac + wfmt.frac
 
-            def requant(o: ActFormat, acc=acc, facc=facc, relu=fl.relu) -> np.ndarray:
+            def quantise(o: ActFormat, acc=acc, facc=facc, relu=fl.relu) -> np.ndarray:
                 return gm.requantize(acc, facc - o.frac, o, relu)
 
-            out_fmt, a, curves[fl.name] = search_frac(ref, spec, signed, requant)
-            layer: Layer = replace(proto, out_format=out_fmt)
-            fmt = out_fmt
+        elif isinstance(fl, FAdd):
+            spec = layer_specs[fl.name]
+            signed = spec.signed if spec.signed is not None else not fl.relu
+            _check_add(fl.name, *fs)
+            proto = Add(fl.name, ActFormat(spec.bits, 0, signed), fl.inputs, fl.relu)
+
+            def quantise(o: ActFormat, proto=proto, xs=xs, fs=fs) -> np.ndarray:
+                return gm.layer_forward(replace(proto, out_format=o), xs, fs)
+
         else:
             layer = _ir_layer(fl)
-            a = gm.layer_forward(layer, a, fmt)
-        layers.append(layer)
-    net = Network(tuple(fnet.input_shape), input_format, tuple(layers), fnet.name)
+            ints[fl.name], fmts[fl.name] = gm.layer_forward(layer, xs, fs), fs[0]
+            layers.append(layer)
+            continue
+        out_fmt, ints[fl.name], curves[fl.name] = search_frac(ref, spec, signed, quantise)
+        fmts[fl.name] = out_fmt
+        layers.append(replace(proto, out_format=out_fmt))
+    net = Network(tuple(fnet.input_shape), fmts[INPUT], tuple(layers), fnet.name)
     return net, curves

@@ -9,7 +9,7 @@ Layout::
     act_frac = 7
     act_signed = true
 
-    [layers.conv1]              # one table per Conv2d/Linear layer, by name
+    [layers.conv1]              # one table per Conv2d/Linear/Add layer, by name
     weight_bits = 8
     act_bits = 8
     weight_frac = 6             # Fixed schemes (omit to let quantize choose it)
@@ -17,8 +17,14 @@ Layout::
     act_frac = 4                # output fraction length (omit to choose it greedily)
     act_signed = true           # optional; false gives an unsigned (ReLU) output
 
+    [layers.add1]               # an add layer has no weights: its output format only
+    act_bits = 8
+    act_frac = 4
+    act_signed = false
+
 A value left out is chosen by the quantizer; a value given is used as it is, so a file
-written by `tune` reproduces exactly the configuration it reports.
+written by `tune` reproduces exactly the configuration it reports. The file does not say
+which layers are adds: the model does (:func:`for_layers`, ``Precision.check_names``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ else:  # pragma: no cover
 
 SCHEMES = ("auto", "fixed", "inq", "pow2", "ternary", "binary")
 _LAYER_KEYS = ("weight_bits", "act_bits", "weight_frac", "emax", "act_frac", "act_signed")
-_INPUT_KEYS = ("act_bits", "act_frac", "act_signed")
+_ACT_KEYS = ("act_bits", "act_frac", "act_signed")
+_WEIGHT_KEYS = ("weight_bits", "weight_frac", "emax")
 
 
 @dataclass(frozen=True)
@@ -63,59 +70,79 @@ class InputPrecision:
 
 
 @dataclass(frozen=True)
+class AddPrecision:
+    """The output format of one add layer (it has no weights)."""
+
+    act_bits: int | None = None
+    act_frac: int | None = None
+    act_signed: bool | None = None
+
+
+@dataclass(frozen=True)
 class Precision:
-    """A scheme and per-layer settings; layers not named use the quantizer's defaults."""
+    """A scheme and per-layer settings; layers not named use the quantizer's defaults.
+
+    ``layers`` holds conv/linear layers and add layers alike: a file gives every layer as a
+    :class:`LayerPrecision`; :func:`for_layers` turns those of add layers into
+    :class:`AddPrecision` once the model says which they are.
+    """
 
     scheme: str
-    layers: dict[str, LayerPrecision] = field(default_factory=dict)
+    layers: dict[str, LayerPrecision | AddPrecision] = field(default_factory=dict)
     input: InputPrecision = InputPrecision()
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise HwgenError(f"scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
         for name, lp in self.layers.items():
-            _check_bits(self.scheme, f"layer {name}", lp)
+            _check_bits(self.scheme, f"layer {name}", getattr(lp, "weight_bits", None), lp.act_bits)
 
-    def layer(self, name: str) -> LayerPrecision:
+    def layer(self, name: str) -> LayerPrecision | AddPrecision:
         return self.layers.get(name, LayerPrecision())
 
-    def check_names(self, names: Iterable[str]) -> None:
-        """Every layer named here must be a Conv2d/Linear layer of the model."""
-        known = list(names)
-        for name in self.layers:
-            if name not in known:
+    def check_names(self, names: Iterable[str], adds: Iterable[str] = ()) -> None:
+        """Every layer named here must be a conv/linear layer (``names``) or an add layer
+        (``adds``) of the model, and an add layer has no weight settings."""
+        macs, adds = list(names), list(adds)
+        for name, lp in self.layers.items():
+            if name in adds:
+                given = [k for k in _WEIGHT_KEYS if getattr(lp, k, None) is not None]
+                if given:
+                    raise HwgenError(
+                        f"precision: layer {name} is an add and has no weights: "
+                        f"remove {', '.join(given)} (it takes {', '.join(_ACT_KEYS)})"
+                    )
+            elif name in macs and isinstance(lp, AddPrecision):
+                raise HwgenError(f"precision: layer {name} is a conv/linear layer, not an add")
+            elif name not in macs:
+                kinds = "conv/linear or add" if adds else "conv/linear"
                 raise HwgenError(
-                    f"precision: the model has no conv/linear layer {name!r} "
-                    f"(it has: {', '.join(known)})"
+                    f"precision: the model has no {kinds} layer {name!r} "
+                    f"(it has: {', '.join(macs + adds)})"
                 )
 
     def override(
         self, scheme: str | None = None, weight_bits: int | None = None, act_bits: int | None = None
     ) -> Precision:
         """Command-line options win over the file, for every layer."""
-        layers = {
-            n: replace(
-                lp,
-                **{
-                    k: v
-                    for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits))
-                    if v is not None
-                },
-            )
-            for n, lp in self.layers.items()
-        }
+        layers = {}
+        for n, lp in self.layers.items():
+            new = {"weight_bits": weight_bits, "act_bits": act_bits}
+            if isinstance(lp, AddPrecision):
+                del new["weight_bits"]  # an add has no weights
+            layers[n] = replace(lp, **{k: v for k, v in new.items() if v is not None})
         return Precision(scheme or self.scheme, layers, self.input)
 
 
-def _check_bits(scheme: str, where: str, lp: LayerPrecision) -> None:
+def _check_bits(scheme: str, where: str, weight_bits: int | None, act_bits: int | None) -> None:
     wmax = 7 if scheme in ("inq", "pow2", "ternary", "binary") else 16
     wmin = {"ternary": 2, "binary": 1, "inq": 1, "pow2": 1}.get(scheme, 2)
-    if lp.weight_bits is not None and not wmin <= lp.weight_bits <= wmax:
+    if weight_bits is not None and not wmin <= weight_bits <= wmax:
         raise HwgenError(
-            f"{where}: weight bits {lp.weight_bits} out of range [{wmin}, {wmax}] for {scheme}"
+            f"{where}: weight bits {weight_bits} out of range [{wmin}, {wmax}] for {scheme}"
         )
-    if lp.act_bits is not None and not 2 <= lp.act_bits <= 16:
-        raise HwgenError(f"{where}: activation bits {lp.act_bits} out of range [2, 16]")
+    if act_bits is not None and not 2 <= act_bits <= 16:
+        raise HwgenError(f"{where}: activation bits {act_bits} out of range [2, 16]")
 
 
 def _typed(where: str, key: str, value: object) -> int | bool:
@@ -154,7 +181,7 @@ def parse(text: str, source: str = "precision.toml") -> Precision:
     layers = {
         n: LayerPrecision(**_table(f"layers.{n}", d, _LAYER_KEYS)) for n, d in layers_doc.items()
     }
-    inp = InputPrecision(**_table("input", doc.get("input", {}), _INPUT_KEYS))
+    inp = InputPrecision(**_table("input", doc.get("input", {}), _ACT_KEYS))
     return Precision(scheme, layers, inp)
 
 
@@ -169,11 +196,11 @@ def load(path: str | Path) -> Precision:
 
 def dumps(p: Precision) -> str:
     doc: dict[str, object] = {"scheme": p.scheme}
-    inp = {k: getattr(p.input, k) for k in _INPUT_KEYS if getattr(p.input, k) is not None}
+    inp = {k: getattr(p.input, k) for k in _ACT_KEYS if getattr(p.input, k) is not None}
     if inp:
         doc["input"] = inp
     doc["layers"] = {
-        n: {k: getattr(lp, k) for k in _LAYER_KEYS if getattr(lp, k) is not None}
+        n: {k: getattr(lp, k) for k in _LAYER_KEYS if getattr(lp, k, None) is not None}
         for n, lp in p.layers.items()
     }
     return tomli_w.dumps(doc)
@@ -187,11 +214,17 @@ def check_bits(scheme: str, where: str, weight_bits: int | None, act_bits: int |
     """Range check of bit widths given outside a file (command-line options)."""
     if scheme not in SCHEMES:
         raise HwgenError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
-    _check_bits(scheme, where, LayerPrecision(weight_bits, act_bits))
+    _check_bits(scheme, where, weight_bits, act_bits)
 
 
-def for_layers(p: Precision, names: Iterable[str]) -> Precision:
-    """``p`` with a (possibly empty) entry for every named layer, so overrides reach them all."""
-    names = list(names)
-    p.check_names(names)
-    return Precision(p.scheme, {n: p.layer(n) for n in names}, p.input)
+def for_layers(p: Precision, names: Iterable[str], adds: Iterable[str] = ()) -> Precision:
+    """``p`` with an entry for every conv/linear layer (``names``) and add layer (``adds``),
+    in that order, so that overrides reach them all; an add layer's entry is an
+    :class:`AddPrecision`."""
+    names, adds = list(names), list(adds)
+    p.check_names(names, adds)
+    layers: dict[str, LayerPrecision | AddPrecision] = {n: p.layer(n) for n in names}
+    for n in adds:
+        lp = p.layer(n)
+        layers[n] = AddPrecision(lp.act_bits, lp.act_frac, lp.act_signed)
+    return Precision(p.scheme, layers, p.input)

@@ -1,8 +1,9 @@
 """The quantize entry point: FloatNet + Precision + calibration data -> integer Network.
 
-Weights first (per scheme), then activation formats greedily layer by layer
-(hwgen.quant.activations). The returned precision is fully resolved, so quantising again
-with it gives the identical Network (INQ too, for the same seed).
+Weights first (per scheme), then activation formats greedily layer by layer in topological
+order, add outputs included (hwgen.quant.activations). The returned precision is fully
+resolved, so quantising again with it gives the identical Network (INQ too, for the same
+seed).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from hwgen.errors import HwgenError
-from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
-from hwgen.ir import Conv2d, Fixed, Linear, Network, Pow2, WeightFormat
+from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
+from hwgen.ir import Add, Conv2d, Fixed, Linear, Network, Pow2, WeightFormat
 from hwgen.quant import weights as wq
 from hwgen.quant.activations import ActSpec, Curve, greedy_network
 from hwgen.quant.inq import InqOptions, inq
-from hwgen.quant.precision import InputPrecision, LayerPrecision, Precision
+from hwgen.quant.precision import AddPrecision, InputPrecision, LayerPrecision, Precision
 
 DEFAULT_WEIGHT_BITS = {"fixed": 8, "inq": 5, "pow2": 5, "ternary": 2, "binary": 1, "auto": None}
 DEFAULT_ACT_BITS = 8
@@ -30,8 +31,9 @@ class QuantResult:
     """A quantised network, the precision that reproduces it, and what the search saw.
 
     ``weight_curves``: per conv/linear layer, candidate weight frac (fixed) or emax (pow2)
-    -> squared weight error. ``act_curves``: per layer and ``"input"``, candidate act_frac ->
-    squared activation error. ``detected``: per layer, the grid found by the auto scheme.
+    -> squared weight error. ``act_curves``: per conv/linear/add layer and ``"input"``,
+    candidate act_frac -> squared activation error. ``detected``: per layer, the grid found
+    by the auto scheme.
     ``float_weights``: the float weights before quantisation (for INQ: the retrained ones
     just before the last step).
     """
@@ -45,14 +47,16 @@ class QuantResult:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The scheme and formats, for the ``.hwq`` meta object."""
-        formats = {}
+        """The scheme and formats (add layers: the output's), for the ``.hwq`` meta object."""
+        formats: dict[str, dict[str, str]] = {}
         for layer in self.net.layers:
             if isinstance(layer, (Conv2d, Linear)):
                 formats[layer.name] = {
                     "weight": str(layer.weight_format),
                     "out": str(layer.out_format),
                 }
+            elif isinstance(layer, Add):
+                formats[layer.name] = {"out": str(layer.out_format)}
         meta: dict[str, Any] = {
             "scheme": self.precision.scheme,
             "input_format": str(self.net.input_format),
@@ -118,7 +122,8 @@ def quantize(
     """
     scheme = precision.scheme
     macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
-    precision.check_names([fl.name for fl in macs])
+    adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
+    precision.check_names([fl.name for fl in macs], adds)
     formats: dict[str, tuple[WeightFormat, np.ndarray]] = {}
     weight_curves: dict[str, Curve] = {}
     detected: dict[str, str] = {}
@@ -126,6 +131,7 @@ def quantize(
     pow2_fmts: dict[str, Pow2] = {}
     for fl in macs:
         lp = precision.layer(fl.name)
+        assert isinstance(lp, LayerPrecision)  # check_names: only adds are AddPrecision
         w = float_weights[fl.name]
         bits = _weight_bits(scheme, lp)
         if scheme == "auto":
@@ -154,10 +160,10 @@ def quantize(
                 fmt = pow2_fmts[fl.name]
                 formats[fl.name] = (fmt, wq.encode_exact(fl.name, fl.weight, fmt))
     specs = {}
-    for fl in macs:
-        lp = precision.layer(fl.name)
-        bits = lp.act_bits if lp.act_bits is not None else DEFAULT_ACT_BITS
-        specs[fl.name] = ActSpec(bits, lp.act_frac, lp.act_signed)
+    for name in [fl.name for fl in macs] + adds:
+        ap = precision.layer(name)
+        bits = ap.act_bits if ap.act_bits is not None else DEFAULT_ACT_BITS
+        specs[name] = ActSpec(bits, ap.act_frac, ap.act_signed)
     ip = precision.input
     in_spec = ActSpec(
         ip.act_bits if ip.act_bits is not None else DEFAULT_ACT_BITS, ip.act_frac, ip.act_signed
@@ -170,8 +176,11 @@ def quantize(
 
 def resolved(net: Network, scheme: str) -> Precision:
     """The precision that states every format of ``net`` explicitly."""
-    layers = {}
+    layers: dict[str, LayerPrecision | AddPrecision] = {}
     for layer in net.layers:
+        if isinstance(layer, Add):
+            of = layer.out_format
+            layers[layer.name] = AddPrecision(of.bits, of.frac, of.signed)
         if isinstance(layer, (Conv2d, Linear)):
             wf, of = layer.weight_format, layer.out_format
             layers[layer.name] = LayerPrecision(

@@ -12,7 +12,7 @@ golden model on the evaluation set. The budget is ``float accuracy - max_drop`` 
    first (it saves the most ROM bits); keep the change if the accuracy stays within the
    budget, else freeze that layer. Repeat until every layer is frozen or at its minimum.
 3. Activations (line-buffer and datapath width, not ROM): the same, for the network
-   input and every layer output, the largest feature map first.
+   input and every conv/linear/add output, the largest feature map first.
 
 Powers of two with retraining (``inq``, ``ternary``, ``binary``): retraining per trial
 would take far too long, so the search runs on post-training powers of two (``pow2``),
@@ -34,12 +34,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
-from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
-from hwgen.ir import INPUT, Conv2d, Linear, Network
+from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
+from hwgen.ir import INPUT, Add, Conv2d, Linear, Network
 from hwgen.quant import QuantResult, quantize
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.inq import InqOptions
-from hwgen.quant.precision import InputPrecision, LayerPrecision, Precision
+from hwgen.quant.precision import AddPrecision, InputPrecision, LayerPrecision, Precision
 
 TUNE_SCHEMES = ("fixed", "pow2", "inq", "ternary", "binary")
 RETRAINED = ("inq", "ternary", "binary")
@@ -112,6 +112,11 @@ def mac_layers(net: Network) -> list[Conv2d | Linear]:
     return [lyr for lyr in net.layers if isinstance(lyr, (Conv2d, Linear))]
 
 
+def format_layers(net: Network) -> list[Conv2d | Linear | Add]:
+    """The layers that choose an output format: conv/linear and add, in layer order."""
+    return [lyr for lyr in net.layers if isinstance(lyr, (Conv2d, Linear, Add))]
+
+
 def rom_bits(net: Network, bits: int | None = None) -> int:
     """Σ weights × weight bits over the MAC layers (``bits`` overrides every layer's width)."""
     return sum(lyr.weight.size * (bits or lyr.weight_format.bits) for lyr in mac_layers(net))
@@ -139,17 +144,18 @@ def reference_activations(fnet: FloatNet, x: np.ndarray) -> list[np.ndarray]:
 def prefix_accuracy(
     fnet: FloatNet, net: Network, x: np.ndarray, y: np.ndarray
 ) -> list[tuple[str, float]]:
-    """Accuracy as layers are quantised one by one: ``[("float", a), ("input", a), (mac1, a)..]``.
+    """Accuracy as layers are quantised one by one: ``[("float", a), ("input", a), (l1, a)..]``.
 
-    Step k runs the integer golden model up to (not including) the (k+1)-th MAC layer, turns
-    that integer tensor back into reals (``a * 2**-frac``) and finishes with the float layers.
-    The last step is the whole integer network.
+    The steps are the layers that choose a format: conv/linear and add. Step k runs the
+    integer golden model up to (not including) the (k+1)-th of them, turns every integer
+    tensor back into reals (``a * 2**-frac``) and finishes with the float layers. The last
+    step is the whole integer network.
     """
     if [lyr.name for lyr in fnet.layers] != net.names:
         raise HwgenError("prefix accuracy: the float and quantised networks have different layers")
     y = np.asarray(y)
-    macs = [i for i, lyr in enumerate(net.layers) if isinstance(lyr, (Conv2d, Linear))]
-    cuts = [*macs, len(net.layers)]  # integer layers [0, cut) then float layers [cut, end)
+    quantising = [i for i, lyr in enumerate(net.layers) if isinstance(lyr, (Conv2d, Linear, Add))]
+    cuts = [*quantising, len(net.layers)]  # integer layers [0, cut) then float layers [cut, end)
     points = [("float", float_accuracy(fnet, x, y))]
     ints = {INPUT: gm.quantize_input(x, net.input_format)}
     done = 0
@@ -166,7 +172,7 @@ def prefix_accuracy(
         out = xf[net.output]
         pred = out.reshape(len(x), -1).argmax(1).numpy()
         points.append(
-            ("input" if k == 0 else net.layers[macs[k - 1]].name, float(np.mean(pred == y)))
+            ("input" if k == 0 else net.layers[quantising[k - 1]].name, float(np.mean(pred == y)))
         )
     return points
 
@@ -179,19 +185,21 @@ class _Search:
         evaluate: Callable[[Precision], tuple[QuantResult, float]],
         scheme: str,
         names: list[str],
+        acts: list[str],
         wstart: int,
         budget: Callable[[float], bool],
     ) -> None:
+        """``names``: the conv/linear layers; ``acts``: the tensors with a format of their own
+        (``"input"``, conv/linear and add outputs), in layer order."""
         self.evaluate, self.scheme, self.budget = evaluate, scheme, budget
         self.wbits = dict.fromkeys(names, wstart)
-        self.abits = dict.fromkeys(["input", *names], _ACT_BITS[1])
+        self.abits = dict.fromkeys(acts, _ACT_BITS[1])
         self.trials: list[Trial] = []
         self.best: QuantResult | None = None
         self.best_acc = 0.0
 
     def precision(self, wbits: dict[str, int], abits: dict[str, int]) -> Precision:
-        layers = {n: LayerPrecision(weight_bits=b, act_bits=abits[n]) for n, b in wbits.items()}
-        return Precision(self.scheme, layers, InputPrecision(act_bits=abits["input"]))
+        return bits_precision(self.scheme, wbits, abits)
 
     def trial(
         self, phase: str, layer: str, change: str, wbits: dict[str, int], abits: dict[str, int]
@@ -243,6 +251,19 @@ class _Search:
                 tick(bits[n] - lo)  # the steps this layer will no longer take
 
 
+def bits_precision(scheme: str, wbits: dict[str, int], abits: dict[str, int]) -> Precision:
+    """The precision fixing only bits: weight bits per conv/linear layer (``wbits``) and act
+    bits per tensor (``abits``: ``"input"``, conv/linear and add outputs); an ``abits`` entry
+    that is not in ``wbits`` is an add layer's."""
+    layers: dict[str, LayerPrecision | AddPrecision] = {}
+    for n, b in abits.items():
+        if n in wbits:
+            layers[n] = LayerPrecision(weight_bits=wbits[n], act_bits=b)
+        elif n != INPUT:
+            layers[n] = AddPrecision(act_bits=b)
+    return Precision(scheme, layers, InputPrecision(act_bits=abits[INPUT]))
+
+
 def tune(
     fnet: FloatNet,
     scheme: str,
@@ -282,6 +303,7 @@ def tune(
             f"must be (N, {', '.join(map(str, fnet.input_shape))})"
         )
     names = [lyr.name for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear))]
+    acts = [INPUT, *(lyr.name for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear, FAdd)))]
     sizes = {
         lyr.name: lyr.weight.size for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear))
     }
@@ -299,8 +321,8 @@ def tune(
         return q, accuracy(q.net, eval_x, eval_y)
 
     wlo, wstart, wmax = _WEIGHT_BITS[scheme]
-    search = _Search(evaluate, search_scheme, names, wstart, budget)
-    steps = 1 + len(names) * (wstart - wlo) + (len(names) + 1) * (_ACT_BITS[1] - _ACT_BITS[0])
+    search = _Search(evaluate, search_scheme, names, acts, wstart, budget)
+    steps = 1 + len(names) * (wstart - wlo) + len(acts) * (_ACT_BITS[1] - _ACT_BITS[0])
     columns = (
         TextColumn("tune {task.description}"),
         BarColumn(),
@@ -326,7 +348,7 @@ def tune(
         bar.update(task, description="weights")
         search.lower("weights", sorted(names, key=lambda n: -sizes[n]), wlo, tick)
         bar.update(task, description="activations")
-        shapes = _out_sizes(fnet, names)
+        shapes = _out_sizes(fnet, acts)
         search.lower(
             "activations", sorted(search.abits, key=lambda n: -shapes[n]), _ACT_BITS[0], tick
         )
@@ -337,9 +359,7 @@ def tune(
 
         def retrain(bits: tuple[dict[str, int], dict[str, int]]) -> tuple[QuantResult, float]:
             """INQ on the bits only: it picks emax and the act fracs for its own weights."""
-            wb, ab = bits
-            layers = {n: LayerPrecision(weight_bits=wb[n], act_bits=ab[n]) for n in names}
-            p = Precision(scheme, layers, InputPrecision(act_bits=ab["input"]))
+            p = bits_precision(scheme, *bits)
             q = quantize(fnet, p, calib_x, train, progress=progress, inq_options=inq_options)
             return q, accuracy(q.net, eval_x, eval_y)
 
@@ -366,7 +386,7 @@ def tune(
 
 
 def _out_sizes(fnet: FloatNet, names: list[str]) -> dict[str, int]:
-    """Elements per image of the input and of every MAC layer's output (activation order)."""
+    """Elements per image of the input and of the named layers' outputs."""
     x = torch.zeros((1, *fnet.input_shape), dtype=torch.float64)
     sizes = {"input": x.numel()}
     with torch.no_grad():
