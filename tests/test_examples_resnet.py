@@ -59,8 +59,8 @@ def _cifar_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_training_moves_the_weights_deterministically():
     x, y = _cifar_like(12)
-    a = train_resnet20(x, y, epochs=1, batch_size=8)
-    b = train_resnet20(x, y, epochs=1, batch_size=8)
+    a = train_resnet20(x, y, epochs=1, batch_size=8, progress=False)
+    b = train_resnet20(x, y, epochs=1, batch_size=8, progress=False)
     start = random_resnet20(0).state_dict()
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa) and not a.training
@@ -77,7 +77,7 @@ def test_training_moves_the_weights_deterministically():
 )
 def test_training_data_checked(x, y, message):
     with pytest.raises(HwgenError, match=message) as e:
-        train_resnet20(x, y, epochs=1)
+        train_resnet20(x, y, epochs=1, progress=False)
     assert "\n" not in str(e.value)
 
 

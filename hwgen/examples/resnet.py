@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import Progress
 from torch import nn
 
 from hwgen.errors import HwgenError
@@ -146,13 +147,14 @@ def train_resnet20(
     epochs: int = RESNET20_EPOCHS,
     seed: int = 0,
     batch_size: int = RESNET20_BATCH,
+    progress: bool = True,
 ) -> CifarResNet:
     """ResNet-20 trained on CIFAR-10 style arrays (float NCHW ``x``, labels ``y``).
 
     SGD (momentum 0.9, weight decay 1e-4, learning rate 0.1 annealed to 0 on a cosine),
     cross-entropy, seeded init and shuffling; no augmentation. Uses torch's threads (a run
     is minutes per epoch on a laptop CPU), so the weights may differ in the last bits
-    between machines.
+    between machines. ``progress`` shows a transient progress bar.
     """
     if x.ndim != 4 or tuple(x.shape[1:]) != CIFAR_SHAPE:
         raise HwgenError(f"resnet20 trains on (N, 3, 32, 32) images, not shape {x.shape}")
@@ -168,14 +170,17 @@ def train_resnet20(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            opt.zero_grad()
-            F.cross_entropy(model(tx[idx]), ty[idx]).backward()
-            opt.step()
-            sched.step()
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"training resnet20 on {len(x)} images", total=steps)
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), batch_size):
+                idx = order[i : i + batch_size]
+                opt.zero_grad()
+                F.cross_entropy(model(tx[idx]), ty[idx]).backward()
+                opt.step()
+                sched.step()
+                bar.advance(task)
     return model.eval()
 
 
