@@ -75,6 +75,8 @@ def _cmd_build(args: argparse.Namespace) -> None:
         args.board,
         args.clock_mhz,
         args.baud,
+        target_fps=args.target_fps,
+        device=args.device,
     )
 
 
@@ -171,9 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="generate Verilog, ROM contents and test vectors from a .hwq")
     b.add_argument("model", type=Path, help="quantized model (.hwq)")
     b.add_argument("-o", "--output", type=Path, required=True, help="build folder")
-    b.add_argument("--pe", type=int, default=4, help="upper limit of PE per layer (default 4)")
-    b.add_argument("--simd", type=int, default=4, help="upper limit of SIMD per layer (default 4)")
+    b.add_argument(
+        "--pe", type=int, help="upper limit of PE per layer (default 4; none with a target)"
+    )
+    b.add_argument(
+        "--simd", type=int, help="upper limit of SIMD per layer (default 4; 8 with a target)"
+    )
     b.add_argument("--folding", type=Path, help="folding.toml: [layers.<name>] pe = .., simd = ..")
+    b.add_argument(
+        "--target-fps",
+        type=float,
+        help="fold for this many inferences per second at --clock-mhz (default 100 MHz, or "
+        "the board's), balanced within the device's LUT and block RAM",
+    )
+    b.add_argument(
+        "--device",
+        choices=("ecp5-85f", "up5k"),
+        help="fold for the fastest rate that fits this device (default: the --board's)",
+    )
     b.add_argument(
         "--rom-style",
         choices=("inline", "file"),
@@ -194,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--clock-mhz",
         type=float,
-        help="the network's clock on the board (PLL; default 50 ulx3s, 24 icebreaker)",
+        help="the network's clock on the board (PLL; default 50 ulx3s, 24 icebreaker) and "
+        "for --target-fps",
     )
     b.add_argument("--baud", type=int, default=115200, help="UART baud rate (default 115200)")
     b.set_defaults(func=_cmd_build)

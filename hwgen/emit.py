@@ -3,11 +3,12 @@
 A build folder (docs/build-format.md)::
 
     manifest.json            what was built: modules, ports, formats, folding, ROMs, cycles
+    folding.toml             PE and SIMD per layer (--folding reads it) with cost estimates
     files.f                  the sources of the network top, relative to the folder
     rtl/<net>_<layer>.v      one module per layer engine (Flatten has none)
     rtl/<net>_top.v          the network with AXI4-Stream ports (s_axis_*, m_axis_*)
     rtl/<net>_stream.v       the same chain with hwgen's stream ports, for the benches
-    rom/<layer>_pe<k>.hex    each PE's weight ROM, $readmemh text
+    rom/<layer>.hex          each layer's weight ROM (all its PEs), $readmemh text
     vectors/<layer>.npz      per-layer test vectors: golden input(s) and output streams
     vectors/network.npz      whole-network vectors
     vendor/                  Vivado (Arty A7) and Quartus project skeletons
@@ -37,6 +38,7 @@ from hwgen.errors import HwgenError
 from hwgen.fsutil import npz_bytes
 from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
+from hwgen.hw.folding import MAX_SIMD, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
 from hwgen.ir import INPUT, ActFormat, Add, Conv2d, Flatten, Linear, Network
@@ -56,10 +58,12 @@ DEFAULT_MAX_SIMD = 4
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How to build: lane limits (clamped per layer to divisors) or an explicit folding."""
+    """How to build: lane limits (clamped per layer to divisors), an explicit folding, or a
+    target rate on a device (``target_fps``, ``device``: the balanced folding of
+    hwgen.hw.folding; the limits then cap it only when given)."""
 
-    max_pe: int = DEFAULT_MAX_PE
-    max_simd: int = DEFAULT_MAX_SIMD
+    max_pe: int | None = None  # None: DEFAULT_MAX_PE (without a target)
+    max_simd: int | None = None
     folding: Mapping[str, tuple[int, int]] | None = None
     rom_style: str = "inline"
     vectors: int = 8  # real (or random) images per vector file, plus two extreme ones
@@ -67,6 +71,8 @@ class BuildOptions:
     board: str | None = None  # also build a bitstream for this board (hwgen.hw.board.BOARDS)
     board_mhz: float | None = None  # the network's clock on the board (default per board)
     baud: int = 115200
+    target_fps: float | None = None  # fold for this rate (hwgen.hw.folding.solve)
+    device: str | None = None  # fold for this device (default: the board's, else ecp5-85f)
 
 
 def module_name(net: Network, suffix: str) -> str:
@@ -93,7 +99,8 @@ def load_folding(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def choose_foldings(net: Network, opts: BuildOptions) -> dict[str, tuple[int, int]]:
-    """(PE, SIMD) per layer with an engine: the explicit folding, else the largest divisors."""
+    """(PE, SIMD) per layer with an engine: the explicit folding, then with a target rate or
+    a device the balanced folding (hwgen.hw.folding.solve), else the largest divisors."""
     engines = {
         layer.name: i for i, layer in enumerate(net.layers) if not isinstance(layer, Flatten)
     }
@@ -104,8 +111,20 @@ def choose_foldings(net: Network, opts: BuildOptions) -> dict[str, tuple[int, in
                 f"folding: the model has no layer {name!r} with an engine "
                 f"(it has: {', '.join(engines)})"
             )
+    if opts.target_fps is not None or opts.device is not None:
+        device, clock = build_target(opts.device, opts.board, opts.board_mhz)
+        return solve(
+            net,
+            device,
+            clock,
+            opts.target_fps,
+            fixed=given,
+            max_pe=opts.max_pe,
+            max_simd=opts.max_simd or MAX_SIMD,
+        ).foldings
+    max_pe, max_simd = opts.max_pe or DEFAULT_MAX_PE, opts.max_simd or DEFAULT_MAX_SIMD
     return {
-        name: given.get(name) or choose_folding(net, i, opts.max_pe, opts.max_simd)
+        name: given.get(name) or choose_folding(net, i, max_pe, max_simd)
         for name, i in engines.items()
     }
 
@@ -225,12 +244,13 @@ def build(
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise HwgenError(f"{out_dir} exists and is not a hwgen build folder: not overwriting it")
     foldings = choose_foldings(net, opts)
+    estimate = plan(net, foldings, *build_target(opts.device, opts.board, opts.board_mhz))
+    files: dict[str, str | bytes] = {"folding.toml": estimate.to_toml()}
     x = network_inputs(net, meta, opts.vectors, opts.seed)
     x = np.concatenate([x, _extremes(net.input_format, net.input_shape)])
     acts = dict(zip([INPUT, *net.names], [x, *golden.forward(net, x)], strict=True))
     rom_src = ["rtl/hwgen_rom.v"] if opts.rom_style == "file" else []
 
-    files: dict[str, str | bytes] = {}
     layers, infos = [], []
     for index, layer in enumerate(net.layers):
         if isinstance(layer, Flatten):
@@ -241,8 +261,8 @@ def build(
         module = module_name(net, layer.name)
         engine = make_engine(net, index, pe, simd, opts.rom_style)
         files[f"rtl/{module}.v"] = verilog.convert(engine, name=module, emit_src=False)
-        for k, words in enumerate(info.roms):
-            files[rom_file(layer.name, k)] = hex_lines(words, info.rom_width)
+        for words in info.roms:
+            files[rom_file(layer.name)] = hex_lines(words, info.rom_width)
         vectors = _layer_vectors(net, index, acts, info)
         vec = f"vectors/{layer.name}.npz"
         files[vec] = npz_bytes(vectors)
@@ -257,7 +277,7 @@ def build(
             len(vectors["input"]),
         )
         entry |= _layer_fields(net, index)
-        entry["roms"] = [rom_file(layer.name, k) for k in range(len(info.roms))]
+        entry["roms"] = [rom_file(layer.name) for _ in info.roms]
         layers.append(entry)
 
     top_module, stream_module = module_name(net, "top"), module_name(net, "stream")

@@ -75,7 +75,7 @@ def test_builds_are_byte_identical(model, built, tmp_path, rom_style):
         assert "rtl/hwgen_rom.v" in a
         assert (first / "files.f").read_text() == "rtl/example_top.v\nrtl/hwgen_rom.v\n"
         conv1 = a["rtl/example_conv1.v"].decode()
-        assert "hwgen_rom" in conv1 and '"rom/conv1_pe0.hex"' in conv1
+        assert "hwgen_rom" in conv1 and '"rom/conv1.hex"' in conv1
         # Rebuilding over an existing build folder replaces it.
         build_file(model, first, BuildOptions(rom_style="inline"))
         assert "rtl/hwgen_rom.v" not in _files(first)
@@ -91,7 +91,7 @@ def test_hex_files_hold_the_engine_rom_words(built):
         if not isinstance(net.layers[index], (Conv2d, Linear)):
             assert info.roms == [] and entry["roms"] == []
             continue
-        assert entry["roms"] == [f"rom/{entry['name']}_pe{k}.hex" for k in range(entry["pe"])]
+        assert entry["roms"] == [f"rom/{entry['name']}.hex"]
         digits = -(-info.rom_width // 4)
         for k, rel in enumerate(entry["roms"]):
             lines = (built / rel).read_text().splitlines()
@@ -99,7 +99,7 @@ def test_hex_files_hold_the_engine_rom_words(built):
             assert all(len(line) == digits for line in lines)
             assert [int(line, 16) for line in lines] == [int(v) for v in info.roms[k]]
             checked += 1
-    assert checked == 4 + 3 + 4 + 2  # conv1, conv2, fc1, fc2 PEs
+    assert checked == 4  # conv1, conv2, fc1, fc2: one ROM each
 
 
 def _port_width(verilog: str, direction: str, port: str) -> int:
@@ -143,7 +143,7 @@ def test_manifest_describes_the_build(built):
             assert e["ideal_cycles"] == e["macs"] // (e["pe"] * e["simd"])
             assert e["ideal_cycles"] * e["pe"] * e["simd"] == e["macs"]
             assert e["rom_depth"] == kk * cin // e["simd"] * len(layer.bias) // e["pe"]
-            assert e["rom_width"] == e["simd"] * layer.weight_format.bits
+            assert e["rom_width"] == e["pe"] * e["simd"] * layer.weight_format.bits
             assert (e["in_lanes"], e["out_lanes"]) == (e["simd"], e["pe"])
         else:
             assert (e["macs"], e["rom_depth"], e["rom_width"], e["acc_bits"]) == (0, 0, 0, 0)

@@ -161,9 +161,9 @@ def test_engine_info_and_folding():
         8,
     )
     assert info.in_beats == 5 * 5 * 6 // 3 and info.out_beats == 5 * 5 * 8 // 4
-    assert info.rom_depth == 9 * 6 // 3 * 8 // 4 and info.rom_width == 3 * 4
+    assert info.rom_depth == 9 * 6 // 3 * 8 // 4 and info.rom_width == 4 * 3 * 4
     assert info.macs == 25 * 8 * 9 * 6 and info.ideal_cycles == info.macs // 12
-    assert len(info.roms) == 4 and all(len(r) == info.rom_depth for r in info.roms)
+    assert len(info.roms) == 1 and len(info.roms[0]) == info.rom_depth
     pool = engine_info(net, 1, 2, 2)
     assert (pool.kind, pool.in_beats, pool.out_beats, pool.roms) == ("maxpool", 100, 16, [])
     assert engine_info(net, 3, 3, 8).kind == "dense"

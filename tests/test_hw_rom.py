@@ -8,11 +8,14 @@ from amaranth.sim import Simulator
 from hwgen.errors import HwgenError
 from hwgen.hw.rom import (
     WeightROM,
+    bram_blocks,
     code_bits,
     decode_weights,
     encode_weights,
     hex_lines,
     rom_file,
+    rom_storage,
+    rom_width,
     rom_words,
 )
 from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2
@@ -64,40 +67,67 @@ def _conv(rng, fmt, cout, cin, k):
     return Conv2d("conv1", cin, cout, k, fmt, ActFormat(8, 0), w, np.zeros(cout, int))
 
 
-@pytest.mark.parametrize(("pe", "simd"), [(1, 1), (2, 3), (4, 6)])
+@pytest.mark.parametrize(("pe", "simd"), [(1, 1), (2, 3), (4, 6), (4, 3)])
 def test_rom_order(pe, simd):
-    """Word (nf, kh, kw, g) of PE k holds weight[nf*PE + k, g*SIMD + lane, kh, kw]."""
+    """Word (nf, kh, kw, g), PE k's slice, lane l: weight[nf*PE + k, g*SIMD + l, kh, kw]."""
     fmt = Fixed(5, 0)
     layer = _conv(np.random.default_rng(pe), fmt, 4, 6, (2, 3))
-    roms = rom_words(layer, pe, simd)
-    assert len(roms) == pe
-    for k, words in enumerate(roms):
-        assert len(words) == 2 * 3 * 6 // simd * 4 // pe
-        addr = 0
-        for nf in range(4 // pe):
-            for kh in range(2):
-                for kw in range(3):
-                    for g in range(6 // simd):
-                        word = int(words[addr])
+    words = rom_words(layer, pe, simd)
+    assert rom_width(layer, pe, simd) == pe * simd * 5
+    assert len(words) == 2 * 3 * 6 // simd * 4 // pe
+    assert words.dtype == (object if pe * simd * 5 > 64 else np.uint64)
+    addr = 0
+    for nf in range(4 // pe):
+        for kh in range(2):
+            for kw in range(3):
+                for g in range(6 // simd):
+                    word = int(words[addr])
+                    for k in range(pe):
                         for lane in range(simd):
-                            code = (word >> (lane * 5)) & 31
+                            code = (word >> ((k * simd + lane) * 5)) & 31
                             w = layer.weight[nf * pe + k, g * simd + lane, kh, kw]
                             assert decode_weights(fmt, np.array([code]))[0] == w
-                        addr += 1
+                    addr += 1
+    assert word >> (pe * simd * 5) == 0
 
 
 def test_wide_words_are_python_ints():
     fmt = Fixed(16, 0)
     w = np.full((1, 8), -1)
     layer = Linear("fc", 8, 1, fmt, ActFormat(8, 0), w, np.zeros(1, int))
-    (words,) = rom_words(layer, 1, 8)
+    words = rom_words(layer, 1, 8)
     assert words.dtype == object and int(words[0]) == (1 << 128) - 1
     assert hex_lines(words, 128) == "f" * 32 + "\n"
 
 
 def test_hex_lines_and_file_names():
     assert hex_lines(np.array([1, 0x2AB], dtype=np.uint64), 10) == "001\n2ab\n"
-    assert rom_file("conv1", 3) == "rom/conv1_pe3.hex"
+    assert rom_file("conv1") == "rom/conv1.hex"
+
+
+@pytest.mark.parametrize(
+    ("width", "depth", "blocks"),
+    [
+        (160, 72, 5),  # 36x512: 5 wide
+        (40, 1152, 5),  # 9x2048: 5 wide, one deep (36x512 would take 2x3)
+        (160, 1152, 15),  # 36x512: 5 x 3 (18x1024: 9 x 2, 9x2048: 18)
+        (36, 512, 1),
+        (37, 512, 2),
+        (18, 1024, 1),
+        (1, 16384, 1),
+        (1, 16385, 2),
+        (8, 4096, 2),  # 4x4096: 2 wide; 9x2048: 2 deep
+        (64, 256, 2),
+        (0, 10, 0),
+    ],
+)
+def test_bram_blocks_ecp5(width, depth, blocks):
+    assert bram_blocks(width, depth) == blocks
+
+
+def test_bram_blocks_ice40_and_storage():
+    assert bram_blocks(16, 256, "ice40") == 1 and bram_blocks(20, 300, "ice40") == 3
+    assert rom_storage(160, 128) == "logic" and rom_storage(160, 129) == "block"
 
 
 def test_inline_rom_reads_with_one_cycle_latency():
@@ -119,11 +149,18 @@ def test_inline_rom_reads_with_one_cycle_latency():
 
 
 def test_file_rom_instantiates_hwgen_rom_with_a_relative_path():
-    dut = WeightROM(width=12, depth=5, init=[0] * 5, style="file", init_file="rom/c_pe0.hex")
+    dut = WeightROM(width=12, depth=5, init=[0] * 5, style="file", init_file="rom/c.hex")
     text = verilog.convert(dut, name="top", emit_src=False)
     assert "hwgen_rom #(" in text
-    assert '.INIT_FILE("rom/c_pe0.hex")' in text
-    assert ".DEPTH(32'd5)" in text and ".WIDTH(32'd12)" in text
+    assert '.INIT_FILE("rom/c.hex")' in text
+    assert ".DEPTH(32'd5)" in text and ".WIDTH(32'd12)" in text and ".LOGIC(32'd1)" in text
+
+
+@pytest.mark.parametrize(("depth", "style"), [(128, "logic"), (129, "block")])
+def test_inline_rom_carries_its_storage_attribute(depth, style):
+    dut = WeightROM(width=4, depth=depth, init=[1] * depth)
+    text = verilog.convert(dut, name="top", emit_src=False)
+    assert f'(* rom_style = "{style}" *)' in text
 
 
 @pytest.mark.parametrize(
@@ -132,6 +169,7 @@ def test_file_rom_instantiates_hwgen_rom_with_a_relative_path():
         (dict(style="bram"), "ROM style must be one of inline, file, not 'bram'"),
         (dict(style="file", init_file="/abs/x.hex"), "relative path, not '/abs/x.hex'"),
         (dict(init=[1, 2]), "ROM init has 2 words, expected 4"),
+        (dict(storage="lutram"), "ROM storage must be block or logic, not 'lutram'"),
     ],
 )
 def test_bad_parameters(kwargs, msg):

@@ -25,7 +25,7 @@ from hwgen.hw.mac import MACUnit
 from hwgen.hw.pool import AvgPool, GlobalAvgPoolEngine, MaxPool, ReLUEngine
 from hwgen.hw.requant import act_shape
 from hwgen.hw.residual import AddEngine, SubsamplePadEngine
-from hwgen.hw.rom import ROM_STYLES, code_bits, rom_words
+from hwgen.hw.rom import ROM_STYLES, rom_width, rom_words
 from hwgen.hw.window import SlidingWindow
 from hwgen.ir import (
     Add,
@@ -59,10 +59,11 @@ _KINDS = {
 class EngineInfo:
     """Parameters of one layer engine as built; counts are per image.
 
-    ``roms`` holds each PE's ROM words in address order (hwgen.hw.rom layout): ``uint64``
-    arrays when ``rom_width <= 64``, else arrays of Python ints. Empty for engines without
-    MACs, whose ``acc_bits``, ``rom_depth`` and ``rom_width`` are 0. An add engine's second
-    input (``b``) has ``in_b_bits`` and ``in_b_signed`` (0 and False for the other engines).
+    ``roms`` holds the layer's one ROM (shared by its PEs) in address order (hwgen.hw.rom
+    layout): a ``uint64`` array when ``rom_width <= 64``, else an array of Python ints.
+    Empty for engines without MACs, whose ``acc_bits``, ``rom_depth`` and ``rom_width`` are
+    0. An add engine's second input (``b``) has ``in_b_bits`` and ``in_b_signed`` (0 and
+    False for the other engines).
     """
 
     kind: str  # conv | dense | maxpool | avgpool | relu | add | subsample_pad | global_avgpool
@@ -184,7 +185,7 @@ def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
     if isinstance(layer, (Conv2d, Linear)):
         cin, cout, kk, pixels = _mac_dims(net, index)
         macs = pixels * cout * kk * cin
-        roms = rom_words(layer, pe, simd)
+        roms = [rom_words(layer, pe, simd)]
         return EngineInfo(
             **common,
             in_lanes=simd,
@@ -194,7 +195,7 @@ def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
             simd=simd,
             acc_bits=acc_bits(layer, fin),
             rom_depth=len(roms[0]),
-            rom_width=simd * code_bits(layer.weight_format),
+            rom_width=rom_width(layer, pe, simd),
             macs=macs,
             ideal_cycles=macs // (pe * simd),
             roms=roms,

@@ -16,7 +16,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hwgen.hw.requant import Requantizer, act_shape
-from hwgen.hw.rom import WeightROM, code_bits, rom_file, rom_words
+from hwgen.hw.rom import WeightROM, code_bits, rom_file, rom_width, rom_words
 from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, WeightFormat, acc_bits, acc_frac
 
 
@@ -165,8 +165,9 @@ class MACUnit(wiring.Component):
 
     Consumes the sliding-window stream (``repeats = Cout/PE`` repetitions of each output
     pixel's window, order kh, kw, channel group, ``last`` on each repetition's final beat),
-    one beat per cycle; emits PE output channels per repetition. The ROM address is the
-    beat count modulo the ROM depth; its read latency is hidden by registering the beat.
+    one beat per cycle; emits PE output channels per repetition. One ROM holds every PE's
+    codes (hwgen.hw.rom layout): all PEs read the same address. The address is the beat
+    count modulo the ROM depth; its read latency is hidden by registering the beat.
 
     Members
     -------
@@ -185,7 +186,7 @@ class MACUnit(wiring.Component):
         self.layer, self.in_format, self.pe, self.simd = layer, in_format, pe, simd
         self.rom_style = rom_style
         self.words = rom_words(layer, pe, simd)
-        self.depth = len(self.words[0])
+        self.depth = len(self.words)
         self.acc_bits = acc_bits(layer, in_format)
         out = layer.out_format
         super().__init__(
@@ -216,18 +217,13 @@ class MACUnit(wiring.Component):
             self.acc_bits,
             layer.bias.reshape(folds, pe),
         )
-        width = self.simd * code_bits(layer.weight_format)
-        roms = []
-        for k, words in enumerate(self.words):
-            rom = WeightROM(
-                width=width,
-                depth=depth,
-                init=words,
-                style=self.rom_style,
-                init_file=rom_file(layer.name, k),
-            )
-            m.submodules[f"rom{k}"] = rom
-            roms.append(rom)
+        m.submodules.rom = rom = WeightROM(
+            width=rom_width(layer, pe, self.simd),
+            depth=depth,
+            init=self.words,
+            style=self.rom_style,
+            init_file=rom_file(layer.name),
+        )
 
         # The whole pipeline advances unless a finished output waits for its consumer.
         adv = ~(self.o.valid & ~self.o.ready)
@@ -256,9 +252,8 @@ class MACUnit(wiring.Component):
                     mac.last.eq(self.i.payload.last),
                     mac.fold.eq(fold),
                 ]
-        for k, rom in enumerate(roms):
-            # While stalled, re-read the held beat's word so the ROM output holds too.
-            m.d.comb += [rom.addr.eq(Mux(adv, addr, addr_s)), mac.codes[k].eq(rom.data)]
+        # While stalled, re-read the held beat's word so the ROM output holds too.
+        m.d.comb += [rom.addr.eq(Mux(adv, addr, addr_s)), mac.codes.eq(rom.data)]
 
         shift = acc_frac(layer, self.in_format) - layer.out_format.frac
         for k in range(pe):

@@ -10,12 +10,18 @@ Weight codes (one per weight, ``code_bits(fmt)`` wide):
 - ternary (``Pow2(2, emax)``, weights ``{0, ±1}``): ``[zero | sign]``, 2 bits.
 - binary (``Pow2(1, emax)``, weights ``±1``): ``[sign]``, 1 bit.
 
-ROM of processing element ``k`` (one per PE): ``depth = KH*KW*Cin/SIMD * Cout/PE`` words of
-``SIMD * code_bits`` bits, lane ``l`` (input channel ``g*SIMD + l`` of the group ``g``) at bits
-``[l*code_bits, (l+1)*code_bits)``, lane 0 at the LSB. Address order: for each neuron fold
-``nf`` (output channel ``nf*PE + k``), for ``kh``, for ``kw``, for channel group ``g`` —
-the order the sliding-window unit emits. A dense layer is ``KH = KW = 1``, Cin = in_features.
+One ROM per layer, shared by its PEs (they all read the same address in the same cycle):
+``depth = KH*KW*Cin/SIMD * Cout/PE`` words of ``PE * SIMD * code_bits`` bits. PE ``k``'s
+codes are the slice ``[k*SIMD*code_bits, (k+1)*SIMD*code_bits)``, and in it lane ``l``
+(input channel ``g*SIMD + l`` of the group ``g``) is at ``[l*code_bits, (l+1)*code_bits)``:
+PE 0 lane 0 at the LSB. Address order: for each neuron fold ``nf`` (output channel
+``nf*PE + k``), for ``kh``, for ``kw``, for channel group ``g`` — the order the
+sliding-window unit emits. A dense layer is ``KH = KW = 1``, Cin = in_features.
 The biases are not in the ROM: they are constants of the MAC array (see hwgen.hw.mac).
+
+One wide word instead of one ROM per PE packs the bits into as few memory blocks as the
+read width allows (``bram_blocks``); a shallow ROM (``rom_storage``) is put in logic
+instead, where it costs no block and a few LUTs per bit.
 
 The ``.hex`` form (``hex_lines``) has one word per line, most significant digit first,
 ``ceil(width/4)`` hex digits, address 0 first: the format of Verilog's ``$readmemh``.
@@ -81,32 +87,59 @@ def weight_matrix(layer: Conv2d | Linear) -> np.ndarray:
     return layer.weight.transpose(0, 2, 3, 1)
 
 
-def rom_words(layer: Conv2d | Linear, pe: int, simd: int) -> list[np.ndarray]:
-    """Each PE's ROM contents in address order (see the module docstring).
+def rom_width(layer: Conv2d | Linear, pe: int, simd: int) -> int:
+    """Bits per word of the layer's ROM: every PE's SIMD codes."""
+    return pe * simd * code_bits(layer.weight_format)
 
-    Words are ``uint64`` when ``simd * code_bits`` is at most 64 bits, else Python ints
-    (dtype object).
+
+def rom_words(layer: Conv2d | Linear, pe: int, simd: int) -> np.ndarray:
+    """The layer's ROM contents in address order (see the module docstring).
+
+    Words are ``uint64`` when ``rom_width`` is at most 64 bits, else Python ints (dtype
+    object).
     """
-    fmt = layer.weight_format
-    cb = code_bits(fmt)
+    cb = code_bits(layer.weight_format)
     w = weight_matrix(layer)
     cout = w.shape[0]
-    codes = encode_weights(fmt, w).reshape(cout // pe, pe, -1, simd)  # nf, k, addr in fold, lane
-    wide = simd * cb > 64
-    roms = []
-    for k in range(pe):
-        c = codes[:, k].reshape(-1, simd)
-        if wide:
-            words = np.array(
-                [sum(int(v) << (lane * cb) for lane, v in enumerate(row)) for row in c],
-                dtype=object,
-            )
-        else:
-            words = np.zeros(len(c), dtype=np.uint64)
-            for lane in range(simd):
-                words |= c[:, lane].astype(np.uint64) << np.uint64(lane * cb)
-        roms.append(words)
-    return roms
+    codes = encode_weights(layer.weight_format, w).reshape(cout // pe, pe, -1, simd)
+    # (nf, addr in fold, k, lane): a word's codes, PE 0 lane 0 first.
+    codes = codes.transpose(0, 2, 1, 3).reshape(-1, pe * simd)
+    if pe * simd * cb <= 64:
+        shifts = np.arange(pe * simd, dtype=np.uint64) * np.uint64(cb)
+        return np.bitwise_or.reduce(codes.astype(np.uint64) << shifts, axis=1)
+    # Wide words: pack 60-bit chunks with numpy, join them as Python ints.
+    per = max(1, 60 // cb)
+    chunks = []
+    for lo in range(0, pe * simd, per):
+        part = codes[:, lo : lo + per].astype(np.uint64)
+        shifts = np.arange(part.shape[1], dtype=np.uint64) * np.uint64(cb)
+        chunks.append((lo * cb, np.bitwise_or.reduce(part << shifts, axis=1)))
+    words = np.zeros(len(codes), dtype=object)
+    for offset, values in chunks:
+        words += np.array([int(v) << offset for v in values], dtype=object)
+    return words
+
+
+# DP16KD (ECP5): 18 kbit, width x depth; 36 wide only as a one-read-port PDPW16KD, which
+# is all a ROM needs. SB_RAM40_4K (iCE40): 4 kbit.
+BRAM_SHAPES = {
+    "ecp5": ((36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384)),
+    "ice40": ((16, 256), (8, 512), (4, 1024), (2, 2048)),
+}
+LOGIC_MAX_DEPTH = 128  # shallower ROMs go in logic: a block would hold mostly nothing
+
+
+def bram_blocks(width: int, depth: int, family: str = "ecp5") -> int:
+    """Block RAMs a ``width`` x ``depth`` memory takes in the family's best configuration
+    (one configuration per memory, tiled in width and depth, as Yosys maps it)."""
+    if width <= 0 or depth <= 0:
+        return 0
+    return min(-(-width // w) * -(-depth // d) for w, d in BRAM_SHAPES[family])
+
+
+def rom_storage(width: int, depth: int) -> str:
+    """``"logic"`` for a shallow ROM (LUTs decode it), else ``"block"`` (block RAM)."""
+    return "logic" if depth <= LOGIC_MAX_DEPTH else "block"
 
 
 def hex_lines(words: np.ndarray, width: int) -> str:
@@ -115,9 +148,9 @@ def hex_lines(words: np.ndarray, width: int) -> str:
     return "".join(f"{int(v):0{digits}x}\n" for v in words)
 
 
-def rom_file(layer_name: str, k: int) -> str:
-    """Relative path of PE ``k``'s hex file, as the ``file`` ROM style loads it."""
-    return str(PurePosixPath("rom") / f"{layer_name}_pe{k}.hex")
+def rom_file(layer_name: str) -> str:
+    """Relative path of the layer's hex file, as the ``file`` ROM style loads it."""
+    return str(PurePosixPath("rom") / f"{layer_name}.hex")
 
 
 class WeightROM(wiring.Component):
@@ -136,6 +169,9 @@ class WeightROM(wiring.Component):
         without regenerating the RTL. Both have the same timing.
     init_file : str
         Relative path of the hex file (``file`` style only).
+    storage : ``"block"``, ``"logic"`` or None
+        Where synthesis puts it (the ``rom_style`` attribute Yosys reads); None chooses
+        with ``rom_storage``.
 
     Members
     -------
@@ -144,9 +180,17 @@ class WeightROM(wiring.Component):
     """
 
     def __init__(
-        self, *, width: int, depth: int, init: object, style: str = "inline", init_file: str = ""
+        self,
+        *,
+        width: int,
+        depth: int,
+        init: object,
+        style: str = "inline",
+        init_file: str = "",
+        storage: str | None = None,
     ) -> None:
         self.width, self.depth, self.style, self.init_file = width, depth, style, init_file
+        self.storage = storage or rom_storage(width, depth)
         self.init = [int(v) for v in init]
         error = None
         if style not in ROM_STYLES:
@@ -155,6 +199,8 @@ class WeightROM(wiring.Component):
             error = f"ROM init file must be a relative path, not {init_file!r}"
         elif len(self.init) != depth:
             error = f"ROM init has {len(self.init)} words, expected {depth}"
+        elif self.storage not in ("block", "logic"):
+            error = f"ROM storage must be block or logic, not {self.storage!r}"
         if error:
             self._MustUse__silence = True  # a rejected component is not an unused one
             raise HwgenError(error)
@@ -173,13 +219,17 @@ class WeightROM(wiring.Component):
                 p_DEPTH=self.depth,
                 p_WIDTH=self.width,
                 p_INIT_FILE=self.init_file,
+                p_LOGIC=int(self.storage == "logic"),
                 i_clk=ClockSignal("sync"),
                 i_addr=self.addr,
                 o_data=self.data,
             )
             return m
         m.submodules.mem = mem = memory.Memory(
-            shape=unsigned(self.width), depth=self.depth, init=self.init
+            shape=unsigned(self.width),
+            depth=self.depth,
+            init=self.init,
+            attrs={"rom_style": self.storage},
         )
         rd = mem.read_port()
         m.d.comb += [rd.addr.eq(self.addr), self.data.eq(rd.data)]

@@ -1,0 +1,193 @@
+"""ResNet-20 (CIFAR-10 shape, option-A shortcuts) on the ECP5-85F: fold, build, verify, place.
+
+The network has seeded random (He-normal) weights, quantised pow2 5-bit post-training with
+calibration on random images (no CIFAR here). ``hwgen.hw.folding`` folds it for the
+target rate on the ECP5-85F; the build is simulated whole (cocotb + Verilator, random
+stalls on both ends) against the golden model and its steady-state cycles per inference
+measured by the difference method: ``(cycles(N images) - cycles(M images)) / (N - M)``,
+without stalls, over the slowest layer's ideal ``MACs / (PE*SIMD)``. Yosys and nextpnr
+(``hwgen synth``) give LUT4, BRAM and Fmax; inferences per second are Fmax over cycles.
+
+The last lines printed are ``resnet20 RTL == golden: K/N images``, ``resnet20
+cycles/ideal: X``, ``resnet20 LUT4: N``, ``resnet20 BRAM: N``, ``resnet20 fmax MHz: X`` and
+``resnet20 inferences per second: X``.
+
+    python bench/resnet20.py [-o DIR] [--images N] [--fps F] [--chain] [--skip-synth]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hwgen.emit import BuildOptions, build
+from hwgen.frontend.graph import (
+    FAdd,
+    FConv2d,
+    FFlatten,
+    FGlobalAvgPool,
+    FLinear,
+    FloatNet,
+    FSubsamplePad,
+)
+from hwgen.hw.folding import FoldingPlan, solve
+from hwgen.ir import Network
+from hwgen.quant import quantize
+from hwgen.quant.precision import Precision, for_layers
+from hwgen.simulate import simulate_layer
+from hwgen.synth import DEVICES, synthesize
+
+DEVICE = "ecp5-85f"
+WIDTHS = (16, 32, 64)
+BLOCKS = 3  # per stage: ResNet-20 = 1 + 3 * 3 * 2 convs + the classifier
+
+
+def _conv(rng: np.random.Generator, name: str, cin: int, cout: int, **kw: object) -> FConv2d:
+    """He-normal 3x3 weights (BatchNorm folded into them leaves this scale), small biases."""
+    w = rng.normal(0.0, np.sqrt(2.0 / (9 * cin)), size=(cout, cin, 3, 3))
+    b = rng.normal(0.0, 0.05, size=cout)
+    return FConv2d(name, w, b, padding=(1, 1), **kw)
+
+
+def resnet20(seed: int = 0, shortcuts: bool = True) -> FloatNet:
+    """ResNet-20 with option-A shortcuts, or (``shortcuts=False``) its 19 convs as a chain."""
+    rng = np.random.default_rng(seed)
+    layers: list = [_conv(rng, "conv1", 3, WIDTHS[0], relu=True)]
+    prev, cin = "conv1", WIDTHS[0]
+    for s, cout in enumerate(WIDTHS):
+        for b in range(BLOCKS):
+            stride = 2 if s > 0 and b == 0 else 1
+            name = f"s{s + 1}b{b + 1}"
+            layers.append(_conv(rng, f"{name}a", cin, cout, stride=(stride, stride), relu=True))
+            layers.append(_conv(rng, f"{name}b", cout, cout, relu=not shortcuts))
+            if shortcuts:
+                short = prev
+                if stride != 1 or cin != cout:
+                    pad = (cout - cin) // 2
+                    layers.append(
+                        FSubsamplePad(f"{name}sc", (stride, stride), (pad, pad), inputs=(prev,))
+                    )
+                    short = f"{name}sc"
+                layers.append(FAdd(f"{name}add", inputs=(f"{name}b", short), relu=True))
+                prev = f"{name}add"
+            else:
+                prev = f"{name}b"
+            cin = cout
+    w = rng.normal(0.0, np.sqrt(1.0 / cin), size=(10, cin))
+    layers += [
+        FGlobalAvgPool("pool"),
+        FFlatten("flat"),
+        FLinear("fc", w, rng.normal(0.0, 0.05, size=10)),
+    ]
+    return FloatNet((3, 32, 32), tuple(layers), name="resnet20" if shortcuts else "chain19")
+
+
+def quantized(fnet: FloatNet, seed: int) -> Network:
+    """pow2 5-bit post-training, activations calibrated on random images."""
+    macs = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+    adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
+    p = for_layers(Precision("pow2"), macs, adds).override("pow2", 5, None)
+    x = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(64, *fnet.input_shape))
+    return quantize(fnet, p, x, progress=False).net
+
+
+def print_plan(plan: FoldingPlan) -> None:
+    print(f"{'layer':8} {'PE':>3} {'SIMD':>4} {'cycles':>7} {'LUT4~':>6} {'BRAM~':>5}  ROM")
+    for p in plan.layers:
+        rom = f"{p.rom_bits} bits in {p.rom_storage} ({p.rom_blocks} blocks)" if p.rom_bits else ""
+        print(f"{p.name:8} {p.pe:3} {p.simd:4} {p.cycles:7} {p.luts:6} {p.brams:5}  {rom}")
+    print(
+        f"slowest {plan.cycles} cycles ({plan.fps:,.0f}/s at {plan.clock_mhz:g} MHz), "
+        f"~{plan.luts} LUT4, ~{plan.brams} block RAMs (skip FIFOs {plan.fifo_blocks})"
+    )
+
+
+def network_run(out: Path, images: int, stalls: float, seed: int) -> tuple[int, int, int]:
+    """(images equal, images, cycles) of one whole-network simulation."""
+    r = simulate_layer(out, "network", stalls, seed, vectors=images)
+    if not r.ok:
+        print(f"mismatch: {r.first_mismatch}", file=sys.stderr)
+    return r.images_equal, r.images, r.cycles
+
+
+def place(out: Path, manifest: dict, clock_mhz: float) -> tuple[int, int, float, float]:
+    """(LUT4, block RAMs, Fmax MHz, seconds): Yosys and nextpnr on the whole network.
+
+    LUT4 and block RAMs are nextpnr's utilisation when its report has one (LUT4 as the
+    TRELLIS_COMB cells it places), else Yosys's counts.
+    """
+    top = manifest["top"]
+    work = out / "synth_network"
+    t0 = time.perf_counter()
+    res = synthesize(
+        [out / s for s in top["axi_sources"]],
+        top["axi_module"],
+        DEVICE,
+        target_mhz=clock_mhz,
+        workdir=work,
+    )
+    seconds = time.perf_counter() - t0
+    luts, brams = res.resources.luts, res.resources.brams
+    report = json.loads((work / "report.json").read_text())
+    util = report.get("utilization", {})
+    if "TRELLIS_COMB" in util and "DP16KD" in util:
+        luts, brams = util["TRELLIS_COMB"]["used"], util["DP16KD"]["used"]
+    print(f"Yosys: {res.resources}; nextpnr utilisation: {json.dumps(util)}")
+    return luts, brams, res.fmax_mhz or 0.0, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--output", type=Path, default=Path("resnet20-build"))
+    ap.add_argument("--images", type=int, default=20, help="random images (>= 20)")
+    ap.add_argument("--fps", type=float, default=1000.0, help="target inferences per second")
+    ap.add_argument("--clock-mhz", type=float, default=100.0)
+    ap.add_argument("--stalls", type=float, default=0.3)
+    ap.add_argument("--chain", action="store_true", help="the 19 convs without shortcuts")
+    ap.add_argument("--skip-synth", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep an earlier build in --output")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    net = quantized(resnet20(args.seed, shortcuts=not args.chain), args.seed + 1)
+    plan = solve(net, DEVICE, args.clock_mhz, args.fps)
+    print_plan(plan)
+    opts = BuildOptions(folding=plan.foldings, vectors=args.images, seed=args.seed)
+    if args.reuse:
+        manifest = json.loads((args.output / "manifest.json").read_text())
+        assert manifest["foldings"] == {k: list(v) for k, v in plan.foldings.items()}
+    else:
+        manifest = build(net, args.output, opts)
+    print(f"quantised and built in {time.perf_counter() - t0:.0f} s")
+
+    total = args.images + 2  # the build adds the all-max and all-min images
+    t0 = time.perf_counter()
+    equal, images, _ = network_run(args.output, total, args.stalls, args.seed)
+    _, _, few = network_run(args.output, 2, 0.0, args.seed)
+    _, _, many = network_run(args.output, total, 0.0, args.seed)
+    cycles = (many - few) / (total - 2)
+    ideal = max(e["ideal_cycles"] for e in manifest["layers"])
+    print(f"simulated in {time.perf_counter() - t0:.0f} s: {few} cycles (2), {many} ({total})")
+
+    luts = brams = 0
+    fmax = 0.0
+    if not args.skip_synth:
+        luts, brams, fmax, seconds = place(args.output, manifest, args.clock_mhz)
+        dev = DEVICES[DEVICE]
+        print(f"synthesis + place and route: {seconds:.0f} s ({dev.luts} LUT4, {dev.brams} BRAM)")
+    print(f"resnet20 RTL == golden: {equal}/{images} images")
+    print(f"resnet20 cycles/ideal: {cycles / ideal:.3f}")
+    print(f"resnet20 LUT4: {luts}")
+    print(f"resnet20 BRAM: {brams}")
+    print(f"resnet20 fmax MHz: {fmax:.1f}")
+    print(f"resnet20 inferences per second: {fmax * 1e6 / cycles:.0f}")
+
+
+if __name__ == "__main__":
+    main()
