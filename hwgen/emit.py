@@ -54,6 +54,7 @@ BUILD_FORMAT = "hwgen-build"
 BUILD_VERSION = 1
 DEFAULT_MAX_PE = 4
 DEFAULT_MAX_SIMD = 4
+DIGITS_SOURCES = ("digits", "digits-res")  # built-in examples trained on the bundled digits
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def _extremes(fmt: ActFormat, shape: tuple[int, ...]) -> np.ndarray:
 
 def network_inputs(net: Network, meta: Mapping[str, Any], count: int, seed: int) -> np.ndarray:
     """Real example images when the model came from a built-in example, else random ones."""
-    if meta.get("source") == "digits" and net.input_shape == (1, 8, 8):
+    if meta.get("source") in DIGITS_SOURCES and net.input_shape == (1, 8, 8):
         from hwgen.examples.digits import load_digits_split
 
         x = load_digits_split().x_test[:count]

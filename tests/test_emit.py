@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import example_network
+from conftest import example_network, residual_network
 
 from hwgen import golden, hwq
 from hwgen.cli import main
@@ -232,3 +232,20 @@ def test_sim_errors_are_one_line(built, tmp_path, capsys):
     _one_line_error(capsys, ["sim", str(built), "--layer", "conv7"], "conv7", "conv1", "network")
     _one_line_error(capsys, ["sim", str(built), "--layer", "conv1", "--stalls", "1.5"], "1.5")
     assert not (built / "sim_build").exists()  # rejected before anything was compiled
+
+
+def test_residual_build_is_byte_identical_and_names_inputs(tmp_path):
+    net = residual_network(seed=2)
+    path = tmp_path / "res.hwq"
+    hwq.save(net, path)
+    opts = BuildOptions(max_pe=2, max_simd=2, vectors=2)
+    manifest = build_file(path, tmp_path / "a", opts)
+    build_file(path, tmp_path / "b", opts)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert [e["inputs"] for e in manifest["layers"]] == [
+        list(layer.inputs) for layer in net.layers if not isinstance(layer, Flatten)
+    ]
+    stream = (tmp_path / "a/rtl" / f"{module_name(net, 'stream')}.v").read_text()
+    # One fork per block input, a skip FIFO on each shortcut.
+    assert "stem_fork" in stream and "b1_add_fork" in stream
+    assert "b1_add_b_skip" in stream and "b2_short_skip" in stream
