@@ -74,8 +74,9 @@ def tune(
     from rich.table import Table
 
     from hwgen.frontend import load_model
+    from hwgen.ir import Add
     from hwgen.quant.inq import InqOptions
-    from hwgen.quant.tune import RETRAINED, mac_layers
+    from hwgen.quant.tune import RETRAINED, format_layers
     from hwgen.quant.tune import tune as run_tune
     from hwgen.report import check_output_dir, write_tuning_report
 
@@ -103,7 +104,10 @@ def tune(
     for col in ("layer", "weights", "activations", "ROM bits"):
         table.add_column(col, justify="right" if col == "ROM bits" else "left")
     table.add_row("input", "", str(result.net.input_format), "")
-    for layer in mac_layers(result.net):
+    for layer in format_layers(result.net):
+        if isinstance(layer, Add):  # no weights
+            table.add_row(layer.name, "", str(layer.out_format), "0")
+            continue
         bits = layer.weight.size * layer.weight_format.bits
         table.add_row(layer.name, str(layer.weight_format), str(layer.out_format), str(bits))
     console = Console()
@@ -165,8 +169,8 @@ def quantize(
     from rich.table import Table
 
     from hwgen.frontend import load_model
-    from hwgen.frontend.graph import FConv2d, FLinear
-    from hwgen.ir import Conv2d, Linear, acc_bits
+    from hwgen.frontend.graph import FAdd, FConv2d, FLinear
+    from hwgen.ir import Add, Conv2d, Linear, acc_bits
     from hwgen.quant import precision as prec
     from hwgen.quant import quantize as run_quantize
     from hwgen.quant.fakequant import fake_quant_predict
@@ -185,7 +189,8 @@ def quantize(
     arrays = _load_data(data, effective in RETRAINED) if data is not None else None
     fnet, dataset = load_model(model)
     names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
-    p = prec.for_layers(p, names).override(scheme, bits, act_bits)
+    adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
+    p = prec.for_layers(p, names, adds).override(scheme, bits, act_bits)
     if act_bits is not None:
         p = replace(p, input=replace(p.input, act_bits=act_bits))
     test = None
@@ -220,6 +225,9 @@ def quantize(
                 str(layer.out_format),
                 str(acc_bits(layer, net.in_format(layer))),
             )
+        elif isinstance(layer, Add):
+            op = "Add" + (" + ReLU" if layer.relu else "")
+            table.add_row(layer.name, op, "", "", str(layer.out_format), "")
     console = Console()
     console.print(table)
     meta = result.meta | {"source": Path(model).name, "precision": prec.dumps(result.precision)}
@@ -234,49 +242,37 @@ def quantize(
 def build(
     model: Path,
     output: Path,
-    max_pe: int | None,
-    max_simd: int | None,
+    max_pe: int,
+    max_simd: int,
     folding: Path | None,
     rom_style: str,
     vectors: int,
     board: str | None = None,
     clock_mhz: float | None = None,
     baud: int = 115200,
-    target_fps: float | None = None,
-    device: str | None = None,
 ) -> None:
-    """``hwgen build``: Verilog, ROM hex, manifest, vectors and folding.toml for a ``.hwq``."""
-    from hwgen import emit
-    from hwgen.hw.folding import build_target, plan
+    """``hwgen build``: Verilog, ROM hex, manifest and vectors for a ``.hwq``."""
+    from hwgen.emit import BuildOptions, build_file, load_folding
 
     for what, v in (("--pe", max_pe), ("--simd", max_simd), ("--vectors", vectors)):
-        if v is not None and v < 1:
+        if v < 1:
             raise HwgenError(f"{what} must be a positive integer, not {v}")
-    opts = emit.BuildOptions(
+    opts = BuildOptions(
         max_pe,
         max_simd,
-        emit.load_folding(folding) if folding else None,
+        load_folding(folding) if folding else None,
         rom_style,
         vectors,
         board=board,
         board_mhz=clock_mhz,
         baud=baud,
-        target_fps=target_fps,
-        device=device,
     )
-    net = hwq.load(model)
-    manifest = emit.build(net, output, opts, hwq.load_meta(model))
-    dev, clock = build_target(device, board, clock_mhz)
-    total = plan(net, manifest["foldings"], dev, clock)
-    est = {p.name: p for p in total.layers}
+    manifest = build_file(model, output, opts)
     table = Table(title=f"hwgen build {manifest['model']} -> {output}")
-    for col in ("layer", "engine", "PE x SIMD", "in", "out", "acc bits", "ROM", "cycles"):
+    for col in ("layer", "engine", "PE x SIMD", "in", "out", "acc bits", "ROM", "ideal cycles"):
         table.add_column(col)
-    for col in ("LUT4 est.", "BRAM est."):
-        table.add_column(col, justify="right")
     for e in manifest["layers"]:
-        p = est[e["name"]]
-        rom = f"{e['rom_depth']}x{e['rom_width']} {p.rom_storage}" if e["rom_depth"] else ""
+        rom = f"{e['pe']} x {e['rom_depth']}x{e['rom_width']}" if e["rom_depth"] else ""
         table.add_row(
             e["name"],
             e["kind"],
@@ -285,15 +281,8 @@ def build(
             e["out_format"],
             str(e["acc_bits"] or ""),
             rom,
-            str(p.cycles),
-            str(p.luts),
-            str(p.brams),
+            str(e["ideal_cycles"]),
         )
-    table.caption = (
-        f"{dev} at {clock:g} MHz: {total.cycles} cycles per image -> {total.fps:,.0f} "
-        f"inferences/s; ~{total.luts} LUT4, ~{total.brams} block RAMs "
-        f"(skip FIFOs {total.fifo_blocks}); folding in {output / 'folding.toml'}"
-    )
     Console().print(table)
     print(f"wrote {output}: top {manifest['top']['axi_module']} ({output / 'files.f'})")
     if "board" in manifest:

@@ -7,7 +7,10 @@ from hwgen import golden as gm
 from hwgen import hwq
 from hwgen.cli import main
 from hwgen.examples.digits import digits_float_net
-from hwgen.quant.fakequant import accuracy
+from hwgen.examples.digits_res import digits_res_float_net
+from hwgen.ir import Add
+from hwgen.quant.fakequant import accuracy, fake_quant_forward
+from hwgen.quant.tune import float_accuracy
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -109,3 +112,49 @@ def test_precision_naming_unknown_layer(tmp_path, capsys):
     rc, _, err = _run(capsys, "digits", "--precision", str(p), "-o", str(out))
     assert rc == 2 and "no conv/linear layer 'conv9'" in err and "conv1" in err
     assert not out.exists()
+
+
+def test_quantize_digits_res_inq5_golden_equals_fake_quant(tmp_path, capsys):
+    out = tmp_path / "r.hwq"
+    rc, stdout, _ = _run(capsys, "digits-res", "--scheme", "inq", "--bits", "5", "-o", str(out))
+    assert rc == 0
+    net, meta = hwq.load(out), hwq.load_meta(out)
+    adds = [lyr for lyr in net.layers if isinstance(lyr, Add)]
+    assert [a.name for a in adds] == ["layers_0_0", "layers_1_0"] and all(a.relu for a in adds)
+    assert all(meta["formats"][a.name] == {"out": str(a.out_format)} for a in adds)
+    assert "layers_1_0" in stdout and "Add + ReLU" in stdout
+    fnet, data = digits_res_float_net()
+    golden = gm.forward(net, gm.quantize_input(data.x_test, net.input_format))
+    fake = fake_quant_forward(net, data.x_test)
+    assert len(data.x_test) == 360
+    for layer, a, b in zip(net.layers, golden, fake, strict=True):
+        assert np.array_equal(a, b), layer.name
+    acc = accuracy(net, data.x_test, data.y_test)
+    assert meta["test_accuracy"] == acc
+    assert acc >= float_accuracy(fnet, data.x_test, data.y_test) - 0.005  # the bar
+
+
+def test_quantize_digits_res_precision_with_add_layers(tmp_path, capsys):
+    out = tmp_path / "r.hwq"
+    assert _run(capsys, "digits-res", "--scheme", "fixed", "-o", str(out))[0] == 0
+    net, meta = hwq.load(out), hwq.load_meta(out)
+    text = meta["precision"]
+    assert "[layers.layers_1_0]\nact_bits = 8\n" in text
+    prec = tmp_path / "p.toml"
+    prec.write_text(text)
+    again = tmp_path / "e.hwq"
+    assert _run(capsys, "digits-res", "--precision", str(prec), "-o", str(again))[0] == 0
+    assert hwq.load(again) == net
+    # an add layer's own bits are used; --act-bits reaches add layers too
+    prec.write_text('scheme = "fixed"\n[layers.layers_0_0]\nact_bits = 5\n')
+    assert _run(capsys, "digits-res", "--precision", str(prec), "-o", str(again))[0] == 0
+    assert hwq.load(again).layer("layers_0_0").out_format.bits == 5
+    argv = ("--precision", str(prec), "--act-bits", "6", "-o", str(again))
+    assert _run(capsys, "digits-res", *argv)[0] == 0
+    assert hwq.load(again).layer("layers_1_0").out_format.bits == 6
+    # weights on an add layer: one line naming the layer
+    prec.write_text('scheme = "fixed"\n[layers.layers_1_0]\nweight_bits = 4\n')
+    bad = tmp_path / "bad.hwq"
+    rc, _, err = _run(capsys, "digits-res", "--precision", str(prec), "-o", str(bad))
+    assert rc == 2 and err.count("\n") == 1 and not bad.exists()
+    assert "layer layers_1_0 is an add and has no weights: remove weight_bits" in err
