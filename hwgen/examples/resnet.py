@@ -124,7 +124,12 @@ def seeded_init(model: nn.Module, seed: int, in_shape: tuple[int, ...]) -> nn.Mo
                 m.reset_running_stats()
                 m.momentum = None  # a cumulative average over the calibration batches
         model.train()
-        model(torch.rand((32, *in_shape), generator=g))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the statistics do not depend on the machine's core count
+        try:
+            model(torch.rand((32, *in_shape), generator=g))
+        finally:
+            torch.set_num_threads(threads)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = 0.1
