@@ -242,37 +242,49 @@ def quantize(
 def build(
     model: Path,
     output: Path,
-    max_pe: int,
-    max_simd: int,
+    max_pe: int | None,
+    max_simd: int | None,
     folding: Path | None,
     rom_style: str,
     vectors: int,
     board: str | None = None,
     clock_mhz: float | None = None,
     baud: int = 115200,
+    target_fps: float | None = None,
+    device: str | None = None,
 ) -> None:
-    """``hwgen build``: Verilog, ROM hex, manifest and vectors for a ``.hwq``."""
-    from hwgen.emit import BuildOptions, build_file, load_folding
+    """``hwgen build``: Verilog, ROM hex, manifest, vectors and folding.toml for a ``.hwq``."""
+    from hwgen import emit
+    from hwgen.hw.folding import build_target, plan
 
     for what, v in (("--pe", max_pe), ("--simd", max_simd), ("--vectors", vectors)):
-        if v < 1:
+        if v is not None and v < 1:
             raise HwgenError(f"{what} must be a positive integer, not {v}")
-    opts = BuildOptions(
+    opts = emit.BuildOptions(
         max_pe,
         max_simd,
-        load_folding(folding) if folding else None,
+        emit.load_folding(folding) if folding else None,
         rom_style,
         vectors,
         board=board,
         board_mhz=clock_mhz,
         baud=baud,
+        target_fps=target_fps,
+        device=device,
     )
-    manifest = build_file(model, output, opts)
+    net = hwq.load(model)
+    manifest = emit.build(net, output, opts, hwq.load_meta(model))
+    dev, clock = build_target(device, board, clock_mhz)
+    total = plan(net, manifest["foldings"], dev, clock)
+    est = {p.name: p for p in total.layers}
     table = Table(title=f"hwgen build {manifest['model']} -> {output}")
-    for col in ("layer", "engine", "PE x SIMD", "in", "out", "acc bits", "ROM", "ideal cycles"):
+    for col in ("layer", "engine", "PE x SIMD", "in", "out", "acc bits", "ROM", "cycles"):
         table.add_column(col)
+    for col in ("LUT4 est.", "BRAM est."):
+        table.add_column(col, justify="right")
     for e in manifest["layers"]:
-        rom = f"{e['pe']} x {e['rom_depth']}x{e['rom_width']}" if e["rom_depth"] else ""
+        p = est[e["name"]]
+        rom = f"{e['rom_depth']}x{e['rom_width']} {p.rom_storage}" if e["rom_depth"] else ""
         table.add_row(
             e["name"],
             e["kind"],
@@ -281,8 +293,15 @@ def build(
             e["out_format"],
             str(e["acc_bits"] or ""),
             rom,
-            str(e["ideal_cycles"]),
+            str(p.cycles),
+            str(p.luts),
+            str(p.brams),
         )
+    table.caption = (
+        f"{dev} at {clock:g} MHz: {total.cycles} cycles per image -> {total.fps:,.0f} "
+        f"inferences/s; ~{total.luts} LUT4, ~{total.brams} block RAMs "
+        f"(skip FIFOs {total.fifo_blocks}); folding in {output / 'folding.toml'}"
+    )
     Console().print(table)
     print(f"wrote {output}: top {manifest['top']['axi_module']} ({output / 'files.f'})")
     if "board" in manifest:
