@@ -89,7 +89,7 @@ def tune(
         )
     check_output_dir(output)
     given = _tune_data(data) if data is not None else None  # before the model: fail fast
-    fnet, dataset = load_model(model)
+    fnet, dataset = load_model(model, train=given[3] if given is not None else None)
     if given is not None:
         calib, ex, ey, train = given
     elif dataset is not None:
@@ -152,6 +152,15 @@ def _load_data(path: Path, need_train: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _train_arrays(arrays: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``--data``'s training images and labels: ``x_train``/``y_train``, else ``x``/``y``."""
+    if arrays is not None and "y_train" in arrays:
+        return arrays["x_train"], arrays["y_train"]
+    if arrays is not None and "y" in arrays:
+        return arrays["x"], arrays["y"]
+    return None
+
+
 def quantize(
     model: str,
     output: Path,
@@ -187,7 +196,7 @@ def quantize(
             f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}), epochs >= 0"
         )
     arrays = _load_data(data, effective in RETRAINED) if data is not None else None
-    fnet, dataset = load_model(model)
+    fnet, dataset = load_model(model, train=_train_arrays(arrays))
     names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
     adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
     p = prec.for_layers(p, names, adds).override(scheme, bits, act_bits)
@@ -196,9 +205,7 @@ def quantize(
     test = None
     if arrays is not None:
         calib = arrays["x"]
-        train_key = "x_train" if "y_train" in arrays else "x"
-        y_train = arrays.get("y_train", arrays.get("y"))
-        train = (arrays[train_key], y_train) if y_train is not None else None
+        train = _train_arrays(arrays)
         if "y_test" in arrays:
             test = (arrays["x_test"], arrays["y_test"])
         elif "y" in arrays:
