@@ -9,15 +9,18 @@ from hwgen.examples.digits import digits_float_net
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.ir import (
     ActFormat,
+    Add,
     AvgPool2d,
     Conv2d,
     Fixed,
     Flatten,
+    GlobalAvgPool,
     Linear,
     MaxPool2d,
     Network,
     Pow2,
     ReLU,
+    SubsamplePad,
 )
 from hwgen.quant import quantize
 from hwgen.quant.fakequant import FakeQuantNet, accuracy, fake_quant_forward, fake_quant_predict
@@ -54,6 +57,49 @@ def test_fake_quant_equals_golden_on_random_nets_with_ties_and_saturation():
         got = fake_quant_forward(net, x)
         for a, b in zip(ref, got, strict=True):
             assert np.array_equal(a, b)
+
+
+def _random_residual_net(rng: np.random.Generator) -> Network:
+    """conv -> [conv] + identity -> add -> subsample-pad + conv -> add -> global pool -> fc,
+    with random formats: fracs far apart, signed or unsigned, fused ReLU or not."""
+
+    def fmt() -> ActFormat:
+        signed = bool(rng.integers(2))
+        return ActFormat(int(rng.integers(3, 9)), int(rng.integers(-3, 8)), signed)
+
+    def conv(name: str, cin: int, cout: int, stride: int = 1, inputs=()) -> Conv2d:
+        w = rng.integers(-7, 8, size=(cout, cin, 3, 3))
+        return Conv2d(name, cin, cout, 3, Fixed(4, int(rng.integers(0, 4))), fmt(), w,
+                      rng.integers(-300, 300, cout), stride=(stride, stride), padding=(1, 1),
+                      relu=bool(rng.integers(2)), inputs=inputs)  # fmt: skip
+
+    return Network(
+        (2, 8, 8),
+        fmt(),
+        (
+            conv("c0", 2, 3),
+            conv("c1", 3, 3),
+            Add("a1", fmt(), ("c1", "c0"), relu=bool(rng.integers(2))),
+            conv("c2", 3, 5, stride=2),
+            SubsamplePad("s", (2, 2), (1, 1), ("a1",)),
+            Add("a2", fmt(), ("s", "c2"), relu=bool(rng.integers(2))),
+            GlobalAvgPool("g"),
+            Flatten("f"),
+            Linear("fc", 5, 4, Fixed(6, 3), fmt(), rng.integers(-31, 32, (4, 5)),
+                   rng.integers(-99, 99, 4)),
+        ),
+    )  # fmt: skip
+
+
+def test_fake_quant_equals_golden_on_random_residual_nets():
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        net = _random_residual_net(rng)
+        x = rng.integers(-80, 80, size=(8, 2, 8, 8)) * 2.0**-4  # ties and saturation
+        ref = gm.forward(net, gm.quantize_input(x, net.input_format))
+        got = fake_quant_forward(net, x)
+        for layer, a, b in zip(net.layers, ref, got, strict=True):
+            assert np.array_equal(a, b), layer.name
 
 
 def test_half_to_even_would_differ():
