@@ -4,7 +4,7 @@ A network of streaming engines runs at the rate of its slowest engine, so the fo
 balanced like FINN's target-fps folding: every engine starts at (PE, SIMD) = (1, 1) and the
 slowest one is widened, to its cheapest folding that is faster, until the slowest engine's
 cycles per image meet the target, no engine can be widened, or the next widening would
-exceed the device's budget (``LUT_SHARE`` of its LUTs, ``BRAM_SHARE`` of its block RAMs).
+exceed the device's budget (``LUT_SHARE`` of its LUT4s, ``BRAM_SHARE`` of its block RAMs).
 A MAC engine widens SIMD up to ``MAX_SIMD`` (an adder tree of SIMD terms is one pipeline
 stage: wider trees cost Fmax) and PE up to its output channels; the other engines are
 PE-only (``hwgen.hw.engine``'s rules: PE divides their channels).
@@ -12,11 +12,11 @@ PE-only (``hwgen.hw.engine``'s rules: PE divides their channels).
 The estimates, per engine (LUT4, with ECP5 carry cells as two, as hwgen.synth counts):
 
 - a lane of a MAC array: Pow2 ``LANE_POW2 * (in_bits + max_shift)`` (a shift-and-add lane,
-  ~65 at 8-bit activations and pow2 5-bit weights, bench/hw.py); Fixed
+  ~70 at 8-bit activations and pow2 5-bit weights); Fixed
   ``in_bits * w_bits + 2 * (in_bits + w_bits)`` (a multiplier in LUTs and its adder);
   ternary/binary ``3 * in_bits`` (a negation and an adder);
 - a PE: accumulator, bias table and requantiser, ``PE_LUTS_PER_ACC_BIT * acc_bits``;
-- the window and control: ``ENGINE_LUTS`` plus ``2 * SIMD * in_bits``; the other engines
+- the window and control: ``WINDOW_LUTS`` plus ``4 * SIMD * in_bits``; the other engines
   ``ENGINE_LUTS`` plus ``3 * PE * bits``; the FIFO after each engine ``out lanes * bits``;
 - a ROM in logic (``hwgen.hw.rom.rom_storage``): ``width * ceil(depth / 16)`` (a LUT4 holds
   16 entries of one bit).
@@ -25,7 +25,8 @@ Block RAMs: the layer's ROM in block RAM (``hwgen.hw.rom.bram_blocks`` of its wi
 depth), the window's row buffer (``(K_h + S_h) * W * C/SIMD`` words of ``SIMD * bits``)
 when deeper than ``LUTRAM_MAX_DEPTH`` words, and the skip FIFOs of the residual branches
 (``hwgen.hw.network.skip_fifo_depths``). The constants are calibrated against Yosys on a
-CIFAR-shaped chain (bench/resnet20.py); the estimates guide the search, the synthesis
+CIFAR-shaped chain of 19 convs (pow2 5-bit, 8-bit activations, 582 lanes at PE 4 x SIMD 8:
+63,309 LUT4 with carries counted twice); the estimates guide the search, the synthesis
 report is the truth.
 """
 
@@ -53,11 +54,12 @@ from hwgen.ir import (
 from hwgen.synth import DEVICES
 
 MAX_SIMD = 8
-LUT_SHARE = 0.8  # place-and-route needs slack; the rest is the board's UART and host link
+LUT_SHARE = 0.9  # place-and-route needs some slack, and the board's UART and host link
 BRAM_SHARE = 0.95
-LANE_POW2 = 4.3
+LANE_POW2 = 4.6
 PE_LUTS_PER_ACC_BIT = 4.0
 ENGINE_LUTS = 300
+WINDOW_LUTS = 600  # a MAC engine's window, address and fold counters
 LUTRAM_MAX_DEPTH = 64
 DEFAULT_CLOCK_MHZ = 100.0
 
@@ -200,8 +202,8 @@ def plan_layer(net: Network, index: int, pe: int, simd: int, family: str = "ecp5
     luts = (
         pe * simd * _lane_luts(layer, fin.bits)
         + pe * PE_LUTS_PER_ACC_BIT * acc_bits(layer, fin)
-        + ENGINE_LUTS
-        + 2 * simd * fin.bits
+        + WINDOW_LUTS
+        + 4 * simd * fin.bits
         + fifo
         + rom_luts
     )
