@@ -40,7 +40,7 @@ from hwgen.ir import Network
 from hwgen.quant import quantize
 from hwgen.quant.precision import Precision, for_layers
 from hwgen.simulate import simulate_layer
-from hwgen.synth import DEVICES, synthesize
+from hwgen.synth import DEVICES, count_cells, fmax_from_report, synthesize
 
 DEVICE = "ecp5-85f"
 WIDTHS = (16, 32, 64)
@@ -115,30 +115,33 @@ def network_run(out: Path, images: int, stalls: float, seed: int) -> tuple[int, 
     return r.images_equal, r.images, r.cycles
 
 
-def place(out: Path, manifest: dict, clock_mhz: float) -> tuple[int, int, float, float]:
-    """(LUT4, block RAMs, Fmax MHz, seconds): Yosys and nextpnr on the whole network.
+def place(out: Path, manifest: dict, clock_mhz: float, reuse: bool) -> tuple[int, int, float]:
+    """(LUT4, block RAMs, Fmax MHz): Yosys and nextpnr on the whole network (AXI top).
 
-    LUT4 and block RAMs are nextpnr's utilisation when its report has one (LUT4 as the
-    TRELLIS_COMB cells it places), else Yosys's counts.
+    LUT4 and block RAMs are nextpnr's utilisation when its report has one (the
+    TRELLIS_COMB cells it places: LUT4s and carry halves), else Yosys's counts. ``reuse``
+    reads an earlier run's results in ``out/synth_network`` when there are some.
     """
     top = manifest["top"]
     work = out / "synth_network"
-    t0 = time.perf_counter()
-    res = synthesize(
-        [out / s for s in top["axi_sources"]],
-        top["axi_module"],
-        DEVICE,
-        target_mhz=clock_mhz,
-        workdir=work,
-    )
-    seconds = time.perf_counter() - t0
-    luts, brams = res.resources.luts, res.resources.brams
+    if not (reuse and (work / "report.json").is_file()):
+        t0 = time.perf_counter()
+        synthesize(
+            [out / s for s in top["axi_sources"]],
+            top["axi_module"],
+            DEVICE,
+            target_mhz=clock_mhz,
+            workdir=work,
+        )
+        print(f"synthesis + place and route: {time.perf_counter() - t0:.0f} s")
+    res = count_cells(json.loads((work / "stat.json").read_text()), top["axi_module"], "ecp5")
     report = json.loads((work / "report.json").read_text())
     util = report.get("utilization", {})
+    print(f"Yosys: {res}; nextpnr utilisation: {json.dumps(util)}")
+    luts, brams = res.luts, res.brams
     if "TRELLIS_COMB" in util and "DP16KD" in util:
         luts, brams = util["TRELLIS_COMB"]["used"], util["DP16KD"]["used"]
-    print(f"Yosys: {res.resources}; nextpnr utilisation: {json.dumps(util)}")
-    return luts, brams, res.fmax_mhz or 0.0, seconds
+    return luts, brams, fmax_from_report(report)
 
 
 def main() -> None:
@@ -150,7 +153,11 @@ def main() -> None:
     ap.add_argument("--stalls", type=float, default=0.3)
     ap.add_argument("--chain", action="store_true", help="the 19 convs without shortcuts")
     ap.add_argument("--skip-synth", action="store_true")
-    ap.add_argument("--reuse", action="store_true", help="keep an earlier build in --output")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the build (and synthesis results) of an earlier run in --output",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -178,9 +185,9 @@ def main() -> None:
     luts = brams = 0
     fmax = 0.0
     if not args.skip_synth:
-        luts, brams, fmax, seconds = place(args.output, manifest, args.clock_mhz)
+        luts, brams, fmax = place(args.output, manifest, args.clock_mhz, args.reuse)
         dev = DEVICES[DEVICE]
-        print(f"synthesis + place and route: {seconds:.0f} s ({dev.luts} LUT4, {dev.brams} BRAM)")
+        print(f"{DEVICE}: {dev.luts} LUT4, {dev.brams} block RAMs")
     print(f"resnet20 RTL == golden: {equal}/{images} images")
     print(f"resnet20 cycles/ideal: {cycles / ideal:.3f}")
     print(f"resnet20 LUT4: {luts}")

@@ -151,8 +151,9 @@ def test_default_build_keeps_the_lane_limits():
     assert choose_foldings(net, BuildOptions(device="up5k")) == solve(net, "up5k").foldings
 
 
-def test_build_writes_folding_toml_that_folding_reads_back(tmp_path):
-    net = example_network()
+@pytest.mark.parametrize("make", [example_network, residual_network], ids=["chain", "dag"])
+def test_build_writes_folding_toml_that_folding_reads_back(tmp_path, make):
+    net = make()
     opts = BuildOptions(target_fps=1e5, vectors=1)
     manifest = build(net, tmp_path / "a", opts)
     folding = load_folding(tmp_path / "a" / "folding.toml")
