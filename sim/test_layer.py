@@ -60,7 +60,7 @@ async def stream_vectors(dut: object) -> None:
     await ClockCycles(dut.clk, 2)
     dut.rst.value = 0
 
-    for drv, x in zip(drivers, xs):
+    for drv, x in zip(drivers, xs, strict=True):
         cocotb.start_soon(drv.send(x.reshape(-1, x.shape[-1]).tolist()))
     timed_out = False
     limit = timeout_cycles(entry, len(expected), stalls)
