@@ -2,7 +2,7 @@
 
 After each engine but the output's: a FIFO (``FIFO_DEPTH`` beats). A tensor read by several
 layers (a residual block's input) goes through an eager ``Fork``, one output per reader; on
-each branch but the one that absorbs the most, a skip FIFO sized by ``skip_fifo_depths`` so
+each branch that can fall behind the others, a skip FIFO sized by ``skip_fifo_depths`` so
 that the network cannot deadlock under any stall pattern. In front of each engine input, a
 width converter when the producer's lanes differ from the engine's (through their greatest
 common divisor when neither divides the other). Flatten has no engine: the H,W,C stream is
@@ -15,7 +15,6 @@ import itertools
 import math
 from collections.abc import Mapping
 
-import numpy as np
 from amaranth import Module
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -39,8 +38,9 @@ from hwgen.ir import (
 )
 
 FIFO_DEPTH = 16
-PIPELINE_BEATS = 8  # output beats an engine's registers can hold (MAC pipeline: 5)
-SKIP_MARGIN = 8  # beats: the fork's one-beat lead, width converters, rounding
+SKIP_MARGIN = 8  # beats: the fork's one-beat lead, width converters, output registers
+
+Pixel = tuple[int, int]  # (row, column) of a tensor; a vector (F,) is one pixel of F channels
 
 
 def _source(net: Network, name: str) -> str:
@@ -50,24 +50,25 @@ def _source(net: Network, name: str) -> str:
     return name
 
 
-def _size(net: Network, name: str) -> int:
-    return int(np.prod(net.shapes[name]))
+def _hw(shape: tuple[int, ...]) -> tuple[int, int]:
+    return (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
 
 
-def _absorb_values(net: Network, name: str, lanes: int) -> int:
-    """Input values engine ``name`` can take in before it must emit its next output value."""
+def _need(net: Network, name: str, pixel: Pixel) -> Pixel:
+    """The last input pixel (raster order) engine ``name`` must have taken in full before it
+    emits output ``pixel``."""
     layer = net.layer(name)
-    shape = net.in_shape(layer)
-    c, h, w = shape if len(shape) == 3 else (shape[0], 1, 1)
+    h, w = _hw(net.shapes[_source(net, layer.inputs[0])])
+    r, c = pixel
     if isinstance(layer, (Conv2d, MaxPool2d, AvgPool2d)):
-        return (layer.kernel[0] + layer.stride[0]) * w * c  # the window's row slots
-    if isinstance(layer, Linear):
-        return 2 * c  # the window holds two vectors (1x1 kernel, stride 1)
-    if isinstance(layer, GlobalAvgPool):
-        return c * h * w  # the whole map before the first output
+        # The sliding window issues a window row once all its input rows are written.
+        pad = layer.padding[0] if isinstance(layer, Conv2d) else 0
+        return min(r * layer.stride[0] + layer.kernel[0] - 1 - pad, h - 1), w - 1
+    if isinstance(layer, (Linear, GlobalAvgPool)):
+        return h - 1, w - 1
     if isinstance(layer, SubsamplePad):
-        return layer.stride[0] * w * c  # the rows (and pixels) it drops between kept ones
-    return lanes  # ReLU, Add: one register
+        return r * layer.stride[0], c * layer.stride[1]
+    return pixel  # ReLU, Add
 
 
 def skip_fifo_depths(
@@ -76,23 +77,27 @@ def skip_fifo_depths(
     """Skip FIFO depth (beats) per fork branch: ``{(reader layer, input index): depth}``.
 
     A tensor T read by several layers is forked; its branches meet again at the first layer
-    J reachable from all of them (the add of a residual block). The add takes its two
-    inputs in lockstep, so while it waits for the long branch's output, the long branch can
-    keep taking T's beats (which the fork also hands to the other branches) up to what it
-    absorbs, and the other branches must buffer them. For each branch ``i``::
+    J reachable from all of them, an add, which takes its inputs pixel by pixel in lockstep.
+    Let ``need_i(p)`` be the last pixel of T (raster order) branch ``i`` must take in before
+    it delivers pixel ``p`` to J: composed backwards along the branch's engines, the max
+    over its paths, with per engine (input pixel for output pixel (r, c))::
 
-        A(e)     = (input values e absorbs before its next output) * |T| / |X_e|
-                 + (PIPELINE_BEATS * out_lanes_e + FIFO_DEPTH * out_lanes_e) * |T| / |Y_e|
-                   in values of T (e's input X_e and output Y_e scaled to whole images)
-        D_i      = max over paths from branch i's reader to J (J excluded) of sum A(e)
-        depth_i  = ceil(max_j D_j / lanes_T) + (W_T * C_T / lanes_T) + SKIP_MARGIN
+        conv, max/avg pool   (min(r*S_h + K_h - 1 - P_h, H - 1), W - 1)   whole input rows
+        dense, global pool   (H - 1, W - 1)                               the whole input
+        subsample-pad        (r*S_h, c*S_w)
+        ReLU, add            (r, c)
 
-    for every branch but the one with the largest ``D`` (which gets none). "Absorbs" is,
-    per engine: a sliding window (conv, pool) ``(K_h + S_h) * W * C`` (its row slots, see
-    hwgen.hw.window), a dense layer ``2 * in_features``, global average pool the whole map,
-    subsample-pad ``S_h * W * C`` (the rows it drops), ReLU and add one beat. The depth
-    ignores what the short branch itself holds, so it is an upper bound; the extra row of T
-    covers rounding across strides and padding.
+    Branch ``i`` lags ``lag_i = max over p of idx(max_j need_j(p)) - idx(need_i(p))``
+    pixels of T (``idx(r, c) = r*W_T + c``), and gets a FIFO right after the fork of::
+
+        depth_i = (lag_i + 1) * C_T / lanes_T + SKIP_MARGIN        beats of T
+
+    except the first branch with ``lag = 0`` everywhere, which gets none. Why that is
+    enough under any stall pattern: a deadlock would need J waiting for pixel p of a branch
+    k that waits for T's next beat while the fork waits for a full branch i. Branch k,
+    starved, holds nothing it could emit (its FIFOs and pipeline registers are empty), so
+    the fork has handed out at most T up to ``need_k(p)`` minus a beat, and branch i holds
+    T from ``need_i(p)`` on: at most ``(lag_i + 1)`` pixels of beats, which its FIFO takes.
     """
     engines = [la for la in net.layers if not isinstance(la, Flatten)]
     infos = {la.name: engine_info(net, net.index(la.name), *foldings[la.name]) for la in engines}
@@ -105,39 +110,45 @@ def skip_fifo_depths(
     for t, branches in readers.items():
         if len(branches) < 2:
             continue
-        size_t = _size(net, t)
-        shape_t = net.shapes[t]
-        lanes_t = infos[order[0]].in_lanes if t == INPUT else infos[t].out_lanes
-
-        def absorbed(name: str, size_t: int = size_t, lanes_t: int = lanes_t) -> float:
-            info, layer = infos[name], net.layer(name)
-            x = _source(net, layer.inputs[0])
-            pipe = (PIPELINE_BEATS + FIFO_DEPTH) * info.out_lanes
-            own = _absorb_values(net, name, info.in_lanes) * size_t / _size(net, x)
-            return own + pipe * size_t / _size(net, name)
-
-        dists, reach = [], []
+        reach = []  # per branch: the engines it feeds, directly or not
         for reader, _ in branches:
-            d = {reader: absorbed(reader)}
+            r = {reader}
             for name in order[order.index(reader) + 1 :]:
-                srcs = [_source(net, i) for i in net.layer(name).inputs]
-                ins = [d[s] for s in srcs if s in d]
-                if ins:
-                    d[name] = absorbed(name) + max(ins)
-            reach.append(d)
+                if any(_source(net, i) in r for i in net.layer(name).inputs):
+                    r.add(name)
+            reach.append(r)
         common = [n for n in order if all(n in r for r in reach)]
         if not common:
             continue  # branches that never meet cannot block each other
         join = common[0]
-        join_ins = [_source(net, i) for i in net.layer(join).inputs]
-        for (reader, _), d in zip(branches, reach, strict=True):
-            dists.append(0.0 if reader == join else max(d[s] for s in join_ins if s in d))
-        longest = max(range(len(dists)), key=lambda k: dists[k])
-        row = shape_t[2] * shape_t[0] if len(shape_t) == 3 else 1
-        depth = math.ceil(dists[longest] / lanes_t) + math.ceil(row / lanes_t) + SKIP_MARGIN
-        for k, branch in enumerate(branches):
-            if k != longest:
-                depths[branch] = depth
+        (h, w), width = _hw(net.shapes[join]), _hw(net.shapes[t])[1]
+
+        def need(name: str, pixel: Pixel, reader: str, r: set[str], width: int = width) -> int:
+            """idx of the T pixel the branch (``reader``, its engines ``r``) needs for
+            ``pixel`` of tensor ``name``."""
+            q = _need(net, name, pixel)
+            if name == reader:
+                return q[0] * width + q[1]
+            srcs = [_source(net, i) for i in net.layer(name).inputs]
+            return max(need(s, q, reader, r) for s in srcs if s in r)
+
+        pixels = [(y, x) for y in range(h) for x in range(w)]
+        needs = []
+        for (reader, _), r in zip(branches, reach, strict=True):
+            ins = [s for s in (_source(net, i) for i in net.layer(join).inputs) if s in r]
+            if reader == join:  # T goes straight into the add
+                needs.append([y * width + x for y, x in pixels])
+            else:
+                needs.append([max(need(s, p, reader, r) for s in ins) for p in pixels])
+        latest = [max(col) for col in zip(*needs, strict=True)]
+        lags = [max(a - b for a, b in zip(latest, n, strict=True)) for n in needs]
+        exempt = lags.index(0) if 0 in lags else -1
+        beats_per_pixel = net.shapes[t][0] // (
+            infos[order[0]].in_lanes if t == INPUT else infos[t].out_lanes
+        )
+        for k, (branch, lag) in enumerate(zip(branches, lags, strict=True)):
+            if k != exempt:
+                depths[branch] = (lag + 1) * beats_per_pixel + SKIP_MARGIN
     return depths
 
 
