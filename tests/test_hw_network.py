@@ -73,11 +73,12 @@ def test_residual_network_skip_fifos():
     net = residual_network()
     depths = skip_fifo_depths(net, _foldings(net, 2, 2))
     # The identity and the option-A shortcut get a FIFO; the conv branches do not. The
-    # forked tensors are 4 x 8 x 8 at 2 lanes: 2 beats per pixel. Block 1's convs need T's
-    # rows down to r + 2 for output row r: 23 pixels behind the identity, + 1, + margin 8.
-    # Block 2's conv stride 2 then conv need rows down to 2r + 3; the shortcut reads pixel
-    # (2r, 2c): 31 pixels behind.
-    assert depths == {("b1_add", 1): (23 + 1) * 2 + 8, ("b2_short", 0): (31 + 1) * 2 + 8}
+    # forked tensors are 4 x 8 x 8 at 2 lanes: 2 beats per pixel. For output row r a 3x3
+    # window (stride 1, padding 1) has taken input rows down to r + 2 at full rate, so block
+    # 1's two convs are 4 rows and 7 pixels ahead of the identity: 39 pixels, + 1, + margin
+    # 8. Block 2's stride-2 conv takes rows down to 2r + 4: at r = 0 the branch has taken
+    # all 64 pixels while the shortcut reads pixel (0, 0).
+    assert depths == {("b1_add", 1): (39 + 1) * 2 + 8, ("b2_short", 0): (63 + 1) * 2 + 8}
 
 
 def test_residual_network_deadlocks_with_small_skip_fifos():
