@@ -113,7 +113,9 @@ class StreamFIFO(wiring.Component):
     """A synchronous FIFO of ``depth`` beats between two streams of payload ``shape``.
 
     Wraps ``amaranth.lib.fifo.SyncFIFOBuffered`` (registered output, so it also breaks the
-    combinational ready/valid paths between the engines it separates).
+    combinational ready/valid paths between the engines it separates) and one more register:
+    a deep FIFO is block RAM, whose read data comes late in the cycle (5.8 ns on ECP5), so
+    it goes into a register before any logic. It holds ``depth + 1`` beats.
 
     Members
     -------
@@ -130,14 +132,18 @@ class StreamFIFO(wiring.Component):
         m = Module()
         width = Shape.cast(self.shape).width
         m.submodules.fifo = fifo = SyncFIFOBuffered(width=width, depth=self.depth)
+        valid, payload = Signal(), Signal(width)
+        take = ~valid | self.o.ready  # the output register is free after this cycle
         m.d.comb += [
             fifo.w_data.eq(self.i.payload),
             fifo.w_en.eq(self.i.valid),
             self.i.ready.eq(fifo.w_rdy),
-            self.o.payload.eq(fifo.r_data),
-            self.o.valid.eq(fifo.r_rdy),
-            fifo.r_en.eq(self.o.ready),
+            fifo.r_en.eq(take),
+            self.o.valid.eq(valid),
+            self.o.payload.eq(payload),
         ]
+        with m.If(take):
+            m.d.sync += [valid.eq(fifo.r_rdy), payload.eq(fifo.r_data)]
         return m
 
 
