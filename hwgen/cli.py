@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("tune", help="search per-layer bit widths; write report + precision.toml")
-    t.add_argument("model", help="ONNX file or built-in example (digits)")
+    t.add_argument("model", help="ONNX file or built-in example (digits, digits-res, resnet20)")
     t.add_argument(
         "--scheme",
         choices=("fixed", "pow2", "inq", "ternary", "binary"),
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_tune)
 
     q = sub.add_parser("quantize", help="quantize a float model to a .hwq")
-    q.add_argument("model", help="ONNX file or built-in example (digits)")
+    q.add_argument("model", help="ONNX file or built-in example (digits, digits-res, resnet20)")
     q.add_argument(
         "--scheme",
         choices=("auto", "fixed", "inq", "pow2", "ternary", "binary"),

@@ -122,7 +122,8 @@ def tune(
 
 
 def _load_data(path: Path, need_train: bool) -> dict[str, np.ndarray]:
-    """``--data`` for quantize and tune: ``x`` (float NCHW calibration images), optional
+    """``--data`` for quantize and tune: ``x`` (float NCHW calibration images; default
+    ``x_train``), optional
     ``y``, ``x_train``/``y_train`` (or ``x``/``y``) for the retrained schemes and
     ``x_test``/``y_test``; every image array finite floats, every label array matching; no
     unpickling."""
@@ -133,8 +134,12 @@ def _load_data(path: Path, need_train: bool) -> dict[str, np.ndarray]:
         raise HwgenError(f"data {path}: no such file") from None
     except (ValueError, OSError, EOFError, KeyError) as e:
         raise HwgenError(f"data {path}: not a readable .npz of arrays ({e})") from None
+    if "x" not in arrays and "x_train" in arrays:
+        arrays["x"] = arrays["x_train"]  # a dataset (CIFAR-10) calibrates on its train set
     if "x" not in arrays:
-        raise HwgenError(f"data {path}: needs an array 'x' (has: {', '.join(arrays) or 'none'})")
+        raise HwgenError(
+            f"data {path}: needs an array 'x' or 'x_train' (has: {', '.join(arrays) or 'none'})"
+        )
     for xk, yk in (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test")):
         x, y = arrays.get(xk), arrays.get(yk)
         if x is not None and (x.dtype.kind != "f" or x.ndim < 2 or not np.all(np.isfinite(x))):

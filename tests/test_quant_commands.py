@@ -89,7 +89,7 @@ def test_option_errors(tmp_path, capsys, args, message):
     ("kind", "message"),
     [
         ("text", "not a readable .npz"),
-        ("no_x", "needs an array 'x' (has: images)"),
+        ("no_x", "needs an array 'x' or 'x_train' (has: images)"),
         ("int_x", "x must be finite float images"),
         ("object", "not a readable .npz"),
         ("shape", "calibration data has shape (2, 3, 8, 8)"),
