@@ -185,3 +185,35 @@ def test_fake_quant_equals_golden_on_a_residual_net(scheme, tmp_path):
     if scheme == "auto":
         assert set(r.detected) == {"stem", "b1c1", "b1c2", "b2c1", "b2c2", "fc"}
         assert all(str(net.layer(n).weight_format) == f for n, f in r.detected.items())
+
+
+@pytest.mark.parametrize("source", ["module", "onnx"])
+@pytest.mark.parametrize(
+    ("shortcut", "blocks", "widths", "scheme"),
+    [("A", (3, 3, 3), (16, 32, 64), "pow2"), ("B", (1, 1), (8, 16), "fixed")],
+    ids=["resnet20-optionA", "resnet-optionB"],
+)
+def test_imported_resnets_quantize_to_golden_equal_fake_quant(
+    tmp_path, source, shortcut, blocks, widths, scheme
+):
+    """A torch ResNet (option A: ResNet-20 itself; option B: 1x1 conv + BN shortcuts), from
+    the nn.Module or its ONNX export, quantised: every layer of the golden model equals the
+    fake-quantised torch model on every image."""
+    from hwgen.examples.resnet import CifarResNet, seeded_init
+    from hwgen.frontend.onnx_import import from_onnx
+    from hwgen.frontend.torch_import import from_module
+
+    shape = (3, 32, 32) if shortcut == "A" else (3, 16, 16)
+    model = seeded_init(CifarResNet(blocks, widths, shortcut=shortcut), 1, shape)
+    if source == "module":
+        fnet = from_module(model, shape, name="resnet")
+    else:
+        path = tmp_path / "resnet.onnx"
+        torch.onnx.export(model, torch.zeros(1, *shape), path, dynamo=False)
+        fnet = from_onnx(path)
+    assert sum(type(fl).__name__ == "FAdd" for fl in fnet.layers) == sum(blocks)
+    x = np.random.default_rng(2).random((6, *shape))
+    net = quantize(fnet, Precision(scheme), x[:4], progress=False).net
+    ref = gm.forward(net, gm.quantize_input(x, net.input_format))
+    for layer, a, b in zip(net.layers, ref, fake_quant_forward(net, x), strict=True):
+        assert np.array_equal(a, b), layer.name
