@@ -369,7 +369,6 @@ Layer = (
 LAYER_TYPES = (
     Conv2d, Linear, ReLU, MaxPool2d, AvgPool2d, Flatten, GlobalAvgPool, SubsamplePad, Add,
 )  # fmt: skip
-MacLayer = Conv2d | Linear
 
 
 def _check_name(name: object) -> None:
@@ -424,6 +423,16 @@ def add_range(fa: ActFormat, fb: ActFormat) -> tuple[int, int]:
     return (fa.lo << ka) + (fb.lo << kb), (fa.hi << ka) + (fb.hi << kb)
 
 
+def check_add_bits(name: str, fa: ActFormat, fb: ActFormat) -> None:
+    """Refuse an add whose exact aligned sum could need more than ``ACC_BITS_MAX`` bits."""
+    bits = signed_bits(*add_range(fa, fb))
+    if bits > ACC_BITS_MAX:
+        raise HwgenError(
+            f"layer {name}: aligning {fa} with {fb} needs {bits} bits (max {ACC_BITS_MAX}); "
+            "use closer fraction lengths"
+        )
+
+
 def _out_shape(layer: Layer, shapes: list[Shape]) -> Shape:
     n, shape = layer.name, shapes[0]
     if isinstance(layer, Add):
@@ -475,12 +484,7 @@ def _out_format(layer: Layer, formats: list[ActFormat]) -> ActFormat:
             )
         return layer.out_format
     if isinstance(layer, Add):
-        bits = signed_bits(*add_range(*formats))
-        if bits > ACC_BITS_MAX:
-            raise HwgenError(
-                f"layer {layer.name}: aligning {formats[0]} with {formats[1]} needs {bits} bits "
-                f"(max {ACC_BITS_MAX}); use closer fraction lengths"
-            )
+        check_add_bits(layer.name, *formats)
         return layer.out_format
     return formats[0]
 
@@ -528,6 +532,8 @@ class Network(_ArrayEq):
                 raise HwgenError(f"layer name {layer.name!r} is used twice")
             if not layer.inputs:
                 layer = replace(layer, inputs=(prev,))
+            elif isinstance(layer.inputs, list):
+                layer = replace(layer, inputs=tuple(layer.inputs))
             inputs = layer.inputs
             arity = 2 if isinstance(layer, Add) else 1
             if not isinstance(inputs, tuple) or len(inputs) != arity:

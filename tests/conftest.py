@@ -140,12 +140,13 @@ def example_network(seed: int = 0) -> Network:
     return Network((1, 8, 8), ActFormat(8, 4), layers, name="example")
 
 
-def residual_network(seed: int = 0) -> Network:
-    """A small ResNet with both shortcut kinds, random on-grid weights.
+def residual_network(seed: int = 0, shortcut: str = "A") -> Network:
+    """A small ResNet with an identity and a downsampling shortcut, random on-grid weights.
 
     (3, 8, 8) s8.f4 -> stem conv 3->4 (ReLU) -> block 1: conv, conv + identity, add (ReLU)
-    -> block 2: conv stride 2 4->8, conv + option-A shortcut (subsample 2, pad 2+2), add
-    (ReLU) -> global average pool -> Flatten -> linear 8->10.
+    -> block 2: conv stride 2 4->8, conv + shortcut, add (ReLU) -> global average pool ->
+    Flatten -> linear 8->10. The block 2 shortcut is option A (subsample 2, pad 2+2) or,
+    with ``shortcut="B"``, a 1x1 stride-2 conv 4->8.
     """
     rng = np.random.default_rng(seed)
 
@@ -162,7 +163,13 @@ def residual_network(seed: int = 0) -> Network:
         Add("b1_add", u8, ("b1_conv2", "stem"), relu=True),
         conv("b2_conv1", 4, 8, Pow2(4, -1), ActFormat(8, 2, signed=False), stride=2, relu=True),
         conv("b2_conv2", 8, 8, Pow2(3, -2), ActFormat(9, 4)),
-        SubsamplePad("b2_short", 2, (2, 2), inputs=("b1_add",)),
+        SubsamplePad("b2_short", 2, (2, 2), inputs=("b1_add",))
+        if shortcut == "A"
+        else Conv2d(
+            "b2_short", 4, 8, 1, Fixed(6, 4), ActFormat(8, 3),
+            weight_array(rng, Fixed(6, 4), (8, 4, 1, 1), "random"), rng.integers(-64, 65, 8),
+            stride=2, inputs=("b1_add",),
+        ),
         Add("b2_add", ActFormat(8, 2, signed=False), ("b2_conv2", "b2_short"), relu=True),
         GlobalAvgPool("pool"),
         Flatten("flat"),

@@ -482,3 +482,13 @@ def test_slice_and_pad_by_hand(tmp_path: Path):
     x = torch.randn(2, 2, 5, 4, dtype=torch.float64)
     want = torch.relu(F.pad(x, (0, 0, 0, 0, 1, 3))[:, :, ::2, ::3])
     assert torch.equal(net.forward(x)[-1], want)
+
+
+def test_a_scalar_added_after_a_one_output_linear_is_one_line():
+    """A 0-d constant has no last axis: refused by name, not with an IndexError."""
+    from hwgen.frontend.builder import GraphBuilder
+
+    g = GraphBuilder((3,))
+    x = g.linear("fc", "input", np.ones((1, 3)), None)
+    with pytest.raises(HwgenError, match=r"Add 'b' adds a constant of shape \(\) to a tensor"):
+        g.add_bias("b", x, np.array(0.5))

@@ -69,6 +69,14 @@ def test_residual_network_equals_golden(max_pe, max_simd, stalls):
     assert np.array_equal(rtl, golden.forward(net, x)[-1])
 
 
+@pytest.mark.parametrize(("max_pe", "max_simd", "stalls"), [(1, 1, 0.0), (2, 2, 0.5), (4, 4, 0.3)])
+def test_option_b_shortcut_network_equals_golden(max_pe, max_simd, stalls):
+    """A 1x1 stride-2 conv shortcut: both branches have windows, the FIFO sits on the short one."""
+    net = residual_network(seed=max_pe, shortcut="B")
+    rtl, x, _ = _run_network(net, _foldings(net, max_pe, max_simd), 3, stalls, seed=max_simd)
+    assert np.array_equal(rtl, golden.forward(net, x)[-1])
+
+
 def test_residual_network_skip_fifos():
     net = residual_network()
     depths = skip_fifo_depths(net, _foldings(net, 2, 2))

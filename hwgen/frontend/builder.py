@@ -175,7 +175,7 @@ class GraphBuilder:
         """A constant added to the output of the Linear producing ``x`` (ONNX MatMul + Add)."""
         b = _f64(bias, path)
         n = self._shapes[x]
-        if len(n) != 1 or b.size != n[0] or b.shape[-1] != n[0]:
+        if len(n) != 1 or b.size != n[0] or b.ndim == 0 or b.shape[-1] != n[0]:
             raise HwgenError(
                 f"Add '{path}' adds a constant of shape {_fmt(b.shape)} to a tensor of shape "
                 f"{_fmt(n)}: only a bias after a MatMul is supported"

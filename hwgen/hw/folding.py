@@ -181,7 +181,8 @@ def plan_layer(net: Network, index: int, pe: int, simd: int, family: str = "ecp5
         blocks = 0
         if isinstance(layer, (MaxPool2d, AvgPool2d)):  # a row buffer like the window's
             c, _, w = net.in_shape(layer)
-            blocks = _buffer_blocks(pe * fin.bits, layer.kernel[0] * w * c // pe, family)
+            rows = layer.kernel[0] + layer.stride[0]  # the window's row slots
+            blocks = _buffer_blocks(pe * fin.bits, rows * w * c // pe, family)
         return LayerPlan(
             layer.name, info.kind, pe, simd, cycles, round(luts), blocks, 0, "", 0, blocks
         )
@@ -243,6 +244,19 @@ def _fifo_blocks(net: Network, foldings: Mapping[str, tuple[int, int]], family: 
         fmt = net.input_format if src == INPUT else net.formats[src]
         total += _buffer_blocks(lanes * fmt.bits, depth, family)
     return total
+
+
+def _forked_producers(net: Network) -> set[str]:
+    """Engines whose output stream is forked (read by several layers): their PE sets the
+    skip FIFOs' width."""
+    from hwgen.hw.network import _source
+
+    reads: dict[str, int] = {}
+    for layer in net.layers:
+        if not isinstance(layer, Flatten):
+            for src in layer.inputs:
+                reads[_source(net, src)] = reads.get(_source(net, src), 0) + 1
+    return {name for name, n in reads.items() if n > 1}
 
 
 def plan(
@@ -325,6 +339,16 @@ def solve(
     fifo = _fifo_blocks(net, start, dev.family)
     luts = sum(p.luts for p in current.values())
     brams = sum(p.brams for p in current.values()) + fifo
+    names = {i: net.layers[i].name for i in current}
+    forked = _forked_producers(net)
+
+    def fifo_with(p: LayerPlan) -> int:
+        """Skip FIFO blocks with ``p`` in place: their widths follow the forked producers' PE."""
+        if p.name not in forked:
+            return fifo
+        folds = {names[i]: (q.pe, q.simd) for i, q in current.items()}
+        return _fifo_blocks(net, folds | {p.name: (p.pe, p.simd)}, dev.family)
+
     stop = ""
     while True:
         slow = max(current, key=lambda i: current[i].cycles)
@@ -341,7 +365,10 @@ def solve(
             p
             for p in faster
             if (luts - now.luts + p.luts <= lut_budget or p.luts <= now.luts)
-            and (brams - now.brams + p.brams <= bram_budget or p.brams <= now.brams)
+            and (
+                brams - fifo - now.brams + p.brams + fifo_with(p) <= bram_budget
+                or p.brams <= now.brams
+            )
         ]
         if not fits:
             p = min(faster, key=lambda p: (p.luts, p.brams))
@@ -353,8 +380,10 @@ def solve(
             stop = f"widening layer {now.name} runs out of {' and '.join(over)}"
             break
         best = min(fits, key=lambda p: (p.luts, p.brams, -p.simd))
+        new_fifo = fifo_with(best)
         luts += best.luts - now.luts
-        brams += best.brams - now.brams
+        brams += best.brams - now.brams + new_fifo - fifo
+        fifo = new_fifo
         current[slow] = best
     foldings = {net.layers[i].name: (p.pe, p.simd) for i, p in current.items()}
     result = FoldingPlan(device, clock_mhz, tuple(current.values()), 0)

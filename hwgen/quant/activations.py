@@ -32,7 +32,6 @@ from hwgen.frontend.graph import (
     FSubsamplePad,
 )
 from hwgen.ir import (
-    ACC_BITS_MAX,
     ACT_FRAC_RANGE,
     INPUT,
     ActFormat,
@@ -48,8 +47,7 @@ from hwgen.ir import (
     ReLU,
     SubsamplePad,
     WeightFormat,
-    add_range,
-    signed_bits,
+    check_add_bits,
 )
 from hwgen.quant.weights import Curve
 
@@ -152,16 +150,6 @@ def mac_layer(
     return Linear(fl.name, in_f, out_f, wfmt, out_format, wq, bias, relu=fl.relu, inputs=fl.inputs)
 
 
-def _check_add(name: str, fa: ActFormat, fb: ActFormat) -> None:
-    """Network's check of an add's aligned sum, made before the search computes it in int64."""
-    bits = signed_bits(*add_range(fa, fb))
-    if bits > ACC_BITS_MAX:
-        raise HwgenError(
-            f"layer {name}: aligning {fa} with {fb} needs {bits} bits (max {ACC_BITS_MAX}); "
-            "use closer fraction lengths"
-        )
-
-
 def greedy_network(
     fnet: FloatNet,
     weights: dict[str, tuple[WeightFormat, np.ndarray]],
@@ -215,7 +203,7 @@ def greedy_network(
         elif isinstance(fl, FAdd):
             spec = layer_specs[fl.name]
             signed = spec.signed if spec.signed is not None else not fl.relu
-            _check_add(fl.name, *fs)
+            check_add_bits(fl.name, *fs)
             proto = Add(fl.name, ActFormat(spec.bits, 0, signed), fl.inputs, fl.relu)
 
             def quantise(o: ActFormat, proto=proto, xs=xs, fs=fs) -> np.ndarray:
