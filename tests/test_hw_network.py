@@ -1,10 +1,13 @@
 """The whole network in hardware (Amaranth simulator): rtl(x) == golden(x), image after image."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
 from hwgen import golden
+from hwgen.errors import HwgenError
 from hwgen.hw.board import AxiNetwork
 from hwgen.hw.engine import choose_folding
 from hwgen.hw.network import NetworkTop, skip_fifo_depths
@@ -136,3 +139,17 @@ def test_axi_network_tlast_and_error_flag():
     expected = ([0] * (axi.out_beats - 1) + [1]) * 2
     assert lasts == expected
     assert error == [1]
+
+
+def test_a_layer_named_like_another_layers_fifo_is_refused():
+    net = example_network()
+    clash = Network(
+        net.input_shape,
+        net.input_format,
+        tuple(
+            replace(la, inputs=(), name="conv1_fifo" if la.name == "pool1" else la.name)
+            for la in net.layers
+        ),
+    )
+    with pytest.raises(HwgenError, match="layer conv1_fifo: its name clashes with the FIFOs"):
+        NetworkTop(clash, _foldings(clash, 2, 2))

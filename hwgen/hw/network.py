@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Mapping
 
 from amaranth import Module
@@ -41,6 +42,22 @@ FIFO_DEPTH = 16
 SKIP_MARGIN = 8  # beats: the fork's one-beat lead, width converters, output registers
 
 Pixel = tuple[int, int]  # (row, column) of a tensor; a vector (F,) is one pixel of F channels
+
+
+# Submodules added beside a layer's engine are named ``<layer>_<suffix>``.
+_PLUMBING = re.compile(r"(?:[ab]_)?(?:fork|fifo|skip|width\d+)")
+
+
+def _check_names(net: Network) -> None:
+    """Refuse a layer named like another layer's FIFO, fork or width converter."""
+    names = net.names
+    for name in names:
+        for other in names:
+            if name.startswith(other + "_") and _PLUMBING.fullmatch(name[len(other) + 1 :]):
+                raise HwgenError(
+                    f"layer {name}: its name clashes with the FIFOs and forks of layer "
+                    f"{other}; rename it"
+                )
 
 
 def _source(net: Network, name: str) -> str:
@@ -197,6 +214,7 @@ class NetworkTop(wiring.Component):
             self.stages.append((index, pe, simd))
         if not self.stages:
             raise HwgenError("the network has no layer with an engine")
+        _check_names(net)
         self.infos: list[EngineInfo] = [
             engine_info(net, i, pe, simd) for i, pe, simd in self.stages
         ]
