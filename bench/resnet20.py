@@ -1,18 +1,19 @@
 """ResNet-20 (CIFAR-10 shape, option-A shortcuts) on the ECP5-85F: fold, build, verify, place.
 
-The network has seeded random (He-normal) weights, quantised pow2 5-bit post-training with
-calibration on random images (no CIFAR here). ``hwgen.hw.folding`` folds it for the
-target rate on the ECP5-85F; the build is simulated whole (cocotb + Verilator, random
-stalls on both ends) against the golden model and its steady-state cycles per inference
-measured by the difference method: ``(cycles(N images) - cycles(M images)) / (N - M)``,
-without stalls, over the slowest layer's ideal ``MACs / (PE*SIMD)``. Yosys and nextpnr
+The network is the built-in ``resnet20`` (``hwgen.examples.resnet``) with seeded random
+weights and BatchNorm statistics, imported from its ``nn.Module`` and quantised pow2 5-bit
+post-training with calibration on random images (no CIFAR here). ``hwgen.hw.folding``
+folds it for the target rate on the ECP5-85F; the build is simulated whole (cocotb +
+Verilator, random stalls on both ends) against the golden model and its steady-state cycles
+per inference measured by the difference method, ``(cycles(N images) - cycles(M images)) /
+(N - M)`` without stalls, over the slowest layer's ideal ``MACs / (PE*SIMD)``. Yosys and nextpnr
 (``hwgen synth``) give LUT4, BRAM and Fmax; inferences per second are Fmax over cycles.
 
 The last lines printed are ``resnet20 RTL == golden: K/N images``, ``resnet20
 cycles/ideal: X``, ``resnet20 LUT4: N``, ``resnet20 BRAM: N``, ``resnet20 fmax MHz: X`` and
 ``resnet20 inferences per second: X``.
 
-    python bench/resnet20.py [-o DIR] [--images N] [--fps F] [--chain] [--skip-synth]
+    python bench/resnet20.py [-o DIR] [--images N] [--fps F] [--skip-synth]
 """
 
 from __future__ import annotations
@@ -26,15 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from hwgen.emit import BuildOptions, build
-from hwgen.frontend.graph import (
-    FAdd,
-    FConv2d,
-    FFlatten,
-    FGlobalAvgPool,
-    FLinear,
-    FloatNet,
-    FSubsamplePad,
-)
+from hwgen.examples.resnet import CIFAR_SHAPE, random_resnet20
+from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
+from hwgen.frontend.torch_import import from_module
 from hwgen.hw.folding import FoldingPlan, solve
 from hwgen.ir import Network
 from hwgen.quant import quantize
@@ -43,48 +38,6 @@ from hwgen.simulate import simulate_layer
 from hwgen.synth import DEVICES, count_cells, fmax_from_report, synthesize
 
 DEVICE = "ecp5-85f"
-WIDTHS = (16, 32, 64)
-BLOCKS = 3  # per stage: ResNet-20 = 1 + 3 * 3 * 2 convs + the classifier
-
-
-def _conv(rng: np.random.Generator, name: str, cin: int, cout: int, **kw: object) -> FConv2d:
-    """He-normal 3x3 weights (BatchNorm folded into them leaves this scale), small biases."""
-    w = rng.normal(0.0, np.sqrt(2.0 / (9 * cin)), size=(cout, cin, 3, 3))
-    b = rng.normal(0.0, 0.05, size=cout)
-    return FConv2d(name, w, b, padding=(1, 1), **kw)
-
-
-def resnet20(seed: int = 0, shortcuts: bool = True) -> FloatNet:
-    """ResNet-20 with option-A shortcuts, or (``shortcuts=False``) its 19 convs as a chain."""
-    rng = np.random.default_rng(seed)
-    layers: list = [_conv(rng, "conv1", 3, WIDTHS[0], relu=True)]
-    prev, cin = "conv1", WIDTHS[0]
-    for s, cout in enumerate(WIDTHS):
-        for b in range(BLOCKS):
-            stride = 2 if s > 0 and b == 0 else 1
-            name = f"s{s + 1}b{b + 1}"
-            layers.append(_conv(rng, f"{name}a", cin, cout, stride=(stride, stride), relu=True))
-            layers.append(_conv(rng, f"{name}b", cout, cout, relu=not shortcuts))
-            if shortcuts:
-                short = prev
-                if stride != 1 or cin != cout:
-                    pad = (cout - cin) // 2
-                    layers.append(
-                        FSubsamplePad(f"{name}sc", (stride, stride), (pad, pad), inputs=(prev,))
-                    )
-                    short = f"{name}sc"
-                layers.append(FAdd(f"{name}add", inputs=(f"{name}b", short), relu=True))
-                prev = f"{name}add"
-            else:
-                prev = f"{name}b"
-            cin = cout
-    w = rng.normal(0.0, np.sqrt(1.0 / cin), size=(10, cin))
-    layers += [
-        FGlobalAvgPool("pool"),
-        FFlatten("flat"),
-        FLinear("fc", w, rng.normal(0.0, 0.05, size=10)),
-    ]
-    return FloatNet((3, 32, 32), tuple(layers), name="resnet20" if shortcuts else "chain19")
 
 
 def quantized(fnet: FloatNet, seed: int) -> Network:
@@ -97,10 +50,11 @@ def quantized(fnet: FloatNet, seed: int) -> Network:
 
 
 def print_plan(plan: FoldingPlan) -> None:
-    print(f"{'layer':8} {'PE':>3} {'SIMD':>4} {'cycles':>7} {'LUT4~':>6} {'BRAM~':>5}  ROM")
+    w = max(len(p.name) for p in plan.layers)
+    print(f"{'layer':{w}} {'PE':>3} {'SIMD':>4} {'cycles':>7} {'LUT4~':>6} {'BRAM~':>5}  ROM")
     for p in plan.layers:
         rom = f"{p.rom_bits} bits in {p.rom_storage} ({p.rom_blocks} blocks)" if p.rom_bits else ""
-        print(f"{p.name:8} {p.pe:3} {p.simd:4} {p.cycles:7} {p.luts:6} {p.brams:5}  {rom}")
+        print(f"{p.name:{w}} {p.pe:3} {p.simd:4} {p.cycles:7} {p.luts:6} {p.brams:5}  {rom}")
     print(
         f"slowest {plan.cycles} cycles ({plan.fps:,.0f}/s at {plan.clock_mhz:g} MHz), "
         f"~{plan.luts} LUT4, ~{plan.brams} block RAMs (skip FIFOs {plan.fifo_blocks})"
@@ -151,7 +105,6 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=1000.0, help="target inferences per second")
     ap.add_argument("--clock-mhz", type=float, default=100.0)
     ap.add_argument("--stalls", type=float, default=0.3)
-    ap.add_argument("--chain", action="store_true", help="the 19 convs without shortcuts")
     ap.add_argument("--skip-synth", action="store_true")
     ap.add_argument(
         "--reuse",
@@ -162,7 +115,8 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    net = quantized(resnet20(args.seed, shortcuts=not args.chain), args.seed + 1)
+    fnet = from_module(random_resnet20(args.seed), CIFAR_SHAPE, name="resnet20")
+    net = quantized(fnet, args.seed + 1)
     plan = solve(net, DEVICE, args.clock_mhz, args.fps)
     print_plan(plan)
     opts = BuildOptions(folding=plan.foldings, vectors=args.images, seed=args.seed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from amaranth import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from hwgen.hw.requant import Requantizer, act_shape
@@ -48,7 +49,9 @@ class MACArray(wiring.Component):
     beat). Stage 0 registers the inputs (a ROM's output is slow: it goes straight into a
     register), stage 1 the lane products, stage 2 the tree sums; stage 3 accumulates: the
     first beat of a repetition starts from the bias of its output channel,
-    ``acc = bias[fold*PE + k]``.
+    ``acc = bias[fold*PE + k]``. The pipeline never stalls (no enable: the thousands of
+    registers of a wide array would make one enable net the slowest path of the design);
+    whoever feeds it must be able to take every ``done`` result.
 
     Parameters
     ----------
@@ -62,8 +65,6 @@ class MACArray(wiring.Component):
 
     Members
     -------
-    en : In(1)
-        Advance the pipeline (all registers hold while 0).
     valid, first, last : In(1)
         The beat is valid / first / last of its repetition (one neuron fold's window).
     fold : In(range(folds))
@@ -73,7 +74,7 @@ class MACArray(wiring.Component):
     acc : Out(ArrayLayout(signed(acc_bits), pe))
         The accumulators; final for a repetition while ``done``.
     done : Out(1)
-        ``acc`` holds a repetition's complete sum (until the next advance).
+        ``acc`` holds a repetition's complete sum (for this cycle only).
     """
 
     def __init__(
@@ -92,7 +93,6 @@ class MACArray(wiring.Component):
         cb = code_bits(weight_format)
         super().__init__(
             {
-                "en": In(1),
                 "valid": In(1),
                 "first": In(1),
                 "last": In(1),
@@ -121,8 +121,7 @@ class MACArray(wiring.Component):
         # sums, stage 3 accumulates: each stage is one level of logic, for >115 MHz on ECP5.
         act = Signal.like(self.act, name="act0")
         codes = Signal.like(self.codes, name="codes0")
-        with m.If(self.en):
-            m.d.sync += [act.eq(self.act), codes.eq(self.codes)]
+        m.d.sync += [act.eq(self.act), codes.eq(self.codes)]
         ctl = [
             (
                 Signal(name=f"valid{s}"),
@@ -132,19 +131,17 @@ class MACArray(wiring.Component):
             )
             for s in (0, 1, 2)
         ]
-        with m.If(self.en):
-            src = (self.valid, self.first, self.last, self.fold)
-            for stage in ctl:
-                m.d.sync += [dst.eq(v) for dst, v in zip(stage, src, strict=True)]
-                src = stage
-            m.d.sync += self.done.eq(ctl[2][0] & ctl[2][2])
+        src = (self.valid, self.first, self.last, self.fold)
+        for stage in ctl:
+            m.d.sync += [dst.eq(v) for dst, v in zip(stage, src, strict=True)]
+            src = stage
+        m.d.sync += self.done.eq(ctl[2][0] & ctl[2][2])
         s_valid, s_first, _, s_fold = ctl[2]
         for k in range(self.pe):
             terms = []
             for j, term in enumerate(self._terms(act, codes[k])):
                 reg = Signal(term.shape(), name=f"term{k}_{j}")
-                with m.If(self.en):
-                    m.d.sync += reg.eq(term)
+                m.d.sync += reg.eq(term)
                 terms.append(reg)
             total = _tree_sum(terms)
             # Sums are added modulo 2**acc_bits: exact, since the final value fits.
@@ -153,10 +150,9 @@ class MACArray(wiring.Component):
             biases = [Const(int(b), signed(self.acc_bits)) for b in self.bias[:, k]]
             bias = biases[0] if len(biases) == 1 else Array(biases)[s_fold]
             acc = self.acc[k]
-            with m.If(self.en):
-                m.d.sync += s_sum.eq(total)
-                with m.If(s_valid):
-                    m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum)
+            m.d.sync += s_sum.eq(total)
+            with m.If(s_valid):
+                m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum)
         return m
 
 
@@ -166,14 +162,25 @@ class MACUnit(wiring.Component):
     Consumes the sliding-window stream (``repeats = Cout/PE`` repetitions of each output
     pixel's window, order kh, kw, channel group, ``last`` on each repetition's final beat),
     one beat per cycle; emits PE output channels per repetition. One ROM holds every PE's
-    codes (hwgen.hw.rom layout): all PEs read the same address. The address is the beat
-    count modulo the ROM depth; its read latency is hidden by registering the beat.
+    codes (hwgen.hw.rom layout): all PEs read the same address, the beat count modulo the
+    ROM depth, in the cycle the beat is taken (the array registers the ROM's data).
+
+    Flow control by credit, so that nothing in the array waits on the consumer: results go
+    into an output FIFO of ``OUT_DEPTH`` words, and ``pending`` counts the repetitions
+    whose last beat was taken but whose result has not left the FIFO. ``i.ready`` is a
+    register, ``pending <= OUT_DEPTH - 2`` one cycle earlier: pending grows by at most one
+    per cycle, so it never exceeds ``OUT_DEPTH`` and the FIFO never overflows. A last beat
+    stays pending six cycles when the consumer is ready (the array's five register stages
+    and the FIFO's write), no more than ``OUT_DEPTH - 2``: a result per beat (SIMD = Cin, a
+    1x1 kernel) still flows at full rate.
 
     Members
     -------
     i : In(stream.Signature(StructLayout({"data": ArrayLayout(in shape, simd), "last": 1})))
     o : Out(stream.Signature(ArrayLayout(out shape, pe)))
     """
+
+    OUT_DEPTH = 8
 
     def __init__(
         self,
@@ -225,40 +232,50 @@ class MACUnit(wiring.Component):
             init_file=rom_file(layer.name),
         )
 
-        # The whole pipeline advances unless a finished output waits for its consumer.
-        adv = ~(self.o.valid & ~self.o.ready)
-        take = self.i.valid & adv
-        m.d.comb += [self.i.ready.eq(adv), mac.en.eq(adv)]
+        # Credit: i.ready is a register (see the class docstring), never the consumer's ready.
+        depth_out = self.OUT_DEPTH
+        m.submodules.out = out = SyncFIFO(width=len(self.o.payload.as_value()), depth=depth_out)
+        ready = Signal(init=1)
+        pending = Signal(range(depth_out + 1))
+        take = self.i.valid & ready
+        pop = out.r_rdy & self.o.ready
+        m.d.comb += self.i.ready.eq(ready)
+        m.d.sync += [
+            pending.eq(pending + (take & self.i.payload.last) - pop),
+            ready.eq(pending <= depth_out - 2),
+        ]
 
         addr = Signal(range(depth), name="addr")  # address of the next beat
-        addr_s = Signal.like(addr)  # address of the beat in the stage register
         fold = Signal.like(mac.fold)
         first = Signal(init=1)  # the next beat starts a repetition
         with m.If(take):
             m.d.sync += [
                 addr.eq(Mux(addr == depth - 1, 0, addr + 1)),
-                addr_s.eq(addr),
                 first.eq(self.i.payload.last),
             ]
             if folds > 1:
                 with m.If(self.i.payload.last):
                     m.d.sync += fold.eq(Mux(fold == folds - 1, 0, fold + 1))
-        with m.If(adv):
-            m.d.sync += mac.valid.eq(take)
-            with m.If(take):
-                m.d.sync += [
-                    mac.act.eq(self.i.payload.data),
-                    mac.first.eq(first),
-                    mac.last.eq(self.i.payload.last),
-                    mac.fold.eq(fold),
-                ]
-        # While stalled, re-read the held beat's word so the ROM output holds too.
-        m.d.comb += [rom.addr.eq(Mux(adv, addr, addr_s)), mac.codes.eq(rom.data)]
+        m.d.sync += [
+            mac.valid.eq(take),
+            mac.act.eq(self.i.payload.data),
+            mac.first.eq(first),
+            mac.last.eq(self.i.payload.last),
+            mac.fold.eq(fold),
+        ]
+        # The ROM reads the taken beat's word; its data meets the beat in the array's input.
+        m.d.comb += [rom.addr.eq(addr), mac.codes.eq(rom.data)]
 
         shift = acc_frac(layer, self.in_format) - layer.out_format.frac
+        rq_bits = layer.out_format.bits
         for k in range(pe):
             rq = Requantizer(self.acc_bits, shift, layer.out_format, layer.relu)
             m.submodules[f"requant{k}"] = rq
-            m.d.comb += [rq.i.eq(mac.acc[k]), self.o.payload[k].eq(rq.o)]
-        m.d.comb += self.o.valid.eq(mac.done)
+            m.d.comb += [rq.i.eq(mac.acc[k]), out.w_data[k * rq_bits : (k + 1) * rq_bits].eq(rq.o)]
+        m.d.comb += [
+            out.w_en.eq(mac.done),
+            self.o.payload.eq(out.r_data),
+            self.o.valid.eq(out.r_rdy),
+            out.r_en.eq(self.o.ready),
+        ]
         return m
