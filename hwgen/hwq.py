@@ -24,6 +24,7 @@ import numpy as np
 from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes, npz_bytes, zip_bytes
 from hwgen.ir import (
+    ROUNDINGS,
     ActFormat,
     Add,
     AvgPool2d,
@@ -52,7 +53,10 @@ WEIGHTS_NPZ = "weights.npz"
 
 
 def _act_to_json(f: ActFormat) -> dict[str, Any]:
-    return {"bits": f.bits, "frac": f.frac, "signed": f.signed}
+    d: dict[str, Any] = {"bits": f.bits, "frac": f.frac, "signed": f.signed}
+    if f.rounding != "half_up":  # omitted for the default, so older files stay byte-identical
+        d["rounding"] = f.rounding
+    return d
 
 
 def _weight_fmt_to_json(f: WeightFormat) -> dict[str, Any]:
@@ -97,14 +101,21 @@ def _layer_to_json(layer: Layer, out_shape: tuple[int, ...], v2: bool) -> dict[s
     return d
 
 
+def _act_formats(net: Network) -> list[ActFormat]:
+    """The formats stored in ``model.json``: the input's and each layer's ``out_format``."""
+    outs = [lyr.out_format for lyr in net.layers if isinstance(lyr, (Conv2d, Linear, Add))]
+    return [net.input_format, *outs]
+
+
 def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``model.json`` document of a network.
 
-    A chain of version 1 ops is written as version 1, byte for byte what earlier hwgen
-    wrote; anything else as version 2 (every layer names its inputs, the top level its
-    output).
+    A chain of version 1 ops in half_up rounding is written as version 1, byte for byte
+    what earlier hwgen wrote; anything else as version 2 (every layer names its inputs, the
+    top level its output), since a version 1 reader does not know ``rounding``.
     """
-    v2 = not (net.is_chain and all(isinstance(lyr, _V1_OPS) for lyr in net.layers))
+    v1 = net.is_chain and all(isinstance(lyr, _V1_OPS) for lyr in net.layers)
+    v2 = not (v1 and all(f.rounding == "half_up" for f in _act_formats(net)))
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": 2 if v2 else 1,
@@ -197,12 +208,17 @@ class _Doc:
         return tuple(v)
 
 
-def _act_from_json(d: object, where: str) -> ActFormat:
+def _act_from_json(d: object, where: str, v2: bool) -> ActFormat:
     doc = _Doc(d, where)
     rounding = doc.get("rounding", str, "half_up")
-    if rounding != "half_up":  # reserved in version 2 for imported models (DESIGN §6)
-        raise HwgenError(f"model.json: {where}.rounding {rounding!r} is not supported (half_up)")
-    return ActFormat(doc.get("bits", int), doc.get("frac", int), doc.get("signed", bool))
+    if rounding not in ROUNDINGS:
+        raise HwgenError(
+            f"model.json: {where}.rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}"
+        )
+    if rounding != "half_up" and not v2:
+        raise HwgenError(f"model.json: {where}.rounding {rounding!r} needs version 2")
+    bits, frac, signed = doc.get("bits", int), doc.get("frac", int), doc.get("signed", bool)
+    return ActFormat(bits, frac, signed, rounding)
 
 
 def _weight_fmt_from_json(d: object, where: str) -> WeightFormat:
@@ -272,7 +288,7 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool)
             doc.get("out_channels", int),
             doc.ints("kernel", 2),
             _weight_fmt_from_json(doc.get("weight_format", dict), f"{doc.where}.weight_format"),
-            _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format"),
+            _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format", v2),
             _array(arrays, doc, "weight"),
             _array(arrays, doc, "bias"),
             stride=doc.ints("stride", 2),
@@ -286,7 +302,7 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool)
             doc.get("in_features", int),
             doc.get("out_features", int),
             _weight_fmt_from_json(doc.get("weight_format", dict), f"{doc.where}.weight_format"),
-            _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format"),
+            _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format", v2),
             _array(arrays, doc, "weight"),
             _array(arrays, doc, "bias"),
             relu=doc.get("relu", bool),
@@ -298,7 +314,7 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool)
     if op == "subsample_pad":
         return SubsamplePad(name, doc.ints("stride", 2), doc.ints("pad", 2), inputs=inputs)
     if op == "add":
-        out_format = _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format")
+        out_format = _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format", v2)
         return Add(name, out_format, inputs, relu=doc.get("relu", bool))
     simple: dict[str, Callable[..., Layer]] = {
         "relu": ReLU, "flatten": Flatten, "global_avgpool": GlobalAvgPool,
@@ -328,7 +344,7 @@ def from_json(model: object, arrays: dict[str, np.ndarray]) -> Network:
         raise HwgenError(f"model.json: input.shape must be integers, not {shape!r}")
     net = Network(
         tuple(shape),
-        _act_from_json(inp.get("format", dict), "input.format"),
+        _act_from_json(inp.get("format", dict), "input.format", v2),
         tuple(layers),
         doc.get("name", str, "net"),
     )

@@ -19,6 +19,10 @@ ACT_FRAC_RANGE = (-32, 32)
 WEIGHT_FRAC_RANGE = (-64, 64)
 ACT_BITS_MAX = 24
 ACC_BITS_MAX = 62  # keeps every golden-model intermediate inside int64
+# Rounding of a right shift into an activation format (docs/hwq-format.md §3): hwgen's own
+# quantizers use half_up; Brevitas/QONNX ROUND is half_even and FLOOR is floor.
+ROUNDINGS = ("half_up", "half_even", "floor")
+_ROUNDING_SUFFIX = {"half_up": "", "half_even": ".even", "floor": ".floor"}
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 Shape = tuple[int, ...]
@@ -31,15 +35,24 @@ def _check_int(what: str, value: object, lo: int, hi: int) -> None:
 
 @dataclass(frozen=True)
 class ActFormat:
-    """Activation format A(bits, frac, signed): integer ``a``, real value ``a * 2**-frac``."""
+    """Activation format A(bits, frac, signed): integer ``a``, real value ``a * 2**-frac``.
+
+    ``rounding`` (one of ``ROUNDINGS``) is how a value is rounded when it is requantised
+    into this format: a MAC layer's or an add's output, an average pool, a float input.
+    """
 
     bits: int
     frac: int
     signed: bool = True
+    rounding: str = "half_up"
 
     def __post_init__(self) -> None:
         _check_int("activation bits", self.bits, 2 if self.signed else 1, ACT_BITS_MAX)
         _check_int("activation frac", self.frac, *ACT_FRAC_RANGE)
+        if self.rounding not in ROUNDINGS:
+            raise HwgenError(
+                f"activation rounding must be one of {', '.join(ROUNDINGS)}, not {self.rounding!r}"
+            )
 
     @property
     def lo(self) -> int:
@@ -50,7 +63,8 @@ class ActFormat:
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
 
     def __str__(self) -> str:
-        return f"{'s' if self.signed else 'u'}{self.bits}.f{self.frac}"
+        sign = "s" if self.signed else "u"
+        return f"{sign}{self.bits}.f{self.frac}{_ROUNDING_SUFFIX[self.rounding]}"
 
 
 @dataclass(frozen=True)

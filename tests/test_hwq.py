@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from conftest import example_network, residual_network
 from hwgen import golden as gm
 from hwgen import hwq
 from hwgen.errors import HwgenError
-from hwgen.ir import ActFormat, Fixed, Linear, Network
+from hwgen.ir import ROUNDINGS, ActFormat, Fixed, Linear, Network
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +151,10 @@ BAD_MODELS = {
         r"Fixed weight bits must be an integer in \[2, 16\], not 17",
     ),
     "bad weight kind": (_set("fc2", "weight_format", "kind", "float"), "'float' is not 'fixed'"),
+    "rounding in version 1": (
+        _set("conv2", "out_format", "rounding", "floor"),
+        r"model.json: layer conv2.out_format.rounding 'floor' needs version 2",
+    ),
     "bad act frac": (
         _set("conv2", "out_format", "frac", 40),
         r"activation frac must be an integer in \[-32, 32\], not 40",
@@ -370,9 +376,13 @@ BAD_GRAPHS = {
     ),
     "wrong output": (_set("output", "pool"), "model.json: output is 'pool', but the last layer"),
     "unknown key": (_set("b2_short", "offset", [1, 1]), "layer b2_short has unknown key 'offset'"),
-    "rounding": (
-        _set("b1_add", "out_format", {"bits": 8, "frac": 3, "signed": False, "rounding": "floor"}),
-        r"layer b1_add.out_format.rounding 'floor' is not supported",
+    "unknown rounding": (
+        _set("b1_add", "out_format", {"bits": 8, "frac": 3, "signed": False, "rounding": "even"}),
+        r"layer b1_add.out_format.rounding 'even' is not one of half_up, half_even, floor",
+    ),
+    "rounding not a string": (
+        _set("input", "format", {"bits": 8, "frac": 4, "signed": True, "rounding": 1}),
+        r"model.json: input.format.rounding has the wrong type: 1",
     ),
 }
 
@@ -385,3 +395,47 @@ def test_graph_loader_rejects_with_one_line(tmp_path, case):
     with pytest.raises(HwgenError, match=message) as e:
         hwq.load(_write_dir(tmp_path / "bad.hwq", doc, arrays))
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- rounding
+
+
+def _with_roundings(net: Network, pick) -> Network:
+    """``net`` with the input's and every stored out_format's rounding chosen by ``pick``."""
+    layers = tuple(
+        replace(lyr, out_format=replace(lyr.out_format, rounding=pick(lyr.name)))
+        if hasattr(lyr, "out_format")
+        else lyr
+        for lyr in net.layers
+    )
+    fmt = replace(net.input_format, rounding=pick("input"))
+    return Network(net.input_shape, fmt, layers, net.name)
+
+
+@pytest.mark.parametrize("make", [example_network, residual_network])
+def test_roundings_round_trip_and_are_written_only_when_not_half_up(tmp_path, make):
+    modes = itertools.cycle(ROUNDINGS[1:] + ROUNDINGS)
+    picked = {}
+    net = _with_roundings(make(1), lambda name: picked.setdefault(name, next(modes)))
+    assert set(picked.values()) == set(ROUNDINGS)
+    path = hwq.save(net, tmp_path / "r.hwq")
+    doc, _ = _unpack(path)
+    assert doc["version"] == 2  # a version 1 reader would not know the key
+    stored = {d["name"]: d["out_format"] for d in doc["layers"] if "out_format" in d}
+    stored["input"] = doc["input"]["format"]
+    assert stored.keys() == picked.keys()
+    for name, mode in picked.items():
+        assert stored[name].get("rounding", "half_up") == mode
+        assert ("rounding" in stored[name]) == (mode != "half_up")
+    back = hwq.load(path)
+    assert back == net and back.formats == net.formats
+    assert hwq.save(back, tmp_path / "again.hwq").read_bytes() == path.read_bytes()
+
+
+def test_half_up_everywhere_keeps_version_1_bytes(tmp_path, net):
+    same = _with_roundings(net, lambda name: "half_up")
+    a = hwq.save(net, tmp_path / "a.hwq").read_bytes()
+    assert hwq.save(same, tmp_path / "b.hwq").read_bytes() == a
+    assert b"rounding" not in a
+    doc, _ = _unpack(hwq.save(_with_roundings(net, lambda n: "floor"), tmp_path / "c.hwq"))
+    assert doc["version"] == 2 and doc["input"]["format"]["rounding"] == "floor"

@@ -12,6 +12,7 @@ from hwgen.errors import HwgenError
 from hwgen.ir import (
     ACC_BITS_MAX,
     INPUT,
+    ROUNDINGS,
     ActFormat,
     Add,
     AvgPool2d,
@@ -42,6 +43,14 @@ def test_act_format_ranges():
     assert str(ActFormat(8, -2)) == "s8.f-2" and str(ActFormat(4, 1, False)) == "u4.f1"
 
 
+def test_act_format_rounding():
+    assert ActFormat(8, 4).rounding == "half_up" and ROUNDINGS == ("half_up", "half_even", "floor")
+    assert str(ActFormat(8, 4, rounding="half_up")) == "s8.f4"
+    assert str(ActFormat(8, 4, rounding="half_even")) == "s8.f4.even"
+    assert str(ActFormat(8, -1, False, "floor")) == "u8.f-1.floor"
+    assert ActFormat(8, 4, rounding="floor") != ActFormat(8, 4)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -52,6 +61,8 @@ def test_act_format_ranges():
         ((8, -33), r"not -33"),
         ((8.0, 0), r"not 8.0"),
         ((True, 0), r"not True"),
+        ((8, 0, True, "even"), r"rounding must be one of half_up, half_even, floor, not 'even'"),
+        ((8, 0, True, None), r"rounding must be one of .*, not None"),
     ],
 )
 def test_act_format_errors(args, message):
