@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--scheme",
         choices=("auto", "fixed", "inq", "pow2", "ternary", "binary"),
-        help="quantisation scheme (needed without --precision; overrides its scheme)",
+        help="quantisation scheme (needed without --precision; overrides its scheme); auto "
+        "keeps the weights of a model already quantized elsewhere, whose float weights sit "
+        "exactly on a power-of-two or fixed-point grid, and only chooses activation formats",
     )
     q.add_argument("--bits", type=int, help="weight bits of every layer (overrides --precision)")
     q.add_argument("--act-bits", type=int, help="activation bits of every layer and the input")

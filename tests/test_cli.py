@@ -194,3 +194,21 @@ def test_real_entry_point(tmp_path, model, x_int):
     assert bad.stdout == "" and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.startswith("hwgen: error: ") and "model.json is not valid JSON" in bad.stderr
     assert not out.exists()
+
+
+def test_scheme_auto_on_a_float_model(tmp_path, capsys):
+    out = tmp_path / "d.hwq"
+    _one_line_error(
+        capsys,
+        ["quantize", "digits", "--scheme", "auto", "-o", str(out)],
+        "weights are not on any grid, so this model is not quantized; "
+        "use --scheme fixed|inq|pow2|ternary|binary",
+    )
+    assert not out.exists()
+
+
+def test_scheme_auto_help_says_what_it_is_for(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "auto keeps the weights of a model already quantized elsewhere" in text

@@ -11,6 +11,7 @@ import numpy as np
 
 from hwgen.errors import HwgenError
 from hwgen.ir import WEIGHT_FRAC_RANGE, Fixed, Pow2, WeightFormat, signed_bits
+from hwgen.quant.precision import SCHEMES
 
 FIXED_MAX_BITS = 16
 Curve = list[tuple[int, float]]
@@ -204,7 +205,9 @@ def detect_format(layer: str, w: np.ndarray) -> WeightFormat:
     scaled = w * 2.0**f
     off = np.flatnonzero(scaled != np.floor(scaled))
     flat = int(off[0]) if off.size else int(np.abs(w).argmax())
+    quantizers = "|".join(s for s in SCHEMES if s != "auto")
     raise HwgenError(
         f"{_where(layer, w, flat)} is on no power-of-two grid (<= {POW2_MAX_BITS} bits) "
-        f"or fixed-point grid (<= {FIXED_MAX_BITS} bits)"
+        f"or fixed-point grid (<= {FIXED_MAX_BITS} bits): weights are not on any grid, so "
+        f"this model is not quantized; use --scheme {quantizers}"
     )
