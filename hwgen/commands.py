@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from hwgen import golden as gm
 from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes, npz_bytes
+from hwgen.ir import Network
 
 
 def load_npy(path: Path, what: str = "input") -> np.ndarray:
@@ -251,6 +253,35 @@ def quantize(
     console.print(f"wrote {output}")
 
 
+def clamp_warnings(
+    net: Network, max_pe: int | None, max_simd: int | None, fixed: Collection[str] = ()
+) -> list[str]:
+    """One line per layer whose ``--pe``/``--simd`` limit was lowered to a divisor of its
+    channels (Cout 6 with ``--pe 4`` gives PE 3); not when the layer is simply narrower than
+    the limit, and not for layers whose folding is ``fixed`` (``--folding``)."""
+    from hwgen.emit import DEFAULT_MAX_PE, DEFAULT_MAX_SIMD
+    from hwgen.hw.engine import choose_folding
+    from hwgen.ir import Conv2d, Flatten, Linear
+
+    lines = []
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, Flatten) or layer.name in fixed:
+            continue
+        got = choose_folding(net, i, max_pe or DEFAULT_MAX_PE, max_simd or DEFAULT_MAX_SIMD)
+        full = choose_folding(net, i, sys.maxsize, sys.maxsize)  # every channel in parallel
+        mac = isinstance(layer, (Conv2d, Linear))
+        checks = [("--pe", "PE", max_pe, got[0], full[0], "output " if mac else "")]
+        if mac:  # SIMD is meaningless without MACs (always equal to PE)
+            checks.append(("--simd", "SIMD", max_simd, got[1], full[1], "input "))
+        for flag, what, asked, chosen, channels, kind in checks:
+            if asked is not None and chosen < min(asked, channels):
+                lines.append(
+                    f"layer {layer.name}: {flag} {asked} gives {what} {chosen}, the largest "
+                    f"divisor of its {channels} {kind}channels up to {asked}"
+                )
+    return lines
+
+
 def build(
     model: Path,
     output: Path,
@@ -285,6 +316,9 @@ def build(
         device=device,
     )
     net = hwq.load(model)
+    if target_fps is None and device is None:  # with a target the limits only cap a search
+        for line in clamp_warnings(net, max_pe, max_simd, opts.folding or {}):
+            print(f"hwgen: warning: {line}", file=sys.stderr)
     manifest = emit.build(net, output, opts, hwq.load_meta(model))
     dev, clock = build_target(device, board, clock_mhz)
     total = plan(net, manifest["foldings"], dev, clock)

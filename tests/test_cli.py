@@ -212,3 +212,27 @@ def test_scheme_auto_help_says_what_it_is_for(capsys):
         main(["quantize", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "auto keeps the weights of a model already quantized elsewhere" in text
+
+
+def test_build_warns_once_per_clamped_layer(tmp_path, capsys, model):
+    """conv2 has 6 output channels: --pe 4 gives PE 3; fc1 has 6 inputs: --simd 4 gives 3."""
+    out = tmp_path / "build"
+    assert main(["build", str(model), "-o", str(out), "--pe", "4", "--simd", "4"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "hwgen: warning: layer conv2: --pe 4 gives PE 3, the largest divisor of its 6 output "
+        "channels up to 4",
+        "hwgen: warning: layer pool2: --pe 4 gives PE 3, the largest divisor of its 6 channels "
+        "up to 4",
+        "hwgen: warning: layer relu2: --pe 4 gives PE 3, the largest divisor of its 6 channels "
+        "up to 4",
+        "hwgen: warning: layer fc1: --simd 4 gives SIMD 3, the largest divisor of its 6 input "
+        "channels up to 4",
+        "hwgen: warning: layer fc2: --pe 4 gives PE 2, the largest divisor of its 10 output "
+        "channels up to 4",
+    ]
+    foldings = json.loads((out / "manifest.json").read_text())["foldings"]
+    assert foldings["conv2"] == [3, 4] and foldings["fc1"] == [4, 3] and foldings["fc2"] == [2, 4]
+    # Limits the layers meet exactly, or are wider than (conv1 has 1 input), warn about nothing.
+    assert main(["build", str(model), "-o", str(out), "--pe", "2", "--simd", "2"]) == 0
+    assert capsys.readouterr().err == ""
