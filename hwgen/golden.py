@@ -33,18 +33,28 @@ from hwgen.ir import (
 _EXACT_FLOAT = ((np.float32, 2**24), (np.float64, 2**53))
 
 
-def rhu_shift(v: np.ndarray, s: int) -> np.ndarray:
-    """``rhu(v * 2**-s)`` for s > 0: ``(v + 2**(s-1)) >> s``, exact for |v| < 2**61."""
-    s = min(s, 62)  # for |v| < 2**61 every shift of 62 or more rounds to 0 alike
-    return (v + (1 << (s - 1))) >> s
+def round_shift(v: np.ndarray, s: int, rounding: str) -> np.ndarray:
+    """``v * 2**-s`` rounded as ``rounding`` says (docs/hwq-format.md §3), for s > 0.
+
+    ``half_up`` is ``(v + 2**(s-1)) >> s``; ``half_even`` adds one less, plus bit ``s`` of
+    ``v`` (1 when the floor is odd, which moves an exact tie up to the even neighbour);
+    ``floor`` is ``v >> s``. Exact for int64 ``|v| < 2**61``.
+    """
+    s = min(s, 62)  # for |v| < 2**61 every shift of 62 or more gives the same result
+    if rounding == "floor":
+        return v >> s
+    half = 1 << (s - 1)
+    if rounding == "half_even":
+        return (v + (half - 1) + ((v >> s) & 1)) >> s
+    return (v + half) >> s
 
 
 def requantize(acc: np.ndarray, s: int, fmt: ActFormat, relu: bool = False) -> np.ndarray:
-    """``sat(rhu(acc * 2**-s))`` into ``fmt`` (lower bound 0 when ``relu``)."""
+    """``sat(round(acc * 2**-s))`` into ``fmt``, in its rounding; lower bound 0 when ``relu``."""
     lo, hi = (max(fmt.lo, 0) if relu else fmt.lo), fmt.hi
     acc = np.asarray(acc, dtype=np.int64)
     if s > 0:
-        return np.clip(rhu_shift(acc, s), lo, hi)
+        return np.clip(round_shift(acc, s, fmt.rounding), lo, hi)
     # Left shift: clip first so the shift cannot overflow; values clipped here saturate
     # anyway, and past 2**40 > |lo|, |hi| every nonzero value saturates.
     k = min(-s, 40)
@@ -52,12 +62,20 @@ def requantize(acc: np.ndarray, s: int, fmt: ActFormat, relu: bool = False) -> n
     return np.clip(acc << k, lo, hi)
 
 
+_ROUND_FLOAT = {
+    "half_up": lambda v: np.floor(v + 0.5),
+    "half_even": np.rint,  # ties to even, as torch.round and QONNX's ROUND
+    "floor": np.floor,
+}
+
+
 def quantize_input(x: np.ndarray, fmt: ActFormat) -> np.ndarray:
-    """A float tensor to ``fmt``: ``clip(floor(x * 2**frac + 0.5))`` in float64."""
+    """A float tensor to ``fmt``: ``clip(round(x * 2**frac))`` in float64, in its rounding."""
     x = np.asarray(x, dtype=np.float64)
     if not np.all(np.isfinite(x)):
         raise HwgenError("input contains NaN or Inf")
-    return np.clip(np.floor(x * 2.0**fmt.frac + 0.5), fmt.lo, fmt.hi).astype(np.int64)
+    v = _ROUND_FLOAT[fmt.rounding](x * 2.0**fmt.frac)
+    return np.clip(v, fmt.lo, fmt.hi).astype(np.int64)
 
 
 def check_input(x: np.ndarray, net: Network) -> np.ndarray:
@@ -123,7 +141,8 @@ def flatten_hwc(x: np.ndarray) -> np.ndarray:
 def add_forward(
     a: np.ndarray, b: np.ndarray, fa: ActFormat, fb: ActFormat, layer: Add
 ) -> np.ndarray:
-    """``sat(rhu((a·2^(F-fa) + b·2^(F-fb)) · 2^-(F-fo)))`` with F the finer input frac."""
+    """``sat(round((a·2^(F-fa) + b·2^(F-fb)) · 2^-(F-fo)))`` with F the finer input frac, in
+    the output format's rounding."""
     f = add_frac(fa, fb)
     total = (a << (f - fa.frac)) + (b << (f - fb.frac))  # Network proved it fits 62 bits
     return requantize(total, f - layer.out_format.frac, layer.out_format, layer.relu)
@@ -135,9 +154,10 @@ def subsample_pad(x: np.ndarray, layer: SubsamplePad) -> np.ndarray:
     return np.pad(x[:, :, ::sh, ::sw], ((0, 0), (before, after), (0, 0), (0, 0)))
 
 
-def _avg(total: np.ndarray, area: int) -> np.ndarray:
+def _avg(total: np.ndarray, area: int, fmt: ActFormat) -> np.ndarray:
+    """``round(total / area)`` in ``fmt.rounding``: the mean, in the format of the input."""
     m = area.bit_length() - 1  # area is a power of two
-    return rhu_shift(total, m) if m else total
+    return round_shift(total, m, fmt.rounding) if m else total
 
 
 def layer_forward(
@@ -167,13 +187,13 @@ def layer_forward(
     if isinstance(layer, SubsamplePad):
         return subsample_pad(x, layer)
     if isinstance(layer, GlobalAvgPool):
-        return _avg(x.sum(axis=(2, 3), keepdims=True), x.shape[2] * x.shape[3])
+        return _avg(x.sum(axis=(2, 3), keepdims=True), x.shape[2] * x.shape[3], in_format)
     (kh, kw), (sh, sw) = layer.kernel, layer.stride
     win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     if isinstance(layer, MaxPool2d):
         return win.max(axis=(4, 5))
     assert isinstance(layer, AvgPool2d)
-    return _avg(win.sum(axis=(4, 5)), kh * kw)
+    return _avg(win.sum(axis=(4, 5)), kh * kw, in_format)
 
 
 def forward(net: Network, x: np.ndarray) -> list[np.ndarray]:

@@ -12,6 +12,8 @@ next to uniform random values, since that is where saturation and overflow bugs 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -179,3 +181,16 @@ def residual_network(seed: int = 0, shortcut: str = "A") -> Network:
         ),
     )  # fmt: skip
     return Network((3, 8, 8), ActFormat(8, 4), layers, name="resnet_toy")
+
+
+def with_roundings(net: Network, pick: Callable[[str], str]) -> Network:
+    """``net`` with the rounding of the input format (``pick("input")``) and of every layer's
+    ``out_format`` (``pick(layer name)``) replaced."""
+    layers = tuple(
+        replace(lyr, out_format=replace(lyr.out_format, rounding=pick(lyr.name)))
+        if isinstance(lyr, (Conv2d, Linear, Add))
+        else lyr
+        for lyr in net.layers
+    )
+    fmt = replace(net.input_format, rounding=pick("input"))
+    return Network(net.input_shape, fmt, layers, net.name)

@@ -9,6 +9,7 @@ integers by floor division — never by calling hwgen.golden.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -24,6 +25,7 @@ from conftest import (
     rngs,
     weight_array,
     weight_formats,
+    with_roundings,
 )
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -32,6 +34,7 @@ from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.ir import (
     INPUT,
+    ROUNDINGS,
     ActFormat,
     Add,
     AvgPool2d,
@@ -50,6 +53,24 @@ from hwgen.ir import (
 )
 
 # ---------------------------------------------------------------- the oracle
+
+roundings = st.sampled_from(ROUNDINGS)
+
+
+@st.composite
+def rounded_formats(draw: st.DrawFn, max_bits: int = 16) -> ActFormat:
+    """Any activation format (conftest.act_formats) in any rounding."""
+    return replace(draw(act_formats(max_bits=max_bits)), rounding=draw(roundings))
+
+
+def oracle_round(v: Fraction, rounding: str) -> int:
+    """An exact rational to an integer: Python's own rounding rules, not shifts."""
+    if rounding == "half_up":
+        return math.floor(v + Fraction(1, 2))
+    if rounding == "half_even":
+        return round(v)  # Fraction.__round__ rounds ties to even
+    assert rounding == "floor"
+    return math.floor(v)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -82,12 +103,11 @@ def oracle_linear_acc(x: np.ndarray, layer: Linear) -> np.ndarray:
 
 
 def oracle_requant(acc: np.ndarray, s: int, fmt: ActFormat, relu: bool) -> np.ndarray:
-    """round half up of ``acc / 2**s`` on Python integers, then saturate."""
+    """``acc / 2**s`` as an exact rational, rounded in ``fmt.rounding``, then saturated."""
     lo, hi = (max(fmt.lo, 0) if relu else fmt.lo), fmt.hi
 
     def one(v: int) -> int:
-        v = int(v)
-        y = (v + 2 ** (s - 1)) // 2**s if s > 0 else v * 2**-s
+        y = oracle_round(Fraction(int(v)) / Fraction(2) ** s, fmt.rounding)
         return min(max(y, lo), hi)
 
     return np.vectorize(one, otypes=[np.int64])(acc)
@@ -96,14 +116,14 @@ def oracle_requant(acc: np.ndarray, s: int, fmt: ActFormat, relu: bool) -> np.nd
 def oracle_add(
     a: np.ndarray, b: np.ndarray, fa: ActFormat, fb: ActFormat, layer: Add
 ) -> np.ndarray:
-    """Exact rationals: ``rhu((a·2^-fa + b·2^-fb) · 2^fo)``, saturated (no shifts, no golden)."""
+    """Exact rationals: ``round((a·2^-fa + b·2^-fb) · 2^fo)``, saturated (no shifts, no golden)."""
     fmt = layer.out_format
     lo, hi = (max(fmt.lo, 0) if layer.relu else fmt.lo), fmt.hi
 
     def one(x: int, y: int) -> int:
         two = Fraction(2)
         v = (int(x) * two**-fa.frac + int(y) * two**-fb.frac) * two**fmt.frac
-        return min(max(math.floor(v + Fraction(1, 2)), lo), hi)
+        return min(max(oracle_round(v, fmt.rounding), lo), hi)
 
     return np.vectorize(one, otypes=[np.int64])(a, b)
 
@@ -118,7 +138,7 @@ def oracle_layer(layer, x: np.ndarray, fmt: ActFormat) -> tuple[np.ndarray, ActF
     if isinstance(layer, GlobalAvgPool):
         area = x.shape[2] * x.shape[3]
         total = (F.adaptive_avg_pool2d(_t(x), 1) * area).numpy().astype(np.int64)
-        return (total + area // 2) // area, fmt
+        return oracle_mean(total, area, fmt), fmt
     if isinstance(layer, (Conv2d, Linear)):
         acc = (oracle_conv_acc if isinstance(layer, Conv2d) else oracle_linear_acc)(x, layer)
         s = fmt.frac + layer.weight_format.frac - layer.out_format.frac
@@ -132,7 +152,14 @@ def oracle_layer(layer, x: np.ndarray, fmt: ActFormat) -> tuple[np.ndarray, ActF
         return y.numpy().astype(np.int64), fmt
     area = layer.kernel[0] * layer.kernel[1]
     total = (F.avg_pool2d(_t(x), layer.kernel, layer.stride) * area).numpy().astype(np.int64)
-    return (total + area // 2) // area, fmt
+    return oracle_mean(total, area, fmt), fmt
+
+
+def oracle_mean(total: np.ndarray, area: int, fmt: ActFormat) -> np.ndarray:
+    """``total / area`` rounded in the pool's (input) format's rounding."""
+    return np.vectorize(
+        lambda t: oracle_round(Fraction(int(t), area), fmt.rounding), otypes=[np.int64]
+    )(total)
 
 
 def typical_shift(w: np.ndarray, fmt: ActFormat, out_bits: int, delta: int) -> int:
@@ -152,7 +179,7 @@ def out_frac_for(in_fmt: ActFormat, wfrac: int, shift: int) -> int:
 @st.composite
 def conv_cases(draw: st.DrawFn):
     rng = draw(rngs())
-    in_fmt, wfmt = draw(act_formats()), draw(weight_formats())
+    in_fmt, wfmt = draw(rounded_formats()), draw(weight_formats())
     small = st.integers(1, 4)
     cin, cout = (
         draw(st.one_of(small, st.integers(1, 64))),
@@ -173,7 +200,7 @@ def conv_cases(draw: st.DrawFn):
     out_frac = draw(
         st.one_of(st.just(out_frac_for(in_fmt, wfmt.frac, shift)), st.integers(-32, 32))
     )
-    out_fmt = ActFormat(out_bits, out_frac, draw(st.booleans()))
+    out_fmt = ActFormat(out_bits, out_frac, draw(st.booleans()), draw(roundings))
     layer = Conv2d(
         "conv", cin, cout, (kh, kw), wfmt, out_fmt, weight, bias,
         stride=(sh, sw), padding=(ph, pw), relu=draw(st.booleans()),
@@ -195,7 +222,7 @@ def test_conv2d_matches_oracle(case):
 @st.composite
 def linear_cases(draw: st.DrawFn):
     rng = draw(rngs())
-    in_fmt, wfmt = draw(act_formats()), draw(weight_formats())
+    in_fmt, wfmt = draw(rounded_formats()), draw(weight_formats())
     fin = draw(st.one_of(st.integers(1, 8), st.integers(1, 600)))
     fout = draw(st.integers(1, 40))
     weight = weight_array(rng, wfmt, (fout, fin), draw(array_modes))
@@ -207,7 +234,7 @@ def linear_cases(draw: st.DrawFn):
     out_frac = draw(
         st.one_of(st.just(out_frac_for(in_fmt, wfmt.frac, shift)), st.integers(-32, 32))
     )
-    out_fmt = ActFormat(out_bits, out_frac, draw(st.booleans()))
+    out_fmt = ActFormat(out_bits, out_frac, draw(st.booleans()), draw(roundings))
     layer = Linear("fc", fin, fout, wfmt, out_fmt, weight, bias, relu=draw(st.booleans()))
     return layer, in_fmt, x
 
@@ -254,32 +281,70 @@ def test_every_output_saturates_high_and_low(relu):
     assert np.all(lo == (0 if relu else -8))
 
 
-def test_requantisation_ties_round_half_up():
-    """x.5 goes up, for either sign: not half-even (torch.round) and not half-away."""
-    acc = np.array([-7, -5, -3, -1, 1, 3, 5, 7])  # halves: -3.5 ... 3.5
-    want = np.array([-3, -2, -1, 0, 1, 2, 3, 4])
-    assert np.array_equal(gm.requantize(acc, 1, ActFormat(8, 0)), want)
-    assert np.array_equal(oracle_requant(acc, 1, ActFormat(8, 0), False), want)
+# Halves -3.5 ... 3.5: half_up goes up for either sign (not half-away from zero), half_even
+# to the even neighbour (torch.round, QONNX ROUND), floor down (QONNX FLOOR).
+TIES = {
+    "half_up": [-3, -2, -1, 0, 1, 2, 3, 4],
+    "half_even": [-4, -2, -2, 0, 0, 2, 2, 4],
+    "floor": [-4, -3, -2, -1, 0, 1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_requantisation_ties(rounding):
+    fmt = ActFormat(8, 0, rounding=rounding)
+    acc = np.array([-7, -5, -3, -1, 1, 3, 5, 7])
+    assert gm.requantize(acc, 1, fmt).tolist() == TIES[rounding]
+    assert oracle_requant(acc, 1, fmt, False).tolist() == TIES[rounding]
     # Through a layer: a 1x1 conv with weight 1 and bias 4 gives acc = x + 4, and s = 3.
-    layer = _conv(Fixed(2, 0), ActFormat(8, -3), np.ones((1, 1, 1, 1), dtype=int), bias=4)
-    acc = np.array([-20, -12, -4, 4, 12, 20])  # acc / 8 = -2.5, -1.5, -0.5, 0.5, 1.5, 2.5
-    got = gm.layer_forward(layer, (acc - 4).reshape(1, 1, 1, 6), ActFormat(8, 0))
-    assert got.ravel().tolist() == [-2, -1, 0, 1, 2, 3]
+    out = ActFormat(8, -3, rounding=rounding)
+    layer = _conv(Fixed(2, 0), out, np.ones((1, 1, 1, 1), dtype=int), bias=4)
+    acc = np.array([-28, -20, -12, -4, 4, 12, 20, 28])  # acc / 8 = -3.5 ... 3.5
+    got = gm.layer_forward(layer, (acc - 4).reshape(1, 1, 1, 8), ActFormat(8, 0))
+    assert got.ravel().tolist() == TIES[rounding]
 
 
+@given(
+    st.one_of(st.integers(-(2**61) + 1, 2**61 - 1), st.integers(-64, 64)),
+    st.integers(1, 70),
+    st.integers(-(2**20), 2**20),
+    roundings,
+)
+def test_round_shift_matches_exact_rationals(v, s, k, rounding):
+    """Any value and shift, and the exact tie (2k + 1) * 2^(s-1) next to it."""
+    tie = (2 * k + 1) << (s - 1)
+    for x in (v, tie) if abs(tie) < 2**61 else (v,):
+        want = oracle_round(Fraction(x, 2**s), rounding)
+        assert gm.round_shift(np.array([x]), s, rounding).tolist() == [want]
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("s", [-60, -41, -40, -39, -8, -1, 0])
-def test_requantize_left_shift(s):
-    fmt = ActFormat(16, 0)
+def test_requantize_left_shift(s, rounding):
+    fmt = ActFormat(16, 0, rounding=rounding)
     acc = np.array([-(2**40), -3, -1, 0, 1, 2, 2**40, 2**60])
     assert np.array_equal(gm.requantize(acc, s, fmt), oracle_requant(acc, s, fmt, False))
     assert np.array_equal(gm.requantize(acc, s, fmt, relu=True), oracle_requant(acc, s, fmt, True))
 
 
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("s", [1, 2, 30, 60, 61, 62, 63, 100, 128])
-def test_requantize_right_shift_up_to_accumulator_limits(s):
-    fmt = ActFormat(24, 0)
+def test_requantize_right_shift_up_to_accumulator_limits(s, rounding):
+    fmt = ActFormat(24, 0, rounding=rounding)
     acc = np.array([-(2**61), -(2**61) + 1, -(2**60), -1, 0, 1, 2**60, 2**61 - 1])
     assert np.array_equal(gm.requantize(acc, s, fmt), oracle_requant(acc, s, fmt, False))
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_requantize_saturates_after_rounding(rounding):
+    """s4.f0 from s = 2: 29/4 = 7.25 and 30/4 = 7.5 and -34/4 = -8.5 at the range edges."""
+    fmt = ActFormat(4, 0, rounding=rounding)
+    acc = np.array([29, 30, 31, 2**40, -32, -33, -34, -35, -(2**40)])
+    want = oracle_requant(acc, 2, fmt, False)
+    assert gm.requantize(acc, 2, fmt).tolist() == want.tolist()
+    assert want.max() == 7 and want.min() == -8 and want[0] == 7
+    relu = gm.requantize(acc, 2, fmt, relu=True)
+    assert relu.tolist() == oracle_requant(acc, 2, fmt, True).tolist() and relu.min() == 0
 
 
 @pytest.mark.parametrize(("fmt", "limit"), [(Fixed(16, 0), 2**24), (Pow2(7, 0), 2**53)])
@@ -304,7 +369,7 @@ def test_accumulators_past_float_precision_stay_exact(fmt, limit):
 @st.composite
 def pool_cases(draw: st.DrawFn, avg: bool):
     rng = draw(rngs())
-    fmt = draw(act_formats(max_bits=24))
+    fmt = draw(rounded_formats(max_bits=24))
     if avg:
         ek = draw(st.integers(0, 4))
         e0 = draw(st.integers(0, ek))
@@ -339,10 +404,11 @@ def test_avgpool_matches_oracle(case):
     assert got.min(initial=fmt.lo) >= fmt.lo and got.max(initial=fmt.hi) <= fmt.hi
 
 
-def test_avgpool_rounds_half_up():
-    x = np.array([[-3, 0], [-1, 1], [1, 0], [2, 3], [5, 0]]).reshape(1, 5, 1, 2)  # sums/2
-    got = gm.layer_forward(AvgPool2d("p", (1, 2)), x, ActFormat(8, 0))
-    assert np.array_equal(got.ravel(), [-1, 0, 1, 3, 3])  # -1.5, 0, 0.5, 2.5, 2.5
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_avgpool_ties_round_in_the_input_format(rounding):
+    x = np.array([-7, 0, -5, 0, -3, 0, -1, 0, 1, 0, 3, 0, 5, 0, 7, 0]).reshape(1, 8, 1, 2)
+    got = gm.layer_forward(AvgPool2d("p", (1, 2)), x, ActFormat(8, 0, rounding=rounding))
+    assert got.ravel().tolist() == TIES[rounding]  # -3.5 ... 3.5
 
 
 @pytest.mark.parametrize("kernel", [3, (1, 3), (2, 3), (3, 3), (5, 1)])
@@ -371,7 +437,7 @@ def test_flatten_is_h_w_c_order():
 def networks(draw: st.DrawFn):
     """conv[+relu] -> [ReLU] -> [pool] -> [conv] -> Flatten -> linear -> linear."""
     rng = draw(rngs())
-    in_fmt = draw(act_formats(max_bits=12))
+    in_fmt = draw(rounded_formats(max_bits=12))
     c, h, w = draw(st.integers(1, 4)), draw(st.integers(4, 10)), draw(st.integers(4, 10))
     layers, fmt, shape = [], in_fmt, (c, h, w)
 
@@ -390,7 +456,8 @@ def networks(draw: st.DrawFn):
         span = int(np.abs(weight).reshape(cout, -1).sum(1).max()) * max(-fmt.lo, fmt.hi)
         bias = int_array(rng, -span, span, (cout,), "random")
         shift = typical_shift(weight, fmt, out_bits, draw(st.integers(-2, 2)))
-        out = ActFormat(out_bits, out_frac_for(fmt, wfmt.frac, shift), draw(st.booleans()))
+        frac = out_frac_for(fmt, wfmt.frac, shift)
+        out = ActFormat(out_bits, frac, draw(st.booleans()), draw(roundings))
         relu = draw(st.booleans())
         if len(cin_shape) == 3:
             layer = Conv2d(
@@ -446,6 +513,34 @@ def test_predict_takes_the_first_maximum():
 
 
 # ---------------------------------------------------------------- inputs
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_quantize_input_ties_and_saturation(rounding):
+    fmt = ActFormat(4, 1, rounding=rounding)  # step 0.5, range [-8, 7]
+    x = np.arange(-7, 9, 2) / 4  # -1.75 ... 1.75: x * 2 = -3.5 ... 3.5
+    assert gm.quantize_input(x, fmt).tolist() == TIES[rounding]
+    assert gm.quantize_input(np.array([3.75, 3.5, 1e300, -4.25, -4.0, -1e300]), fmt).tolist() == [
+        7, 7, 7, -8, -8, -8,
+    ]  # fmt: skip
+
+
+@given(
+    st.lists(st.integers(-(2**30), 2**30), min_size=1, max_size=20),
+    st.integers(0, 20),
+    rounded_formats(max_bits=24),
+)
+def test_quantize_input_matches_exact_rationals(ks, e, fmt):
+    """Dyadic floats k / 2^e (exact in float64, ties included) rounded by the oracle."""
+    x = np.array(ks, dtype=np.float64) / 2.0**e
+    want = [
+        min(
+            max(oracle_round(Fraction(k, 2**e) * Fraction(2) ** fmt.frac, fmt.rounding), fmt.lo),
+            fmt.hi,
+        )
+        for k in ks
+    ]
+    assert gm.quantize_input(x, fmt).tolist() == want
 
 
 def test_quantize_input_rounds_half_up_and_saturates():
@@ -504,11 +599,11 @@ def test_forward_accepts_any_integer_dtype():
 def add_cases(draw: st.DrawFn):
     """Two inputs of any formats (fracs far apart too) whose aligned sum fits 62 bits."""
     rng = draw(rngs())
-    fa, fb = draw(act_formats(max_bits=24)), draw(act_formats(max_bits=24))
+    fa, fb = draw(rounded_formats(max_bits=24)), draw(rounded_formats(max_bits=24))
     assume(signed_bits(*add_range(fa, fb)) <= 62)
     fine = max(fa.frac, fb.frac)
     frac_o = min(max(fine - draw(st.integers(-3, 12)), -32), 32)
-    fo = ActFormat(draw(st.integers(2, 16)), frac_o, draw(st.booleans()))
+    fo = ActFormat(draw(st.integers(2, 16)), frac_o, draw(st.booleans()), draw(roundings))
     layer = Add("s", fo, ("a", "b"), relu=draw(st.booleans()))
     shape = (draw(st.integers(1, 3)), 2, draw(st.integers(1, 4)), 3)
     a = int_array(rng, fa.lo, fa.hi, shape, draw(array_modes))
@@ -520,6 +615,16 @@ def add_cases(draw: st.DrawFn):
 def test_add_matches_oracle(case):
     a, b, fa, fb, layer = case
     assert np.array_equal(gm.add_forward(a, b, fa, fb, layer), oracle_add(a, b, fa, fb, layer))
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_add_ties_in_the_output_rounding(rounding):
+    # s8.f1 + s8.f0 to s8.f0: (a + 2b) / 2 hits every tie -3.5 ... 3.5.
+    layer = Add("s", ActFormat(8, 0, rounding=rounding), ("a", "b"))
+    a = np.array([-7, -5, -3, -1, 1, 3, 5, 7])
+    b = np.array([1, 0, -1, 1, 0, -1, 1, 0])
+    got = gm.add_forward(a + 2 * -b, b, ActFormat(8, 1), ActFormat(8, 0), layer)
+    assert got.tolist() == TIES[rounding]
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -546,7 +651,10 @@ def test_add_of_very_different_fracs_is_exact():
 
 
 @given(
-    rngs(), act_formats(max_bits=16), array_modes, st.sampled_from([(1, 1), (2, 2), (4, 2), (1, 8)])
+    rngs(),
+    rounded_formats(max_bits=16),
+    array_modes,
+    st.sampled_from([(1, 1), (2, 2), (4, 2), (1, 8)]),
 )
 def test_global_avgpool_and_subsample_pad_match_oracle(rng, fmt, mode, hw):
     x = int_array(rng, fmt.lo, fmt.hi, (2, 3, *hw), mode)
@@ -563,6 +671,16 @@ def test_global_avgpool_rounds_half_up():
     assert gm.layer_forward(GlobalAvgPool("g"), x, ActFormat(8, 0)).ravel().tolist() == [1, 0, 2]
 
 
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_global_avgpool_ties_round_in_the_input_format(rounding):
+    sums = np.array([-14, -10, -6, -2, 2, 6, 10, 14])  # / 4 = -3.5 ... 3.5
+    x = np.stack([sums // 4, sums // 4, sums // 4, sums - 3 * (sums // 4)], axis=-1)
+    got = gm.layer_forward(
+        GlobalAvgPool("g"), x.reshape(1, 8, 2, 2), ActFormat(8, 0, True, rounding)
+    )
+    assert got.ravel().tolist() == TIES[rounding]
+
+
 def _oracle_graph(net: Network, x: np.ndarray) -> dict[str, np.ndarray]:
     acts = {INPUT: x}
     for layer in net.layers:
@@ -574,9 +692,10 @@ def _oracle_graph(net: Network, x: np.ndarray) -> dict[str, np.ndarray]:
     return acts
 
 
-@given(rngs(), array_modes, st.integers(0, 3))
-def test_residual_forward_matches_oracle_graph(rng, mode, seed):
+@given(rngs(), array_modes, st.integers(0, 3), st.lists(roundings, min_size=12, max_size=12))
+def test_residual_forward_matches_oracle_graph(rng, mode, seed, modes):
     net = residual_network(seed)
+    net = with_roundings(net, lambda name: modes[(["input", *net.names]).index(name)])
     fmt = net.input_format
     x = int_array(rng, fmt.lo, fmt.hi, (2, *net.input_shape), mode)
     want = _oracle_graph(net, x)

@@ -7,12 +7,11 @@ import itertools
 import json
 import re
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import example_network, residual_network
+from conftest import example_network, residual_network, with_roundings
 
 from hwgen import golden as gm
 from hwgen import hwq
@@ -400,23 +399,11 @@ def test_graph_loader_rejects_with_one_line(tmp_path, case):
 # ---------------------------------------------------------------- rounding
 
 
-def _with_roundings(net: Network, pick) -> Network:
-    """``net`` with the input's and every stored out_format's rounding chosen by ``pick``."""
-    layers = tuple(
-        replace(lyr, out_format=replace(lyr.out_format, rounding=pick(lyr.name)))
-        if hasattr(lyr, "out_format")
-        else lyr
-        for lyr in net.layers
-    )
-    fmt = replace(net.input_format, rounding=pick("input"))
-    return Network(net.input_shape, fmt, layers, net.name)
-
-
 @pytest.mark.parametrize("make", [example_network, residual_network])
 def test_roundings_round_trip_and_are_written_only_when_not_half_up(tmp_path, make):
     modes = itertools.cycle(ROUNDINGS[1:] + ROUNDINGS)
     picked = {}
-    net = _with_roundings(make(1), lambda name: picked.setdefault(name, next(modes)))
+    net = with_roundings(make(1), lambda name: picked.setdefault(name, next(modes)))
     assert set(picked.values()) == set(ROUNDINGS)
     path = hwq.save(net, tmp_path / "r.hwq")
     doc, _ = _unpack(path)
@@ -433,9 +420,9 @@ def test_roundings_round_trip_and_are_written_only_when_not_half_up(tmp_path, ma
 
 
 def test_half_up_everywhere_keeps_version_1_bytes(tmp_path, net):
-    same = _with_roundings(net, lambda name: "half_up")
+    same = with_roundings(net, lambda name: "half_up")
     a = hwq.save(net, tmp_path / "a.hwq").read_bytes()
     assert hwq.save(same, tmp_path / "b.hwq").read_bytes() == a
     assert b"rounding" not in a
-    doc, _ = _unpack(hwq.save(_with_roundings(net, lambda n: "floor"), tmp_path / "c.hwq"))
+    doc, _ = _unpack(hwq.save(with_roundings(net, lambda n: "floor"), tmp_path / "c.hwq"))
     assert doc["version"] == 2 and doc["input"]["format"]["rounding"] == "floor"
