@@ -8,6 +8,7 @@ from hwgen import hwq
 from hwgen.examples.digits import digits_float_net
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.ir import (
+    ROUNDINGS,
     ActFormat,
     Add,
     AvgPool2d,
@@ -28,29 +29,33 @@ from hwgen.quant.inq import InqOptions, with_weights
 from hwgen.quant.precision import LayerPrecision, Precision
 
 
-def _random_net(rng: np.random.Generator) -> Network:
+def _random_net(rng: np.random.Generator, roundings=("half_up",) * 3) -> Network:
     wf = Pow2(4, -1)
     w1 = rng.choice([-4, -2, -1, 0, 1, 2, 4], size=(6, 3, 3, 3))
     w2 = rng.integers(-128, 128, size=(5, 6 * 2 * 2))
+    r_in, r_c1, r_fc = roundings
     return Network(
         (3, 9, 9),
-        ActFormat(6, 3),
+        ActFormat(6, 3, rounding=r_in),
         (
-            Conv2d("c1", 3, 6, 3, wf, ActFormat(5, 2, False), w1, rng.integers(-50, 50, 6),
+            Conv2d("c1", 3, 6, 3, wf, ActFormat(5, 2, False, r_c1), w1, rng.integers(-50, 50, 6),
                    stride=(2, 2), padding=(1, 1), relu=True),
             AvgPool2d("a1", (2, 2)),
             ReLU("r1"),
             MaxPool2d("m1", (1, 1)),
             Flatten("f"),
-            Linear("fc", 24, 5, Fixed(8, 7), ActFormat(4, -1), w2, rng.integers(-900, 900, 5)),
+            Linear("fc", 24, 5, Fixed(8, 7), ActFormat(4, -1, rounding=r_fc), w2,
+                   rng.integers(-900, 900, 5)),
         ),
     )  # fmt: skip
 
 
-def test_fake_quant_equals_golden_on_random_nets_with_ties_and_saturation():
+@pytest.mark.parametrize("rounding", [*ROUNDINGS, "mixed"])
+def test_fake_quant_equals_golden_on_random_nets_with_ties_and_saturation(rounding):
     rng = np.random.default_rng(0)
     for _ in range(20):
-        net = _random_net(rng)
+        modes = rng.choice(ROUNDINGS, 3) if rounding == "mixed" else (rounding,) * 3
+        net = _random_net(rng, tuple(str(m) for m in modes))
         # inputs on the half-step grid hit the rounding ties; large ones saturate
         x = rng.integers(-80, 80, size=(16, 3, 9, 9)) * 2.0**-4
         ref = gm.forward(net, gm.quantize_input(x, net.input_format))
@@ -65,7 +70,8 @@ def _random_residual_net(rng: np.random.Generator) -> Network:
 
     def fmt() -> ActFormat:
         signed = bool(rng.integers(2))
-        return ActFormat(int(rng.integers(3, 9)), int(rng.integers(-3, 8)), signed)
+        rounding = str(rng.choice(ROUNDINGS))
+        return ActFormat(int(rng.integers(3, 9)), int(rng.integers(-3, 8)), signed, rounding)
 
     def conv(name: str, cin: int, cout: int, stride: int = 1, inputs=()) -> Conv2d:
         w = rng.integers(-7, 8, size=(cout, cin, 3, 3))
@@ -108,6 +114,29 @@ def test_half_to_even_would_differ():
     x = np.array([[0.5], [1.5], [-0.5], [2.5]])
     assert fake_quant_forward(net, x)[0].ravel().tolist() == [1, 2, 0, 3]
     assert torch.round(torch.tensor([0.5, 2.5])).tolist() == [0.0, 2.0]
+
+
+TIES = {  # -3.5 ... 3.5 in each mode (docs/hwq-format.md §3)
+    "half_up": [-3, -2, -1, 0, 1, 2, 3, 4],
+    "half_even": [-4, -2, -2, 0, 0, 2, 2, 4],
+    "floor": [-4, -3, -2, -1, 0, 1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_each_rounding_at_ties_of_both_signs(rounding):
+    """Input ties, then linear-output ties (acc = 2q - 1 + k at frac 1), equal to golden."""
+    x = np.arange(-7, 9, 2)[:, None] / 2.0  # -3.5 ... 3.5
+    fc = Linear("fc", 1, 1, Fixed(3, 1), ActFormat(8, 0, rounding=rounding), [[2]], [-1])
+    net = Network((1,), ActFormat(8, 0, rounding=rounding), (fc,))
+    got = fake_quant_forward(net, x)
+    q = gm.quantize_input(x, net.input_format)
+    assert q.ravel().tolist() == TIES[rounding]
+    # acc = 2q - 1 at frac 1 is always a tie, q - 1/2: up to q, down to q - 1, or the even one
+    q = q.ravel()
+    want = {"half_up": q, "floor": q - 1, "half_even": q - (q & 1)}[rounding]
+    assert got[0].ravel().tolist() == want.tolist()
+    assert got[0].tolist() == gm.forward(net, q[:, None])[0].tolist()
 
 
 def test_fake_quant_net_is_a_module():

@@ -1,9 +1,11 @@
 """The fake-quantised PyTorch model: the integer arithmetic of a Network, evaluated in float64.
 
 Weights are ``w * 2**-frac_w``, biases ``b * 2**-frac_acc``, and every activation is rounded
-with ``floor(x * 2**frac + 0.5)`` (never ``torch.round``, which rounds half to even) and
-saturated. All values are dyadic rationals, so float64 is exact while every accumulator stays
-below 2**53 (checked from the actual weights); the outputs then equal the golden model's.
+in its format's rounding and saturated: ``half_up`` is ``floor(x * 2**frac + 0.5)`` (never
+``torch.round``, which rounds half to even), ``half_even`` is ``torch.round`` and ``floor``
+is ``torch.floor``. All values are dyadic rationals, so float64 is exact while every
+accumulator stays below 2**53 (checked from the actual weights); the outputs then equal the
+golden model's.
 """
 
 from __future__ import annotations
@@ -34,11 +36,17 @@ from hwgen.ir import (
     signed_bits,
 )
 
+_ROUND = {
+    "half_up": lambda v: torch.floor(v + 0.5),
+    "half_even": torch.round,
+    "floor": torch.floor,
+}
+
 
 def _fq(x: torch.Tensor, fmt: ActFormat, relu: bool = False) -> torch.Tensor:
-    """Round half up to ``fmt`` and saturate; returns the real value ``q * 2**-frac``."""
+    """Round to ``fmt`` in its rounding and saturate; returns the real value ``q * 2**-frac``."""
     lo = max(fmt.lo, 0) if relu else fmt.lo
-    q = torch.clamp(torch.floor(x * 2.0**fmt.frac + 0.5), lo, fmt.hi)
+    q = torch.clamp(_ROUND[fmt.rounding](x * 2.0**fmt.frac), lo, fmt.hi)
     return q * 2.0**-fmt.frac
 
 
@@ -90,11 +98,11 @@ class FakeQuantNet(nn.Module):
             elif isinstance(layer, MaxPool2d):
                 x = F.max_pool2d(x, layer.kernel, layer.stride)
             elif isinstance(layer, (AvgPool2d, GlobalAvgPool)):
-                # integer window sum / area (a power of two, so exact), then round half up
+                # integer window sum / area (a power of two, so exact), rounded in the format
                 kernel = x.shape[2:] if isinstance(layer, GlobalAvgPool) else layer.kernel
                 stride = kernel if isinstance(layer, GlobalAvgPool) else layer.stride
                 a = F.avg_pool2d(x * 2.0**fmt.frac, tuple(kernel), tuple(stride))
-                x = torch.floor(a + 0.5) * 2.0**-fmt.frac
+                x = _ROUND[fmt.rounding](a) * 2.0**-fmt.frac
             elif isinstance(layer, SubsamplePad):
                 (sh, sw), (before, after) = layer.stride, layer.pad
                 x = F.pad(x[:, :, ::sh, ::sw], (0, 0, 0, 0, before, after))
