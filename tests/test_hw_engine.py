@@ -82,8 +82,10 @@ def _check(net, index, pe, simd, x, **kw):
         (Pow2(2, 0), 4, 1, (1, 3), (2, 1), (0, 1)),
         (Pow2(1, 0), 1, 4, (3, 2), 2, (1, 0)),
         (Fixed(8, 6), 2, 4, 2, 1, 0),
+        (Pow2(5, 0), 2, 2, 1, 1, 1),
+        (Fixed(6, 4), 4, 2, 3, 2, 3),
     ],
-    ids=["pow2", "ternary", "binary", "fixed"],
+    ids=["pow2", "ternary", "binary", "fixed", "1x1_pad1", "3x3_pad3"],
 )
 def test_conv_engine_two_images_with_stalls(wfmt, pe, simd, kernel, stride, padding):
     rng = np.random.default_rng(pe + simd)

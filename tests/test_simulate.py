@@ -14,8 +14,9 @@ from hwgen import golden
 from hwgen.emit import BuildOptions, build
 from hwgen.errors import HwgenError
 from hwgen.fsutil import npz_bytes
+from hwgen.ir import ActFormat, Conv2d, Fixed, Network, Pow2
 from hwgen.simulate import check_outputs, simulate_layer
-from tests.conftest import residual_network
+from tests.conftest import residual_network, weight_array
 
 
 class _Relu(wiring.Component):
@@ -140,3 +141,24 @@ def test_residual_network_build_and_sim(tmp_path):
         assert r.first_mismatch is None, r.first_mismatch
         assert r.ok and r.outputs_checked > 0
     assert r.images_equal == r.images == 5
+
+
+def test_padding_wider_than_the_kernel_build_and_sim(tmp_path):
+    """A 1x1 conv with padding 1 and a 3x3 stride-2 conv with padding 3 (windows wholly in the
+    padding give the bias alone): built, and the network top RTL == golden under stalls."""
+    rng = np.random.default_rng(7)
+    w1 = weight_array(rng, Pow2(5, 0), (4, 2, 1, 1), "random")
+    w2 = weight_array(rng, Fixed(6, 4), (4, 4, 3, 3), "random")
+    layers = (
+        Conv2d("c1", 2, 4, 1, Pow2(5, 0), ActFormat(8, 2), w1, rng.integers(-64, 65, 4), padding=1),
+        Conv2d(
+            "c2", 4, 4, 3, Fixed(6, 4), ActFormat(8, 0), w2, rng.integers(-512, 513, 4),
+            stride=2, padding=3, relu=True,
+        ),
+    )  # fmt: skip
+    net = Network((2, 5, 5), ActFormat(8, 4), layers, name="wide_pad")
+    assert net.shapes["c1"] == (4, 7, 7) and net.shapes["c2"] == (4, 6, 6)
+    build(net, tmp_path / "b", BuildOptions(max_pe=2, max_simd=2, vectors=3))
+    r = simulate_layer(tmp_path / "b", "network", stalls=0.3, seed=3)
+    assert r.first_mismatch is None, r.first_mismatch
+    assert r.ok and r.images_equal == r.images == 5

@@ -23,7 +23,7 @@ address comes straight from a register. The read happens in the issuing cycle, s
 never freed before its last read. The memory output (slow on FPGAs) goes through the padding
 mux into the output register. One enable moves issue, read and output register together, so a
 stalled output beat holds steady. Fill latency: the first window is emitted once
-``K_h - P_h`` rows are written (plus 3 cycles); from then on the output moves one beat per
+``max(K_h - P_h, 1)`` rows are written (plus 3 cycles); from then on the output moves one beat per
 cycle unless the downstream stalls or the input falls behind.
 """
 
@@ -65,7 +65,8 @@ class SlidingWindow(wiring.Component):
     channels, height, width : int
         The input map C, H, W.
     kernel, stride, padding : tuple[int, int]
-        (rows, columns); padding at most kernel - 1 on each side, zeros inserted.
+        (rows, columns); zeros inserted on each side, any amount (windows wholly in the
+        padding come out as zeros).
     lanes : int
         Channels per beat, in and out; divides ``channels``.
     shape : Shape
@@ -110,10 +111,6 @@ class SlidingWindow(wiring.Component):
             ("rows", kernel[0], padding[0], height),
             ("columns", kernel[1], padding[1], width),
         ):
-            if p > k - 1:
-                raise HwgenError(
-                    f"sliding window: padding {p} must be at most kernel - 1 = {k - 1} ({axis})"
-                )
             if k > n + 2 * p:
                 raise HwgenError(
                     f"sliding window: kernel {k} is larger than the padded input {n + 2 * p} "
@@ -187,12 +184,20 @@ class SlidingWindow(wiring.Component):
         end_pixel = end_rep & (rep == self.repeats - 1)
         end_row = end_pixel & (ox == self.out_width - 1)
         end_image = end_row & (oy == self.out_height - 1)
+
         # Rows of this window row that exist in the image (the rest is padding), and how far
-        # the first needed row moves once the window row (or the image) is done.
-        lo = Mux(top < 0, 0, top)
+        # the first needed row moves once the window row (or the image) is done. A window
+        # row wholly in the padding (padding >= kernel) reads no row but still waits for its
+        # image's first row (above the image) or last row (below): it must not be emitted
+        # before its image arrives.
+        def clamp_row(r):
+            return Mux(r < 0, 0, Mux(r > h - 1, h - 1, r))
+
+        lo = clamp_row(top)
         hi = Mux(top + (kh - 1) > h - 1, h - 1, top + (kh - 1))
+        need = Mux(hi < lo, 1, hi - lo + 1)
         next_top = top + sh
-        step = Mux(end_image, h - lo, Mux(next_top < 0, 0, next_top) - lo)
+        step = Mux(end_image, h - lo, clamp_row(next_top) - lo)
 
         iss_valid, iss_pad, iss_last = Signal(), Signal(), Signal()
         iss_addr = Signal.like(rd.addr)
@@ -232,7 +237,7 @@ class SlidingWindow(wiring.Component):
                 iss_pad.eq(pad),
                 iss_last.eq(end_rep),
                 iss_addr.eq(slot * row_words + col.as_unsigned() * g_n + g),
-                iss_need.eq(hi - lo + 1),
+                iss_need.eq(need),
                 iss_free.eq(Mux(end_row, step, 0)),
             ]
             m.d.sync += g.eq(Mux(g == g_n - 1, 0, g + 1))
