@@ -9,11 +9,13 @@ from hwgen.golden import layer_forward
 from hwgen.hw.engine import choose_folding, engine_info, make_engine
 from hwgen.hw.streams import run_stream
 from hwgen.ir import (
+    ROUNDINGS,
     ActFormat,
     AvgPool2d,
     Conv2d,
     Fixed,
     Flatten,
+    GlobalAvgPool,
     Linear,
     MaxPool2d,
     Network,
@@ -118,6 +120,18 @@ def test_pool_and_relu_dispatch(layer):
     rng = np.random.default_rng(2)
     net = Network((4, 4, 4), ActFormat(8, 0), (layer,))
     x = rng.integers(-128, 128, size=(1, 4, 4, 4))
+    _check(net, 0, 2, 2, x, stall_in=0.2, stall_out=0.2)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize(
+    "layer", [AvgPool2d("pool", 2), GlobalAvgPool("pool")], ids=["avg", "global"]
+)
+def test_average_engines_round_in_the_input_format(layer, rounding):
+    """make_engine hands the input format's rounding to the average pool engines."""
+    rng = np.random.default_rng(4)
+    net = Network((4, 4, 4), ActFormat(5, 0, rounding=rounding), (layer,))
+    x = rng.integers(-16, 16, size=(2, 4, 4, 4))
     _check(net, 0, 2, 2, x, stall_in=0.2, stall_out=0.2)
 
 

@@ -10,7 +10,17 @@ import pytest
 from hwgen.golden import conv2d_acc, layer_forward
 from hwgen.hw.mac import MACUnit
 from hwgen.hw.streams import run_stream
-from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2, acc_bits, acc_frac, acc_range
+from hwgen.ir import (
+    ROUNDINGS,
+    ActFormat,
+    Conv2d,
+    Fixed,
+    Linear,
+    Pow2,
+    acc_bits,
+    acc_frac,
+    acc_range,
+)
 
 
 def window_beats(x: np.ndarray, layer: Conv2d, simd: int, pe: int) -> list[tuple[list, int]]:
@@ -174,11 +184,13 @@ def test_saturation_high_and_low(relu):
     check_conv(layer, fin, x, pe=4, simd=2, stall_out=0.5)
 
 
-def test_round_half_up_ties():
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_requantisation_ties_in_every_rounding(rounding):
     fin, wfmt = ActFormat(8, 0), Fixed(4, 0)
     rng = np.random.default_rng(5)
     w = rng.integers(-8, 8, size=(2, 2, 1, 1))
-    layer = Conv2d("c", 2, 2, 1, wfmt, ActFormat(8, -2), w, np.array([2, -2]))
+    out = ActFormat(8, -2, rounding=rounding)
+    layer = Conv2d("c", 2, 2, 1, wfmt, out, w, np.array([2, -2]))
     x = rng.integers(-128, 128, size=(2, 6, 6))
     acc = conv2d_acc(x[None], layer, fin)
     ties = acc % 4 == 2

@@ -8,7 +8,7 @@ from hwgen.errors import HwgenError
 from hwgen.golden import layer_forward
 from hwgen.hw.pool import AvgPool, GlobalAvgPoolEngine, MaxPool, ReLUEngine
 from hwgen.hw.streams import run_stream
-from hwgen.ir import ActFormat, AvgPool2d, GlobalAvgPool, MaxPool2d, ReLU
+from hwgen.ir import ROUNDINGS, ActFormat, AvgPool2d, GlobalAvgPool, MaxPool2d, ReLU
 
 
 def run_engine(dut, x, lanes, out_shape, stall_in=0.0, stall_out=0.0, seed=0):
@@ -39,6 +39,25 @@ POOLS = {
     "avg4x2_unsigned": (AvgPool2d("p", (4, 2), (2, 2)), ActFormat(7, 1, False), (2, 6, 4), 1),
     "avg_1x1": (AvgPool2d("p", 1), ActFormat(4, 0), (2, 2, 3), 2),
     "avg2x1_signed_odd_sums": (AvgPool2d("p", (2, 1), (1, 3)), ActFormat(3, 0), (6, 3, 7), 2),
+    "avg2_even": (AvgPool2d("p", 2), ActFormat(8, 2, rounding="half_even"), (4, 4, 6), 2),
+    "avg2x1_odd_sums_even": (
+        AvgPool2d("p", (2, 1), (1, 3)),
+        ActFormat(3, 0, rounding="half_even"),
+        (6, 3, 7),
+        3,
+    ),
+    "avg4x2_unsigned_floor": (
+        AvgPool2d("p", (4, 2), (2, 2)),
+        ActFormat(7, 1, False, "floor"),
+        (2, 6, 4),
+        2,
+    ),
+    "avg2x1_odd_sums_floor": (
+        AvgPool2d("p", (2, 1), (1, 3)),
+        ActFormat(3, 0, rounding="floor"),
+        (6, 3, 7),
+        2,
+    ),
 }
 
 
@@ -50,19 +69,27 @@ def test_pool_matches_golden(case, mode, stalls):
     rng = np.random.default_rng(c * h * w)
     x = _images(rng, fmt, 2, c, h, w, mode)
     expected = layer_forward(layer, x, fmt)
-    engine = MaxPool if isinstance(layer, MaxPool2d) else AvgPool
     shape = signed(fmt.bits) if fmt.signed else unsigned(fmt.bits)
-    dut = engine(
-        channels=c,
-        height=h,
-        width=w,
-        kernel=layer.kernel,
-        stride=layer.stride,
-        lanes=lanes,
-        shape=shape,
-    )
+    params = dict(channels=c, height=h, width=w, kernel=layer.kernel, stride=layer.stride)
+    if isinstance(layer, MaxPool2d):
+        dut = MaxPool(**params, lanes=lanes, shape=shape)
+    else:
+        dut = AvgPool(**params, lanes=lanes, shape=shape, rounding=fmt.rounding)
     got = run_engine(dut, x, lanes, expected.shape[1:], *stalls, seed=len(layer.kernel))
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_avg_pool_ties_in_every_rounding(rounding):
+    """Sums -7, -5, ..., 7 over area 2 (-3.5 ... 3.5): every tie of both signs."""
+    fmt = ActFormat(4, 0, rounding=rounding)
+    x = np.array([[k, k + 1] for k in range(-4, 4)]).reshape(1, 8, 1, 2)
+    dut = AvgPool(
+        channels=8, height=1, width=2, kernel=(1, 2), stride=(1, 1), lanes=8, shape=signed(4),
+        rounding=rounding,
+    )  # fmt: skip
+    got = run_engine(dut, x, 8, (8, 1, 1))
+    assert np.array_equal(got, layer_forward(AvgPool2d("p", (1, 2), 1), x, fmt))
 
 
 def test_avg_pool_rounds_half_up():
@@ -97,6 +124,8 @@ def test_pool_rejects_bad_parameters():
     params = dict(channels=4, height=4, width=4, stride=(2, 2), lanes=2, shape=signed(8))
     with pytest.raises(HwgenError, match=r"average pool: window area 3 \(3x1\) is not a power"):
         AvgPool(kernel=(3, 1), **params)
+    with pytest.raises(HwgenError, match=r"average pool: rounding must be one of .*, not 'up'"):
+        AvgPool(kernel=(2, 2), rounding="up", **params)
     with pytest.raises(HwgenError, match="lanes 3 must divide channels 4"):
         MaxPool(kernel=(2, 2), **{**params, "lanes": 3})
     with pytest.raises(HwgenError, match="ReLU engine: lanes must be a positive integer, not 0"):
@@ -109,6 +138,10 @@ GLOBALS = {
     "unsigned_4x2": (ActFormat(5, 0, False), (3, 4, 2), 1),
     "ties_2x1": (ActFormat(3, 0), (6, 2, 1), 3),
     "one_pixel": (ActFormat(4, 0), (2, 1, 1), 2),
+    "ties_2x1_even": (ActFormat(3, 0, rounding="half_even"), (6, 2, 1), 3),
+    "resnet_8x8_even": (ActFormat(8, 2, rounding="half_even"), (4, 8, 8), 4),
+    "ties_4x1_floor": (ActFormat(3, 0, rounding="floor"), (6, 4, 1), 2),
+    "unsigned_4x2_floor": (ActFormat(5, 0, False, "floor"), (3, 4, 2), 3),
 }
 
 
@@ -119,7 +152,9 @@ def test_global_avg_pool_matches_golden(case, mode, stalls):
     fmt, (c, h, w), lanes = case
     x = _images(np.random.default_rng(c * h * w), fmt, 3, c, h, w, mode)
     shape = signed(fmt.bits) if fmt.signed else unsigned(fmt.bits)
-    dut = GlobalAvgPoolEngine(channels=c, height=h, width=w, lanes=lanes, shape=shape)
+    dut = GlobalAvgPoolEngine(
+        channels=c, height=h, width=w, lanes=lanes, shape=shape, rounding=fmt.rounding
+    )
     got = run_engine(dut, x, lanes, (c, 1, 1), *stalls, seed=c)
     assert np.array_equal(got, layer_forward(GlobalAvgPool("g"), x, fmt))
 

@@ -1,4 +1,5 @@
-"""The requantiser against hwgen.golden.requantize, exhaustively over small accumulators."""
+"""The requantiser against hwgen.golden.requantize, exhaustively over small accumulators, in
+every rounding mode."""
 
 import numpy as np
 import pytest
@@ -7,14 +8,18 @@ from amaranth.sim import Simulator
 
 from hwgen.golden import requantize
 from hwgen.hw.requant import Requantizer
-from hwgen.ir import ActFormat
+from hwgen.ir import ROUNDINGS, ActFormat
 
 ACC_BITS = 7
 
 
-@pytest.mark.parametrize("fmt", [ActFormat(4, 0), ActFormat(3, 0, signed=False)], ids=str)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("relu", [False, True])
-def test_every_accumulator_value(fmt, relu):
+def test_every_accumulator_value(signed, rounding, relu):
+    """Every value of a 7-bit accumulator: each tie of each shift, both saturations, and the
+    all-max/all-min accumulators, against the golden model."""
+    fmt = ActFormat(4, 0, rounding=rounding) if signed else ActFormat(3, 0, False, rounding)
     accs = np.arange(-(1 << (ACC_BITS - 1)), 1 << (ACC_BITS - 1))
     shifts = [-9, -3, -1, 0, 1, 2, 3, 6, 7, 8, 40]
     got: dict[int, list[int]] = {}

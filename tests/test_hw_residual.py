@@ -9,7 +9,7 @@ from hwgen.errors import HwgenError
 from hwgen.golden import add_forward, subsample_pad
 from hwgen.hw.residual import AddEngine, Fork, SubsamplePadEngine
 from hwgen.hw.streams import run_stream, run_streams
-from hwgen.ir import ActFormat, Add, SubsamplePad
+from hwgen.ir import ROUNDINGS, ActFormat, Add, SubsamplePad
 
 STALLS = pytest.mark.parametrize(
     "stalls", [(0.0, 0.0), (0.3, 0.4), (0.6, 0.2)], ids=["free", "stalls", "slow-in"]
@@ -35,6 +35,19 @@ ADDS = {
     "unsigned_plus_signed_relu": (ActFormat(7, 1, False), ActFormat(8, 3), ActFormat(8, 3), True),
     "left_shift_out": (ActFormat(4, 0), ActFormat(4, 1), ActFormat(10, 4, False), True),
     "relu_unsigned_out": (ActFormat(8, 2), ActFormat(8, 2), ActFormat(4, 1, False), True),
+    "half_even_ties": (
+        ActFormat(6, 4),
+        ActFormat(6, 2),
+        ActFormat(8, 1, rounding="half_even"),
+        False,
+    ),
+    "floor_saturates": (ActFormat(8, 2), ActFormat(8, 3), ActFormat(5, 1, rounding="floor"), False),
+    "floor_relu_unsigned": (
+        ActFormat(8, 2),
+        ActFormat(7, 0),
+        ActFormat(4, 1, False, "floor"),
+        True,
+    ),
 }
 
 
@@ -64,9 +77,10 @@ def test_add_engine_matches_golden(case, stalls):
     assert np.array_equal(_images(got["o"], 4, shape), expected)
 
 
-def test_add_engine_exhaustive_small_formats():
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_add_engine_exhaustive_small_formats(rounding):
     # Every pair of values of two 4-bit formats: all ties, every saturation.
-    fa, fb, fo = ActFormat(4, 1), ActFormat(4, 3), ActFormat(3, 1)
+    fa, fb, fo = ActFormat(4, 1), ActFormat(4, 3), ActFormat(3, 1, rounding=rounding)
     av, bv = np.meshgrid(np.arange(fa.lo, fa.hi + 1), np.arange(fb.lo, fb.hi + 1))
     a, b = av.reshape(1, -1, 1, 1), bv.reshape(1, -1, 1, 1)
     expected = add_forward(a, b, fa, fb, Add("add", fo, ("x", "y")))

@@ -292,15 +292,14 @@ def make_engine(
         return SubsamplePadEngine(
             channels=c, height=h, width=w, stride=layer.stride, pad=layer.pad, lanes=pe, shape=shape
         )
+    rounding = net.in_format(layer).rounding  # an average keeps, and rounds in, its format
     if isinstance(layer, GlobalAvgPool):
-        return GlobalAvgPoolEngine(channels=c, height=h, width=w, lanes=pe, shape=shape)
-    pool = MaxPool if isinstance(layer, MaxPool2d) else AvgPool
-    return pool(
-        channels=c,
-        height=h,
-        width=w,
-        kernel=layer.kernel,
-        stride=layer.stride,
-        lanes=pe,
-        shape=shape,
+        return GlobalAvgPoolEngine(
+            channels=c, height=h, width=w, lanes=pe, shape=shape, rounding=rounding
+        )
+    window = dict(kernel=layer.kernel, stride=layer.stride)
+    if isinstance(layer, MaxPool2d):
+        return MaxPool(channels=c, height=h, width=w, lanes=pe, shape=shape, **window)
+    return AvgPool(
+        channels=c, height=h, width=w, lanes=pe, shape=shape, rounding=rounding, **window
     )

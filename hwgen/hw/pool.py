@@ -5,7 +5,8 @@ reducer. The window arrives in order (kh, kw, channel group), so the reducer kee
 result per channel group in a circular shift register of ``C / lanes`` entries: each beat takes
 the oldest entry (its own group's), combines it with the beat and pushes the result back; on
 the window's last (kh, kw) the result leaves instead. Average pooling (power-of-two area only)
-is ``rhu(sum / area) = (sum + area/2) >> log2(area)``, an arithmetic shift (DESIGN §2).
+is ``round(sum / area)`` in the format's rounding, e.g. ``(sum + area/2) >> log2(area)`` for
+``half_up``: ``hwgen.hw.requant.round_shift`` (docs/hwq-format.md §3).
 ``GlobalAvgPoolEngine`` is the reducer alone over the whole map (no window needed).
 """
 
@@ -16,7 +17,9 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
+from hwgen.hw.requant import round_shift
 from hwgen.hw.window import SlidingWindow
+from hwgen.ir import ROUNDINGS
 
 
 class _Pool(wiring.Component):
@@ -148,17 +151,23 @@ class MaxPool(_Pool):
 
 
 class AvgPool(_Pool):
-    """Average pooling over a power-of-two area, round half up (parameters and members as
-    ``_Pool``)."""
+    """Average pooling over a power-of-two area (parameters and members as ``_Pool``, plus
+    ``rounding``: the rounding of the format, one of ``hwgen.ir.ROUNDINGS``)."""
 
-    def __init__(self, *, kernel: tuple[int, int], **kwargs: object) -> None:
+    def __init__(
+        self, *, kernel: tuple[int, int], rounding: str = "half_up", **kwargs: object
+    ) -> None:
         super().__init__(kernel=kernel, **kwargs)
         area = kernel[0] * kernel[1]
         if area & (area - 1):
             raise HwgenError(
                 f"average pool: window area {area} ({kernel[0]}x{kernel[1]}) is not a power of two"
             )
-        self.log2_area = area.bit_length() - 1
+        if rounding not in ROUNDINGS:
+            raise HwgenError(
+                f"average pool: rounding must be one of {', '.join(ROUNDINGS)}, not {rounding!r}"
+            )
+        self.log2_area, self.rounding = area.bit_length() - 1, rounding
 
     def _acc_shape(self) -> Shape:
         # The sum of ``area`` values needs log2(area) more bits (+1 for the rounding add).
@@ -170,18 +179,28 @@ class AvgPool(_Pool):
     def _finish(self, acc: object) -> object:
         if self.log2_area == 0:
             return acc
-        return (acc + (1 << (self.log2_area - 1))) >> self.log2_area
+        return round_shift(acc, self.log2_area, self.rounding)
 
 
 class GlobalAvgPoolEngine(AvgPool):
-    """Average over the whole map (H*W a power of two), round half up: (C, H, W) -> (C, 1, 1).
+    """Average over the whole map (H*W a power of two), rounded in ``rounding``:
+    (C, H, W) -> (C, 1, 1).
 
     The input already arrives in the reducer's order (pixel, channel group), so there is no
     sliding window: the engine is the reducer alone, ``C / lanes`` partial sums and one adder
     per lane.
     """
 
-    def __init__(self, *, channels: int, height: int, width: int, lanes: int, shape: Shape) -> None:
+    def __init__(
+        self,
+        *,
+        channels: int,
+        height: int,
+        width: int,
+        lanes: int,
+        shape: Shape,
+        rounding: str = "half_up",
+    ) -> None:
         super().__init__(
             channels=channels,
             height=height,
@@ -191,6 +210,7 @@ class GlobalAvgPoolEngine(AvgPool):
             lanes=lanes,
             shape=shape,
             direct=True,
+            rounding=rounding,
         )
 
 

@@ -1,13 +1,16 @@
 """The requantiser: accumulator to output activation, exactly ``hwgen.golden.requantize``.
 
-``y = sat(rhu(acc * 2**-s))``: for ``s > 0`` that is ``(acc + 2**(s-1)) >> s`` (arithmetic),
-for ``s <= 0`` it is ``acc << -s``; then saturation to the output format's range, whose lower
-bound is 0 with a fused ReLU. Combinational; shifts are by constants (wiring only).
+``y = sat(round(acc * 2**-s))`` in the output format's rounding: for ``s > 0`` that is
+``(acc + 2**(s-1)) >> s`` (arithmetic) for ``half_up``, ``(acc + 2**(s-1) - 1 + acc[s]) >> s``
+for ``half_even`` (bit ``s`` is the floor's parity: an exact tie goes to the even
+neighbour) and ``acc >> s`` for ``floor``; for ``s <= 0`` it is ``acc << -s``. Then
+saturation to the output format's range, whose lower bound is 0 with a fused ReLU.
+Combinational; shifts are by constants (wiring only).
 """
 
 from __future__ import annotations
 
-from amaranth import Module, Mux, signed, unsigned
+from amaranth import Module, Mux, Value, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -19,6 +22,17 @@ def act_shape(fmt: ActFormat) -> object:
     return signed(fmt.bits) if fmt.signed else unsigned(fmt.bits)
 
 
+def round_shift(v: Value, s: int, rounding: str) -> Value:
+    """``v * 2**-s`` rounded as ``rounding`` says, for ``s > 0``: ``hwgen.golden.round_shift``
+    as one constant adder (none for ``floor``) and a shift by wiring."""
+    if rounding == "floor":
+        return v >> s
+    half = 1 << (s - 1)
+    if rounding == "half_even":
+        return (v + (half - 1) + (v >> s)[0]) >> s
+    return (v + half) >> s
+
+
 class Requantizer(wiring.Component):
     """Combinational requantiser of one accumulator.
 
@@ -27,10 +41,10 @@ class Requantizer(wiring.Component):
     acc_bits : int
         Width of the signed accumulator.
     shift : int
-        ``s = frac_acc - frac_out``; positive shifts right with round half up, zero or
-        negative shifts left.
+        ``s = frac_acc - frac_out``; positive shifts right, rounding in ``fmt.rounding``;
+        zero or negative shifts left.
     fmt : ActFormat
-        The output format.
+        The output format, with its rounding.
     relu : bool
         Fused ReLU: the lower saturation bound is 0.
 
@@ -49,10 +63,9 @@ class Requantizer(wiring.Component):
         lo, hi = (max(self.fmt.lo, 0) if self.relu else self.fmt.lo), self.fmt.hi
         acc, s = self.i, self.shift
         if s > 0:
-            # For s >= acc_bits every accumulator value rounds to 0, as with s = acc_bits:
-            # capping s keeps the constant and the adder narrow.
-            s = min(s, self.acc_bits)
-            y = (acc + (1 << (s - 1))) >> s
+            # For s >= acc_bits every accumulator value rounds alike (0, or -1 for a negative
+            # one in floor), as with s = acc_bits: capping s keeps the constant and adder narrow.
+            y = round_shift(acc, min(s, self.acc_bits), self.fmt.rounding)
         else:
             # Past bits+1 every nonzero value saturates whatever the shift: cap the width.
             y = acc << min(-s, self.fmt.bits + 1)

@@ -2,7 +2,8 @@
 
 ``AddEngine`` sums two streams lane by lane exactly as ``hwgen.golden.add_forward``: both
 inputs shifted left to ``F = max(frac_a, frac_b)`` (constant shifts, wiring only), one exact
-adder, then the shared requantiser (round half up, saturation, fused ReLU floor).
+adder, then the shared requantiser (rounding in the output format's mode, saturation, fused
+ReLU floor).
 
 ``SubsamplePadEngine`` is the option-A ResNet shortcut (``x[:, ::sh, ::sw]`` plus zero
 channels) as its own engine rather than a 1x1 stride-2 convolution with 0/1 weights: it needs
@@ -33,7 +34,8 @@ def _positive(what: str, value: object) -> int:
 
 
 class AddEngine(wiring.Component):
-    """Lane-wise ``sat(rhu((a·2^(F-fa) + b·2^(F-fb)) · 2^-(F-fo)))``, one registered stage.
+    """Lane-wise ``sat(round((a·2^(F-fa) + b·2^(F-fb)) · 2^-(F-fo)))``, one registered stage;
+    rounded in ``out_format.rounding``.
 
     A beat moves when both inputs are valid and the output register is free (or leaving);
     both inputs are taken in the same cycle.
@@ -43,6 +45,7 @@ class AddEngine(wiring.Component):
     fmt_a, fmt_b : ActFormat
         The input formats.
     out_format : ActFormat
+        The output format, with its rounding.
     relu : bool
         Fused ReLU: the lower saturation bound is 0.
     lanes : int
