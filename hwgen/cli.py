@@ -36,7 +36,9 @@ def _cmd_golden(args: argparse.Namespace) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from hwgen.demo import run
+    from hwgen.fsutil import check_output
 
+    check_output(args.output, "folder", replaced=False)  # the demo writes into its folder
     run(args.output)
 
 
@@ -269,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except HwgenError as e:
         print(f"hwgen: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system failed under a checked path (disk full, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"hwgen: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hwgen: interrupted", file=sys.stderr)

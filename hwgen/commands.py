@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import zipfile
 from collections.abc import Collection
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from rich.table import Table
 from hwgen import golden as gm
 from hwgen import hwq
 from hwgen.errors import HwgenError
-from hwgen.fsutil import atomic_write_bytes, npz_bytes
+from hwgen.fsutil import atomic_write_bytes, check_output, existing_mode, npz_bytes
 from hwgen.ir import Network
 
 
@@ -30,6 +31,7 @@ def load_npy(path: Path, what: str = "input") -> np.ndarray:
 
 def golden(model: Path, input_path: Path, output: Path) -> None:
     """``hwgen golden``: every layer's output of the golden model, written to an ``.npz``."""
+    check_output(output, "file")
     net = hwq.load(model)
     x = load_npy(input_path)
     if x.dtype.kind == "f":
@@ -89,7 +91,9 @@ def tune(
             f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}) "
             "and at least 1 epoch"
         )
+    check_output(output, "folder")  # before the search, which takes minutes
     check_output_dir(output)
+    kept = existing_mode(output)
     given = _tune_data(data) if data is not None else None  # before the model: fail fast
     fnet, dataset = load_model(model, train=given[3] if given is not None else None)
     if given is not None:
@@ -102,6 +106,8 @@ def tune(
     options = InqOptions(epochs=epochs) if epochs else None
     result = run_tune(fnet, scheme, calib, ex, ey, max_drop, train, inq_options=options)
     out = write_tuning_report(output, result)
+    if kept is not None:  # the report folder is replaced as a whole: keep its permissions
+        out.chmod(kept)
     table = Table(title=f"hwgen tune {fnet.name} ({scheme}, max drop {max_drop:g} points)")
     for col in ("layer", "weights", "activations", "ROM bits"):
         table.add_column(col, justify="right" if col == "ROM bits" else "left")
@@ -168,6 +174,21 @@ def _train_arrays(arrays: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.
     return None
 
 
+def check_hwq_output(path: Path) -> None:
+    """An output ``.hwq`` is written only where it replaces nothing but an earlier model."""
+    check_output(path, "file")
+    if path.exists() and not _is_hwq_archive(path):
+        raise HwgenError(f"output {path} exists and is not a .hwq model: not overwriting it")
+
+
+def _is_hwq_archive(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return hwq.MODEL_JSON in zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def quantize(
     model: str,
     output: Path,
@@ -202,6 +223,7 @@ def quantize(
         raise HwgenError(
             f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}), epochs >= 0"
         )
+    check_hwq_output(output)
     arrays = _load_data(data, effective in RETRAINED) if data is not None else None
     fnet, dataset = load_model(model, train=_train_arrays(arrays))
     names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
@@ -303,6 +325,7 @@ def build(
     for what, v in (("--pe", max_pe), ("--simd", max_simd), ("--vectors", vectors)):
         if v is not None and v < 1:
             raise HwgenError(f"{what} must be a positive integer, not {v}")
+    check_output(output, "folder")
     opts = emit.BuildOptions(
         max_pe,
         max_simd,
@@ -316,10 +339,11 @@ def build(
         device=device,
     )
     net = hwq.load(model)
+    manifest = emit.build(net, output, opts, hwq.load_meta(model))
     if target_fps is None and device is None:  # with a target the limits only cap a search
+        # After the build: a refused build stays one error line, with no warning before it.
         for line in clamp_warnings(net, max_pe, max_simd, opts.folding or {}):
             print(f"hwgen: warning: {line}", file=sys.stderr)
-    manifest = emit.build(net, output, opts, hwq.load_meta(model))
     dev, clock = build_target(device, board, clock_mhz)
     total = plan(net, manifest["foldings"], dev, clock)
     est = {p.name: p for p in total.layers}
@@ -409,6 +433,8 @@ def synth(build_dir: Path, device: str | None, target_mhz: float) -> None:
     from hwgen.synth import synth_build
 
     manifest = load_manifest(build_dir)
+    # Before minutes of Yosys and nextpnr.
+    check_output(build_dir / "reports", "folder", replaced=False)
     device = device or (manifest.get("board") or {}).get("device") or "ecp5-85f"
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True

@@ -35,7 +35,7 @@ from amaranth.back import verilog
 
 from hwgen import golden, hwq
 from hwgen.errors import HwgenError
-from hwgen.fsutil import npz_bytes
+from hwgen.fsutil import make_temp_dir, npz_bytes, replace_dir
 from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
 from hwgen.hw.folding import MAX_SIMD, build_target, plan, solve
@@ -361,16 +361,13 @@ def build(
         manifest["board"] = board
     files["manifest.json"] = json.dumps(manifest, indent=2) + "\n"
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_temp_dir(out_dir.parent, out_dir.name)
     try:
         for rel, data in sorted(files.items()):
             _write(tmp, rel, data)
         if board is not None:
             build_bitstream(board_top, opts.board, tmp / "board")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

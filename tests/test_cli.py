@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -153,7 +157,9 @@ def test_golden_on_bad_input(tmp_path, capsys, model, x, message):
 def test_golden_unwritable_output(tmp_path, capsys, model, x_int):
     (tmp_path / "dir").mkdir()
     _one_line_error(
-        capsys, ["golden", str(model), str(x_int[0]), "-o", str(tmp_path / "dir")], "cannot write"
+        capsys,
+        ["golden", str(model), str(x_int[0]), "-o", str(tmp_path / "dir")],
+        "is a folder: give a file name",
     )
     assert list((tmp_path / "dir").iterdir()) == []
 
@@ -236,3 +242,149 @@ def test_build_warns_once_per_clamped_layer(tmp_path, capsys, model):
     # Limits the layers meet exactly, or are wider than (conv1 has 1 input), warn about nothing.
     assert main(["build", str(model), "-o", str(out), "--pe", "2", "--simd", "2"]) == 0
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- output paths
+
+_OUTPUT_ARGV = {
+    "build": lambda model, out: ["build", str(model), "-o", str(out)],
+    "quantize": lambda model, out: ["quantize", "digits", "--scheme", "fixed", "-o", str(out)],
+    "tune": lambda model, out: ["tune", "digits", "--max-drop", "1", "-o", str(out)],
+    "demo": lambda model, out: ["demo", "-o", str(out)],
+}
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("command", "case"),
+    [
+        (command, case)
+        for command in _OUTPUT_ARGV
+        for case in ("existing file", "under a file", "read-only", "mount point")
+        if (command, case) != ("demo", "mount point")  # written into, not replaced: fine
+    ],
+)
+def test_output_path_errors(tmp_path, capsys, monkeypatch, model, command, case):
+    """Every refusal comes before any work: one line, exit 2, nothing written."""
+    from hwgen import fsutil
+
+    (tmp_path / "afile").write_bytes(b"not hwgen's")
+    (tmp_path / "mnt").mkdir()
+    monkeypatch.setattr(fsutil, "_mount_points", lambda: {os.path.realpath(tmp_path / "mnt")})
+    p = tmp_path
+    out, message = {
+        "existing file": (
+            p / "afile",
+            f"output {p}/afile exists and is not a .hwq model: not overwriting it"
+            if command == "quantize"
+            else f"output {p}/afile is a file, not a folder",
+        ),
+        "under a file": (
+            p / "afile" / "x",
+            f"cannot create output {p}/afile/x: {p}/afile is a file",
+        ),
+        "read-only": (p / "new", f"cannot write output {p}/new: {p}: read-only file system"),
+        "mount point": (
+            p / "mnt",
+            f"output {p}/mnt is a folder: give a file name"
+            if command == "quantize"
+            else f"output {p}/mnt is a mount point and hwgen replaces its output as a whole",
+        ),
+    }[case]
+    if case == "read-only":
+
+        def refuse(folder: Path) -> None:
+            raise OSError(errno.EROFS, "Read-only file system", str(folder))
+
+        monkeypatch.setattr(fsutil, "_probe_writable", refuse)
+    before = _tree(tmp_path)
+    _one_line_error(capsys, _OUTPUT_ARGV[command](model, out), message)
+    assert _tree(tmp_path) == before
+
+
+def test_synth_output_errors(tmp_path, capsys, monkeypatch):
+    from hwgen import fsutil
+
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "manifest.json").write_text(json.dumps({"format": "hwgen-build"}))
+    (build / "reports").write_bytes(b"")
+    _one_line_error(
+        capsys, ["synth", str(build)], f"output {build}/reports is a file, not a folder"
+    )
+    (build / "reports").unlink()
+
+    def refuse(folder: Path) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(folder))
+
+    monkeypatch.setattr(fsutil, "_probe_writable", refuse)
+    message = f"cannot write output {build}/reports: {build}: read-only file system"
+    _one_line_error(capsys, ["synth", str(build)], message)
+    assert _tree(tmp_path) == ["build", "build/manifest.json"]
+
+
+_NAMESPACE_SCRIPT = """
+mount --bind ro ro && mount -o remount,bind,ro ro && mount --bind mnt mnt || exit 77
+"$PYTHON" -c '
+import sys
+from hwgen.cli import main
+for argv in sys.argv[1:]:
+    print(main(argv.split()))
+' "build model.hwq -o ro/b" "quantize digits --scheme fixed -o ro/q.hwq" \\
+  "tune digits --max-drop 1 -o ro/t" "demo -o ro/d" "synth ro/build" \\
+  "build model.hwq -o mnt" "tune digits --max-drop 1 -o mnt"
+"""
+
+
+def test_output_paths_on_a_real_read_only_mount(tmp_path, model):
+    """The same refusals from the file system itself: a read-only bind mount and a mount
+    point, in a private mount namespace (needs root and unshare; skipped otherwise)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private read-only bind mount")
+    (tmp_path / "ro" / "build").mkdir(parents=True)
+    (tmp_path / "ro" / "build" / "manifest.json").write_text(json.dumps({"format": "hwgen-build"}))
+    (tmp_path / "mnt").mkdir()
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", _NAMESPACE_SCRIPT],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == 77:
+        pytest.skip(f"no private bind mounts here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    errors = proc.stderr.splitlines()
+    assert proc.stdout.split() == ["2"] * 7, errors
+    ro = "ro: read-only file system"
+    assert errors == [
+        f"hwgen: error: cannot write output ro/b: {ro}",
+        f"hwgen: error: cannot write output ro/q.hwq: {ro}",
+        f"hwgen: error: cannot write output ro/t: {ro}",
+        f"hwgen: error: cannot write output ro/d: {ro}",
+        "hwgen: error: cannot write output ro/build/reports: ro/build: read-only file system",
+        "hwgen: error: output mnt is a mount point and hwgen replaces its output as a whole: "
+        "give a path inside it",
+        "hwgen: error: output mnt is a mount point and hwgen replaces its output as a whole: "
+        "give a path inside it",
+    ]
+    assert _tree(tmp_path / "ro") == ["build", "build/manifest.json"]
+    assert _tree(tmp_path / "mnt") == []
+
+
+def test_build_folders_follow_the_umask_and_keep_their_mode(tmp_path, model):
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "build"
+        assert main(["build", str(model), "-o", str(out)]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o750
+        assert stat.S_IMODE((out / "manifest.json").stat().st_mode) == 0o640
+        assert stat.S_IMODE((out / "rtl").stat().st_mode) == 0o750
+        out.chmod(0o701)
+        assert main(["build", str(model), "-o", str(out)]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o701
+    finally:
+        os.umask(old)
