@@ -6,6 +6,7 @@ Every user error is one line on stderr and exit code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,8 +112,16 @@ def _cmd_run(args: argparse.Namespace) -> None:
     run(args.port, args.build_dir, args.images, args.baud)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hwgen")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hwgen", description="Quantized CNNs to verified shift-and-add FPGA hardware.")
+    p.add_argument("--version", action="version", version=f"hwgen {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("golden", help="run the integer golden model; write every layer's output")

