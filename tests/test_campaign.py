@@ -4,7 +4,8 @@ Each case draws a layer (Conv2d with any kernel, stride and padding, Linear, max
 pool or ReLU) or a residual piece (an add of the input and a conv of it, or a whole residual
 block: two 3x3 convs and an identity or option-A subsample-pad shortcut, then an add), its
 formats (Pow2 3..7 / Fixed 2..16 / ternary / binary weights, signed or
-unsigned activations of 1..12 bits, ReLU or not, requantisation shifts of either sign),
+unsigned activations of 1..12 bits, ReLU or not, requantisation shifts of either sign, and
+a rounding per format: half_up, half_even or floor),
 its weights (random, sparse, or at the extremes: all-max, all-min, ±max), a PE x SIMD
 folding and a ROM style; ``hwgen.emit.build`` writes the build folder and
 ``hwgen.simulate.simulate_layer`` streams the vectors (random images plus the all-max and
@@ -17,16 +18,17 @@ Replay a case with ``random_case(seed)``: its ``describe()`` names everything dr
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-from conftest import ARRAY_MODES, weight_array
+from conftest import ARRAY_MODES, weight_array, with_roundings
 
 from hwgen import golden
 from hwgen.emit import BuildOptions, build
 from hwgen.ir import (
     ACT_FRAC_RANGE,
+    ROUNDINGS,
     ActFormat,
     Add,
     AvgPool2d,
@@ -234,8 +236,29 @@ def _residual_net(
     return net, folding, mode
 
 
+def _draw_roundings(seed: int, net: Network) -> Network:
+    """``net`` with a rounding drawn for every stored format. A stream of its own, so a seed
+    draws the same geometry, weights and widths as before rounding modes existed."""
+    rng = np.random.default_rng([20240417, seed, 17])  # 17: the sample's MACs use all three
+    return with_roundings(net, lambda name: ROUNDINGS[int(rng.integers(len(ROUNDINGS)))])
+
+
+def effective_roundings(net: Network) -> set[str]:
+    """The roundings the RTL of ``net`` uses: MAC and add outputs, average-pool inputs."""
+    return {
+        (net.in_format(lyr) if isinstance(lyr, AvgPool2d) else lyr.out_format).rounding
+        for lyr in net.layers
+        if isinstance(lyr, (Conv2d, Linear, Add, AvgPool2d))
+    }
+
+
 def random_case(seed: int, kind: str | None = None, wkind: str | None = None) -> Case:
     """Draw case ``seed`` (``kind`` and ``wkind`` force the layer and weight kinds)."""
+    case = _random_case(seed, kind, wkind)
+    return replace(case, net=_draw_roundings(seed, case.net))
+
+
+def _random_case(seed: int, kind: str | None, wkind: str | None) -> Case:
     rng = np.random.default_rng([20240417, seed])
     kind = kind or str(rng.choice(KINDS))
     wkind = wkind or str(rng.choice(WEIGHT_KINDS))
@@ -329,7 +352,10 @@ def test_sample(seed, kind, wkind, tmp_path):
     run_case(random_case(seed, kind, wkind), tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", range(1000, 1200))
-def test_campaign(seed, tmp_path):
-    run_case(random_case(seed), tmp_path)
+def test_sample_covers_every_rounding():
+    """The default sample simulates every rounding mode, in MAC requantisers and beyond."""
+    nets = [random_case(*s).net for s in SAMPLE]
+    first = [n.layers[0] for n in nets]
+    macs = {lyr.out_format.rounding for lyr in first if isinstance(lyr, (Conv2d, Linear))}
+    assert macs == set(ROUNDINGS)
+    assert set().union(*(effective_roundings(n) for n in nets)) == set(ROUNDINGS)
