@@ -52,7 +52,8 @@ WEIGHTS_NPZ = "weights.npz"
 # ---------------------------------------------------------------- to JSON
 
 
-def _act_to_json(f: ActFormat) -> dict[str, Any]:
+def act_to_json(f: ActFormat) -> dict[str, Any]:
+    """An ActFormat as JSON: ``bits``, ``frac``, ``signed``, and ``rounding`` if not half_up."""
     d: dict[str, Any] = {"bits": f.bits, "frac": f.frac, "signed": f.signed}
     if f.rounding != "half_up":  # omitted for the default, so older files stay byte-identical
         d["rounding"] = f.rounding
@@ -84,14 +85,14 @@ def _layer_to_json(layer: Layer, out_shape: tuple[int, ...], v2: bool) -> dict[s
     elif isinstance(layer, SubsamplePad):
         d |= {"op": "subsample_pad", "stride": list(layer.stride), "pad": list(layer.pad)}
     elif isinstance(layer, Add):
-        d |= {"op": "add", "relu": layer.relu, "out_format": _act_to_json(layer.out_format)}
+        d |= {"op": "add", "relu": layer.relu, "out_format": act_to_json(layer.out_format)}
     else:
         d["op"] = {ReLU: "relu", Flatten: "flatten", GlobalAvgPool: "global_avgpool"}[type(layer)]
     if isinstance(layer, (Conv2d, Linear)):
         d |= {
             "relu": layer.relu,
             "weight_format": _weight_fmt_to_json(layer.weight_format),
-            "out_format": _act_to_json(layer.out_format),
+            "out_format": act_to_json(layer.out_format),
             "weight": f"{layer.name}.weight",
             "bias": f"{layer.name}.bias",
         }
@@ -120,7 +121,7 @@ def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         "format": FORMAT_NAME,
         "version": 2 if v2 else 1,
         "name": net.name,
-        "input": {"shape": list(net.input_shape), "format": _act_to_json(net.input_format)},
+        "input": {"shape": list(net.input_shape), "format": act_to_json(net.input_format)},
         "layers": [_layer_to_json(lyr, net.shapes[lyr.name], v2) for lyr in net.layers],
     }
     if v2:

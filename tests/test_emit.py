@@ -12,7 +12,7 @@ from hwgen import golden, hwq
 from hwgen.cli import main
 from hwgen.emit import BuildOptions, build_file, module_name
 from hwgen.hw.engine import engine_info
-from hwgen.ir import Conv2d, Flatten, Linear
+from hwgen.ir import ActFormat, Conv2d, Fixed, Flatten, Linear, Network
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -232,6 +232,25 @@ def test_sim_errors_are_one_line(built, tmp_path, capsys):
     _one_line_error(capsys, ["sim", str(built), "--layer", "conv7"], "conv7", "conv1", "network")
     _one_line_error(capsys, ["sim", str(built), "--layer", "conv1", "--stalls", "1.5"], "1.5")
     assert not (built / "sim_build").exists()  # rejected before anything was compiled
+
+
+@pytest.mark.parametrize("rounding", ["half_even", "floor"])
+def test_manifest_input_keeps_the_input_rounding(built, tmp_path, rounding):
+    """``hwgen run`` quantises float images with the manifest's input format: its rounding too
+    (and the key only when not half_up, as in the .hwq)."""
+    half_up = json.loads((built / "manifest.json").read_text())["input"]
+    assert half_up == {"bits": 8, "frac": 4, "signed": True}
+    fc = Linear(
+        "fc", 3, 2, Fixed(4, 0), ActFormat(8, 0, rounding=rounding), np.ones((2, 3), int), [0, 1]
+    )
+    net = Network((3,), ActFormat(6, 2, False, rounding), (fc,), name="tiny")
+    path = tmp_path / "tiny.hwq"
+    hwq.save(net, path)
+    m = build_file(path, tmp_path / "b", BuildOptions(vectors=1))
+    assert m["input"] == {"bits": 6, "frac": 2, "signed": False, "rounding": rounding}
+    assert ActFormat(**m["input"]) == net.input_format and m["input_format"] == str(
+        net.input_format
+    )
 
 
 def test_residual_build_is_byte_identical_and_names_inputs(tmp_path):
