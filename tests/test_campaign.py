@@ -359,3 +359,9 @@ def test_sample_covers_every_rounding():
     macs = {lyr.out_format.rounding for lyr in first if isinstance(lyr, (Conv2d, Linear))}
     assert macs == set(ROUNDINGS)
     assert set().union(*(effective_roundings(n) for n in nets)) == set(ROUNDINGS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1000, 1200))
+def test_campaign(seed, tmp_path):
+    run_case(random_case(seed), tmp_path)
