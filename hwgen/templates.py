@@ -1,4 +1,4 @@
-"""The static hand-written files in ``rtl_templates/``: found, filled with placeholders, copied.
+"""Hand-written files in ``hwgen/rtl_templates/``: found, filled with placeholders, copied.
 
 Templates hold no logic: only ``@NAME@`` placeholders that the build fills in (top module,
 source list, clock period), so users with vendor tools can run their own flows.
@@ -7,19 +7,20 @@ source list, clock period), so users with vendor tools can run their own flows.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from importlib import resources
 
 from hwgen.errors import HwgenError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "rtl_templates"
+# Package data: shipped inside the wheel, so a plain `pip install .` finds it too.
+TEMPLATE_DIR = resources.files("hwgen") / "rtl_templates"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 
 
 def template(name: str) -> str:
-    """The text of ``rtl_templates/<name>``."""
+    """The text of ``hwgen/rtl_templates/<name>``."""
     path = TEMPLATE_DIR / name
     if not path.is_file():
-        raise HwgenError(f"template {name} not found in {TEMPLATE_DIR.name}/ (broken install?)")
+        raise HwgenError(f"template {name} not found in {TEMPLATE_DIR} (broken install?)")
     return path.read_text()
 
 

@@ -164,8 +164,8 @@ class WeightROM(wiring.Component):
         The contents, address 0 first.
     style : ``"inline"`` or ``"file"``
         ``inline``: an ``amaranth.lib.memory.Memory`` whose contents are written into the
-        Verilog. ``file``: an instance of ``hwgen_rom`` (``rtl_templates/hwgen_rom.v``) that
-        loads ``init_file`` with ``$readmemh`` at elaboration, so weights can be swapped
+        Verilog. ``file``: an instance of ``hwgen_rom`` (``hwgen/rtl_templates/hwgen_rom.v``)
+        that loads ``init_file`` with ``$readmemh`` at elaboration, so weights can be swapped
         without regenerating the RTL. Both have the same timing.
     init_file : str
         Relative path of the hex file (``file`` style only).
