@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 import torch
 
 from hwgen.examples.digits import (
@@ -15,6 +20,7 @@ from hwgen.examples.digits import (
 )
 from hwgen.frontend import load_model
 from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FMaxPool2d
+from hwgen.reproducible import float64_init
 
 
 def test_split_is_fixed_and_stratified():
@@ -54,10 +60,88 @@ def test_training_is_deterministic():
     states = []
     for _ in range(2):
         torch.manual_seed(0)
-        states.append(train(build_digits_model(), data, seed=0).state_dict())
+        with float64_init():
+            model = build_digits_model()
+        states.append(train(model, data, seed=0).state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     cached = train_digits_model(0).state_dict()  # what digits_float_net() imports
     assert all(torch.equal(states[0][k], cached[k]) for k in cached)
+
+
+# Trains the example from scratch (no cache) and runs a short INQ on it; a digest of both.
+_DIGEST = """
+import hashlib, torch
+from hwgen.examples.digits import INPUT_SHAPE, build_digits_model, load_digits_split, train
+from hwgen.frontend.torch_import import from_module
+from hwgen.quant import quantize
+from hwgen.quant.inq import InqOptions
+from hwgen.quant.precision import Precision
+from hwgen.reproducible import float64_init
+
+def digest():
+    d = load_digits_split()
+    torch.manual_seed(0)
+    with float64_init():
+        model = build_digits_model()
+    fnet = from_module(train(model, d), INPUT_SHAPE)
+    q = quantize(fnet, Precision("inq", {}), d.x_train[:1], (d.x_train, d.y_train),
+                 progress=False, inq_options=InqOptions(epochs=1))
+    h = hashlib.sha256()
+    for layer in fnet.layers + q.net.layers:
+        for name in ("weight", "bias"):
+            if hasattr(layer, name):
+                h.update(getattr(layer, name).tobytes())
+    return h.hexdigest()
+"""
+
+
+@pytest.fixture(scope="module")
+def digest_here() -> str:
+    """The digest in this process, with PyTorch on two threads."""
+    scope: dict = {}
+    exec(_DIGEST, scope)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return scope["digest"]()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        # one thread, ATen's scalar kernels instead of this machine's vector ones
+        {"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default"},
+        # two threads, oneDNN restricted to SSE4.1 (other convolution kernels)
+        {"OMP_NUM_THREADS": "2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    ],
+)
+def test_weights_do_not_depend_on_the_machine(env, digest_here):
+    # Trained in float32, each of these environments gave other weights (97.5-98.1% float).
+    run = subprocess.run(
+        [sys.executable, "-c", _DIGEST + "print(digest())"],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.strip() == digest_here
+
+
+def test_training_restores_the_thread_count_and_default_dtype():
+    data = load_digits_split()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = train(build_digits_model(), data, epochs=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_default_dtype() == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    grid = torch.cat([p.detach().double().ravel() for p in model.parameters()]) * 2.0**24
+    assert torch.equal(grid, grid.round())  # on the snapped grid
 
 
 def test_accuracy_helper_and_after_step_callback():

@@ -16,6 +16,7 @@ from hwgen.examples.digits_res import (
 )
 from hwgen.frontend import load_model
 from hwgen.frontend.graph import FAdd, FConv2d, FFlatten, FGlobalAvgPool, FLinear, FSubsamplePad
+from hwgen.reproducible import float64_init
 
 
 def test_trained_model_is_accurate_and_imports_exactly():
@@ -59,7 +60,9 @@ def test_training_is_deterministic_whatever_the_thread_count():
     torch.set_num_threads(2 if threads == 1 else 1)
     try:
         torch.manual_seed(0)
-        fresh = train(build_digits_res_model(), load_digits_split(), EPOCHS, 0, LR).state_dict()
+        with float64_init():
+            model = build_digits_res_model()
+        fresh = train(model, load_digits_split(), EPOCHS, 0, LR).state_dict()
     finally:
         torch.set_num_threads(threads)
     cached = train_digits_res_model(0).state_dict()  # what digits_res_float_net() imports

@@ -19,7 +19,9 @@ Model (``build_digits_model``), 3,818 parameters::
 
 Training (``train_digits_model``): Adam (lr 2e-2), cross-entropy, mini-batches of 128,
 30 epochs, seeded with ``torch.manual_seed`` and a seeded shuffling generator, on one
-CPU thread, so two runs give identical weights. It takes a few seconds.
+CPU thread, in float64 with the parameters snapped to a 2**-24 grid after every step
+(:mod:`hwgen.reproducible`), so any machine, instruction set and thread count gives the
+same weights, bit for bit. It takes a few seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import nn
 from hwgen.examples import Dataset
 from hwgen.frontend.graph import FloatNet
 from hwgen.frontend.torch_import import from_module
+from hwgen.reproducible import float64_init, one_thread, snap_
 
 __all__ = [
     "Dataset",
@@ -95,8 +98,9 @@ def train_epoch(
 ) -> float:
     """One pass over ``(x, y)`` in a shuffled order; returns the mean loss.
 
-    ``after_step(model)`` runs after every optimizer step (e.g. INQ re-imposes its frozen,
-    already quantized weights there).
+    The parameters are snapped to the reproducible grid after every optimizer step
+    (:func:`hwgen.reproducible.snap_`); ``after_step(model)`` runs after that (e.g. INQ
+    re-imposes its frozen, already quantized weights there).
     """
     model.train()
     order = torch.randperm(len(x), generator=generator)
@@ -107,6 +111,7 @@ def train_epoch(
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
         optimizer.step()
+        snap_(model)
         if after_step is not None:
             with torch.no_grad():
                 after_step(model)
@@ -125,21 +130,20 @@ def train(
 ) -> nn.Module:
     """Train a classifier on ``data`` with Adam and cross-entropy, deterministically.
 
-    Runs on one CPU thread (restored afterwards) so the result does not depend on the
-    machine's core count; returns the same ``model`` in eval mode.
+    Trains on one CPU thread in float64 on the snapped grid (:mod:`hwgen.reproducible`), so
+    the weights do not depend on the machine; returns the same ``model``, in float32 and eval
+    mode (rounded the same way everywhere; exact below 1 in magnitude).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         gen = torch.Generator().manual_seed(seed)
-        x = torch.from_numpy(np.array(data.x_train))
+        x = torch.from_numpy(np.array(data.x_train, np.float64))
         y = torch.from_numpy(np.array(data.y_train))
+        model.double()
+        snap_(model)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         for _ in range(epochs):
             train_epoch(model, x, y, opt, batch_size, gen, after_step)
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    return model.float().eval()
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
@@ -160,7 +164,9 @@ def train_digits_model(seed: int = 0) -> nn.Module:
 @functools.lru_cache(maxsize=4)
 def _trained_state(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    model = train(build_digits_model(), load_digits_split(), seed=seed)
+    with float64_init():
+        model = build_digits_model()
+    model = train(model, load_digits_split(), seed=seed)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -27,6 +27,7 @@ from hwgen.examples.digits import INPUT_SHAPE, load_digits_split, train
 from hwgen.examples.resnet import CifarResNet
 from hwgen.frontend.graph import FloatNet
 from hwgen.frontend.torch_import import from_module
+from hwgen.reproducible import float64_init
 
 EPOCHS = 40
 LR = 2e-2
@@ -47,7 +48,9 @@ def train_digits_res_model(seed: int = 0) -> CifarResNet:
 @functools.lru_cache(maxsize=4)
 def _trained_state(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    model = train(build_digits_res_model(), load_digits_split(), epochs=EPOCHS, seed=seed, lr=LR)
+    with float64_init():
+        model = build_digits_res_model()
+    model = train(model, load_digits_split(), epochs=EPOCHS, seed=seed, lr=LR)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

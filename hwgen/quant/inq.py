@@ -3,14 +3,15 @@
 Per layer, the weights are partitioned by magnitude (largest first, or at random); at each
 accumulated portion (default 50%, 75%, 87.5%, 100%) the newly chosen part is quantised to
 its power of two and frozen, and the rest is retrained. The formats (n1 = emax) are fixed
-per layer once, from the pretrained weights.
+per layer once, from the pretrained weights. Retraining runs in float64 on one thread with
+the free parameters snapped to a grid after every step (:mod:`hwgen.reproducible`), so
+every machine gets the same weights.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
@@ -24,6 +25,7 @@ from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
 from hwgen.ir import Pow2
 from hwgen.quant.weights import dequantize, quantize_pow2
+from hwgen.reproducible import one_thread, snap_
 
 LR_CHAIN = 0.01
 LR_RESIDUAL = 3e-4
@@ -104,18 +106,6 @@ class FloatModule(nn.Module):
         return acts[self.fnet.layers[-1].name]
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Small batches train faster on one thread: syncing costs more than it gains (25x on 2
-    busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def with_weights(fnet: FloatNet, params: dict[str, tuple[np.ndarray, np.ndarray]]) -> FloatNet:
     """``fnet`` with new (weight, bias) arrays for the named conv/linear layers."""
     layers = tuple(
@@ -157,15 +147,15 @@ def inq(
         options = replace(options, lr=LR_RESIDUAL if residual else LR_CHAIN)
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
-    module = FloatModule(fnet)
+    module = FloatModule(fnet).double()
     macs = {n: module.macs[i] for n, i in module.index.items()}
     frozen = {n: np.zeros(m.weight.shape, bool) for n, m in macs.items()}
-    xt = torch.as_tensor(x, dtype=torch.float32)
+    xt = torch.as_tensor(x, dtype=torch.float64)
     teacher = copy.deepcopy(module).eval()  # the pretrained model: the target of distillation
     yt = torch.as_tensor(y, dtype=torch.int64)
     gen = torch.Generator().manual_seed(options.seed)
     last_float: dict[str, np.ndarray] = {}
-    with _one_thread(), Progress(disable=not progress, transient=True) as bar:
+    with one_thread(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("INQ retraining", total=len(options.portions) * options.epochs)
         for portion in options.portions:
             for n, m in macs.items():
@@ -211,7 +201,7 @@ def _retrain(
 ) -> None:
     """Train the free weights (and biases) while the frozen ones keep their powers of two."""
     x, y, teacher = data
-    masks = {n: torch.as_tensor(~frozen[n], dtype=torch.float32) for n in macs}
+    masks = {n: torch.as_tensor(~frozen[n], dtype=torch.float64) for n in macs}
     fixed = {n: m.weight.detach().clone() for n, m in macs.items()}
     params = list(module.parameters())
     if options.optimizer == "sgd":
@@ -242,6 +232,7 @@ def _retrain(
             for n, m in macs.items():
                 m.weight.grad.mul_(masks[n])
             opt.step()
+            snap_(module)
             with torch.no_grad():  # momentum must not move a frozen weight either
                 for n, m in macs.items():
                     m.weight.copy_(torch.where(masks[n].bool(), m.weight, fixed[n]))
