@@ -172,7 +172,8 @@ def _mac_layer(
     # Bias within the accumulator's range, and an output shift that keeps the outputs
     # mostly in range (with rounding), sometimes saturating, sometimes a left shift.
     abits = acc_bits(make(np.zeros(cout, dtype=np.int64), fin), fin)
-    bias = rng.integers(-(1 << (abits - 2)), 1 << (abits - 2), size=cout, endpoint=True)
+    lim = 1 << max(abits - 2, 0)  # abits can be 1: all-zero or binary weights on a 1-bit input
+    bias = rng.integers(-lim, lim, size=cout, endpoint=True)
     if rng.random() < 0.2:
         bias = np.zeros(cout, dtype=np.int64)
     out_bits = int(rng.integers(2 if out_signed else 1, 13))
