@@ -314,6 +314,48 @@ def prefix_plot(result: TuneResult) -> Plot:
     return Plot("prefix_accuracy.png", "accuracy with the first k layers quantised", _png(fig))
 
 
+def trials_plot(result: TuneResult) -> Plot:
+    """Accuracy against weight ROM bits for every trial of the search, one marker per way of
+    measuring (``Trial.method``), accepted filled, the chosen one ringed, the budget dashed."""
+    fig = MplFigure(figsize=(7, 4))
+    ax = fig.subplots()
+    methods = list(dict.fromkeys(t.method for t in result.trials))
+    for k, method in enumerate(methods):
+        marker = "osD^v"[k % 5]
+        for accepted, color in ((True, "tab:green"), (False, "tab:red")):
+            pts = [
+                (t.rom_bits, 100 * t.accuracy)
+                for t in result.trials
+                if t.method == method and t.accepted == accepted
+            ]
+            if pts:
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker,
+                    color=color,
+                    mfc=color if accepted else "none",
+                    ls="none",
+                    label=f"{'accepted' if accepted else 'rejected'}: {method}",
+                )
+    for i, t in enumerate(result.trials):
+        at = (t.rom_bits, 100 * t.accuracy)
+        ax.annotate(str(i), at, fontsize=6, xytext=(3, 2), textcoords="offset points")
+    chosen = ([result.rom_bits], [100 * result.accuracy])
+    ax.plot(*chosen, "o", ms=14, mfc="none", mec="black", label="chosen")
+    floor = 100 * result.float_accuracy - result.max_drop_points
+    ax.axhline(
+        floor, color="tab:red", ls="--", lw=1, label=f"budget (float - {result.max_drop_points:g})"
+    )
+    ax.axhline(100 * result.float_accuracy, color="tab:blue", ls=":", lw=1, label="float")
+    ax.set_xlabel("weight ROM bits")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("every trial of the search (numbers: trial #)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return Plot("trials.png", "accuracy vs weight ROM bits, every trial", _png(fig))
+
+
 # ---------------------------------------------------------------- the tuning sections
 
 
@@ -358,6 +400,32 @@ def layer_rows(result: TuneResult) -> list[dict[str, Any]]:
         row["accuracy_impact_points"] = round(100 * (impact[layer.name] - impact[prev]), 6)
         rows.append(row)
     return rows
+
+
+def _methods_text(result: TuneResult) -> str:
+    """In words: how the trials were quantised, and that every accuracy was measured."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(result.trials):
+        groups.setdefault(t.method, []).append(i)
+    parts = [f"{method} for {_ranges(idx)}" for method, idx in groups.items()]
+    return (
+        f"Every accuracy below is measured: the integer golden model on the "
+        f"{result.eval_size} evaluation images, nothing estimated. Trials were quantised by "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def _ranges(idx: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"trials 0-2, 5"``."""
+    spans: list[list[int]] = []
+    for i in idx:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in spans)
+    return ("trial " if len(idx) == 1 else "trials ") + text
 
 
 def tuning_sections(result: TuneResult) -> list[Section]:
@@ -433,11 +501,12 @@ def tuning_sections(result: TuneResult) -> list[Section]:
             "accuracy": t.accuracy,
             "rom_bits": t.rom_bits,
             "accepted": t.accepted,
+            "method": t.method,
         }
         for t in result.trials
     ]
     trial_table = Table(
-        ("#", "phase", "layer", "change", "accuracy", "ROM bits", "accepted"),
+        ("#", "phase", "layer", "change", "accuracy", "ROM bits", "accepted", "quantised by"),
         tuple(
             (
                 str(i),
@@ -447,6 +516,7 @@ def tuning_sections(result: TuneResult) -> list[Section]:
                 _pct(t.accuracy),
                 str(t.rom_bits),
                 "yes" if t.accepted else "no",
+                t.method,
             )
             for i, t in enumerate(result.trials)
         ),
@@ -509,7 +579,9 @@ def tuning_sections(result: TuneResult) -> list[Section]:
             (
                 "Greedy search: lower one layer's weight bits at a time (most weights first) while "
                 "the accuracy stays within the budget, then the activation bits likewise.",
+                _methods_text(result),
                 trial_table,
+                trials_plot(result),
             ),
             trials,
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import matplotlib.image
 import numpy as np
@@ -72,12 +73,13 @@ def test_report_set_is_complete_and_consistent(result, written):
         "accuracy": first.accuracy,
         "rom_bits": first.rom_bits,
         "accepted": True,
+        "method": "post-training quantisation",
     }
     assert set(doc["curves"]) == {"input", "conv1", "conv2", "fc"}
 
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert plots == sorted(
-        ["input_error.png", "prefix_accuracy.png"]
+        ["input_error.png", "prefix_accuracy.png", "trials.png"]
         + [f"{n}_{k}.png" for n in ("conv1", "conv2", "fc") for k in ("error", "hist")]
     )
     for p in (out / "plots").iterdir():
@@ -97,6 +99,27 @@ def test_report_set_is_complete_and_consistent(result, written):
     md = (out / "report.md").read_text()
     assert "| conv1 | conv2d | 4x1x3x3 | 4x8x8 |" in md
     assert all(f"](plots/{p})" in md for p in plots)
+
+
+def test_search_section_says_how_each_trial_was_measured(result):
+    retrained = "INQ retraining (4 epochs at each of 4 steps)"
+    kept = "the retrained weights of trial 1, activation formats chosen again (no retraining)"
+    methods = [retrained, retrained, kept, kept, kept, retrained]
+    trials = tuple(replace(t, method=m) for t, m in zip(result.trials, methods, strict=False))
+    assert len(trials) == 6
+    sections = report.tuning_sections(replace(result, trials=trials))
+    search = next(s for s in sections if s.key == "trials")
+    text = [b for b in search.blocks if isinstance(b, str)][1]
+    assert text == (
+        "Every accuracy below is measured: the integer golden model on the 200 evaluation "
+        f"images, nothing estimated. Trials were quantised by {retrained} for trials 0-1, 5; "
+        f"{kept} for trials 2-4."
+    )
+    table = next(b for b in search.blocks if isinstance(b, report.Table))
+    assert table.header[-1] == "quantised by" and [r[-1] for r in table.rows[:6]] == methods
+    assert [t["method"] for t in search.data[:6]] == methods
+    plot = next(b for b in search.blocks if isinstance(b, report.Plot))
+    assert plot.file == "trials.png" and plot.png.startswith(PNG_MAGIC)
 
 
 def _toy_eval() -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,8 @@ class QuantResult:
     candidate act_frac -> squared activation error. ``detected``: per layer, the grid found
     by the auto scheme.
     ``float_weights``: the float weights before quantisation (for INQ: the retrained ones
-    just before the last step).
+    just before the last step). ``float_net``: the float model the activation formats were
+    chosen for (for INQ: the retrained one, its weights on their powers of two).
     """
 
     net: Network
@@ -44,6 +45,7 @@ class QuantResult:
     weight_curves: dict[str, Curve] = field(default_factory=dict)
     act_curves: dict[str, Curve] = field(default_factory=dict)
     float_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    float_net: FloatNet | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -170,7 +172,7 @@ def quantize(
     )
     net, act_curves = greedy_network(fnet, formats, in_spec, specs, calib_x, float_acts)
     return QuantResult(
-        net, resolved(net, scheme), detected, weight_curves, act_curves, float_weights
+        net, resolved(net, scheme), detected, weight_curves, act_curves, float_weights, fnet
     )
 
 

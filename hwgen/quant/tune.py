@@ -11,22 +11,24 @@ golden model on the evaluation set. The budget is ``float accuracy - max_drop`` 
 2. Weights: try lowering one layer's weight bits by one, the layer with the most weights
    first (it saves the most ROM bits); keep the change if the accuracy stays within the
    budget, else freeze that layer. Repeat until every layer is frozen or at its minimum.
+   Powers of two at 3 bits have two magnitudes only: there the search pins emax to the
+   least-squares level instead of INQ's n1 (made for the top of many levels, it zeroes most
+   weights; on ``digits`` the fc layer's squared error is 28 instead of 135).
 3. Activations (line-buffer and datapath width, not ROM): the same, for the network
    input and every conv/linear/add output, the largest feature map first.
 
-Powers of two with retraining (``inq``, ``ternary``, ``binary``): retraining per trial
-would take far too long, so the search runs on post-training powers of two (``pow2``),
-a pessimistic proxy: steps 2-3 may cost ``max_drop`` points against the post-training
-accuracy at the starting widths (no widening), and INQ retrains once, at the end, on the
-chosen bits. If that misses the budget against the float model, INQ runs once more at the
-starting widths and the more accurate of the two is kept: at most two retrainings. Every
-final accuracy is measured again and reported as it is.
+Powers of two with retraining (``inq``, ``ternary``, ``binary``): every start, widening
+and weight trial runs INQ on its bits (the given ``InqOptions``; a few seconds on
+``digits``), so its accuracy is that of the retrained network, exactly what ``quantize``
+gives for the resulting ``precision.toml``. The activation trials keep the accepted
+trial's retrained weights (INQ does not depend on activation formats) and only choose the
+formats again: no retraining, and still exact. Each trial records how it was measured.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from hwgen.quant import QuantResult, quantize
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.inq import InqOptions
 from hwgen.quant.precision import AddPrecision, InputPrecision, LayerPrecision, Precision
+from hwgen.quant.weights import pow2_curve
 
 TUNE_SCHEMES = ("fixed", "pow2", "inq", "ternary", "binary")
 RETRAINED = ("inq", "ternary", "binary")
@@ -54,18 +57,20 @@ _WEIGHT_BITS = {
 _ACT_BITS = (2, 8, 16)
 _RAISE_STEP = 2
 _EPS = 1e-9  # accuracy comparisons in percentage points
+POST_TRAINING = "post-training quantisation"
 
 
 @dataclass(frozen=True)
 class Trial:
     """One measured candidate of the search."""
 
-    phase: str  # "start", "widen", "weights", "activations" or "retrain"
+    phase: str  # "start", "widen", "weights" or "activations"
     layer: str  # a layer name, "input", or "*" (every layer)
     change: str  # e.g. "weight bits 8 -> 7"
     accuracy: float
     rom_bits: int
     accepted: bool
+    method: str = POST_TRAINING  # how the candidate was quantised, in words
 
 
 @dataclass(frozen=True)
@@ -197,9 +202,13 @@ class _Search:
         self.trials: list[Trial] = []
         self.best: QuantResult | None = None
         self.best_acc = 0.0
+        self.best_trial = -1  # index of the accepted trial in ``trials``
+        self.method = POST_TRAINING  # recorded with each trial
+        self.emax3: dict[str, int] = {}  # power-of-two scale of each layer at 3 bits
 
     def precision(self, wbits: dict[str, int], abits: dict[str, int]) -> Precision:
-        return bits_precision(self.scheme, wbits, abits)
+        emax = {n: e for n, e in self.emax3.items() if wbits[n] == 3}
+        return bits_precision(self.scheme, wbits, abits, emax)
 
     def trial(
         self, phase: str, layer: str, change: str, wbits: dict[str, int], abits: dict[str, int]
@@ -209,9 +218,10 @@ class _Search:
         ok = self.budget(acc)
         # widening is adopted when it fits or at least beats the best so far
         take = ok or phase == "start" or (phase == "widen" and acc > self.best_acc)
-        self.trials.append(Trial(phase, layer, change, acc, rom_bits(q.net), take))
+        self.trials.append(Trial(phase, layer, change, acc, rom_bits(q.net), take, self.method))
         if take:
             self.wbits, self.abits, self.best, self.best_acc = dict(wbits), dict(abits), q, acc
+            self.best_trial = len(self.trials) - 1
         return ok
 
     def widen(self, wmax: int) -> None:
@@ -251,14 +261,21 @@ class _Search:
                 tick(bits[n] - lo)  # the steps this layer will no longer take
 
 
-def bits_precision(scheme: str, wbits: dict[str, int], abits: dict[str, int]) -> Precision:
+def bits_precision(
+    scheme: str,
+    wbits: dict[str, int],
+    abits: dict[str, int],
+    emax: dict[str, int] | None = None,
+) -> Precision:
     """The precision fixing only bits: weight bits per conv/linear layer (``wbits``) and act
     bits per tensor (``abits``: ``"input"``, conv/linear and add outputs); an ``abits`` entry
-    that is not in ``wbits`` is an add layer's."""
+    that is not in ``wbits`` is an add layer's. ``emax`` pins some layers' power-of-two
+    scale."""
     layers: dict[str, LayerPrecision | AddPrecision] = {}
+    emax = emax or {}
     for n, b in abits.items():
         if n in wbits:
-            layers[n] = LayerPrecision(weight_bits=wbits[n], act_bits=b)
+            layers[n] = LayerPrecision(weight_bits=wbits[n], act_bits=b, emax=emax.get(n))
         elif n != INPUT:
             layers[n] = AddPrecision(act_bits=b)
     return Precision(scheme, layers, InputPrecision(act_bits=abits[INPUT]))
@@ -279,7 +296,7 @@ def tune(
     """Search per-layer weight and activation bits (module docstring) and return the result.
 
     ``train`` (images, labels) is needed by the retrained schemes; ``inq_options`` sets
-    their final retraining (epochs, learning rate, seed).
+    their retraining (epochs, learning rate, seed), the same in every trial.
     """
     if scheme not in TUNE_SCHEMES:
         raise HwgenError(f"tune: scheme {scheme!r} is not one of {', '.join(TUNE_SCHEMES)}")
@@ -302,26 +319,36 @@ def tune(
             f"tune: calibration {np.shape(calib_x)} and evaluation {np.shape(eval_x)} images "
             f"must be (N, {', '.join(map(str, fnet.input_shape))})"
         )
-    names = [lyr.name for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear))]
+    macs = {lyr.name: lyr for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear))}
+    names = list(macs)
     acts = [INPUT, *(lyr.name for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear, FAdd)))]
-    sizes = {
-        lyr.name: lyr.weight.size for lyr in fnet.layers if isinstance(lyr, (FConv2d, FLinear))
-    }
+    sizes = {n: fl.weight.size for n, fl in macs.items()}
     facc = float_accuracy(fnet, eval_x, eval_y)
 
     def budget(acc: float) -> bool:
         return 100.0 * (facc - acc) <= max_drop_points + _EPS
 
-    search_scheme = "pow2" if scheme in RETRAINED else scheme
+    options = inq_options or InqOptions()
+    if scheme in RETRAINED:
 
-    float_acts = reference_activations(fnet, calib_x)  # computed once for every trial
+        def evaluate(p: Precision) -> tuple[QuantResult, float]:
+            q = quantize(fnet, p, calib_x, train, progress=False, inq_options=options)
+            return q, accuracy(q.net, eval_x, eval_y)
 
-    def evaluate(p: Precision) -> tuple[QuantResult, float]:
-        q = quantize(fnet, p, calib_x, progress=False, float_acts=float_acts)
-        return q, accuracy(q.net, eval_x, eval_y)
+    else:
+        float_acts = reference_activations(fnet, calib_x)  # computed once for every trial
+
+        def evaluate(p: Precision) -> tuple[QuantResult, float]:
+            q = quantize(fnet, p, calib_x, progress=False, float_acts=float_acts)
+            return q, accuracy(q.net, eval_x, eval_y)
 
     wlo, wstart, wmax = _WEIGHT_BITS[scheme]
-    search = _Search(evaluate, search_scheme, names, acts, wstart, budget)
+    search = _Search(evaluate, scheme, names, acts, wstart, budget)
+    if scheme != "fixed":
+        search.emax3 = {n: least_squares_emax(fl.weight, 3) for n, fl in macs.items()}
+    if scheme in RETRAINED:
+        epochs = f"{options.epochs} epoch{'s' if options.epochs != 1 else ''}"
+        search.method = f"INQ retraining ({epochs} at each of {len(options.portions)} steps)"
     steps = 1 + len(names) * (wstart - wlo) + len(acts) * (_ACT_BITS[1] - _ACT_BITS[0])
     columns = (
         TextColumn("tune {task.description}"),
@@ -337,52 +364,63 @@ def tune(
 
         search.trial("start", "*", "scheme default", search.wbits, search.abits)
         tick(1)
-        start = (dict(search.wbits), dict(search.abits))
-        if scheme in RETRAINED:
-            # post-training powers of two are only a proxy: narrowing may cost max_drop
-            # points against them, and the retraining is expected to win the rest back
-            ref = min(facc, search.best_acc)
-            search.budget = lambda acc: 100.0 * (ref - acc) <= max_drop_points + _EPS
-        else:
-            search.widen(wmax)
+        search.widen(wmax)
         bar.update(task, description="weights")
         search.lower("weights", sorted(names, key=lambda n: -sizes[n]), wlo, tick)
+        if scheme in RETRAINED:
+            search.evaluate = _on_retrained_weights(search.best, calib_x, eval_x, eval_y)
+            search.method = (
+                f"the retrained weights of trial {search.best_trial}, activation formats "
+                "chosen again (no retraining)"
+            )
         bar.update(task, description="activations")
         shapes = _out_sizes(fnet, acts)
         search.lower(
             "activations", sorted(search.abits, key=lambda n: -shapes[n]), _ACT_BITS[0], tick
         )
     assert search.best is not None
-    quant, acc = search.best, search.best_acc
-    trials = search.trials
-    if scheme in RETRAINED:
-
-        def retrain(bits: tuple[dict[str, int], dict[str, int]]) -> tuple[QuantResult, float]:
-            """INQ on the bits only: it picks emax and the act fracs for its own weights."""
-            p = bits_precision(scheme, *bits)
-            q = quantize(fnet, p, calib_x, train, progress=progress, inq_options=inq_options)
-            return q, accuracy(q.net, eval_x, eval_y)
-
-        chosen = (search.wbits, search.abits)
-        runs = [("INQ on the chosen bits", *retrain(chosen))]
-        if not budget(runs[0][2]) and chosen != start:
-            # bounded fallback: one more retraining, at the generous starting widths
-            runs.append(("INQ on the starting bits", *retrain(start)))
-        best = max(range(len(runs)), key=lambda i: runs[i][2])  # the first on ties
-        for i, (label, q, a) in enumerate(runs):
-            trials.append(Trial("retrain", "*", label, a, rom_bits(q.net), i == best))
-        _, quant, acc = runs[best]
+    quant = search.best
     return TuneResult(
         scheme=scheme,
         max_drop_points=float(max_drop_points),
         float_accuracy=facc,
-        accuracy=acc,
+        accuracy=search.best_acc,
         quant=quant,
-        trials=tuple(trials),
+        trials=tuple(search.trials),
         prefix_accuracy=tuple(prefix_accuracy(fnet, quant.net, eval_x, eval_y)),
         eval_size=len(eval_y),
         model=fnet.name,
     )
+
+
+def least_squares_emax(w: np.ndarray, bits: int) -> int:
+    """The power-of-two scale with the least squared weight error (the higher on ties)."""
+    return min(pow2_curve(np.asarray(w, np.float64), bits), key=lambda ce: (ce[1], -ce[0]))[0]
+
+
+def _on_retrained_weights(
+    base: QuantResult | None, calib_x: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray
+) -> Callable[[Precision], tuple[QuantResult, float]]:
+    """Evaluation of activation trials for a retrained scheme: ``base``'s retrained float
+    model, every layer's power-of-two format pinned (its weights are on that grid already,
+    so they stay as they are), the activation formats chosen for the trial's bits."""
+    assert base is not None and base.float_net is not None
+    retrained, scheme = base.float_net, base.precision.scheme
+    emax = {lyr.name: lyr.weight_format.emax for lyr in mac_layers(base.net)}
+
+    def evaluate(p: Precision) -> tuple[QuantResult, float]:
+        layers = {n: replace(lp, emax=emax[n]) if n in emax else lp for n, lp in p.layers.items()}
+        q = quantize(retrained, replace(p, scheme="pow2", layers=layers), calib_x, progress=False)
+        # the same network as INQ on these bits gives: say so in the precision
+        q = replace(
+            q,
+            precision=replace(q.precision, scheme=scheme),
+            weight_curves=base.weight_curves,
+            float_weights=base.float_weights,
+        )
+        return q, accuracy(q.net, eval_x, eval_y)
+
+    return evaluate
 
 
 def _out_sizes(fnet: FloatNet, names: list[str]) -> dict[str, int]:
