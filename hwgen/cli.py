@@ -36,11 +36,12 @@ def _cmd_golden(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    from hwgen.commands import make_console
     from hwgen.demo import run
     from hwgen.fsutil import check_output
 
     check_output(args.output, "folder", replaced=False)  # the demo writes into its folder
-    run(args.output)
+    run(args.output, make_console())
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 import zipfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from hwgen import golden as gm
@@ -17,6 +19,37 @@ from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes, check_output, existing_mode, npz_bytes
 from hwgen.ir import Network
+
+# Output to a file or a pipe: wide enough that no table or line is wrapped at 80 columns.
+LOG_WIDTH = 250
+
+
+def make_console() -> Console:
+    """rich output: as rich likes on a terminal; unwrapped plain lines in a log."""
+    term = Console()
+    return term if term.is_terminal else Console(width=LOG_WIDTH)
+
+
+class Phases:
+    """Long steps shown while they run (:data:`hwgen.synth.Phase`), each ending with a line
+    that gives its time. On a terminal a spinner with the elapsed time; in a log one plain
+    line when the step starts and one when it ends, nothing redrawn."""
+
+    def __init__(self, out: Console) -> None:
+        self.out = out
+
+    @contextlib.contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self.out.is_terminal:
+            columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+            with Progress(*columns, console=self.out, transient=True) as bar:
+                bar.add_task(what, total=None)
+                yield
+        else:
+            self.out.print(f"{what} ...", highlight=False, soft_wrap=True)
+            yield
+        self.out.print(f"{what}: {time.perf_counter() - t0:.1f} s", highlight=False, soft_wrap=True)
 
 
 def load_npy(path: Path, what: str = "input") -> np.ndarray:
@@ -74,9 +107,6 @@ def tune(
     output: Path,
 ) -> None:
     """``hwgen tune``: per-layer bit-width search; writes the report set and precision.toml."""
-    from rich.console import Console
-    from rich.table import Table
-
     from hwgen.frontend import load_model
     from hwgen.ir import Add
     from hwgen.quant.inq import InqOptions
@@ -118,7 +148,7 @@ def tune(
             continue
         bits = layer.weight.size * layer.weight_format.bits
         table.add_row(layer.name, str(layer.weight_format), str(layer.out_format), str(bits))
-    console = Console()
+    console = make_console()
     console.print(table)
     verdict = "within budget" if result.within_budget else "OVER BUDGET"
     console.print(
@@ -202,9 +232,6 @@ def quantize(
     """``hwgen quantize``: quantise a float model to a ``.hwq`` and print its formats."""
     from dataclasses import replace
 
-    from rich.console import Console
-    from rich.table import Table
-
     from hwgen.frontend import load_model
     from hwgen.frontend.graph import FAdd, FConv2d, FLinear
     from hwgen.ir import Add, Conv2d, Linear, acc_bits
@@ -264,7 +291,7 @@ def quantize(
         elif isinstance(layer, Add):
             op = "Add" + (" + ReLU" if layer.relu else "")
             table.add_row(layer.name, op, "", "", str(layer.out_format), "")
-    console = Console()
+    console = make_console()
     console.print(table)
     meta = result.meta | {"source": Path(model).name, "precision": prec.dumps(result.precision)}
     if test is not None:
@@ -339,7 +366,8 @@ def build(
         device=device,
     )
     net = hwq.load(model)
-    manifest = emit.build(net, output, opts, hwq.load_meta(model))
+    console = make_console()
+    manifest = emit.build(net, output, opts, hwq.load_meta(model), phase=Phases(console))
     if target_fps is None and device is None:  # with a target the limits only cap a search
         # After the build: a refused build stays one error line, with no warning before it.
         for line in clamp_warnings(net, max_pe, max_simd, opts.folding or {}):
@@ -367,12 +395,14 @@ def build(
             str(p.luts),
             str(p.brams),
         )
-    table.caption = (
+    console.print(table)
+    # Below the table, not its caption: a caption is wrapped to the table's width.
+    console.print(
         f"{dev} at {clock:g} MHz: {total.cycles} cycles per image -> {total.fps:,.0f} "
         f"inferences/s; ~{total.luts} LUT4, ~{total.brams} block RAMs "
-        f"(skip FIFOs {total.fifo_blocks}); folding in {output / 'folding.toml'}"
+        f"(skip FIFOs {total.fifo_blocks}); folding in {output / 'folding.toml'}",
+        highlight=False,
     )
-    Console().print(table)
     print(f"wrote {output}: top {manifest['top']['axi_module']} ({output / 'files.f'})")
     if "board" in manifest:
         b = manifest["board"]
@@ -399,28 +429,27 @@ def sim(
     table = Table(title=f"hwgen sim {build_dir} ({simulator}, stalls {stalls})")
     for col in ("layer", "outputs checked", "mismatches", "cycles", "ideal MACs/(PE*SIMD)"):
         table.add_column(col)
-    failures = []
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
-    ) as bar:
-        task = bar.add_task("simulating", total=len(names))
-        for name in names:
-            bar.update(task, description=f"simulating {name}")
+    failures, summary = [], []
+    console = make_console()
+    phases = Phases(console)
+    for k, name in enumerate(names, 1):
+        with phases(f"simulate {name} ({k}/{len(names)})"):
             r = simulate_layer(
                 build_dir, name, stalls, seed, vectors=images, simulator=simulator, waves=waves
             )
-            table.add_row(
-                name, str(r.outputs_checked), str(r.mismatches), str(r.cycles), str(r.ideal_cycles)
+        table.add_row(
+            name, str(r.outputs_checked), str(r.mismatches), str(r.cycles), str(r.ideal_cycles)
+        )
+        if not r.ok:
+            failures.append(f"{r.first_mismatch} (waveform: {r.waves})")
+        if name == "network":
+            summary.append(
+                f"RTL == golden: {r.images_equal}/{r.images} images; "
+                f"{r.cycles / r.images:.0f} cycles per inference (pipelined)"
             )
-            if not r.ok:
-                failures.append(f"{r.first_mismatch} (waveform: {r.waves})")
-            if name == "network":
-                table.caption = (
-                    f"RTL == golden: {r.images_equal}/{r.images} images; "
-                    f"{r.cycles / r.images:.0f} cycles per inference (pipelined)"
-                )
-            bar.advance(task)
-    Console().print(table)
+    console.print(table)
+    for line in summary:
+        console.print(line, highlight=False)
     for f in failures:
         print(f"MISMATCH {f}", file=sys.stderr)
     return not failures
@@ -436,15 +465,8 @@ def synth(build_dir: Path, device: str | None, target_mhz: float) -> None:
     # Before minutes of Yosys and nextpnr.
     check_output(build_dir / "reports", "folder", replaced=False)
     device = device or (manifest.get("board") or {}).get("device") or "ecp5-85f"
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True
-    ) as bar:
-        task = bar.add_task("synthesising", total=len(manifest["layers"]) + 1)
-
-        def step(name: str, done: int) -> None:
-            bar.update(task, description=f"synthesising {name}", completed=done)
-
-        doc = synth_build(build_dir, device, target_mhz, progress=step)
+    console = make_console()
+    doc = synth_build(build_dir, device, target_mhz, phase=Phases(console))
     out = write_synth_report(build_dir, doc)
     table = Table(title=f"hwgen synth {build_dir} ({device}, target {target_mhz:g} MHz)")
     for col in ("layer", "LUT4", "FF", "BRAM", "DSP"):
@@ -459,11 +481,12 @@ def synth(build_dir: Path, device: str | None, target_mhz: float) -> None:
         str(doc["dsps"]),
         style="bold",
     )
-    table.caption = (
+    console.print(table)
+    console.print(
         f"Fmax {doc['fmax_mhz']:.1f} MHz, {doc['cycles_per_inference']:g} cycles "
-        f"per inference -> {doc['inferences_per_second']:,.0f} inferences/s"
+        f"per inference -> {doc['inferences_per_second']:,.0f} inferences/s",
+        highlight=False,
     )
-    Console().print(table)
     print(f"report: {out / 'synth.html'} (also synth.md, synth.json)")
 
 

