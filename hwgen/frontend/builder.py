@@ -113,6 +113,7 @@ class GraphBuilder:
         self._shapes: dict[str, tuple[int, ...]] = {INPUT: shape}
         self._paths: dict[str, str] = {INPUT: INPUT}
         self._flattened: dict[str, tuple[int, int, int]] = {}  # handle -> C, H, W before Flatten
+        self.layer_names: dict[str, str] = {}  # set by finish()
 
     def shape(self, x: str) -> tuple[int, ...]:
         """The per-image shape of tensor ``x``."""
@@ -310,6 +311,9 @@ class GraphBuilder:
             replace(layer, name=names[layer.name], inputs=tuple(names[i] for i in layer.inputs))
             for layer in layers.values()
         ]
+        # Every handle (folded ones too) -> the name of the layer that computes it, for an
+        # importer that keeps per-op facts (hwgen.frontend.qonnx_import's quantizers).
+        self.layer_names = {h: names[alias.get(h, h)] for h in [INPUT, *self._shapes]}
         return FloatNet(self.input_shape, tuple(named), name)
 
     def _fold(self, op: _Op, src: FLayer | None, sole: bool) -> FLayer | None:
