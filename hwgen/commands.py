@@ -241,6 +241,24 @@ def quantize(
     from hwgen.quant.inq import InqOptions
     from hwgen.quant.quantize import RETRAINED
 
+    if scheme in (None, "auto") and precision_path is None:
+        from hwgen.frontend import load_quantized
+
+        imported = load_quantized(model)  # a QONNX/QCDQ export keeps its own formats
+        if imported is not None:
+            if bits is not None or act_bits is not None or epochs is not None:
+                raise HwgenError(
+                    f"model {model}: is quantized already (QONNX/QCDQ); --bits, --act-bits "
+                    "and --epochs do not apply"
+                )
+            check_hwq_output(output)
+            hwq.save(imported, output, meta={"scheme": "imported", "source": Path(model).name})
+            for layer in imported.layers:
+                if isinstance(layer, (Conv2d, Linear, Add)):
+                    wf = getattr(layer, "weight_format", None)
+                    print(f"{layer.name}: {f'weights {wf}, ' if wf else ''}out {layer.out_format}")
+            print(f"imported {imported.name} (input {imported.input_format}); wrote {output}")
+            return
     if scheme is None and precision_path is None:
         raise HwgenError("hwgen quantize: give --scheme or --precision")
     p = prec.load(precision_path) if precision_path is not None else prec.Precision(str(scheme))
