@@ -30,6 +30,11 @@ def make_console() -> Console:
     return term if term.is_terminal else Console(width=LOG_WIDTH)
 
 
+def titled(title: str) -> Table:
+    """A table at least as wide as its title (rich wraps a longer title)."""
+    return Table(title=title, min_width=len(title))
+
+
 class Phases:
     """Long steps shown while they run (:data:`hwgen.synth.Phase`), each ending with a line
     that gives its time. On a terminal a spinner with the elapsed time; in a log one plain
@@ -138,7 +143,7 @@ def tune(
     out = write_tuning_report(output, result)
     if kept is not None:  # the report folder is replaced as a whole: keep its permissions
         out.chmod(kept)
-    table = Table(title=f"hwgen tune {fnet.name} ({scheme}, max drop {max_drop:g} points)")
+    table = titled(f"hwgen tune {fnet.name} ({scheme}, max drop {max_drop:g} points)")
     for col in ("layer", "weights", "activations", "ROM bits"):
         table.add_column(col, justify="right" if col == "ROM bits" else "left")
     table.add_row("input", "", str(result.net.input_format), "")
@@ -293,7 +298,7 @@ def quantize(
     result = run_quantize(fnet, p, calib, train, inq_options=options)
     net = result.net
 
-    table = Table(title=f"{net.name}: {p.scheme}, input {net.input_format}")
+    table = titled(f"{net.name}: {p.scheme}, input {net.input_format}")
     for col in ("layer", "op", "weights", "weight format", "output", "acc bits"):
         table.add_column(col)
     for layer in net.layers:
@@ -393,7 +398,7 @@ def build(
     dev, clock = build_target(device, board, clock_mhz)
     total = plan(net, manifest["foldings"], dev, clock)
     est = {p.name: p for p in total.layers}
-    table = Table(title=f"hwgen build {manifest['model']} -> {output}")
+    table = titled(f"hwgen build {manifest['model']} -> {output}")
     for col in ("layer", "engine", "PE x SIMD", "in", "out", "acc bits", "ROM", "cycles"):
         table.add_column(col)
     for col in ("LUT4 est.", "BRAM est."):
@@ -444,7 +449,7 @@ def sim(
 
     manifest = load_manifest(build_dir)
     names = targets or [e["name"] for e in manifest["layers"]]
-    table = Table(title=f"hwgen sim {build_dir} ({simulator}, stalls {stalls})")
+    table = titled(f"hwgen sim {build_dir} ({simulator}, stalls {stalls})")
     for col in ("layer", "outputs checked", "mismatches", "cycles", "ideal MACs/(PE*SIMD)"):
         table.add_column(col)
     failures, summary = [], []
@@ -486,7 +491,7 @@ def synth(build_dir: Path, device: str | None, target_mhz: float) -> None:
     console = make_console()
     doc = synth_build(build_dir, device, target_mhz, phase=Phases(console))
     out = write_synth_report(build_dir, doc)
-    table = Table(title=f"hwgen synth {build_dir} ({device}, target {target_mhz:g} MHz)")
+    table = titled(f"hwgen synth {build_dir} ({device}, target {target_mhz:g} MHz)")
     for col in ("layer", "LUT4", "FF", "BRAM", "DSP"):
         table.add_column(col)
     for name, d in doc["layers"].items():

@@ -497,3 +497,17 @@ def test_board_build_shows_its_phases(tmp_path, capsys, model):
     ]
     bitstream = json.loads((out / "manifest.json").read_text())["board"]["bitstream"]
     assert bitstream == "board/top.bin" and (out / bitstream).stat().st_size > 0
+
+
+def test_a_title_wider_than_its_table_stays_on_one_line():
+    from rich.console import Console
+
+    from hwgen.commands import LOG_WIDTH, titled
+
+    title = "hwgen synth " + "/a/long/build/folder" * 5 + " (ecp5-85f, target 150 MHz)"
+    table = titled(title)
+    table.add_column("LUT4")
+    table.add_row("1")
+    log = io.StringIO()
+    Console(file=log, width=LOG_WIDTH).print(table)
+    assert log.getvalue().splitlines()[0].strip() == title
