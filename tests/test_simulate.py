@@ -97,10 +97,24 @@ def test_check_outputs_names_the_first_bad_value():
 
 
 def test_standin_bit_exact_with_stalls_then_corrupted(tmp_path):
-    _build(tmp_path)
+    entry = _build(tmp_path)
     r = simulate_layer(tmp_path, "relu1")
     assert (r.outputs_checked, r.mismatches, r.first_mismatch) == (384, 0, None)
     assert r.cycles == r.ideal_cycles + 1  # one cycle of register latency
+    # A second engine links Verilator's run-time library, compiled for the first one.
+    relu2 = verilog.convert(_Relu(4, 8, 1), name="relu2", emit_src=False)
+    (tmp_path / "rtl/relu2.v").write_text(relu2)
+    second = entry | {"name": "relu2", "module": "relu2", "sources": ["rtl/relu2.v"]}
+    manifest = {"format": "hwgen-build", "layers": [entry, second]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    r = simulate_layer(tmp_path, "relu2")
+    assert (r.outputs_checked, r.mismatches, r.first_mismatch) == (384, 0, None)
+    sim_build = tmp_path / "sim_build"
+    (runtime,) = sim_build.glob("verilator-runtime-*")
+    assert (runtime / "libverilated.a").is_file()
+    assert (sim_build / "relu1" / "verilated.o").is_file()  # compiled there, then archived
+    assert not list((sim_build / "relu2").glob("verilated*.o"))  # linked from the archive
+    assert "libverilated.a,--no-whole-archive" in (sim_build / "relu2" / "build.log").read_text()
     r = simulate_layer(tmp_path, "relu1", stalls=0.3, seed=5)
     assert r.ok and r.cycles > r.ideal_cycles
     vec = dict(np.load(tmp_path / "vectors/relu1.npz"))
@@ -162,23 +176,3 @@ def test_padding_wider_than_the_kernel_build_and_sim(tmp_path):
     r = simulate_layer(tmp_path / "b", "network", stalls=0.3, seed=3)
     assert r.first_mismatch is None, r.first_mismatch
     assert r.ok and r.images_equal == r.images == 5
-
-
-def test_the_verilator_runtime_is_compiled_once_per_build_folder(tmp_path):
-    """A second engine links the run-time library the first one compiled (it is the same for
-    every engine), and still matches the golden model bit for bit."""
-    entry = _build(tmp_path)
-    v = verilog.convert(_Relu(4, 8, 1), name="relu2", emit_src=False)
-    (tmp_path / "rtl/relu2.v").write_text(v)
-    second = entry | {"name": "relu2", "module": "relu2", "sources": ["rtl/relu2.v"]}
-    manifest = {"format": "hwgen-build", "layers": [entry, second]}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    for name in ("relu1", "relu2"):
-        r = simulate_layer(tmp_path, name, stalls=0.3, seed=3)
-        assert r.ok and r.outputs_checked == 384, r.first_mismatch
-    sim_build = tmp_path / "sim_build"
-    (runtime,) = sim_build.glob("verilator-runtime-*")
-    assert (runtime / "libverilated.a").is_file()
-    assert (sim_build / "relu1" / "verilated.o").is_file()  # compiled here, then archived
-    assert not list((sim_build / "relu2").glob("verilated*.o"))  # linked from the archive
-    assert "libverilated.a,--no-whole-archive" in (sim_build / "relu2" / "build.log").read_text()
