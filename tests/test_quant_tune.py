@@ -168,15 +168,37 @@ def test_inq_retrains_every_weight_trial_and_reuses_the_weights_for_activations(
     _check_log(r, x[100:], y[100:])
     assert r.precision.scheme == "inq"
     assert {t.layer for t in r.trials if t.phase == "weights"} == {"conv1", "conv2", "fc"}
-    retrained = [t for t in r.trials if t.phase != "activations"]
-    assert {t.method for t in retrained} == {"INQ retraining (1 epoch at each of 2 steps)"}
-    base = max(i for i, t in enumerate(r.trials) if t.accepted and t.phase != "activations")
+    inq = "INQ retraining (1 epoch at each of 2 steps)"
+    assert {t.method for t in r.trials if t.phase in ("start", "weights")} == {inq}
+    base = max(i for i, t in enumerate(r.trials) if t.accepted and t.method == inq)
     assert {t.method for t in r.trials if t.phase == "activations"} == {
         f"the retrained weights of trial {base}, activation formats chosen again (no retraining)"
     }
     # the reported network is exactly what INQ gives for its precision, whichever phase won
     again = quantize(fnet, r.precision, x[:100], train, progress=False, inq_options=opts)
     assert again.net == r.net
+
+
+def test_inq_widens_the_activations_on_the_start_weights_first(toy, monkeypatch):
+    fnet, x, y = toy
+
+    def fake(net, x, y):  # only 12-bit activations fit the budget
+        return 1.0 if min(f.bits for f in net.formats.values()) >= 12 else 0.5
+
+    monkeypatch.setattr(tune_module, "accuracy", fake)
+    opts = InqOptions(epochs=1, portions=(1.0,))
+    r = tune(fnet, "inq", x[:50], x[:50], y[:50], 0.0, (x[:50], y[:50]), progress=False,
+             inq_options=opts)  # fmt: skip
+    kept = "the retrained weights of trial 0, activation formats chosen again (no retraining)"
+    assert [(t.phase, t.change, t.accepted, t.method) for t in r.trials[1:3]] == [
+        ("widen", "act bits 8 -> 10", False, kept),
+        ("widen", "act bits 10 -> 12", True, kept),
+    ]
+    weights = [t for t in r.trials if t.phase == "weights"]
+    assert len(weights) == 9 and all(t.accepted for t in weights)  # 5 -> 2 bits, retrained
+    assert {t.method for t in weights} == {"INQ retraining (1 epoch at each of 1 step)"}
+    assert all(lyr.weight_format.bits == 2 for lyr in mac_layers(r.net))
+    assert r.accuracy == 1.0
 
 
 def test_ternary_keeps_two_bit_weights(toy):

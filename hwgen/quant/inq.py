@@ -183,11 +183,15 @@ def inq(
 
 
 def _shift(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Each image moved by a random (dy, dx) in [-k, k]**2, zeros shifted in."""
-    n, _, h, w = x.shape
+    """Each image moved by a random (dy, dx) in [-k, k]**2, zeros shifted in (one gather)."""
+    n, c, h, w = x.shape
     pad = F.pad(x, (k, k, k, k))
     d = torch.randint(0, 2 * k + 1, (n, 2), generator=gen)
-    return torch.stack([pad[i, :, d[i, 0] : d[i, 0] + h, d[i, 1] : d[i, 1] + w] for i in range(n)])
+    rows = (d[:, 0, None] + torch.arange(h))[:, None, :, None]
+    cols = (d[:, 1, None] + torch.arange(w))[:, None, None, :]
+    return pad[
+        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+    ]
 
 
 def _retrain(

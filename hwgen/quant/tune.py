@@ -202,8 +202,9 @@ class _Search:
         self.trials: list[Trial] = []
         self.best: QuantResult | None = None
         self.best_acc = 0.0
-        self.best_trial = -1  # index of the accepted trial in ``trials``
         self.method = POST_TRAINING  # recorded with each trial
+        self.retrains = False  # whether ``evaluate`` retrains the weights
+        self.weights_trial = -1  # the trial that retrained the accepted weights
         self.emax3: dict[str, int] = {}  # power-of-two scale of each layer at 3 bits
 
     def precision(self, wbits: dict[str, int], abits: dict[str, int]) -> Precision:
@@ -221,19 +222,23 @@ class _Search:
         self.trials.append(Trial(phase, layer, change, acc, rom_bits(q.net), take, self.method))
         if take:
             self.wbits, self.abits, self.best, self.best_acc = dict(wbits), dict(abits), q, acc
-            self.best_trial = len(self.trials) - 1
+            if self.retrains:
+                self.weights_trial = len(self.trials) - 1
         return ok
 
     def widen(self, wmax: int) -> None:
-        """Every width up by ``_RAISE_STEP`` until the budget is met or nothing can grow."""
+        """Every width up by ``_RAISE_STEP`` until the budget is met or nothing can grow
+        (``wmax`` = the current weight bits: activations only)."""
         w, a = self.wbits, self.abits
         while not self.budget(self.best_acc):
-            nw = {n: min(b + _RAISE_STEP, wmax) for n, b in w.items()}
+            nw = {n: min(b + _RAISE_STEP, max(wmax, b)) for n, b in w.items()}
             na = {n: min(b + _RAISE_STEP, _ACT_BITS[2]) for n, b in a.items()}
             if nw == w and na == a:
                 return
             old, new = (max(w.values()), max(a.values())), (max(nw.values()), max(na.values()))
-            change = f"weight bits {old[0]} -> {new[0]}, act bits {old[1]} -> {new[1]}"
+            change = f"act bits {old[1]} -> {new[1]}"
+            if nw != w:
+                change = f"weight bits {old[0]} -> {new[0]}, {change}"
             self.trial("widen", "*", change, nw, na)
             w, a = nw, na
 
@@ -348,7 +353,19 @@ def tune(
         search.emax3 = {n: least_squares_emax(fl.weight, 3) for n, fl in macs.items()}
     if scheme in RETRAINED:
         epochs = f"{options.epochs} epoch{'s' if options.epochs != 1 else ''}"
-        search.method = f"INQ retraining ({epochs} at each of {len(options.portions)} steps)"
+        steps = f"{len(options.portions)} step{'s' if len(options.portions) != 1 else ''}"
+        search.method = f"INQ retraining ({epochs} at each of {steps})"
+        search.retrains = True
+
+    def keep_weights() -> None:
+        """From now on, trials keep the accepted weights and choose activation formats."""
+        search.evaluate = _on_retrained_weights(search.best, calib_x, eval_x, eval_y)
+        search.method = (
+            f"the retrained weights of trial {search.weights_trial}, activation formats "
+            "chosen again (no retraining)"
+        )
+        search.retrains = False
+
     steps = 1 + len(names) * (wstart - wlo) + len(acts) * (_ACT_BITS[1] - _ACT_BITS[0])
     columns = (
         TextColumn("tune {task.description}"),
@@ -364,15 +381,18 @@ def tune(
 
         search.trial("start", "*", "scheme default", search.wbits, search.abits)
         tick(1)
+        if scheme in RETRAINED and not budget(search.best_acc):
+            # wider activations need no retraining: try them on the start's weights first
+            retraining = search.evaluate, search.method
+            keep_weights()
+            search.widen(0)
+            search.evaluate, search.method = retraining
+            search.retrains = True
         search.widen(wmax)
         bar.update(task, description="weights")
         search.lower("weights", sorted(names, key=lambda n: -sizes[n]), wlo, tick)
         if scheme in RETRAINED:
-            search.evaluate = _on_retrained_weights(search.best, calib_x, eval_x, eval_y)
-            search.method = (
-                f"the retrained weights of trial {search.best_trial}, activation formats "
-                "chosen again (no retraining)"
-            )
+            keep_weights()
         bar.update(task, description="activations")
         shapes = _out_sizes(fnet, acts)
         search.lower(
