@@ -511,3 +511,18 @@ def test_a_title_wider_than_its_table_stays_on_one_line():
     log = io.StringIO()
     Console(file=log, width=LOG_WIDTH).print(table)
     assert log.getvalue().splitlines()[0].strip() == title
+
+
+def test_tune_keeps_its_folders_mode_and_follows_the_umask(tmp_path):
+    out = tmp_path / "tune"
+    out.mkdir()
+    out.chmod(0o701)
+    old = os.umask(0o027)
+    try:
+        argv = ["tune", "digits", "--scheme", "fixed", "--max-drop", "100", "-o", str(out)]
+        assert main(argv) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o701
+    assert stat.S_IMODE((out / "report.md").stat().st_mode) == 0o640
+    assert stat.S_IMODE((out / "plots").stat().st_mode) == 0o750
