@@ -41,7 +41,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from hwgen.fsutil import check_output
 
     check_output(args.output, "folder", replaced=False)  # the demo writes into its folder
-    run(args.output, make_console())
+    run(args.output, console=make_console())
 
 
 def _cmd_tune(args: argparse.Namespace) -> None:
