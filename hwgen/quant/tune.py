@@ -17,12 +17,14 @@ golden model on the evaluation set. The budget is ``float accuracy - max_drop`` 
 3. Activations (line-buffer and datapath width, not ROM): the same, for the network
    input and every conv/linear/add output, the largest feature map first.
 
-Powers of two with retraining (``inq``, ``ternary``, ``binary``): every start, widening
-and weight trial runs INQ on its bits (the given ``InqOptions``; a few seconds on
-``digits``), so its accuracy is that of the retrained network, exactly what ``quantize``
-gives for the resulting ``precision.toml``. The activation trials keep the accepted
-trial's retrained weights (INQ does not depend on activation formats) and only choose the
-formats again: no retraining, and still exact. Each trial records how it was measured.
+Powers of two with retraining (``inq``, ``ternary``, ``binary``): the start and every
+weight trial run INQ on their bits (the given ``InqOptions``; a few seconds on
+``digits``), so each accuracy is that of the retrained network, exactly what ``quantize``
+gives for the resulting ``precision.toml``. Trials that change activation bits only keep
+the accepted trial's retrained weights (INQ does not depend on activation formats) and
+choose the formats again: no retraining, and still exact. So step 1 widens the
+activations alone first, on the start's weights, and retrains wider weights only if that
+is not enough. Each trial records how it was quantised (``Trial.method``).
 """
 
 from __future__ import annotations
