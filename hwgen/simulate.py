@@ -179,10 +179,12 @@ def _runtime_objects(out: Path) -> list[str]:
 
 def _save_runtime(out: Path, runtime: Path) -> None:
     """Keep a finished build's run-time objects as one archive for the next builds."""
+    objects = [out / o for o in _runtime_objects(out)]
+    if not objects or not all(o.is_file() for o in objects):
+        return  # a Verilator whose make files read differently: every build compiles its own
     tmp = runtime.with_name(f".{runtime.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    objects = [out / o for o in _runtime_objects(out)]
     subprocess.run(["ar", "rcs", str(tmp / "libverilated.a"), *map(str, objects)], check=True)
     try:
         tmp.rename(runtime)

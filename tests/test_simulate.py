@@ -176,3 +176,19 @@ def test_padding_wider_than_the_kernel_build_and_sim(tmp_path):
     r = simulate_layer(tmp_path / "b", "network", stalls=0.3, seed=3)
     assert r.first_mismatch is None, r.first_mismatch
     assert r.ok and r.images_equal == r.images == 5
+
+
+def test_runtime_objects_read_from_verilators_make_file(tmp_path):
+    from hwgen.simulate import _runtime_objects, _save_runtime
+
+    (tmp_path / "Vtop_classes.mk").write_text(
+        "VM_CLASSES_FAST += \\\n  Vtop \\\n\n"
+        "VM_GLOBAL_FAST += \\\n  verilated \\\n  verilated_vpi \\\n\n"
+        "VM_GLOBAL_SLOW += \\\n  verilated_extra \\\n\n"
+    )
+    assert _runtime_objects(tmp_path) == ["verilated.o", "verilated_vpi.o", "verilated_extra.o"]
+    runtime = tmp_path / "verilator-runtime-x"
+    _save_runtime(tmp_path, runtime)  # objects missing: nothing is kept, builds compile their own
+    assert not runtime.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "Vtop_classes.mk"
+    ]
