@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -275,17 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(message: str) -> int:
+    """Print the one line of a refused command; return its exit code."""
+    # Hardware components built before the error are never elaborated: Amaranth would warn
+    # about each one when it is collected, after the error line.
+    from amaranth.hdl import UnusedElaboratable
+
+    warnings.filterwarnings("ignore", category=UnusedElaboratable)
+    print(f"hwgen: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
     except HwgenError as e:
-        print(f"hwgen: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     except OSError as e:  # the file system failed under a checked path (disk full, ...)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"hwgen: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
+        return _error(f"{where}{e.strerror or e}")
     except KeyboardInterrupt:
         print("hwgen: interrupted", file=sys.stderr)
         return 130

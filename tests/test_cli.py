@@ -205,6 +205,29 @@ def test_real_entry_point(tmp_path, model, x_int):
     assert not out.exists()
 
 
+def test_a_refused_build_prints_no_library_warning(tmp_path):
+    """A build refused after its engines exist (a layer named like another's FIFO): the one
+    error line, and no Amaranth UnusedElaboratable warnings after it."""
+    from dataclasses import replace
+
+    from hwgen.ir import Network
+
+    net = example_network(0)
+    layers = list(net.layers)
+    layers[1] = replace(layers[1], name="conv1_fifo")
+    layers[2] = replace(layers[2], inputs=("conv1_fifo",))
+    model = hwq.save(Network(net.input_shape, net.input_format, tuple(layers)), tmp_path / "m.hwq")
+    out = tmp_path / "b"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hwgen.cli", "build", str(model), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "name clashes" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def test_scheme_auto_on_a_float_model(tmp_path, capsys):
     out = tmp_path / "d.hwq"
     _one_line_error(
