@@ -317,7 +317,7 @@ def prefix_plot(result: TuneResult) -> Plot:
 def trials_plot(result: TuneResult) -> Plot:
     """Accuracy against weight ROM bits for every trial of the search, one marker per way of
     measuring (``Trial.method``), accepted filled, the chosen one ringed, the budget dashed."""
-    fig = MplFigure(figsize=(7, 4))
+    fig = MplFigure(figsize=(7, 5.5))
     ax = fig.subplots()
     methods = list(dict.fromkeys(t.method for t in result.trials))
     for k, method in enumerate(methods):
@@ -337,9 +337,12 @@ def trials_plot(result: TuneResult) -> Plot:
                     ls="none",
                     label=f"{'accepted' if accepted else 'rejected'}: {method}",
                 )
+    at: dict[tuple[int, float], list[int]] = {}  # trials on the same point share a label
     for i, t in enumerate(result.trials):
-        at = (t.rom_bits, 100 * t.accuracy)
-        ax.annotate(str(i), at, fontsize=6, xytext=(3, 2), textcoords="offset points")
+        at.setdefault((t.rom_bits, 100 * t.accuracy), []).append(i)
+    for xy, idx in at.items():
+        label = _ranges(idx).split(" ", 1)[1]
+        ax.annotate(label, xy, fontsize=6, xytext=(3, 2), textcoords="offset points")
     chosen = ([result.rom_bits], [100 * result.accuracy])
     ax.plot(*chosen, "o", ms=14, mfc="none", mec="black", label="chosen")
     floor = 100 * result.float_accuracy - result.max_drop_points
@@ -351,7 +354,7 @@ def trials_plot(result: TuneResult) -> Plot:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("every trial of the search (numbers: trial #)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     return Plot("trials.png", "accuracy vs weight ROM bits, every trial", _png(fig))
 
