@@ -20,7 +20,9 @@ activations; 4-bit INQ weights (``Pow2(4)``) or 8-bit fixed-point weights; PE x 
    image and a run of every image in the vector file.
 
 The last lines printed are ``cycles/ideal: X``, ``pow2/fixed LUT4 ratio: X`` (against the
-``-nodsp`` fixed-point array), ``pow2 DSP: N`` and ``sim cycles per second: X``.
+``-nodsp`` fixed-point array), ``pow2 LUT4 per lane: X`` (the INQ array's LUT4s over its
+PE x SIMD lanes: lanes, adder trees, accumulators and bias tables), ``pow2 DSP: N`` and
+``sim cycles per second: X``.
 
     python bench/hw.py [--skip-synth] [--images N]
 """
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal cycles {info.ideal_cycles}, measured {measured}, fill latency {fill}")
     print(f"Amaranth simulator: {measured} cycles in {wall:.2f} s (output == golden)")
 
-    ratio_luts, pow2_dsp = float("nan"), -1
+    ratio_luts, per_lane, pow2_dsp = float("nan"), float("nan"), -1
     if not args.skip_synth:
         rows = [
             ("pow2 (INQ 4-bit), -nodsp", synth_mac(pow2, nodsp=True)),
@@ -199,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in rows:
             print(f"{name:28} {r.luts:>6} {r.ffs:>5} {r.dsps:>4}")
         ratio_luts = rows[0][1].luts / rows[2][1].luts
+        per_lane = rows[0][1].luts / (PE * SIMD)
         pow2_dsp = rows[0][1].dsps
 
     sim_rate, sim_cycles, sim_wall = verilator_rate(pow2, args.images)
@@ -209,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"cycles/ideal: {ratio_cycles:.3f}")
     print(f"pow2/fixed LUT4 ratio: {ratio_luts:.3f}")
+    print(f"pow2 LUT4 per lane: {per_lane:.1f}")
     print(f"pow2 DSP: {pow2_dsp}")
     print(f"sim cycles per second: {sim_rate:.0f}")
     return 0

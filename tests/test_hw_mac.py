@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hwgen.golden import conv2d_acc, layer_forward
-from hwgen.hw.mac import MACUnit
+from hwgen.hw.mac import MACUnit, _lane_range
 from hwgen.hw.streams import run_stream
 from hwgen.ir import (
     ROUNDINGS,
@@ -20,6 +20,7 @@ from hwgen.ir import (
     acc_bits,
     acc_frac,
     acc_range,
+    signed_bits,
 )
 
 
@@ -136,6 +137,46 @@ def test_dense():
         beats = window_beats(x[img][:, None, None], as_conv(layer), 4, 3)
         got, _ = run_mac(dut, beats, 2, stall_in=0.3, stall_out=0.3, seed=img)
         assert np.array_equal(np.array(got).reshape(-1), expected[img])
+
+
+@pytest.mark.parametrize(("simd", "wfmt"), [(3, Pow2(5, -3)), (5, Pow2(2, 0)), (5, Pow2(1, 0))])
+def test_odd_simd_with_negative_lanes(simd, wfmt):
+    """Trees of 3 and 5 lanes: every negative lane's "+1" is a carry-in, the last one the
+    accumulator's; one neuron has only negative weights, one only zeros."""
+    rng = np.random.default_rng(simd)
+    fin = ActFormat(7, 3, signed=simd == 3)
+    w = random_weights(rng, wfmt, (4, 15))
+    w[0] = -np.left_shift(1, rng.integers(0, wfmt.max_shift + 1, 15))
+    w[1] = 0 if wfmt.has_zero else w[1]
+    # The output is the accumulator itself (no shift): an error of 1 would show.
+    out = ActFormat(24, fin.frac + wfmt.frac)
+    layer = Linear("fc", 15, 4, wfmt, out, w, rng.integers(-99, 99, 4))
+    x = rng.integers(fin.lo, fin.hi, size=(3, 15), endpoint=True)
+    x[0] = fin.lo
+    expected = layer_forward(layer, x, fin)
+    for img in range(3):
+        dut = MACUnit(layer, fin, 2, simd)
+        beats = window_beats(x[img][:, None, None], as_conv(layer), simd, 2)
+        got, _ = run_mac(dut, beats, 2, stall_in=0.3, seed=img)
+        assert np.array_equal(np.array(got).reshape(-1), expected[img])
+
+
+@pytest.mark.parametrize("wfmt", WEIGHT_FORMATS, ids=str)
+@pytest.mark.parametrize("signed", [False, True])
+def test_lane_range_holds_every_term(wfmt, signed):
+    """A lane's register is as wide as its range: every weight level times every extreme
+    activation fits (a negative Pow2 lane holds the one's complement, ``a*w - 1``)."""
+    fin = ActFormat(6, 0, signed=signed)
+    if isinstance(wfmt, Fixed):
+        levels = range(wfmt.lo, wfmt.hi + 1)
+    else:
+        mags = [1 << s for s in range(wfmt.max_shift + 1)]
+        levels = [*mags, *(-v for v in mags), *([0] if wfmt.has_zero else [])]
+    pow2 = not isinstance(wfmt, Fixed)
+    terms = [a * w - (pow2 and w < 0) for a in (fin.lo, fin.hi) for w in levels]
+    lo, hi = _lane_range(wfmt, fin)
+    assert lo <= min(terms) and max(terms) <= hi
+    assert signed_bits(lo, hi) == signed_bits(min(*terms, 0), max(*terms, 0))
 
 
 def as_conv(layer: Linear) -> Conv2d:

@@ -2,10 +2,14 @@
 that streams window beats through it with the weight ROMs and the requantisers.
 
 Lanes: a Pow2 lane has no multiplier: it shifts the activation by the code's shift (no
-shifter for ternary and binary) and negates by one's complement, ``-x = ~x + 1``; the "+1"s
-of a PE's negative lanes are counted and added once at the root of its adder tree. A Fixed
-lane is a multiplier (the baseline). Accumulators are ``hwgen.ir.acc_bits`` wide (enough for
-any input, from the actual weights); every narrower sum in front of them is exact.
+shifter for ternary and binary) and negates by one's complement, ``-x = ~x + 1``; a zero
+weight clears the lane's registers (a synchronous reset, no logic). A Fixed lane is a
+multiplier (the baseline). Adder trees are two-input adders, each on one carry chain (Yosys
+would otherwise merge a tree into one multi-operand adder of LUT full adders, 1.5x the LUTs
+on ECP5), each as wide as the range of its sum; the "+1" of each negative lane is the
+carry-in of one of them (a tree of SIMD lanes has SIMD - 1 adders, the accumulator the
+last). Accumulators are ``hwgen.ir.acc_bits`` wide (enough for any input, from the actual
+weights); every narrower sum in front of them is exact.
 """
 
 from __future__ import annotations
@@ -18,19 +22,24 @@ from amaranth.lib.wiring import In, Out
 
 from hwgen.hw.requant import Requantizer, act_shape
 from hwgen.hw.rom import WeightROM, code_bits, rom_file, rom_width, rom_words
-from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, WeightFormat, acc_bits, acc_frac
+from hwgen.ir import (
+    ActFormat,
+    Conv2d,
+    Fixed,
+    Linear,
+    WeightFormat,
+    acc_bits,
+    acc_frac,
+    signed_bits,
+)
+
+Range = tuple[int, int]  # (lo, hi) a value can take
 
 
-def _tree_sum(terms: list[Value]) -> Value:
-    """Balanced adder tree; Amaranth widens each sum by one bit, so it is exact."""
-    while len(terms) > 1:
-        pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
-        terms = pairs + terms[len(terms) - len(terms) % 2 :]
-    return terms[0]
+def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value, Value]:
+    """One Pow2 lane: (``a << shift``, one's-complemented when negative; is-negative; zero).
 
-
-def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value]:
-    """One Pow2 lane: (``±(a << shift)`` minus 1 when negative, is-negative bit)."""
+    ``-x == ~x + 1``: the "+1" is the negative bit, a carry-in of the adder tree."""
     if fmt.bits >= 3:
         sb = fmt.bits - 2
         mag, sign, zero = a << code[:sb], code[sb], code[sb + 1]
@@ -39,7 +48,17 @@ def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value]:
     if not mag.shape().signed:  # one more bit so the one's complement has a sign
         mag = Cat(mag, Const(0, 1)).as_signed()
     # ~x == -x - 1 stays in x's signed range: no sign extension needed.
-    return Mux(zero, 0, Mux(sign, ~mag, mag)), sign & ~zero
+    return Mux(sign, ~mag, mag), sign, zero
+
+
+def _lane_range(fmt: WeightFormat, act: ActFormat) -> Range:
+    """Range of a lane's registered term (Pow2: before its negative bit's +1)."""
+    if isinstance(fmt, Fixed):
+        ends = [a * w for a in (act.lo, act.hi) for w in (fmt.lo, fmt.hi)]
+        return min(ends), max(ends)
+    s = fmt.max_shift if fmt.bits >= 3 else 0
+    lo, hi = min(act.lo, act.lo << s), max(act.hi, act.hi << s)
+    return min(lo, -hi - 1, 0), max(hi, -lo - 1, 0)
 
 
 class MACArray(wiring.Component):
@@ -104,21 +123,36 @@ class MACArray(wiring.Component):
             }
         )
 
-    def _terms(self, act: Value, codes: Value) -> list[Value]:
-        """A PE's lane products from its codes, plus (Pow2) the count of negated lanes' "+1"s."""
+    def _lanes(self, act: Value, codes: Value) -> list[tuple[Value, Value, Value]]:
+        """A PE's lanes: (term, negative bit, zero bit); the registered term is 0 when zero
+        and the negative bit is the "+1" the adders add as a carry-in."""
         fmt = self.weight_format
-        acts = [act[lane] for lane in range(self.simd)]
-        codes = [codes[lane] for lane in range(self.simd)]
+        pairs = zip((act[lane] for lane in range(self.simd)), codes, strict=True)
         if isinstance(fmt, Fixed):
-            return [a * c.as_signed() for a, c in zip(acts, codes, strict=True)]
-        lanes = [_pow2_lane(fmt, a, c) for a, c in zip(acts, codes, strict=True)]
-        # The "+1" of each negated lane, counted and added once at the root.
-        return [t for t, _ in lanes] + [sum(n for _, n in lanes)]
+            return [(a * c.as_signed(), Const(0, 1), Const(0, 1)) for a, c in pairs]
+        return [_pow2_lane(fmt, a, c) for a, c in pairs]
+
+    def _add(
+        self,
+        m: Module,
+        name: str,
+        a: tuple[Value, Range],
+        b: tuple[Value, Range],
+        carry: Value | None,
+    ) -> tuple[Value, Range]:
+        """``a + b + carry`` on one carry chain, as wide as its range (modulo 2**acc_bits:
+        exact, since the final sum fits)."""
+        (va, (alo, ahi)), (vb, (blo, bhi)) = a, b
+        lo, hi = alo + blo, ahi + bhi + (carry is not None)
+        # keep: Yosys would otherwise merge the tree into one $macc of LUT full adders.
+        out = Signal(signed(min(signed_bits(lo, hi), self.acc_bits)), name=name, attrs={"keep": 1})
+        m.d.comb += out.eq(va + vb + (0 if carry is None else carry))
+        return out, (lo, hi)
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
-        # Stage 0 registers the inputs, stage 1 the lane products, stage 2 the adder-tree
-        # sums, stage 3 accumulates: each stage is one level of logic, for >115 MHz on ECP5.
+        # Stage 0 registers the inputs, stage 1 the lane terms, stage 2 the adder-tree sums,
+        # stage 3 accumulates: each stage is one level of logic, for >115 MHz on ECP5.
         act = Signal.like(self.act, name="act0")
         codes = Signal.like(self.codes, name="codes0")
         m.d.sync += [act.eq(self.act), codes.eq(self.codes)]
@@ -137,22 +171,42 @@ class MACArray(wiring.Component):
             src = stage
         m.d.sync += self.done.eq(ctl[2][0] & ctl[2][2])
         s_valid, s_first, _, s_fold = ctl[2]
+        lane_range = _lane_range(self.weight_format, self.in_format)
+        pow2 = not isinstance(self.weight_format, Fixed)
         for k in range(self.pe):
-            terms = []
-            for j, term in enumerate(self._terms(act, codes[k])):
-                reg = Signal(term.shape(), name=f"term{k}_{j}")
-                m.d.sync += reg.eq(term)
-                terms.append(reg)
-            total = _tree_sum(terms)
-            # Sums are added modulo 2**acc_bits: exact, since the final value fits.
-            width = min(len(total), self.acc_bits)
-            s_sum = Signal(signed(width), name=f"sum{k}")
+            terms, carries = [], []
+            for j, (term, neg, zero) in enumerate(self._lanes(act, codes[k])):
+                reg = Signal(signed(signed_bits(*lane_range)), name=f"term{k}_{j}")
+                # A zero weight clears the registers: a synchronous reset, no LUT.
+                m.d.sync += reg.eq(Mux(zero, 0, term))
+                terms.append((reg, lane_range))
+                if pow2:
+                    n = Signal(name=f"neg{k}_{j}")
+                    m.d.sync += n.eq(Mux(zero, 0, neg))
+                    carries.append(n)
+            # A balanced tree of two-input adders, each taking one lane's "+1" as its
+            # carry-in; the last "+1" goes into the accumulator's.
+            level = 0
+            while len(terms) > 1:
+                pairs = []
+                for i in range(0, len(terms) - 1, 2):
+                    carry = carries.pop() if carries else None
+                    pairs.append(
+                        self._add(m, f"sum{k}_{level}_{i // 2}", terms[i], terms[i + 1], carry)
+                    )
+                terms = pairs + terms[len(terms) - len(terms) % 2 :]
+                level += 1
+            total, (lo, hi) = terms[0]
+            s_sum = Signal(signed(min(signed_bits(lo, hi), self.acc_bits)), name=f"sum{k}")
+            m.d.sync += s_sum.eq(total)
+            s_carry = Signal(name=f"carry{k}")
+            if carries:
+                m.d.sync += s_carry.eq(carries.pop())
             biases = [Const(int(b), signed(self.acc_bits)) for b in self.bias[:, k]]
             bias = biases[0] if len(biases) == 1 else Array(biases)[s_fold]
             acc = self.acc[k]
-            m.d.sync += s_sum.eq(total)
             with m.If(s_valid):
-                m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum)
+                m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum + s_carry)
         return m
 
 
