@@ -3,7 +3,9 @@ know about it (``EngineInfo``).
 
 A Conv2d or Linear engine is the sliding-window unit followed by the MAC unit (weight ROMs,
 PE x SIMD MAC array, requantisers): SIMD input channels per beat in, PE output channels per
-beat out. A dense layer is the same engine on a 1x1 map of ``in_features`` channels. Pool,
+beat out. A dense layer is the same engine on a 1x1 map of ``in_features`` channels. The
+``unrolled`` engine (hwgen.hw.unrolled) computes a whole kernel window per cycle with the
+weights as constants in an adder graph, at PE = Cout and SIMD = Cin. Pool,
 global average pool and ReLU engines come from hwgen.hw.pool, add and subsample-pad engines
 from hwgen.hw.residual, all with ``pe`` channels per beat in and out (an add engine has two
 inputs, ``a`` and ``b``, instead of ``i``). Flatten has no engine: H,W,C streams are already
@@ -26,6 +28,7 @@ from hwgen.hw.pool import AvgPool, GlobalAvgPoolEngine, MaxPool, ReLUEngine
 from hwgen.hw.requant import act_shape
 from hwgen.hw.residual import AddEngine, SubsamplePadEngine
 from hwgen.hw.rom import ROM_STYLES, rom_width, rom_words
+from hwgen.hw.unrolled import UnrolledEngine
 from hwgen.hw.window import SlidingWindow
 from hwgen.ir import (
     Add,
@@ -43,6 +46,8 @@ from hwgen.ir import (
 )
 
 MAX_LANES = 1024  # PE*SIMD (or pool lanes) beyond this is not a sensible FPGA layer
+ENGINES = ("folded", "unrolled")  # for a Conv2d or Linear layer
+MAX_UNROLLED_WEIGHTS = 4096  # the adder-graph search grows with the square of a row's terms
 _KINDS = {
     Conv2d: "conv",
     Linear: "dense",
@@ -63,7 +68,8 @@ class EngineInfo:
     layout): a ``uint64`` array when ``rom_width <= 64``, else an array of Python ints.
     Empty for engines without MACs, whose ``acc_bits``, ``rom_depth`` and ``rom_width`` are
     0. An add engine's second input (``b``) has ``in_b_bits`` and ``in_b_signed`` (0 and
-    False for the other engines).
+    False for the other engines). ``engine`` is ``unrolled`` for the unrolled constant-weight
+    engine (no ROM), else ``folded``.
     """
 
     kind: str  # conv | dense | maxpool | avgpool | relu | add | subsample_pad | global_avgpool
@@ -85,6 +91,7 @@ class EngineInfo:
     roms: list[np.ndarray] = field(repr=False, compare=False)
     in_b_bits: int = 0
     in_b_signed: bool = False
+    engine: str = "folded"
 
 
 def _layer(net: Network, index: int) -> Layer:
@@ -116,8 +123,29 @@ def _mac_dims(net: Network, index: int) -> tuple[int, int, int, int]:
     return layer.in_features, layer.out_features, 1, 1
 
 
-def _check_folding(net: Network, index: int, pe: int, simd: int) -> Layer:
+def _check_folding(net: Network, index: int, pe: int, simd: int, engine: str) -> Layer:
     layer = _layer(net, index)
+    if engine not in ENGINES:
+        raise HwgenError(
+            f"layer {layer.name}: engine must be one of {', '.join(ENGINES)}, not {engine!r}"
+        )
+    if engine == "unrolled":
+        if not isinstance(layer, (Conv2d, Linear)):
+            raise HwgenError(
+                f"layer {layer.name}: only a conv or dense layer has an unrolled engine"
+            )
+        cin, cout, kk, _ = _mac_dims(net, index)
+        if cin * cout * kk > MAX_UNROLLED_WEIGHTS:
+            raise HwgenError(
+                f"layer {layer.name}: {cin * cout * kk} weights is too many to unroll "
+                f"(at most {MAX_UNROLLED_WEIGHTS})"
+            )
+        if (pe, simd) != (cout, cin):
+            raise HwgenError(
+                f"layer {layer.name}: the unrolled engine has PE = {cout} and SIMD = {cin} "
+                f"(every channel), not PE={pe}, SIMD={simd}"
+            )
+        return layer
     if isinstance(layer, (Conv2d, Linear)):
         cin, cout, _, _ = _mac_dims(net, index)
         _divisor("PE", layer, pe, cout, "output channels")
@@ -168,9 +196,9 @@ def choose_folding(net: Network, index: int, max_pe: int, max_simd: int) -> tupl
     return pe, pe
 
 
-def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
+def engine_info(net: Network, index: int, pe: int, simd: int, engine: str = "folded") -> EngineInfo:
     """What the build and the benches need to know about layer ``index``'s engine."""
-    layer = _check_folding(net, index, pe, simd)
+    layer = _check_folding(net, index, pe, simd, engine)
     fin, fout = net.in_format(layer), net.formats[layer.name]
     shape_in, shape_out = net.in_shape(layer), net.shapes[layer.name]
     size_in, size_out = int(np.prod(shape_in)), int(np.prod(shape_out))
@@ -185,7 +213,7 @@ def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
     if isinstance(layer, (Conv2d, Linear)):
         cin, cout, kk, pixels = _mac_dims(net, index)
         macs = pixels * cout * kk * cin
-        roms = [rom_words(layer, pe, simd)]
+        roms = [] if engine == "unrolled" else [rom_words(layer, pe, simd)]
         return EngineInfo(
             **common,
             in_lanes=simd,
@@ -194,11 +222,12 @@ def engine_info(net: Network, index: int, pe: int, simd: int) -> EngineInfo:
             out_beats=size_out // pe,
             simd=simd,
             acc_bits=acc_bits(layer, fin),
-            rom_depth=len(roms[0]),
-            rom_width=rom_width(layer, pe, simd),
+            rom_depth=len(roms[0]) if roms else 0,
+            rom_width=rom_width(layer, pe, simd) if roms else 0,
             macs=macs,
             ideal_cycles=macs // (pe * simd),
             roms=roms,
+            engine=engine,
         )
     # The others: PE channels per beat in and out, no ROM, no MACs.
     extra = {}
@@ -272,12 +301,19 @@ class MACEngine(wiring.Component):
 
 
 def make_engine(
-    net: Network, index: int, pe: int, simd: int, rom_style: str = "inline"
+    net: Network,
+    index: int,
+    pe: int,
+    simd: int,
+    rom_style: str = "inline",
+    engine: str = "folded",
 ) -> wiring.Component:
     """The streaming engine of layer ``index`` (see the module docstring for its ports)."""
-    layer = _check_folding(net, index, pe, simd)
+    layer = _check_folding(net, index, pe, simd, engine)
     if rom_style not in ROM_STYLES:
         raise HwgenError(f"ROM style must be one of {', '.join(ROM_STYLES)}, not {rom_style!r}")
+    if engine == "unrolled":
+        return UnrolledEngine(layer, net.in_format(layer), net.in_shape(layer))
     if isinstance(layer, (Conv2d, Linear)):
         return MACEngine(net, index, pe, simd, rom_style)
     in_shape = net.in_shape(layer)

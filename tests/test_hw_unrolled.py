@@ -1,0 +1,164 @@
+"""The unrolled constant-weight engine against the golden model: dense, 1x1 and kxk convs,
+Fixed and Pow2 weights, random stalls, extremes (all-max inputs and weights, saturation,
+rounding ties), every rounding mode; full rate; the datapath's pipeline knob."""
+
+import numpy as np
+import pytest
+
+from hwgen.errors import HwgenError
+from hwgen.golden import layer_forward
+from hwgen.hw.engine import engine_info, make_engine
+from hwgen.hw.streams import run_stream
+from hwgen.hw.unrolled import MatVec, layer_matrix
+from hwgen.ir import ROUNDINGS, ActFormat, Conv2d, Fixed, Linear, Network, Pow2
+
+
+def run_unrolled(net, x, stall=0.0, seed=0):
+    """Inputs (N, C, H, W) or (N, F) through layer 0's unrolled engine: (NCHW out, cycles)."""
+    layer = net.layers[0]
+    cin = layer.in_features if isinstance(layer, Linear) else layer.in_channels
+    cout = layer.bias.shape[0]
+    info = engine_info(net, 0, cout, cin, "unrolled")
+    assert (info.engine, info.roms, info.in_lanes, info.out_lanes) == ("unrolled", [], cin, cout)
+    dut = make_engine(net, 0, cout, cin, engine="unrolled")
+    hwc = x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+    beats = hwc.reshape(-1, cin).tolist()
+    out, cycles = run_stream(dut, beats, info.out_beats * len(x), stall, stall, seed)
+    shape = net.shapes[layer.name]
+    got = np.array(out).reshape(len(x), *shape[1:], shape[0])
+    return (got.transpose(0, 3, 1, 2) if got.ndim == 4 else got), cycles
+
+
+def weights(rng, fmt, shape):
+    if isinstance(fmt, Fixed):
+        return rng.integers(fmt.lo, fmt.hi, size=shape, endpoint=True)
+    mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
+    w = mag * rng.choice([-1, 1], size=shape)
+    return np.where(rng.random(shape) < 0.3, 0, w) if fmt.has_zero else w
+
+
+def dense_net(rng, wfmt, fin, fout, cin=12, cout=6, w=None, bias=None):
+    w = weights(rng, wfmt, (cout, cin)) if w is None else w
+    bias = rng.integers(-500, 500, cout) if bias is None else bias
+    return Network((cin,), fin, (Linear("fc", cin, cout, wfmt, fout, w, bias),))
+
+
+def check(net, x, **kw):
+    got, cycles = run_unrolled(net, x, **kw)
+    assert np.array_equal(got, layer_forward(net.layers[0], x, net.in_format(net.layers[0])))
+    return cycles
+
+
+@pytest.mark.parametrize(
+    ("wfmt", "fin"),
+    [
+        (Pow2(5, 0), ActFormat(8, 8, signed=False)),
+        (Pow2(2, -1), ActFormat(6, 3)),
+        (Pow2(1, 0), ActFormat(4, 0)),
+        (Fixed(8, 7), ActFormat(8, 8, signed=False)),
+        (Fixed(3, 1), ActFormat(7, 2)),
+    ],
+    ids=["pow2", "ternary", "binary", "fixed8", "fixed3"],
+)
+def test_dense_with_stalls(wfmt, fin):
+    rng = np.random.default_rng(wfmt.bits)
+    net = dense_net(rng, wfmt, fin, ActFormat(8, 5))
+    x = rng.integers(fin.lo, fin.hi, size=(40, 12), endpoint=True)
+    check(net, x, stall=0.3, seed=wfmt.bits)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("relu", [False, True])
+def test_extremes_saturation_and_ties(rounding, relu):
+    """All-max and all-min inputs against all-max weights (saturation both ways), and
+    accumulators exactly halfway between two outputs (ties) in every rounding mode."""
+    rng = np.random.default_rng(7)
+    wfmt, fin = Fixed(8, 4), ActFormat(8, 0)
+    w = np.full((4, 12), wfmt.hi)
+    w[1], w[2, :6], w[3] = wfmt.lo, 0, 0
+    w[3, 0] = 1  # output 3 is x0 + bias: its ties come from x0
+    layer = Linear("fc", 12, 4, wfmt, ActFormat(6, 0, rounding=rounding), w, [0, 5, -7, 0], relu)
+    net = Network((12,), fin, (layer,))
+    x = np.concatenate(
+        [
+            np.full((1, 12), fin.hi),
+            np.full((1, 12), fin.lo),
+            rng.integers(fin.lo, fin.hi, size=(6, 12), endpoint=True),
+        ]
+    )
+    x[2:, 0] = np.arange(-24, 24, 8)  # x0 / 16 hits .5 on the odd multiples of 8
+    check(net, x, stall=0.2)
+
+
+@pytest.mark.parametrize(
+    ("wfmt", "kernel", "stride", "padding"),
+    [
+        (Pow2(4, -1), 3, 1, 1),
+        (Fixed(6, 4), (2, 3), (2, 1), (0, 1)),
+        (Pow2(3, 0), 1, 1, 0),
+        (Fixed(5, 3), 1, 2, 1),
+    ],
+    ids=["3x3", "2x3_stride", "1x1", "1x1_stride_pad"],
+)
+def test_conv_with_stalls(wfmt, kernel, stride, padding):
+    rng = np.random.default_rng(3)
+    fin = ActFormat(8, 4)
+    k = np.broadcast_to(kernel, 2)
+    w = weights(rng, wfmt, (5, 3, *k))
+    layer = Conv2d(
+        "conv",
+        3,
+        5,
+        tuple(k),
+        wfmt,
+        ActFormat(8, 3),
+        w,
+        rng.integers(-300, 300, 5),
+        stride=stride,
+        padding=padding,
+        relu=True,
+    )
+    net = Network((3, 5, 6), fin, (layer,))
+    x = rng.integers(-128, 128, size=(2, 3, 5, 6))
+    check(net, x, stall=0.3, seed=1)
+
+
+def test_full_rate_without_stalls():
+    """One input vector per cycle: cycles = vectors + the datapath's latency + the FIFO."""
+    rng = np.random.default_rng(5)
+    net = dense_net(rng, Pow2(4, 0), ActFormat(8, 0), ActFormat(8, 0), cin=16, cout=8)
+    x = rng.integers(-128, 128, size=(64, 16))
+    cycles = check(net, x)
+    assert cycles <= 64 + 8
+
+
+def test_matrix_in_window_order():
+    rng = np.random.default_rng(6)
+    w = rng.integers(-4, 4, size=(2, 3, 2, 2))
+    layer = Conv2d("c", 3, 2, (2, 2), Fixed(4, 0), ActFormat(8, 0), w, np.zeros(2, int))
+    assert layer_matrix(layer)[1, 2 * 3 + 1 * 3 + 2] == w[1, 2, 1, 1]  # kh=1, kw=1, c=2
+
+
+@pytest.mark.parametrize("levels", [1, 3, 8])
+def test_levels_trade_latency_not_results(levels):
+    rng = np.random.default_rng(levels)
+    w = rng.integers(-128, 128, size=(4, 10))
+    mv = MatVec(w, [0, 1, 2, 3], ActFormat(8, 0), ActFormat(8, 0), 4, False, 24, levels)
+    deep = max(mv.graph.depths())
+    assert mv.latency == max(1, -(-deep // levels)) + 2
+
+
+def test_bad_unrolled_parameters():
+    rng = np.random.default_rng(0)
+    net = dense_net(rng, Pow2(4, 0), ActFormat(8, 0), ActFormat(8, 0))
+    with pytest.raises(HwgenError, match=r"layer fc: the unrolled engine has PE = 6 and SIMD = 12"):
+        engine_info(net, 0, 3, 12, "unrolled")
+    with pytest.raises(
+        HwgenError, match=r"layer fc: engine must be one of folded, unrolled, not 'x'"
+    ):
+        make_engine(net, 0, 6, 12, engine="x")
+    with pytest.raises(HwgenError, match=r"adder levels .* must be a positive integer, not 0"):
+        MatVec(np.ones((1, 1), int), [0], ActFormat(8, 0), ActFormat(8, 0), 0, False, 9, 0)
+    big = dense_net(rng, Pow2(4, 0), ActFormat(8, 0), ActFormat(8, 0), cin=256, cout=17)
+    with pytest.raises(HwgenError, match=r"layer fc: 4352 weights is too many to unroll"):
+        engine_info(big, 0, 17, 256, "unrolled")
