@@ -10,9 +10,9 @@ from hwgen import golden
 from hwgen.errors import HwgenError
 from hwgen.hw.board import AxiNetwork
 from hwgen.hw.engine import choose_folding
-from hwgen.hw.network import NetworkTop, skip_fifo_depths
+from hwgen.hw.network import NetworkTop, layer_fifo_depths, skip_fifo_depths
 from hwgen.hw.streams import run_stream
-from hwgen.ir import Flatten, Network
+from hwgen.ir import ActFormat, Conv2d, Flatten, Network, Pow2, ReLU
 from tests.conftest import example_network, residual_network
 
 
@@ -99,6 +99,48 @@ def test_residual_network_deadlocks_with_small_skip_fifos():
     small = dict.fromkeys(skip_fifo_depths(net, _foldings(net, 2, 2)), 2)
     with pytest.raises(AssertionError, match="no output after"):
         _run_network(net, _foldings(net, 2, 2), 1, 0.0, 0, skip_depths=small)
+
+
+def _steady_cycles(net, foldings, n, **kw) -> float:
+    """Cycles per image once the pipeline is full (no stalls), from the output beat times."""
+    top = NetworkTop(net, foldings, **kw)
+    x = _inputs(net, n, seed=0)
+    beats = [b for img in x for b in _hwc_beats(img[None], top.infos[0].in_lanes)]
+    per = int(np.prod(net.output_shape)) // top.infos[-1].out_lanes
+    times: list[int] = []
+    got, _ = run_stream(top, beats, n * per, times=times)
+    rtl = np.array([v for beat in got for v in beat]).reshape(n, -1)
+    assert np.array_equal(rtl, golden.flatten_hwc(golden.forward(net, x)[-1]).reshape(n, -1))
+    return (times[n * per - 1] - times[per - 1]) / (n - 1)
+
+
+@pytest.mark.parametrize("net", [example_network(seed=3), residual_network(seed=2)])
+def test_layer_fifos_keep_the_ideal_rate(net):
+    """One-register FIFOs where a layer's beats come at most every other cycle: cycles per
+    image stay at the slowest engine's ideal."""
+    foldings = _foldings(net, 4, 4)
+    assert set(layer_fifo_depths(net, foldings).values()) == {1}
+    ideal = max(info.ideal_cycles for info in NetworkTop(net, foldings).infos)
+    assert _steady_cycles(net, foldings, 3) == ideal
+
+
+def test_full_rate_layer_gets_a_three_beat_fifo():
+    """1x1 convs with SIMD = Cin emit a beat every cycle: their FIFOs take three beats (a
+    one-register FIFO would halve the rate)."""
+    rng = np.random.default_rng(0)
+    fmt, w = ActFormat(8, 4), Pow2(4, 0)
+
+    def conv(name: str) -> Conv2d:
+        weight = rng.choice([-2, -1, 0, 1, 2], size=(4, 4, 1, 1))
+        return Conv2d(name, 4, 4, 1, w, fmt, weight, rng.integers(-9, 9, 4))
+
+    net = Network((4, 4, 6), fmt, (conv("c1"), ReLU("r1"), conv("c2")))
+    foldings = {"c1": (1, 4), "r1": (1, 1), "c2": (1, 4)}
+    assert layer_fifo_depths(net, foldings) == {"c1": 3, "r1": 3}
+    ideal = 4 * 6 * 4
+    assert _steady_cycles(net, foldings, 4) == ideal
+    halved = _steady_cycles(net, foldings, 4, fifo_depths={"c1": 1, "r1": 1})
+    assert halved == 2 * ideal
 
 
 def test_axi_network_tlast_and_error_flag():

@@ -1,12 +1,13 @@
 """The network top: the layer engines of a DAG joined by FIFOs, forks and skip FIFOs.
 
-After each engine but the output's: a FIFO (``FIFO_DEPTH`` beats). A tensor read by several
-layers (a residual block's input) goes through an eager ``Fork``, one output per reader; on
-each branch that can fall behind the others, a skip FIFO sized by ``skip_fifo_depths`` so
-that the network cannot deadlock under any stall pattern. In front of each engine input, a
-width converter when the producer's lanes differ from the engine's (through their greatest
-common divisor when neither divides the other). Flatten has no engine: the H,W,C stream is
-already the flattened vector. A chain has no fork and no skip FIFO.
+After each engine but the output's: a FIFO of one or three beats (``layer_fifo_depths``).
+A tensor read by several layers (a residual block's input) goes through an eager ``Fork``,
+one output per reader; on each branch that can fall behind the others, a skip FIFO sized
+by ``skip_fifo_depths`` so that the network cannot deadlock under any stall pattern. In
+front of each engine input, a width converter when the producer's lanes differ from the
+engine's (through their greatest common divisor when neither divides the other). Flatten
+has no engine: the H,W,C stream is already the flattened vector. A chain has no fork and
+no skip FIFO.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ from hwgen.ir import (
     SubsamplePad,
 )
 
-FIFO_DEPTH = 16
+# Inter-layer FIFO depths (beats): SyncFIFOBuffered passes a beat every other cycle with
+# one register, every cycle from three (its inner memory, one word short, refuses a write
+# while full even when it is being read).
+HALF_RATE_DEPTH, FULL_RATE_DEPTH = 1, 3
 SKIP_MARGIN = 8  # beats: the fork's one-beat lead, width converters, output registers
 
 Pixel = tuple[int, int]  # (row, column) of a tensor; a vector (F,) is one pixel of F channels
@@ -175,6 +179,43 @@ def skip_fifo_depths(
     return depths
 
 
+def layer_fifo_depths(net: Network, foldings: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+    """Depth (beats) of the FIFO after each engine but the output's: ``{layer: depth}``.
+
+    The FIFO only has to pass its producer's beats at the network's rate; buffering for the
+    burstiness of a producer/consumer pair is already inside the engines:
+
+    - A MAC engine emits PE channels per repetition (one beat every ``K_h*K_w*Cin/SIMD``
+      cycles at most), through its own output FIFO (``MACUnit.OUT_DEPTH``), so a stalled
+      consumer does not stop its array for short stalls.
+    - Every engine that reads rows (conv, dense, max/avg pool) has a sliding window with
+      ``S_h`` rows of look-ahead (its ``K_h + S_h`` row slots): it refuses input only while it
+      holds all the rows of its next output row, i.e. a whole output row of work, and when
+      it frees a slot it still holds the next ``S_h`` rows. A FIFO in front of it adds no
+      throughput. The other engines (ReLU, add, subsample-pad, global pool) take a beat
+      per cycle whenever their output can move.
+
+    So in steady state every engine runs at the slowest engine's pace, ``T`` cycles per
+    image (the largest of the engines' ideal cycles and beat counts), and the FIFO after
+    engine ``e`` carries ``out_beats_e / T`` beats per cycle::
+
+        depth_e = 1 (one register)   if 2 * out_beats_e <= T
+                  3                  otherwise (a beat every cycle)
+
+    Measured (Amaranth simulator, images back to back, no stalls), this keeps every
+    network's cycles per image at its ideal ``T``, as the former fixed 16-beat FIFOs did:
+    digits (INQ 5-bit, its demo folding) 1152, digits-res (PE = SIMD = 4) 2304, and the
+    test networks of ``tests/test_hw_network.py``; most FIFOs are one register.
+    """
+    engines = [(i, la) for i, la in enumerate(net.layers) if not isinstance(la, Flatten)]
+    infos = [engine_info(net, i, *foldings[la.name]) for i, la in engines]
+    period = max(max(x.ideal_cycles, x.in_beats, x.out_beats) for x in infos)
+    return {
+        la.name: HALF_RATE_DEPTH if 2 * info.out_beats <= period else FULL_RATE_DEPTH
+        for (_, la), info in zip(engines[:-1], infos[:-1], strict=True)
+    }
+
+
 class NetworkTop(wiring.Component):
     """All engines of ``net``, joined as its DAG says.
 
@@ -186,6 +227,8 @@ class NetworkTop(wiring.Component):
     rom_style : ``"inline"`` or ``"file"``
     skip_depths : mapping of (layer, input index) to depth, optional
         Overrides ``skip_fifo_depths`` (to show what too small a FIFO does).
+    fifo_depths : mapping of layer to depth, optional
+        Overrides ``layer_fifo_depths`` (the FIFO after each engine but the output's).
 
     Members
     -------
@@ -202,6 +245,7 @@ class NetworkTop(wiring.Component):
         foldings: Mapping[str, tuple[int, int]],
         rom_style: str = "inline",
         skip_depths: Mapping[tuple[str, int], int] | None = None,
+        fifo_depths: Mapping[str, int] | None = None,
     ) -> None:
         self.net, self.rom_style = net, rom_style
         self.stages: list[tuple[int, int, int]] = []  # (layer index, pe, simd)
@@ -220,6 +264,9 @@ class NetworkTop(wiring.Component):
         ]
         self.skip_depths = dict(
             skip_fifo_depths(net, foldings) if skip_depths is None else skip_depths
+        )
+        self.fifo_depths = dict(
+            layer_fifo_depths(net, foldings) if fifo_depths is None else fifo_depths
         )
         first, last = self.infos[0], self.infos[-1]
         in_layout = data.ArrayLayout(act_shape(net.input_format), first.in_lanes)
@@ -277,11 +324,12 @@ class NetworkTop(wiring.Component):
             m.submodules[name] = engine
             for port, prev in zip(ports, srcs, strict=True):
                 wiring.connect(m, prev, getattr(engine, port))
-            # A FIFO after each engine (but the last) absorbs short stalls between layers.
+            # A FIFO after each engine (but the last) registers the handshake between layers.
             if index == self.stages[-1][0]:
                 out = engine.o
             else:
-                out = self._fifo(m, name, engine.o, act_shape(net.formats[name]), info.out_lanes)
+                shape = act_shape(net.formats[name])
+                out = self._fifo(m, name, engine.o, shape, info.out_lanes, self.fifo_depths[name])
             publish(name, out, info.out_lanes)
         streams, _ = ready[_source(net, net.output)]
         wiring.connect(m, streams.pop(0), wiring.flipped(self.o))
@@ -298,9 +346,9 @@ class NetworkTop(wiring.Component):
         return src
 
     @staticmethod
-    def _fifo(m: Module, name: str, src: object, shape: object, lanes: int) -> object:
+    def _fifo(m: Module, name: str, src: object, shape: object, lanes: int, depth: int) -> object:
         layout = data.ArrayLayout(shape, lanes)
-        buf = fifo.SyncFIFOBuffered(width=layout.size, depth=FIFO_DEPTH)
+        buf = fifo.SyncFIFOBuffered(width=layout.size, depth=depth)
         m.submodules[f"{name}_fifo"] = buf
         out = stream.Signature(layout).create()
         m.d.comb += [
