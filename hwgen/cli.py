@@ -82,6 +82,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
         args.baud,
         target_fps=args.target_fps,
         device=args.device,
+        engine=args.engine,
     )
 
 
@@ -205,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=("ecp5-85f", "up5k"),
         help="fold for the fastest rate that fits this device (default: the --board's)",
+    )
+    b.add_argument(
+        "--engine",
+        choices=("folded", "unrolled", "auto"),
+        default="folded",
+        help="conv and dense layers: folded PE x SIMD lanes with weight ROMs, unrolled "
+        "(weights as constants in a shared adder graph, a kernel window per cycle), or auto "
+        "(with --target-fps: unrolled where cheaper for the rate)",
     )
     b.add_argument(
         "--rom-style",

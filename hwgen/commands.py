@@ -367,6 +367,7 @@ def build(
     baud: int = 115200,
     target_fps: float | None = None,
     device: str | None = None,
+    engine: str = "folded",
 ) -> None:
     """``hwgen build``: Verilog, ROM hex, manifest, vectors and folding.toml for a ``.hwq``."""
     from hwgen import emit
@@ -387,16 +388,19 @@ def build(
         baud=baud,
         target_fps=target_fps,
         device=device,
+        engine=engine,
+        engines=emit.load_engines(folding) if folding else None,
     )
     net = hwq.load(model)
     console = make_console()
     manifest = emit.build(net, output, opts, hwq.load_meta(model), phase=Phases(console))
     if target_fps is None and device is None:  # with a target the limits only cap a search
         # After the build: a refused build stays one error line, with no warning before it.
-        for line in clamp_warnings(net, max_pe, max_simd, opts.folding or {}):
+        fixed = [*(opts.folding or {}), *manifest["engines"]]
+        for line in clamp_warnings(net, max_pe, max_simd, fixed):
             print(f"hwgen: warning: {line}", file=sys.stderr)
     dev, clock = build_target(device, board, clock_mhz)
-    total = plan(net, manifest["foldings"], dev, clock)
+    total = plan(net, manifest["foldings"], dev, clock, manifest["engines"])
     est = {p.name: p for p in total.layers}
     table = titled(f"hwgen build {manifest['model']} -> {output}")
     for col in ("layer", "engine", "PE x SIMD", "in", "out", "acc bits", "ROM", "cycles"):
@@ -408,7 +412,7 @@ def build(
         rom = f"{e['rom_depth']}x{e['rom_width']} {p.rom_storage}" if e["rom_depth"] else ""
         table.add_row(
             e["name"],
-            e["kind"],
+            f"{e['kind']} unrolled" if e["name"] in manifest["engines"] else e["kind"],
             f"{e['pe']} x {e['simd']}",
             e["in_format"],
             e["out_format"],

@@ -36,7 +36,7 @@ from hwgen import golden, hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import make_temp_dir, npz_bytes, replace_dir
 from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
-from hwgen.hw.engine import EngineInfo, choose_folding, engine_info, make_engine
+from hwgen.hw.engine import ENGINES, EngineInfo, choose_folding, engine_info, make_engine
 from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
@@ -62,7 +62,11 @@ OBVIOUS_MISFIT = 1.5
 class BuildOptions:
     """How to build: lane limits (clamped per layer to divisors), an explicit folding, or a
     target rate on a device (``target_fps``, ``device``: the balanced folding of
-    hwgen.hw.folding; the limits then cap it only when given)."""
+    hwgen.hw.folding; the limits then cap it only when given). ``engine`` is how conv and
+    dense layers are built: ``folded`` (PE x SIMD lanes), ``unrolled`` (hwgen.hw.unrolled,
+    every one), or ``auto`` (the target folding may unroll a layer where that is cheaper
+    for the rate; folded without a target); ``engines`` names layers to unroll whatever
+    ``engine`` says (``engine = "unrolled"`` in folding.toml)."""
 
     max_pe: int | None = None  # None: DEFAULT_MAX_PE (without a target)
     max_simd: int | None = None
@@ -75,6 +79,8 @@ class BuildOptions:
     baud: int = 115200
     target_fps: float | None = None  # fold for this rate (hwgen.hw.folding.solve)
     device: str | None = None  # fold for this device (default: the board's, else ecp5-85f)
+    engine: str = "folded"  # folded | unrolled | auto
+    engines: Mapping[str, str] | None = None  # per layer: "unrolled" or "folded"
 
 
 def module_name(net: Network, suffix: str) -> str:
@@ -84,6 +90,18 @@ def module_name(net: Network, suffix: str) -> str:
 
 def load_folding(path: Path) -> dict[str, tuple[int, int]]:
     """``folding.toml``: ``[layers.<name>]`` tables with ``pe`` and ``simd``."""
+    return {
+        name: (d.get("pe", 1), d.get("simd", d.get("pe", 1)))
+        for name, d in _folding_tables(path).items()
+    }
+
+
+def load_engines(path: Path) -> dict[str, str]:
+    """The ``engine`` of each ``[layers.<name>]`` table of ``folding.toml`` that has one."""
+    return {name: d["engine"] for name, d in _folding_tables(path).items() if "engine" in d}
+
+
+def _folding_tables(path: Path) -> dict[str, dict[str, Any]]:
     try:
         doc = tomllib.loads(Path(path).read_text())
     except OSError as e:
@@ -92,30 +110,56 @@ def load_folding(path: Path) -> dict[str, tuple[int, int]]:
         raise HwgenError(f"folding file {path}: not valid TOML ({e})") from None
     if set(doc) - {"layers"} or not isinstance(doc.get("layers", {}), dict):
         raise HwgenError(f"folding file {path}: expected only [layers.<name>] tables")
-    out = {}
     for name, d in doc.get("layers", {}).items():
-        if not isinstance(d, dict) or set(d) - {"pe", "simd"}:
-            raise HwgenError(f"folding file {path}: [layers.{name}] takes only pe and simd")
-        out[name] = (d.get("pe", 1), d.get("simd", d.get("pe", 1)))
-    return out
+        if not isinstance(d, dict) or set(d) - {"pe", "simd", "engine"}:
+            raise HwgenError(f"folding file {path}: [layers.{name}] takes only pe, simd and engine")
+        if d.get("engine", "folded") not in ENGINES:
+            raise HwgenError(
+                f"folding file {path}: [layers.{name}] engine must be one of "
+                f"{', '.join(ENGINES)}, not {d['engine']!r}"
+            )
+    return doc.get("layers", {})
 
 
 def choose_foldings(net: Network, opts: BuildOptions) -> dict[str, tuple[int, int]]:
-    """(PE, SIMD) per layer with an engine: the explicit folding, then with a target rate or
-    a device the balanced folding (hwgen.hw.folding.solve), else the largest divisors."""
+    """(PE, SIMD) per layer with an engine (see ``choose_build``)."""
+    return choose_build(net, opts)[0]
+
+
+def choose_build(
+    net: Network, opts: BuildOptions
+) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """(PE, SIMD) per layer with an engine, and the layers with an unrolled engine.
+
+    Foldings: the explicit folding, then with a target rate or a device the balanced folding
+    (hwgen.hw.folding.solve), else the largest divisors; an unrolled layer's is (Cout, Cin).
+    """
     engines = {
         layer.name: i for i, layer in enumerate(net.layers) if not isinstance(layer, Flatten)
     }
+    if opts.engine not in (*ENGINES, "auto"):
+        raise HwgenError(f"engine must be one of {', '.join(ENGINES)}, auto, not {opts.engine!r}")
     given = dict(opts.folding or {})
-    for name in given:
+    kinds = dict(opts.engines or {})
+    for name in [*given, *kinds]:
         if name not in engines:
             raise HwgenError(
                 f"folding: the model has no layer {name!r} with an engine "
                 f"(it has: {', '.join(engines)})"
             )
+    macs = [name for name, i in engines.items() if isinstance(net.layers[i], (Conv2d, Linear))]
+    if opts.engine == "unrolled":
+        kinds = {name: "unrolled" for name in macs} | kinds
+    # In layer order, so that the manifest is the same from run to run.
+    unrolled = {n: "unrolled" for n in engines if kinds.get(n) == "unrolled"}
+    for name in unrolled:
+        if name not in macs:
+            raise HwgenError(f"layer {name}: only a conv or dense layer has an unrolled engine")
+        weight = net.layers[engines[name]].weight
+        given[name] = (weight.shape[0], weight.shape[1])
     if opts.target_fps is not None or opts.device is not None:
         device, clock = build_target(opts.device, opts.board, opts.board_mhz)
-        return solve(
+        found = solve(
             net,
             device,
             clock,
@@ -123,12 +167,16 @@ def choose_foldings(net: Network, opts: BuildOptions) -> dict[str, tuple[int, in
             fixed=given,
             max_pe=opts.max_pe,
             max_simd=opts.max_simd or MAX_SIMD,
-        ).foldings
+            engines=unrolled,
+            unrolled=opts.engine == "auto",
+        )
+        return found.foldings, found.engines
     max_pe, max_simd = opts.max_pe or DEFAULT_MAX_PE, opts.max_simd or DEFAULT_MAX_SIMD
-    return {
+    foldings = {
         name: given.get(name) or choose_folding(net, i, max_pe, max_simd)
         for name, i in engines.items()
     }
+    return foldings, unrolled
 
 
 def _streams(x: np.ndarray, lanes: int) -> np.ndarray:
@@ -247,8 +295,8 @@ def build(
     meta = meta or {}
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise HwgenError(f"{out_dir} exists and is not a hwgen build folder: not overwriting it")
-    foldings = choose_foldings(net, opts)
-    estimate = plan(net, foldings, *build_target(opts.device, opts.board, opts.board_mhz))
+    foldings, unrolled = choose_build(net, opts)
+    estimate = plan(net, foldings, *build_target(opts.device, opts.board, opts.board_mhz), unrolled)
     if opts.board:
         check_estimate(estimate)
     files: dict[str, str | bytes] = {"folding.toml": estimate.to_toml()}
@@ -262,10 +310,11 @@ def build(
         if isinstance(layer, Flatten):
             continue
         pe, simd = foldings[layer.name]
-        info = engine_info(net, index, pe, simd)
+        kind = unrolled.get(layer.name, "folded")
+        info = engine_info(net, index, pe, simd, kind)
         infos.append(info)
         module = module_name(net, layer.name)
-        engine = make_engine(net, index, pe, simd, opts.rom_style)
+        engine = make_engine(net, index, pe, simd, opts.rom_style, kind)
         files[f"rtl/{module}.v"] = verilog.convert(engine, name=module, emit_src=False)
         for words in info.roms:
             files[rom_file(layer.name)] = hex_lines(words, info.rom_width)
@@ -288,10 +337,12 @@ def build(
 
     top_module, stream_module = module_name(net, "top"), module_name(net, "stream")
     files[f"rtl/{top_module}.v"] = verilog.convert(
-        AxiNetwork(net, foldings, opts.rom_style), name=top_module, emit_src=False
+        AxiNetwork(net, foldings, opts.rom_style, unrolled), name=top_module, emit_src=False
     )
     files[f"rtl/{stream_module}.v"] = verilog.convert(
-        NetworkTop(net, foldings, opts.rom_style), name=stream_module, emit_src=False
+        NetworkTop(net, foldings, opts.rom_style, engines=unrolled),
+        name=stream_module,
+        emit_src=False,
     )
     files["vectors/network.npz"] = npz_bytes(
         {
@@ -345,12 +396,13 @@ def build(
         "output_signed": net.output_format.signed,
         "rom_style": opts.rom_style,
         "foldings": {k: list(v) for k, v in foldings.items()},
+        "engines": unrolled,
         "layers": layers,
         "top": net_entry,
     }
     board = None
     if opts.board:
-        board_top = BoardTop(net, foldings, opts.board, opts.board_mhz, opts.baud)
+        board_top = BoardTop(net, foldings, opts.board, opts.board_mhz, opts.baud, unrolled)
         check_fits(files, net_entry["axi_sources"], top_module, board_top.board.device, phase)
         board = {
             "name": opts.board,

@@ -14,7 +14,7 @@ from hwgen.errors import HwgenError
 from hwgen.hw.engine import choose_folding, engine_info
 from hwgen.hw.folding import build_target, candidates, plan, plan_layer, solve
 from hwgen.hw.rom import bram_blocks
-from hwgen.ir import ActFormat, Conv2d, Network, Pow2
+from hwgen.ir import ActFormat, Conv2d, Linear, Network, Pow2
 
 
 def _best_cycles(net, budget_luts: float) -> int:
@@ -178,3 +178,30 @@ def test_cli_target_fps(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--target-fps 1e+09 is out of reach" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_solver_unrolls_only_when_allowed_and_cheaper_for_the_rate():
+    """A dense 16 -> 8 layer at one vector per cycle: folded lanes stop at SIMD 8 (2 cycles),
+    the unrolled engine reaches 1; ``unrolled=True`` lets the solver take it."""
+    rng = np.random.default_rng(0)
+    fmt = Pow2(4, 0)
+    layer = Linear(
+        "fc",
+        16,
+        8,
+        fmt,
+        ActFormat(8, 0),
+        weight_array(rng, fmt, (8, 16), "random"),
+        np.zeros(8, dtype=np.int64),
+    )
+    net = Network((16,), ActFormat(8, 0), (layer,))
+    with pytest.raises(HwgenError, match="out of reach"):
+        solve(net, target_fps=100e6)
+    got = solve(net, target_fps=100e6, unrolled=True)
+    assert got.engines == {"fc": "unrolled"} and got.foldings == {"fc": (8, 16)}
+    assert got.cycles == 1 and got.layers[0].rom_storage == ""
+    assert 'engine = "unrolled"' in got.to_toml()
+    # A rate that a few folded lanes reach: they stay, cheaper than the unrolled engine.
+    slow = solve(net, target_fps=100e6 / 32, unrolled=True)
+    assert slow.engines == {} and slow.cycles <= 32
+    assert slow.luts < plan_layer(net, 0, 8, 16, engine="unrolled").luts

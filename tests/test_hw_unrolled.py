@@ -1,13 +1,18 @@
 """The unrolled constant-weight engine against the golden model: dense, 1x1 and kxk convs,
 Fixed and Pow2 weights, random stalls, extremes (all-max inputs and weights, saturation,
-rounding ties), every rounding mode; full rate; the datapath's pipeline knob."""
+rounding ties), every rounding mode; full rate; the datapath's pipeline knob; whole networks
+with unrolled layers, and the engine in a build's manifest and folding.toml."""
 
 import numpy as np
 import pytest
+from conftest import example_network, residual_network
 
+from hwgen import golden
+from hwgen.emit import BuildOptions, build, choose_build, load_engines, load_folding
 from hwgen.errors import HwgenError
 from hwgen.golden import layer_forward
 from hwgen.hw.engine import engine_info, make_engine
+from hwgen.hw.network import NetworkTop
 from hwgen.hw.streams import run_stream
 from hwgen.hw.unrolled import MatVec, layer_matrix
 from hwgen.ir import ROUNDINGS, ActFormat, Conv2d, Fixed, Linear, Network, Pow2
@@ -162,3 +167,42 @@ def test_bad_unrolled_parameters():
     big = dense_net(rng, Pow2(4, 0), ActFormat(8, 0), ActFormat(8, 0), cin=256, cout=17)
     with pytest.raises(HwgenError, match=r"layer fc: 4352 weights is too many to unroll"):
         engine_info(big, 0, 17, 256, "unrolled")
+
+
+def _network_run(net, foldings, engines, x, stalls):
+    top = NetworkTop(net, foldings, engines=engines)
+    beats = []
+    for img in x:
+        hwc = img.transpose(1, 2, 0) if img.ndim == 3 else img
+        beats += hwc.reshape(-1, top.infos[0].in_lanes).tolist()
+    n_out = len(x) * int(np.prod(net.output_shape)) // top.infos[-1].out_lanes
+    got, _ = run_stream(top, beats, n_out, stall_in=stalls, stall_out=stalls, seed=3)
+    return np.array([v for beat in got for v in beat]).reshape(len(x), -1)
+
+
+@pytest.mark.parametrize("net_fn", [example_network, residual_network], ids=["chain", "resnet"])
+def test_network_with_unrolled_layers_equals_golden(net_fn):
+    """Every conv and dense layer unrolled, the others folded, random stalls."""
+    net = net_fn(seed=2)
+    foldings, engines = choose_build(net, BuildOptions(engine="unrolled"))
+    assert set(engines) == {la.name for la in net.layers if isinstance(la, (Conv2d, Linear))}
+    x = np.random.default_rng(1).integers(-128, 128, size=(2, *net.input_shape))
+    assert np.array_equal(_network_run(net, foldings, engines, x, 0.3), golden.forward(net, x)[-1])
+
+
+def test_build_writes_and_reads_the_engine(tmp_path):
+    net = example_network(seed=1)
+    first = next(la.name for la in net.layers if isinstance(la, Conv2d))
+    manifest = build(net, tmp_path / "b", BuildOptions(engines={first: "unrolled"}, vectors=1))
+    assert manifest["engines"] == {first: "unrolled"}
+    entry = next(e for e in manifest["layers"] if e["name"] == first)
+    assert entry["rom_depth"] == 0
+    path = tmp_path / "b" / "folding.toml"
+    assert load_engines(path) == {first: "unrolled"}
+    cout, cin = net.layer(first).weight.shape[:2]
+    assert load_folding(path)[first] == (cout, cin)
+    path.write_text(path.read_text().replace('"unrolled"', '"wide"'))
+    with pytest.raises(
+        HwgenError, match=rf"\[layers.{first}\] engine must be one of folded, unrolled, not 'wide'"
+    ):
+        load_engines(path)

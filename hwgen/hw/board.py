@@ -41,9 +41,13 @@ class AxiNetwork(wiring.Component):
     """
 
     def __init__(
-        self, net: Network, foldings: Mapping[str, tuple[int, int]], rom_style: str = "inline"
+        self,
+        net: Network,
+        foldings: Mapping[str, tuple[int, int]],
+        rom_style: str = "inline",
+        engines: Mapping[str, str] | None = None,
     ) -> None:
-        self.top = NetworkTop(net, foldings, rom_style)
+        self.top = NetworkTop(net, foldings, rom_style, engines=engines)
         self.in_beats = self.top.infos[0].in_beats
         self.out_beats = self.top.infos[-1].out_beats
         in_width = self.top.i.payload.shape().size
@@ -146,8 +150,9 @@ class SerialCore(wiring.Component):
         foldings: Mapping[str, tuple[int, int]],
         divisor: int,
         rom_style: str = "inline",
+        engines: Mapping[str, str] | None = None,
     ) -> None:
-        self.network = AxiNetwork(net, foldings, rom_style)
+        self.network = AxiNetwork(net, foldings, rom_style, engines)
         first, last = self.network.top.infos[0], self.network.top.infos[-1]
         self.link = HostLink.for_engines(first, last)
         self.divisor = divisor
@@ -184,11 +189,12 @@ class BoardTop(Elaboratable):
         board: str,
         target_mhz: float | None = None,
         baud: int = 115200,
+        engines: Mapping[str, str] | None = None,
     ) -> None:
         if board not in BOARDS:
             raise HwgenError(f"unknown board {board!r} (known: {', '.join(BOARDS)})")
         self.board = BOARDS[board]
-        self.net, self.foldings = net, foldings
+        self.net, self.foldings, self.engines = net, foldings, engines
         target_mhz = target_mhz or self.board.default_target_mhz
         if self.board.device == "ecp5-85f":
             self.pll = ecp5_pll_config(self.board.clock_mhz, target_mhz)
@@ -213,7 +219,9 @@ class BoardTop(Elaboratable):
         m.submodules.reset = cdc.ResetSynchronizer(~locked, domain="sync")
 
         uart = platform.request("uart", 0)
-        m.submodules.core = core = SerialCore(self.net, self.foldings, self.divisor)
+        m.submodules.core = core = SerialCore(
+            self.net, self.foldings, self.divisor, engines=self.engines
+        )
         m.d.comb += [core.rx.eq(uart.rx.i), uart.tx.o.eq(core.tx)]
         # The last class sent, on the LEDs: a sign of life without a host.
         leds = [platform.request("led", k) for k in range(2 if self.board.device == "up5k" else 8)]

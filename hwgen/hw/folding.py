@@ -19,7 +19,11 @@ The estimates, per engine (LUT4, with ECP5 carry cells as two, as hwgen.synth co
 - the window and control: ``WINDOW_LUTS`` plus ``4 * SIMD * in_bits``; the other engines
   ``ENGINE_LUTS`` plus ``3 * PE * bits``; the FIFO after each engine ``out lanes * bits``;
 - a ROM in logic (``hwgen.hw.rom.rom_storage``): ``width * ceil(depth / 16)`` (a LUT4 holds
-  16 entries of one bit).
+  16 entries of one bit);
+- an unrolled engine (hwgen.hw.unrolled, PE = Cout, SIMD = Cin, no ROM):
+  ``UNROLLED_LUTS_PER_DIGIT * (in_bits + 3)`` per nonzero CSD digit of its weights (an adder
+  of about the input's width per digit, less what the shared subexpressions save) plus the
+  requantisers and the window; calibrated on bench/vs_da4ml.py's two dense 16 -> 8 layers.
 
 Block RAMs: the layer's ROM in block RAM (``hwgen.hw.rom.bram_blocks`` of its width and
 depth), the window's row buffer (``(K_h + S_h) * W * C/SIMD`` words of ``SIMD * bits``)
@@ -33,11 +37,12 @@ report is the truth.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from hwgen.errors import HwgenError
-from hwgen.hw.engine import MAX_LANES, engine_info
+from hwgen.hw.cmvm import csd
+from hwgen.hw.engine import MAX_LANES, MAX_UNROLLED_WEIGHTS, engine_info
 from hwgen.hw.rom import bram_blocks, rom_storage, rom_width
 from hwgen.ir import (
     INPUT,
@@ -62,6 +67,7 @@ ENGINE_LUTS = 300
 WINDOW_LUTS = 600  # a MAC engine's window, address and fold counters
 LUTRAM_MAX_DEPTH = 64
 DEFAULT_CLOCK_MHZ = 100.0
+UNROLLED_LUTS_PER_DIGIT = 0.75
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class LayerPlan:
     rom_storage: str  # "block", "logic" or "" (no ROM)
     rom_blocks: int
     buffer_blocks: int
+    engine: str = "folded"
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,11 @@ class FoldingPlan:
     def foldings(self) -> dict[str, tuple[int, int]]:
         return {p.name: (p.pe, p.simd) for p in self.layers}
 
+    @property
+    def engines(self) -> dict[str, str]:
+        """The layers with an unrolled engine (the others are folded)."""
+        return _unrolled(self.layers)
+
     def to_toml(self) -> str:
         """``folding.toml`` as ``--folding`` reads it; the estimates are comments."""
         head = (
@@ -120,11 +132,20 @@ class FoldingPlan:
         parts = [head]
         for p in self.layers:
             rom = f", ROM {p.rom_bits} bits in {p.rom_storage}" if p.rom_storage else ""
+            engine = f'engine = "{p.engine}"\n' if p.engine != "folded" else ""
             parts.append(
                 f"\n[layers.{p.name}]  # {p.kind}: {p.cycles} cycles, ~{p.luts} LUT4, "
-                f"~{p.brams} BRAM{rom}\npe = {p.pe}\nsimd = {p.simd}\n"
+                f"~{p.brams} BRAM{rom}\n{engine}pe = {p.pe}\nsimd = {p.simd}\n"
             )
         return "".join(parts)
+
+
+def _unrolled(plans: Iterable[LayerPlan]) -> dict[str, str]:
+    return {p.name: p.engine for p in plans if p.engine != "folded"}
+
+
+def _macs(layer: object) -> bool:
+    return isinstance(layer, (Conv2d, Linear))
 
 
 def _engines(net: Network) -> list[int]:
@@ -167,9 +188,13 @@ def _lane_luts(layer: Conv2d | Linear, in_bits: int) -> float:
     return LANE_POW2 * (in_bits + fmt.max_shift)
 
 
-def plan_layer(net: Network, index: int, pe: int, simd: int, family: str = "ecp5") -> LayerPlan:
+def plan_layer(
+    net: Network, index: int, pe: int, simd: int, family: str = "ecp5", engine: str = "folded"
+) -> LayerPlan:
     """Cycles, LUT and block RAM estimates of engine ``index`` at (PE, SIMD)."""
     layer = net.layers[index]
+    if engine != "folded":
+        return _plan_unrolled(net, index, family)
     fin, fout = net.in_format(layer), net.formats[layer.name]
     size_in = math.prod(net.in_shape(layer))
     size_out = math.prod(net.shapes[layer.name])
@@ -223,18 +248,45 @@ def plan_layer(net: Network, index: int, pe: int, simd: int, family: str = "ecp5
     )
 
 
+def _plan_unrolled(net: Network, index: int, family: str) -> LayerPlan:
+    layer = net.layers[index]
+    cin, cout = layer.weight.shape[1], layer.weight.shape[0]
+    info = engine_info(net, index, cout, cin, "unrolled")
+    fin, fout = net.in_format(layer), net.formats[layer.name]
+    digits = sum(len(csd(int(w))) for w in layer.weight.ravel())
+    luts = (
+        UNROLLED_LUTS_PER_DIGIT * digits * (fin.bits + 3)
+        + cout * 2 * acc_bits(layer, fin)
+        + (WINDOW_LUTS + 4 * cin * fin.bits if isinstance(layer, Conv2d) else 0)
+        + 8 * cout * fout.bits  # the output FIFO, in LUT RAM
+    )
+    buffer = 0
+    if isinstance(layer, Conv2d):
+        _, _, w = net.in_shape(layer)
+        buffer = _buffer_blocks(cin * fin.bits, (layer.kernel[0] + layer.stride[0]) * w, family)
+    cycles = max(info.ideal_cycles, info.in_beats, info.out_beats)
+    return LayerPlan(
+        layer.name, info.kind, cout, cin, cycles, round(luts), buffer, 0, "", 0, buffer, "unrolled"
+    )
+
+
 def _buffer_blocks(width: int, depth: int, family: str) -> int:
     return bram_blocks(width, depth, family) if depth > LUTRAM_MAX_DEPTH else 0
 
 
-def _fifo_blocks(net: Network, foldings: Mapping[str, tuple[int, int]], family: str) -> int:
+def _fifo_blocks(
+    net: Network,
+    foldings: Mapping[str, tuple[int, int]],
+    family: str,
+    engines: Mapping[str, str] | None = None,
+) -> int:
     """Block RAMs of the skip FIFOs (none in a chain)."""
     if net.is_chain:
         return 0
     from hwgen.hw.network import skip_fifo_depths
 
     total = 0
-    for (reader, port), depth in skip_fifo_depths(net, foldings).items():
+    for (reader, port), depth in skip_fifo_depths(net, foldings, engines).items():
         src = net.layer(reader).inputs[port]
         while src != INPUT and isinstance(net.layer(src), Flatten):
             src = net.layer(src).inputs[0]
@@ -264,13 +316,23 @@ def plan(
     foldings: Mapping[str, tuple[int, int]],
     device: str = "ecp5-85f",
     clock_mhz: float = DEFAULT_CLOCK_MHZ,
+    engines: Mapping[str, str] | None = None,
 ) -> FoldingPlan:
-    """The estimates of a given folding (every engine named)."""
+    """The estimates of a given folding (every engine named; ``engines``: the layers with an
+    unrolled engine)."""
     dev = _device(device)
+    engines = dict(engines or {})
     layers = tuple(
-        plan_layer(net, i, *foldings[net.layers[i].name], dev.family) for i in _engines(net)
+        plan_layer(
+            net,
+            i,
+            *foldings[net.layers[i].name],
+            dev.family,
+            engines.get(net.layers[i].name, "folded"),
+        )
+        for i in _engines(net)
     )
-    return FoldingPlan(device, clock_mhz, layers, _fifo_blocks(net, foldings, dev.family))
+    return FoldingPlan(device, clock_mhz, layers, _fifo_blocks(net, foldings, dev.family, engines))
 
 
 def build_target(
@@ -303,12 +365,16 @@ def solve(
     max_pe: int | None = None,
     max_simd: int = MAX_SIMD,
     budget: tuple[float, int] | None = None,
+    engines: Mapping[str, str] | None = None,
+    unrolled: bool = False,
 ) -> FoldingPlan:
     """The balanced folding for ``target_fps`` (None: the fastest within the budget).
 
-    Engines named in ``fixed`` keep their folding; ``budget`` (LUT4, block RAMs) replaces
-    the device's shares. Raises a one-line HwgenError when the target cannot be met: the
-    best rate reached and what stopped the search.
+    Engines named in ``fixed`` keep their folding, and those in ``engines`` their engine;
+    with ``unrolled`` a conv or dense layer of at most ``MAX_UNROLLED_WEIGHTS`` weights may
+    also widen to its unrolled engine, when that is the cheapest faster option. ``budget``
+    (LUT4, block RAMs) replaces the device's shares. Raises a one-line HwgenError when the
+    target cannot be met: the best rate reached and what stopped the search.
     """
     dev = _device(device)
     if target_fps is not None and not (math.isfinite(target_fps) and target_fps > 0):
@@ -318,25 +384,33 @@ def solve(
     fixed = dict(fixed or {})
     target = clock_mhz * 1e6 / target_fps if target_fps else 0.0  # cycles per image
     lut_budget, bram_budget = budget or (LUT_SHARE * dev.luts, math.floor(BRAM_SHARE * dev.brams))
-    cache: dict[tuple[int, int, int], LayerPlan] = {}
+    engines = dict(engines or {})
+    cache: dict[tuple[int, int, int, str], LayerPlan] = {}
 
-    def cost(index: int, folding: tuple[int, int]) -> LayerPlan:
+    def cost(index: int, folding: tuple[int, int, str]) -> LayerPlan:
         key = (index, *folding)
         if key not in cache:
-            cache[key] = plan_layer(net, index, *folding, dev.family)
+            pe, simd, engine = folding
+            cache[key] = plan_layer(net, index, pe, simd, dev.family, engine)
         return cache[key]
 
     current: dict[int, LayerPlan] = {}
-    options: dict[int, list[tuple[int, int]]] = {}
+    options: dict[int, list[tuple[int, int, str]]] = {}
     for i in _engines(net):
-        name = net.layers[i].name
-        if name in fixed:
-            options[i] = [tuple(fixed[name])]
+        layer = net.layers[i]
+        full = (layer.weight.shape[0], layer.weight.shape[1], "unrolled") if _macs(layer) else None
+        if layer.name in engines and full:
+            options[i] = [full]
+        elif layer.name in fixed:
+            options[i] = [(*fixed[layer.name], "folded")]
         else:
-            options[i] = candidates(net, i, max_pe or MAX_LANES, max_simd)
+            found = candidates(net, i, max_pe or MAX_LANES, max_simd)
+            options[i] = [(pe, simd, "folded") for pe, simd in found]
+            if unrolled and full and layer.weight.size <= MAX_UNROLLED_WEIGHTS:
+                options[i].append(full)
         current[i] = cost(i, options[i][0])
     start = {net.layers[i].name: (p.pe, p.simd) for i, p in current.items()}
-    fifo = _fifo_blocks(net, start, dev.family)
+    fifo = _fifo_blocks(net, start, dev.family, _unrolled(current.values()))
     luts = sum(p.luts for p in current.values())
     brams = sum(p.brams for p in current.values()) + fifo
     names = {i: net.layers[i].name for i in current}
@@ -347,7 +421,8 @@ def solve(
         if p.name not in forked:
             return fifo
         folds = {names[i]: (q.pe, q.simd) for i, q in current.items()}
-        return _fifo_blocks(net, folds | {p.name: (p.pe, p.simd)}, dev.family)
+        plans = [q for q in current.values() if q.name != p.name] + [p]
+        return _fifo_blocks(net, folds | {p.name: (p.pe, p.simd)}, dev.family, _unrolled(plans))
 
     stop = ""
     while True:
@@ -385,9 +460,9 @@ def solve(
         brams += best.brams - now.brams + new_fifo - fifo
         fifo = new_fifo
         current[slow] = best
-    foldings = {net.layers[i].name: (p.pe, p.simd) for i, p in current.items()}
     result = FoldingPlan(device, clock_mhz, tuple(current.values()), 0)
-    result = replace(result, fifo_blocks=_fifo_blocks(net, foldings, dev.family))
+    fifo = _fifo_blocks(net, result.foldings, dev.family, result.engines)
+    result = replace(result, fifo_blocks=fifo)
     if result.luts > lut_budget or result.brams > bram_budget:
         raise HwgenError(
             f"the network does not fit {device}: its folding needs about {result.luts} LUT4 "

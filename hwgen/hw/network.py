@@ -95,7 +95,9 @@ def _need(net: Network, name: str, pixel: Pixel) -> Pixel:
 
 
 def skip_fifo_depths(
-    net: Network, foldings: Mapping[str, tuple[int, int]]
+    net: Network,
+    foldings: Mapping[str, tuple[int, int]],
+    engines: Mapping[str, str] | None = None,
 ) -> dict[tuple[str, int], int]:
     """Skip FIFO depth (beats) per fork branch: ``{(reader layer, input index): depth}``.
 
@@ -126,8 +128,14 @@ def skip_fifo_depths(
     S_h look-ahead rows are not needed for that, but without them the skip FIFO throttles
     the long branch (digits-res: 3186 instead of 2311 cycles per image).
     """
+    kinds = dict(engines or {})  # the layers with an unrolled engine
     engines = [la for la in net.layers if not isinstance(la, Flatten)]
-    infos = {la.name: engine_info(net, net.index(la.name), *foldings[la.name]) for la in engines}
+    infos = {
+        la.name: engine_info(
+            net, net.index(la.name), *foldings[la.name], kinds.get(la.name, "folded")
+        )
+        for la in engines
+    }
     readers: dict[str, list[tuple[str, int]]] = {}
     for la in engines:
         for port, src in enumerate(la.inputs):
@@ -179,7 +187,11 @@ def skip_fifo_depths(
     return depths
 
 
-def layer_fifo_depths(net: Network, foldings: Mapping[str, tuple[int, int]]) -> dict[str, int]:
+def layer_fifo_depths(
+    net: Network,
+    foldings: Mapping[str, tuple[int, int]],
+    engines: Mapping[str, str] | None = None,
+) -> dict[str, int]:
     """Depth (beats) of the FIFO after each engine but the output's: ``{layer: depth}``.
 
     The FIFO only has to pass its producer's beats at the network's rate; buffering for the
@@ -207,8 +219,11 @@ def layer_fifo_depths(net: Network, foldings: Mapping[str, tuple[int, int]]) -> 
     digits (INQ 5-bit, its demo folding) 1152, digits-res (PE = SIMD = 4) 2304, and the
     test networks of ``tests/test_hw_network.py``; most FIFOs are one register.
     """
+    kinds = dict(engines or {})  # the layers with an unrolled engine
     engines = [(i, la) for i, la in enumerate(net.layers) if not isinstance(la, Flatten)]
-    infos = [engine_info(net, i, *foldings[la.name]) for i, la in engines]
+    infos = [
+        engine_info(net, i, *foldings[la.name], kinds.get(la.name, "folded")) for i, la in engines
+    ]
     period = max(max(x.ideal_cycles, x.in_beats, x.out_beats) for x in infos)
     return {
         la.name: HALF_RATE_DEPTH if 2 * info.out_beats <= period else FULL_RATE_DEPTH
@@ -227,6 +242,9 @@ class NetworkTop(wiring.Component):
     rom_style : ``"inline"`` or ``"file"``
     skip_depths : mapping of (layer, input index) to depth, optional
         Overrides ``skip_fifo_depths`` (to show what too small a FIFO does).
+    engines : mapping of layer name to engine, optional
+        ``"unrolled"`` for a conv or dense layer built by hwgen.hw.unrolled (its folding is
+        then (Cout, Cin)); the others are folded.
     fifo_depths : mapping of layer to depth, optional
         Overrides ``layer_fifo_depths`` (the FIFO after each engine but the output's).
 
@@ -246,8 +264,10 @@ class NetworkTop(wiring.Component):
         rom_style: str = "inline",
         skip_depths: Mapping[tuple[str, int], int] | None = None,
         fifo_depths: Mapping[str, int] | None = None,
+        engines: Mapping[str, str] | None = None,
     ) -> None:
         self.net, self.rom_style = net, rom_style
+        self.engines = dict(engines or {})
         self.stages: list[tuple[int, int, int]] = []  # (layer index, pe, simd)
         for index, layer in enumerate(net.layers):
             if isinstance(layer, Flatten):
@@ -260,13 +280,13 @@ class NetworkTop(wiring.Component):
             raise HwgenError("the network has no layer with an engine")
         _check_names(net)
         self.infos: list[EngineInfo] = [
-            engine_info(net, i, pe, simd) for i, pe, simd in self.stages
+            engine_info(net, i, pe, simd, self._engine(i)) for i, pe, simd in self.stages
         ]
         self.skip_depths = dict(
-            skip_fifo_depths(net, foldings) if skip_depths is None else skip_depths
+            skip_fifo_depths(net, foldings, engines) if skip_depths is None else skip_depths
         )
         self.fifo_depths = dict(
-            layer_fifo_depths(net, foldings) if fifo_depths is None else fifo_depths
+            layer_fifo_depths(net, foldings, engines) if fifo_depths is None else fifo_depths
         )
         first, last = self.infos[0], self.infos[-1]
         in_layout = data.ArrayLayout(act_shape(net.input_format), first.in_lanes)
@@ -303,7 +323,7 @@ class NetworkTop(wiring.Component):
         for (index, pe, simd), info in zip(self.stages, self.infos, strict=True):
             layer = net.layers[index]
             name = layer.name
-            engine = make_engine(net, index, pe, simd, self.rom_style)
+            engine = make_engine(net, index, pe, simd, self.rom_style, self._engine(index))
             ports = ["a", "b"] if isinstance(layer, Add) else ["i"]
             srcs = []
             for k, (port, src_name) in enumerate(zip(ports, layer.inputs, strict=True)):
@@ -344,6 +364,9 @@ class NetworkTop(wiring.Component):
             wiring.connect(m, src, conv.i)
             src = conv.o
         return src
+
+    def _engine(self, index: int) -> str:
+        return self.engines.get(self.net.layers[index].name, "folded")
 
     @staticmethod
     def _fifo(m: Module, name: str, src: object, shape: object, lanes: int, depth: int) -> object:
