@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hwgen.golden import conv2d_acc, layer_forward
-from hwgen.hw.mac import MACUnit, _lane_range
+from hwgen.hw.mac import MACUnit, _lane_range, tree_stages
 from hwgen.hw.streams import run_stream
 from hwgen.ir import (
     ROUNDINGS,
@@ -272,3 +272,18 @@ def test_one_beat_per_cycle():
     cycles = check_conv(layer, fin, x, pe=2, simd=4)
     beats = 16 * 9 * 8 * 8 // (2 * 4)
     assert beats <= cycles <= beats + 6  # input register, the array's 4 stages, output FIFO
+
+
+@pytest.mark.parametrize("simd", [4, 16, 32])
+def test_a_result_per_cycle_through_deep_trees(simd):
+    """1x1 kernel, SIMD = Cin: every beat is a result. Trees of 16 and 32 lanes have one and
+    two more register stages, and the output FIFO as many more words: still one a cycle."""
+    rng = np.random.default_rng(simd)
+    fin, wfmt = ActFormat(8, 4), Pow2(5, -2)
+    w = random_weights(rng, wfmt, (4, simd, 1, 1))
+    layer = Conv2d("c", simd, 4, 1, wfmt, ActFormat(12, 4), w, rng.integers(-99, 99, 4))
+    x = rng.integers(fin.lo, fin.hi, size=(simd, 5, 6), endpoint=True)
+    cycles = check_conv(layer, fin, x, pe=2, simd=simd)
+    beats = 5 * 6 * 2
+    assert tree_stages(simd) == {4: 1, 16: 2, 32: 3}[simd]
+    assert beats <= cycles <= beats + 5 + tree_stages(simd)

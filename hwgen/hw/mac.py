@@ -61,13 +61,23 @@ def _lane_range(fmt: WeightFormat, act: ActFormat) -> Range:
     return min(lo, -hi - 1, 0), max(hi, -lo - 1, 0)
 
 
+def tree_stages(simd: int) -> int:
+    """Register stages of a SIMD-lane adder tree: one, plus one after every two adder
+    levels before the last (three chained carry chains run at ~128 MHz on ECP5, two at
+    >150 MHz)."""
+    levels = (simd - 1).bit_length()
+    return 1 + max(0, levels - 1) // 2
+
+
 class MACArray(wiring.Component):
-    """PE x SIMD lanes, one adder tree and one accumulator per PE; four pipeline stages.
+    """PE x SIMD lanes, one adder tree and one accumulator per PE; ``3 + tree_stages(simd)``
+    pipeline stages (four up to SIMD = 4).
 
     Inputs are one window beat with its weight codes (the codes read from the ROMs for that
     beat). Stage 0 registers the inputs (a ROM's output is slow: it goes straight into a
-    register), stage 1 the lane products, stage 2 the tree sums; stage 3 accumulates: the
-    first beat of a repetition starts from the bias of its output channel,
+    register), stage 1 the lane terms, the tree's stages the sums (a register after every
+    two adder levels); the last stage accumulates: the first beat of a repetition starts
+    from the bias of its output channel,
     ``acc = bias[fold*PE + k]``. The pipeline never stalls (no enable: the thousands of
     registers of a wide array would make one enable net the slowest path of the design);
     whoever feeds it must be able to take every ``done`` result.
@@ -149,13 +159,20 @@ class MACArray(wiring.Component):
         m.d.comb += out.eq(va + vb + (0 if carry is None else carry))
         return out, (lo, hi)
 
+    @staticmethod
+    def _reg(m: Module, v: Signal, name: str) -> Signal:
+        reg = Signal.like(v, name=name)
+        m.d.sync += reg.eq(v)
+        return reg
+
     def elaborate(self, platform: object) -> Module:
         m = Module()
-        # Stage 0 registers the inputs, stage 1 the lane terms, stage 2 the adder-tree sums,
-        # stage 3 accumulates: each stage is one level of logic, for >115 MHz on ECP5.
+        # Stage 0 registers the inputs, stage 1 the lane terms, then the adder tree's stages,
+        # then the accumulator: each stage is one level of logic, for 150 MHz on ECP5.
         act = Signal.like(self.act, name="act0")
         codes = Signal.like(self.codes, name="codes0")
         m.d.sync += [act.eq(self.act), codes.eq(self.codes)]
+        stages = tree_stages(self.simd)
         ctl = [
             (
                 Signal(name=f"valid{s}"),
@@ -163,14 +180,14 @@ class MACArray(wiring.Component):
                 Signal(name=f"last{s}"),
                 Signal.like(self.fold, name=f"fold{s}"),
             )
-            for s in (0, 1, 2)
+            for s in range(1 + stages + 1)
         ]
         src = (self.valid, self.first, self.last, self.fold)
         for stage in ctl:
             m.d.sync += [dst.eq(v) for dst, v in zip(stage, src, strict=True)]
             src = stage
-        m.d.sync += self.done.eq(ctl[2][0] & ctl[2][2])
-        s_valid, s_first, _, s_fold = ctl[2]
+        m.d.sync += self.done.eq(ctl[-1][0] & ctl[-1][2])
+        s_valid, s_first, _, s_fold = ctl[-1]
         lane_range = _lane_range(self.weight_format, self.in_format)
         pow2 = not isinstance(self.weight_format, Fixed)
         for k in range(self.pe):
@@ -188,6 +205,9 @@ class MACArray(wiring.Component):
             # carry-in; the last "+1" goes into the accumulator's.
             level = 0
             while len(terms) > 1:
+                if level and level % 2 == 0:  # a register after every two levels
+                    terms = [(self._reg(m, v, f"{v.name}_r"), r) for v, r in terms]
+                    carries = [self._reg(m, c, f"{c.name}_r") for c in carries]
                 pairs = []
                 for i in range(0, len(terms) - 1, 2):
                     carry = carries.pop() if carries else None
@@ -220,13 +240,14 @@ class MACUnit(wiring.Component):
     ROM depth, in the cycle the beat is taken (the array registers the ROM's data).
 
     Flow control by credit, so that nothing in the array waits on the consumer: results go
-    into an output FIFO of ``OUT_DEPTH`` words, and ``pending`` counts the repetitions
-    whose last beat was taken but whose result has not left the FIFO. ``i.ready`` is a
-    register, ``pending <= OUT_DEPTH - 2`` one cycle earlier: pending grows by at most one
-    per cycle, so it never exceeds ``OUT_DEPTH`` and the FIFO never overflows. A last beat
-    stays pending six cycles when the consumer is ready (the array's five register stages
-    and the FIFO's write), no more than ``OUT_DEPTH - 2``: a result per beat (SIMD = Cin, a
-    1x1 kernel) still flows at full rate.
+    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) - 1`` words, and
+    ``pending`` counts the repetitions whose last beat was taken but whose result has not
+    left the FIFO. ``i.ready`` is a register, ``pending <= out_depth - 2`` one cycle
+    earlier: pending grows by at most one per cycle, so it never exceeds ``out_depth`` and
+    the FIFO never overflows. A last beat stays pending ``5 + tree_stages(simd)`` cycles
+    when the consumer is ready (the input register, the array's stages and the FIFO's
+    write; six up to SIMD = 4), no more than ``out_depth - 2``: a result per beat (SIMD =
+    Cin, a 1x1 kernel) still flows at full rate.
 
     Members
     -------
@@ -234,7 +255,7 @@ class MACUnit(wiring.Component):
     o : Out(stream.Signature(ArrayLayout(out shape, pe)))
     """
 
-    OUT_DEPTH = 8
+    OUT_DEPTH = 8  # output FIFO words with a one-stage adder tree
 
     def __init__(
         self,
@@ -246,6 +267,7 @@ class MACUnit(wiring.Component):
     ) -> None:
         self.layer, self.in_format, self.pe, self.simd = layer, in_format, pe, simd
         self.rom_style = rom_style
+        self.out_depth = self.OUT_DEPTH + tree_stages(simd) - 1
         self.words = rom_words(layer, pe, simd)
         self.depth = len(self.words)
         self.acc_bits = acc_bits(layer, in_format)
@@ -287,7 +309,7 @@ class MACUnit(wiring.Component):
         )
 
         # Credit: i.ready is a register (see the class docstring), never the consumer's ready.
-        depth_out = self.OUT_DEPTH
+        depth_out = self.out_depth
         m.submodules.out = out = SyncFIFO(width=len(self.o.payload.as_value()), depth=depth_out)
         ready = Signal(init=1)
         pending = Signal(range(depth_out + 1))
