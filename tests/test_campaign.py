@@ -7,7 +7,8 @@ formats (Pow2 3..7 / Fixed 2..16 / ternary / binary weights, signed or
 unsigned activations of 1..12 bits, ReLU or not, requantisation shifts of either sign, and
 a rounding per format: half_up, half_even or floor),
 its weights (random, sparse, or at the extremes: all-max, all-min, ±max), a PE x SIMD
-folding and a ROM style; ``hwgen.emit.build`` writes the build folder and
+folding or (for a conv or dense layer, with probability ``UNROLL``) the unrolled engine,
+and a ROM style; ``hwgen.emit.build`` writes the build folder and
 ``hwgen.simulate.simulate_layer`` streams the vectors (random images plus the all-max and
 all-min ones) through the RTL with random input idles and output backpressure (on both
 inputs of an add engine; on every stream of a network top). Every output value must equal
@@ -18,7 +19,7 @@ Replay a case with ``random_case(seed)``: its ``describe()`` names everything dr
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from conftest import ARRAY_MODES, weight_array, with_roundings
 
 from hwgen import golden
 from hwgen.emit import BuildOptions, build
+from hwgen.hw.engine import MAX_UNROLLED_WEIGHTS
 from hwgen.ir import (
     ACT_FRAC_RANGE,
     ROUNDINGS,
@@ -50,6 +52,7 @@ KINDS = ("conv", "conv", "conv", "dense", "dense", "maxpool", "avgpool", "relu",
 WEIGHT_KINDS = ("pow2", "pow2", "fixed", "fixed", "ternary", "binary")
 AVG_KERNELS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4), (4, 2), (4, 4))
 VECTORS = 4  # random images per vector file (the build adds the extreme ones)
+UNROLL = 0.3  # chance that a conv or dense layer gets the unrolled engine
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Case:
     rom_style: str
     stalls: float
     target: str  # a layer's name, or "network" for the stream top around them
+    engines: dict[str, str] = field(default_factory=dict)  # the unrolled layers
 
     def describe(self) -> str:
         if len(self.net.layers) > 1:
@@ -85,8 +89,9 @@ class Case:
                 f"{' relu' if layer.relu else ''}, acc {acc_bits(layer, fin)} bits"
             )
         pe, simd = self.folding[layer.name]
+        engine = " unrolled" if self.engines else ""
         return (
-            f"{s}; PE {pe} SIMD {simd}, rom {self.rom_style}, stalls {self.stalls:.2f}, "
+            f"{s}; PE {pe} SIMD {simd}{engine}, rom {self.rom_style}, stalls {self.stalls:.2f}, "
             f"target {self.target}"
         )
 
@@ -101,7 +106,8 @@ class Case:
                 d += f" s{layer.stride} pad{layer.pad}"
             if getattr(layer, "relu", False):
                 d += " relu"
-            parts.append(f"{d} PE,SIMD {self.folding[layer.name]}")
+            engine = " unrolled" if layer.name in self.engines else ""
+            parts.append(f"{d} PE,SIMD {self.folding[layer.name]}{engine}")
         return (
             f"seed {self.seed}: in {net.input_shape} {net.input_format}; {'; '.join(parts)}; "
             f"weights {self.weights}, rom {self.rom_style}, stalls {self.stalls:.2f}, "
@@ -253,10 +259,27 @@ def effective_roundings(net: Network) -> set[str]:
     }
 
 
-def random_case(seed: int, kind: str | None = None, wkind: str | None = None) -> Case:
-    """Draw case ``seed`` (``kind`` and ``wkind`` force the layer and weight kinds)."""
+def _draw_engines(seed: int, case: Case, engine: str | None) -> Case:
+    """``case`` with the unrolled engine drawn (or, with ``engine``, forced) for each conv
+    and dense layer small enough. A stream of its own, as for the roundings."""
+    rng = np.random.default_rng([20240417, seed, 23])
+    engines, folding = {}, dict(case.folding)
+    for layer in case.net.layers:
+        if not isinstance(layer, (Conv2d, Linear)) or layer.weight.size > MAX_UNROLLED_WEIGHTS:
+            continue
+        if engine == "unrolled" or (engine is None and rng.random() < UNROLL):
+            engines[layer.name] = "unrolled"
+            folding[layer.name] = layer.weight.shape[:2]
+    return replace(case, engines=engines, folding=folding)
+
+
+def random_case(
+    seed: int, kind: str | None = None, wkind: str | None = None, engine: str | None = None
+) -> Case:
+    """Draw case ``seed`` (``kind``, ``wkind`` and ``engine`` force the layer and weight kinds
+    and the conv/dense engine, ``folded`` or ``unrolled``)."""
     case = _random_case(seed, kind, wkind)
-    return replace(case, net=_draw_roundings(seed, case.net))
+    return _draw_engines(seed, replace(case, net=_draw_roundings(seed, case.net)), engine)
 
 
 def _random_case(seed: int, kind: str | None, wkind: str | None) -> Case:
@@ -304,6 +327,7 @@ def run_case(case: Case, tmp_path) -> None:
     """Build ``case`` into ``tmp_path`` and require every RTL output to equal the golden one."""
     opts = BuildOptions(
         folding=case.folding,
+        engines=case.engines,
         rom_style=case.rom_style,
         vectors=VECTORS,
         seed=case.seed,
@@ -336,21 +360,24 @@ def run_case(case: Case, tmp_path) -> None:
 
 
 # The default sample: a convolution with INQ and one with ternary weights, a dense layer
-# with fixed-point weights, an average pool, an add and a residual block; the slow campaign
-# covers the rest.
+# with fixed-point weights, an average pool, an add, a residual block (all folded) and an
+# unrolled convolution; the slow campaign covers the rest.
 SAMPLE = (
-    (1, "conv", "pow2"),
-    (2, "dense", "fixed"),
-    (3, "conv", "ternary"),
-    (4, "avgpool", None),
-    (5, "add", "fixed"),
-    (9, "residual", "pow2"),
+    (1, "conv", "pow2", "folded"),
+    (2, "dense", "fixed", "folded"),
+    (3, "conv", "ternary", "folded"),
+    (4, "avgpool", None, "folded"),
+    (5, "add", "fixed", "folded"),
+    (9, "residual", "pow2", "folded"),
+    (33, "conv", "fixed", "unrolled"),
 )
 
 
-@pytest.mark.parametrize("seed,kind,wkind", SAMPLE, ids=[f"{k}-{w or ''}" for _, k, w in SAMPLE])
-def test_sample(seed, kind, wkind, tmp_path):
-    run_case(random_case(seed, kind, wkind), tmp_path)
+@pytest.mark.parametrize(
+    "seed,kind,wkind,engine", SAMPLE, ids=[f"{k}-{w or ''}-{e}" for _, k, w, e in SAMPLE]
+)
+def test_sample(seed, kind, wkind, engine, tmp_path):
+    run_case(random_case(seed, kind, wkind, engine), tmp_path)
 
 
 def test_sample_covers_every_rounding():
