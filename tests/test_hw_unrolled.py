@@ -197,6 +197,9 @@ def test_build_writes_and_reads_the_engine(tmp_path):
     assert manifest["engines"] == {first: "unrolled"}
     entry = next(e for e in manifest["layers"] if e["name"] == first)
     assert entry["rom_depth"] == 0
+    build(net, tmp_path / "again", BuildOptions(engines={first: "unrolled"}, vectors=1))
+    for rtl in sorted((tmp_path / "b" / "rtl").iterdir()):  # deterministic Verilog
+        assert rtl.read_bytes() == (tmp_path / "again" / "rtl" / rtl.name).read_bytes()
     path = tmp_path / "b" / "folding.toml"
     assert load_engines(path) == {first: "unrolled"}
     cout, cin = net.layer(first).weight.shape[:2]
