@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("folded", "unrolled", "auto"),
         default="folded",
         help="conv and dense layers: folded PE x SIMD lanes with weight ROMs, unrolled "
-        "(weights as constants in a shared adder graph, a kernel window per cycle), or auto "
+        "(weights as constants in a shared adder graph, a kernel window at once), or auto "
         "(with --target-fps: unrolled where cheaper for the rate)",
     )
     b.add_argument(

@@ -205,3 +205,24 @@ def test_solver_unrolls_only_when_allowed_and_cheaper_for_the_rate():
     slow = solve(net, target_fps=100e6 / 32, unrolled=True)
     assert slow.engines == {} and slow.cycles <= 32
     assert slow.luts < plan_layer(net, 0, 8, 16, engine="unrolled").luts
+
+
+def test_cli_engine_option_and_bad_engine_in_folding(tmp_path, capsys):
+    model = tmp_path / "m.hwq"
+    net = example_network()
+    hwq.save(net, model)
+    out = tmp_path / "out"
+    assert main(["build", str(model), "-o", str(out), "--engine", "unrolled"]) == 0
+    assert "dense unrolled" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    macs = [la.name for la in net.layers if isinstance(la, (Conv2d, Linear))]
+    assert manifest["engines"] == {name: "unrolled" for name in macs}
+    assert all(e["rom_depth"] == 0 for e in manifest["layers"] if e["name"] in macs)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[layers.{macs[0]}]\nengine = "wide"\n')
+    assert main(["build", str(model), "-o", str(tmp_path / "x"), "--folding", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        len(err.splitlines()) == 1 and "engine must be one of folded, unrolled, not 'wide'" in err
+    )
+    assert not (tmp_path / "x").exists()

@@ -4,7 +4,7 @@ know about it (``EngineInfo``).
 A Conv2d or Linear engine is the sliding-window unit followed by the MAC unit (weight ROMs,
 PE x SIMD MAC array, requantisers): SIMD input channels per beat in, PE output channels per
 beat out. A dense layer is the same engine on a 1x1 map of ``in_features`` channels. The
-``unrolled`` engine (hwgen.hw.unrolled) computes a whole kernel window per cycle with the
+``unrolled`` engine (hwgen.hw.unrolled) computes a whole kernel window at once, with the
 weights as constants in an adder graph, at PE = Cout and SIMD = Cin. Pool,
 global average pool and ReLU engines come from hwgen.hw.pool, add and subsample-pad engines
 from hwgen.hw.residual, all with ``pe`` channels per beat in and out (an add engine has two

@@ -13,7 +13,10 @@ in front of the saturation.
 SIMD = Cin and PE = Cout: a dense layer (or a 1x1 convolution with stride 1 and no padding)
 takes its whole input vector per beat; any other convolution goes through the sliding
 window unit (SIMD = Cin), whose K*K beats per output pixel are gathered into one kernel
-window (``K*K*Cin`` values, order kh, kw, channel) for the datapath.
+window (``K*K*Cin`` values, order kh, kw, channel) for the datapath. The window unit
+gives a beat per cycle, so such a layer computes an output pixel every K*K cycles (the
+folded engine's rate at PE = Cout, SIMD = Cin), its datapath idle in between; a dense
+layer or a plain 1x1 convolution computes one per cycle.
 """
 
 from __future__ import annotations
@@ -205,7 +208,7 @@ class MatVec(wiring.Component):
 
 class UnrolledEngine(wiring.Component):
     """A Conv2d or Linear layer, unrolled: SIMD = Cin input channels per beat in, PE = Cout
-    output channels per beat out (see the module docstring), one kernel window per cycle.
+    output channels per beat out (see the module docstring).
 
     Flow control by credit, as in hwgen.hw.mac.MACUnit: the datapath never stalls; results go
     into an output FIFO of ``latency + 4`` words, and ``pending`` counts the windows taken
