@@ -103,19 +103,24 @@ class _Builder:
         # Candidates by rank (``_push``) with the count they were pushed at. A count that grows
         # is pushed again; one that shrinks is pushed again when its stale entry comes up.
         self.heap: list[tuple[tuple[int, int, int, tuple[int, int, int, bool]], int]] = []
+        self.pushing = False  # while the outputs are filled, the heap is built once at the end
         for row in matrix:
             terms: dict[tuple[int, int], bool] = {}
             self.outputs.append(terms)
             for i, w in enumerate(row):
                 for shift, neg in csd(int(w)):
                     self._add(terms, (i, shift, neg))
+        for key, n in self.counts.items():
+            if n >= 2:
+                self._push(key, n)
+        self.pushing = True
 
     def _pairs(self, terms: dict[tuple[int, int], bool], t: Term, step: int) -> None:
         for (v, s), neg in terms.items():
             if (v, s) != (t[0], t[1]):
                 key = _key(t, (v, s, neg))
                 n = self.counts[key] = self.counts[key] + step
-                if step > 0 and n >= 2:
+                if step > 0 and n >= 2 and self.pushing:
                     self._push(key, n)
 
     def _push(self, key: tuple[int, int, int, bool], n: int) -> None:
