@@ -210,7 +210,7 @@ def test_build_errors_are_one_line_and_write_nothing(model, tmp_path, capsys):
     folding.write_text("[layers.conv9]\npe = 2\n")
     _one_line_error(capsys, build("--folding", str(folding)), "conv9")
     folding.write_text("[layers.conv1]\npe = 2\nlanes = 4\n")
-    _one_line_error(capsys, build("--folding", str(folding)), "layers.conv1", "pe and simd")
+    _one_line_error(capsys, build("--folding", str(folding)), "layers.conv1", "pe, simd and engine")
     folding.write_text("[layers.conv1]\npe = 3\nsimd = 1\n")
     _one_line_error(capsys, build("--folding", str(folding)), "conv1", "PE", "4", "3")
     folding.write_text("[layers.conv1\npe = 3\n")
