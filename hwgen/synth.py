@@ -9,6 +9,7 @@ wide stream ports fits any package); iCE40 nextpnr has no such mode, so its port
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -136,11 +137,15 @@ def run_tool(cmd: list[str], cwd: Path, what: str) -> str:
         env={**os.environ, "YOWASP_QUIET": "1"},
     )
     if proc.returncode != 0:
-        logs = [cwd / "synth.log"] if (cwd / "synth.log").exists() else []
-        text = logs[0].read_text() if logs else (proc.stderr or proc.stdout)
+        # The tool's own log (Yosys -l, nextpnr --log) has the error; stderr is quiet.
+        names = [b for a, b in itertools.pairwise(cmd) if a in ("-l", "--log")] + ["synth.log"]
+        logs = [cwd / n for n in names if (cwd / n).is_file()]
+        text = logs[0].read_text(errors="replace") if logs else (proc.stderr or proc.stdout)
         errors = [ln for ln in text.splitlines() if "ERROR" in ln]
         tail = errors[-1:] or text.strip().splitlines()[-3:]
-        raise HwgenError(f"{what} failed: {' / '.join(tail)}")
+        code = proc.returncode
+        status = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        raise HwgenError(f"{what} failed ({status}): {' / '.join(tail) or 'no output'}")
     return proc.stdout
 
 
