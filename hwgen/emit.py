@@ -41,7 +41,7 @@ from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
 from hwgen.ir import INPUT, ActFormat, Add, Conv2d, Flatten, Linear, Network
-from hwgen.synth import DEVICES, Phase, quiet, run_tool, synthesize
+from hwgen.synth import DEVICES, YOSYS_PREP, Phase, quiet, run_tool, synthesize
 from hwgen.templates import template, vendor_projects
 
 if sys.version_info >= (3, 11):
@@ -501,7 +501,9 @@ def bitstream_name(device: str) -> str:
 def build_bitstream(top: BoardTop, board: str, out: Path, phase: Phase = quiet) -> Path:
     """amaranth-boards' build plan for ``board``, its commands (Yosys, nextpnr, the packer)
     run one at a time from the YoWASP wheels, each inside ``phase``."""
-    steps = platform_for(board).build(top, name="top", build_dir=str(out), do_build=False)
+    steps = platform_for(board).build(
+        top, name="top", build_dir=str(out), do_build=False, script_after_read=YOSYS_PREP
+    )
     steps.extract(str(out))
     for cmd in json.loads((out / "build_top.json").read_text())["commands"]:
         program, step = _BITSTREAM_TOOLS[cmd[0]]

