@@ -105,6 +105,16 @@ def int_array(
     return a.astype(np.int64)
 
 
+def lane_weights(rng: np.random.Generator, fmt: WeightFormat, shape: tuple[int, ...]) -> np.ndarray:
+    """Random on-grid weights: Fixed uniform over its range; Pow2 signed powers of two, 30% zeros
+    where the format has a zero."""
+    if isinstance(fmt, Fixed):
+        return rng.integers(fmt.lo, fmt.hi, size=shape, endpoint=True)
+    mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
+    w = mag * rng.choice([-1, 1], size=shape)
+    return np.where(rng.random(shape) < 0.3, 0, w) if fmt.has_zero else w
+
+
 @st.composite
 def rngs(draw: st.DrawFn) -> np.random.Generator:
     """A NumPy generator seeded by Hypothesis (so failures replay and shrink the seed)."""

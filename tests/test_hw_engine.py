@@ -3,6 +3,7 @@ choose_folding and the parameter checks."""
 
 import numpy as np
 import pytest
+from conftest import lane_weights
 
 from hwgen.errors import HwgenError
 from hwgen.golden import layer_forward
@@ -41,17 +42,9 @@ def run_engine(net, index, pe, simd, x, stall_in=0.0, stall_out=0.0, seed=0):
     return out, cycles
 
 
-def _weights(rng, fmt, shape):
-    if isinstance(fmt, Fixed):
-        return rng.integers(fmt.lo, fmt.hi, size=shape, endpoint=True)
-    mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
-    w = mag * rng.choice([-1, 1], size=shape)
-    return np.where(rng.random(shape) < 0.3, 0, w) if fmt.has_zero else w
-
-
 def _conv_net(rng, wfmt, cin, cout, hw, kernel, stride=1, padding=0):
     fin = ActFormat(8, 4)
-    w = _weights(rng, wfmt, (cout, cin, *np.broadcast_to(kernel, 2)))
+    w = lane_weights(rng, wfmt, (cout, cin, *np.broadcast_to(kernel, 2)))
     out = ActFormat(8, min(fin.frac + wfmt.frac - 4, 32))
     layer = Conv2d(
         "conv",
@@ -105,7 +98,7 @@ def test_dense_engine():
         6,
         Pow2(5, -2),
         ActFormat(8, 2),
-        _weights(rng, Pow2(5, -2), (6, 12)),
+        lane_weights(rng, Pow2(5, -2), (6, 12)),
         rng.integers(-99, 99, 6),
     )
     net = Network((12,), fin, (layer,))
@@ -217,7 +210,7 @@ def test_too_wide_and_bad_rom_style():
         2,
         Pow2(2, 0),
         ActFormat(8, 0),
-        _weights(rng, Pow2(2, 0), (2, 2048)),
+        lane_weights(rng, Pow2(2, 0), (2, 2048)),
         np.zeros(2, int),
     )
     net = Network((2048,), ActFormat(8, 0), (layer,))

@@ -6,7 +6,7 @@ with unrolled layers, and the engine in a build's manifest and folding.toml."""
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from conftest import example_network, residual_network
+from conftest import example_network, lane_weights, residual_network
 
 from hwgen import golden
 from hwgen.emit import BuildOptions, build, choose_build, load_engines, load_folding
@@ -35,16 +35,8 @@ def run_unrolled(net, x, stall=0.0, seed=0):
     return (got.transpose(0, 3, 1, 2) if got.ndim == 4 else got), cycles
 
 
-def weights(rng, fmt, shape):
-    if isinstance(fmt, Fixed):
-        return rng.integers(fmt.lo, fmt.hi, size=shape, endpoint=True)
-    mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
-    w = mag * rng.choice([-1, 1], size=shape)
-    return np.where(rng.random(shape) < 0.3, 0, w) if fmt.has_zero else w
-
-
 def dense_net(rng, wfmt, fin, fout, cin=12, cout=6, w=None, bias=None):
-    w = weights(rng, wfmt, (cout, cin)) if w is None else w
+    w = lane_weights(rng, wfmt, (cout, cin)) if w is None else w
     bias = rng.integers(-500, 500, cout) if bias is None else bias
     return Network((cin,), fin, (Linear("fc", cin, cout, wfmt, fout, w, bias),))
 
@@ -110,7 +102,7 @@ def test_conv_with_stalls(wfmt, kernel, stride, padding):
     rng = np.random.default_rng(3)
     fin = ActFormat(8, 4)
     k = np.broadcast_to(kernel, 2)
-    w = weights(rng, wfmt, (5, 3, *k))
+    w = lane_weights(rng, wfmt, (5, 3, *k))
     layer = Conv2d(
         "conv",
         3,
