@@ -514,6 +514,12 @@ def synth(build_dir: Path, device: str | None, target_mhz: float) -> None:
         f"per inference -> {doc['inferences_per_second']:,.0f} inferences/s",
         highlight=False,
     )
+    path = doc["critical_path"]
+    if path:
+        console.print(
+            f"critical path {path['delay_ns']:.2f} ns: {path['cells'][0]} -> {path['cells'][-1]}",
+            highlight=False,
+        )
     print(f"report: {out / 'synth.html'} (also synth.md, synth.json)")
 
 

@@ -663,7 +663,14 @@ def synthesis_sections(doc: dict[str, Any]) -> list[Section]:
         f"layers synthesised alone by Yosys (no routing). Cycles per inference: "
         f"{doc['cycles_source']}."
     )
-    return [Section("synth", "Synthesis", (text, summary, layers, synth_plot(doc)), doc)]
+    blocks: list[Any] = [text, summary]
+    path = doc.get("critical_path")
+    if path:
+        blocks.append(
+            f"Critical path: {path['delay_ns']:.2f} ns ({path['logic_ns']:.2f} logic, "
+            f"{path['routing_ns']:.2f} routing) through {' → '.join(path['cells'])}."
+        )
+    return [Section("synth", "Synthesis", (*blocks, layers, synth_plot(doc)), doc)]
 
 
 def write_synth_report(build_dir: str | os.PathLike, doc: dict[str, Any]) -> Path:

@@ -117,15 +117,7 @@ class SynthResult:
     resources: Resources
     fmax_mhz: float | None  # None when place-and-route was not run
     target_mhz: float
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "top": self.top,
-            "device": self.device,
-            **asdict(self.resources),
-            "fmax_mhz": self.fmax_mhz,
-            "target_mhz": self.target_mhz,
-        }
+    critical_path: dict[str, object] | None = None  # critical_path_from_report's summary
 
 
 def run_tool(cmd: list[str], cwd: Path, what: str) -> str:
@@ -221,14 +213,16 @@ def synthesize(
                 f"Yosys synthesis of {top}",
             )
         res = count_cells(json.loads((work / "stat.json").read_text()), top, dev.family)
-        fmax = None
-        if place_route:
-            with phase(f"nextpnr: {name}, place and route on {device} for {target_mhz:g} MHz"):
-                fmax = _place_route(work, dev, target_mhz, top)
-        return SynthResult(top, device, res, fmax, target_mhz)
+        if not place_route:
+            return SynthResult(top, device, res, None, target_mhz)
+        with phase(f"nextpnr: {name}, place and route on {device} for {target_mhz:g} MHz"):
+            report = _place_route(work, dev, target_mhz, top)
+        fmax, path = fmax_from_report(report), critical_path_from_report(report)
+        return SynthResult(top, device, res, fmax, target_mhz, path)
 
 
-def _place_route(work: Path, dev: Device, target_mhz: float, top: str) -> float:
+def _place_route(work: Path, dev: Device, target_mhz: float, top: str) -> dict:
+    """nextpnr's ``--report`` JSON."""
     tool = f"yowasp-nextpnr-{dev.family}"
     run_tool(
         [
@@ -248,7 +242,7 @@ def _place_route(work: Path, dev: Device, target_mhz: float, top: str) -> float:
         work,
         f"nextpnr place-and-route of {top}",
     )
-    return fmax_from_report(json.loads((work / "report.json").read_text()))
+    return json.loads((work / "report.json").read_text())
 
 
 def fmax_from_report(report: dict) -> float:
@@ -258,6 +252,32 @@ def fmax_from_report(report: dict) -> float:
     if not achieved:
         raise HwgenError("nextpnr reported no clock: the design has no registers on a clock")
     return round(min(achieved), 2)
+
+
+def critical_path_from_report(report: dict) -> dict[str, object] | None:
+    """The slowest clock's critical path from a nextpnr ``--report`` JSON: its delay split
+    into logic and routing, and the cells it runs through (source register first), which
+    name the Amaranth signals and so the place to add a register."""
+    paths = report.get("critical_paths", [])
+    if not paths:
+        return None
+    steps = max(paths, key=lambda p: sum(s["delay"] for s in p["path"]))["path"]
+    cells: list[str] = []
+    for s in steps:
+        for end in ("from", "to"):
+            cell = s[end].get("cell", "")
+            if cell and (not cells or cells[-1] != cell):
+                cells.append(cell)
+
+    def total(*kinds: str) -> float:
+        return round(sum(s["delay"] for s in steps if s["type"] in kinds), 3)
+
+    return {
+        "delay_ns": total("clk-to-q", "source", "logic", "routing", "setup"),
+        "logic_ns": total("clk-to-q", "source", "logic", "setup"),
+        "routing_ns": total("routing"),
+        "cells": cells,
+    }
 
 
 def parse_log_fmax(text: str) -> float | None:
@@ -336,6 +356,7 @@ def synth_build(
         if measured
         else "estimate (slowest engine's ideal cycles per image)",
         "inferences_per_second": round(fmax * 1e6 / cycles, 1) if cycles else 0.0,
+        "critical_path": whole.critical_path,
         "layers": {
             name: {
                 **asdict(r.resources),

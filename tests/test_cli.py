@@ -504,7 +504,9 @@ def test_synth_shows_its_phases(tmp_path, capsys, model):
         f"Yosys: network ({n}/{n})",
         f"nextpnr: network ({n}/{n}), place and route on ecp5-85f for 150 MHz",
     ]
-    assert (out / "reports" / "synth.json").is_file()
+    doc = json.loads((out / "reports" / "synth.json").read_text())
+    assert doc["critical_path"]["delay_ns"] * doc["fmax_mhz"] == pytest.approx(1000, rel=0.01)
+    assert "Critical path: " in (out / "reports" / "synth.md").read_text()
 
 
 @pytest.mark.slow

