@@ -26,8 +26,8 @@ from hwgen.ir import (
     Network,
     ReLU,
     SubsamplePad,
-    acc_frac,
     add_frac,
+    requant_frac,
 )
 
 _EXACT_FLOAT = ((np.float32, 2**24), (np.float64, 2**53))
@@ -178,7 +178,9 @@ def layer_forward(
     if isinstance(layer, (Conv2d, Linear)):
         acc_fn = conv2d_acc if isinstance(layer, Conv2d) else linear_acc
         acc = acc_fn(x, layer, in_format)
-        s = acc_frac(layer, in_format) - layer.out_format.frac
+        if layer.scale is not None:  # Network proved acc * m fits 62 bits
+            acc = acc * layer.scale.reshape(-1, *(1,) * (acc.ndim - 2))
+        s = requant_frac(layer, in_format) - layer.out_format.frac
         return requantize(acc, s, layer.out_format, layer.relu)
     if isinstance(layer, ReLU):
         return np.maximum(x, 0)

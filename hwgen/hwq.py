@@ -43,7 +43,7 @@ from hwgen.ir import (
 )
 
 FORMAT_NAME = "hwq"
-FORMAT_VERSION = 2  # version 1 (sequential, no add/global pool/shortcut) is still read
+FORMAT_VERSION = 3  # versions 1 (a chain) and 2 (a graph, no per-channel scale) are still read
 _V1_OPS = (Conv2d, Linear, MaxPool2d, AvgPool2d, ReLU, Flatten)
 MODEL_JSON = "model.json"
 WEIGHTS_NPZ = "weights.npz"
@@ -67,6 +67,7 @@ def _weight_fmt_to_json(f: WeightFormat) -> dict[str, Any]:
 
 
 def _layer_to_json(layer: Layer, out_shape: tuple[int, ...], v2: bool) -> dict[str, Any]:
+    """One layer's object; ``v2``: a version 2 or 3 file (every layer names its inputs)."""
     d: dict[str, Any] = {"name": layer.name}
     if isinstance(layer, Conv2d):
         d |= {
@@ -96,6 +97,11 @@ def _layer_to_json(layer: Layer, out_shape: tuple[int, ...], v2: bool) -> dict[s
             "weight": f"{layer.name}.weight",
             "bias": f"{layer.name}.bias",
         }
+        if layer.scale is not None:  # version 3
+            d |= {
+                "scale_format": _weight_fmt_to_json(layer.scale_format),
+                "scale": f"{layer.name}.scale",
+            }
     if v2:
         d["inputs"] = list(layer.inputs)
     d["out_shape"] = list(out_shape)
@@ -111,15 +117,17 @@ def _act_formats(net: Network) -> list[ActFormat]:
 def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``model.json`` document of a network.
 
-    A chain of version 1 ops in half_up rounding is written as version 1, byte for byte
-    what earlier hwgen wrote; anything else as version 2 (every layer names its inputs, the
-    top level its output), since a version 1 reader does not know ``rounding``.
+    The lowest version that holds the network: a chain of version 1 ops in half_up rounding
+    is written as version 1, byte for byte what earlier hwgen wrote; a network with a
+    per-channel scale as version 3; anything else as version 2 (every layer names its
+    inputs, the top level its output), since a version 1 reader does not know ``rounding``.
     """
     v1 = net.is_chain and all(isinstance(lyr, _V1_OPS) for lyr in net.layers)
-    v2 = not (v1 and all(f.rounding == "half_up" for f in _act_formats(net)))
+    v3 = any(getattr(lyr, "scale", None) is not None for lyr in net.layers)
+    v2 = v3 or not (v1 and all(f.rounding == "half_up" for f in _act_formats(net)))
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "version": 2 if v2 else 1,
+        "version": 3 if v3 else 2 if v2 else 1,
         "name": net.name,
         "input": {"shape": list(net.input_shape), "format": act_to_json(net.input_format)},
         "layers": [_layer_to_json(lyr, net.shapes[lyr.name], v2) for lyr in net.layers],
@@ -150,10 +158,10 @@ def save(
     arrays: dict[str, np.ndarray] = {}
     for layer in net.layers:
         if isinstance(layer, (Conv2d, Linear)):
-            for key, a in (
-                (f"{layer.name}.weight", layer.weight),
-                (f"{layer.name}.bias", layer.bias),
-            ):
+            named = [(f"{layer.name}.weight", layer.weight), (f"{layer.name}.bias", layer.bias)]
+            if layer.scale is not None:
+                named.append((f"{layer.name}.scale", layer.scale))
+            for key, a in named:
                 arrays[key] = a.astype(_smallest_int_dtype(a))
     files = {
         MODEL_JSON: (json.dumps(to_json(net, meta), indent=2) + "\n").encode(),
@@ -256,6 +264,7 @@ def _inputs(doc: _Doc, v2: bool) -> tuple[str, ...]:
 
 
 _MAC_KEYS = {"relu", "weight_format", "out_format", "weight", "bias"}
+_SCALE_KEYS = {"scale", "scale_format"}  # version 3
 _KEYS = {  # per op, beyond name, op, inputs and out_shape
     "conv2d": {"in_channels", "out_channels", "kernel", "stride", "padding"} | _MAC_KEYS,
     "linear": {"in_features", "out_features"} | _MAC_KEYS,
@@ -269,7 +278,25 @@ _KEYS = {  # per op, beyond name, op, inputs and out_shape
 }
 
 
-def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool) -> Layer:
+def _scale_from_json(
+    doc: _Doc, arrays: dict[str, np.ndarray]
+) -> tuple[np.ndarray | None, Fixed | None]:
+    """A MAC layer's (scale, scale_format): both or neither (version 3)."""
+    present = sorted(_SCALE_KEYS & set(doc.d))
+    if not present:
+        return None, None
+    if len(present) == 1:
+        missing = (_SCALE_KEYS - set(present)).pop()
+        raise HwgenError(f"model.json: {doc.where} has '{present[0]}' but no '{missing}'")
+    where = f"{doc.where}.scale_format"
+    fmt = _weight_fmt_from_json(doc.get("scale_format", dict), where)
+    if not isinstance(fmt, Fixed):
+        raise HwgenError(f"model.json: {where}.kind must be 'fixed', not 'pow2'")
+    return _array(arrays, doc, "scale"), fmt
+
+
+def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], version: int) -> Layer:
+    v2 = version >= 2
     doc = _Doc(d, f"layers[{i}]")
     name = doc.get("name", str)
     doc.where = f"layer {name}"
@@ -278,10 +305,17 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool)
         raise HwgenError(f"model.json: layer {name} has op {op!r}, which needs version 2")
     if v2 and op in _KEYS:
         # Version 2 readers refuse what they do not know, so later keys cannot be misread.
-        unknown = sorted(set(doc.d) - _KEYS[op] - {"name", "op", "inputs", "out_shape"})
+        mac = op in ("conv2d", "linear")
+        known = _KEYS[op] | (_SCALE_KEYS if mac and version >= 3 else set())
+        unknown = sorted(set(doc.d) - known - {"name", "op", "inputs", "out_shape"})
         if unknown:
             raise HwgenError(f"model.json: layer {name} has unknown key {unknown[0]!r}")
     inputs = _inputs(doc, v2)
+    if op in ("conv2d", "linear"):
+        if version < 3 and _SCALE_KEYS & set(doc.d):  # version 1 ignores unknown keys
+            key = min(_SCALE_KEYS & set(doc.d))
+            raise HwgenError(f"model.json: layer {name} has '{key}', which needs version 3")
+        scale, scale_format = _scale_from_json(doc, arrays)
     if op == "conv2d":
         return Conv2d(
             name,
@@ -296,6 +330,8 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool)
             padding=doc.ints("padding", 2),
             relu=doc.get("relu", bool),
             inputs=inputs,
+            scale=scale,
+            scale_format=scale_format,
         )
     if op == "linear":
         return Linear(
@@ -308,6 +344,8 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], v2: bool)
             _array(arrays, doc, "bias"),
             relu=doc.get("relu", bool),
             inputs=inputs,
+            scale=scale,
+            scale_format=scale_format,
         )
     pools: dict[str, Callable[..., Layer]] = {"maxpool2d": MaxPool2d, "avgpool2d": AvgPool2d}
     if op in pools:
@@ -331,15 +369,14 @@ def from_json(model: object, arrays: dict[str, np.ndarray]) -> Network:
     if doc.get("format", str) != FORMAT_NAME:
         raise HwgenError(f"model.json: format is {doc.d['format']!r}, not {FORMAT_NAME!r}")
     version = doc.get("version", int)
-    if version not in (1, FORMAT_VERSION):
+    if version not in range(1, FORMAT_VERSION + 1):
         raise HwgenError(
-            f"model.json: unknown format version {version} (this hwgen reads 1 and "
-            f"{FORMAT_VERSION})"
+            f"model.json: unknown format version {version} (this hwgen reads 1 to {FORMAT_VERSION})"
         )
-    v2 = version == 2
+    v2 = version >= 2
     inp = _Doc(doc.get("input", dict), "input")
     raw_layers = doc.get("layers", list)
-    layers = [_layer_from_json(d, i, arrays, v2) for i, d in enumerate(raw_layers)]
+    layers = [_layer_from_json(d, i, arrays, version) for i, d in enumerate(raw_layers)]
     shape = inp.get("shape", list)
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
         raise HwgenError(f"model.json: input.shape must be integers, not {shape!r}")

@@ -196,7 +196,12 @@ def _int_array(what: str, a: object, shape: Shape) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class _MacLayer(_ArrayEq):
-    """Shared checks of Conv2d and Linear: formats, weight grid, bias."""
+    """Shared checks of Conv2d and Linear: formats, weight grid, bias, scale.
+
+    ``scale`` (optional, with ``scale_format``, a Fixed) holds one integer ``m_c`` per
+    output channel: the exact accumulator is multiplied by it before requantisation
+    (``requant_frac``, ``requant_range``; docs/hwq-format.md §3).
+    """
 
     def _check_mac(self, wshape: Shape, cout: int) -> None:
         if not isinstance(self.weight_format, (Fixed, Pow2)):
@@ -213,6 +218,26 @@ class _MacLayer(_ArrayEq):
             )
         object.__setattr__(self, "weight", w)
         object.__setattr__(self, "bias", _int_array(f"layer {self.name}: bias", self.bias, (cout,)))
+        if (self.scale is None) != (self.scale_format is None):
+            given = "scale" if self.scale_format is None else "scale_format"
+            raise HwgenError(
+                f"layer {self.name}: {given} given without "
+                f"{'scale_format' if given == 'scale' else 'scale'} (both or neither)"
+            )
+        if self.scale is None:
+            return
+        if not isinstance(self.scale_format, Fixed):
+            raise HwgenError(
+                f"layer {self.name}: scale_format must be Fixed, not {self.scale_format!r}"
+            )
+        m = _int_array(f"layer {self.name}: scale", self.scale, (cout,))
+        bad = np.flatnonzero(~self.scale_format.on_grid(m))
+        if bad.size:
+            i = int(bad[0])
+            raise HwgenError(
+                f"layer {self.name}: scale[{i}] = {m[i]} is not in {self.scale_format}"
+            )
+        object.__setattr__(self, "scale", m)
 
 
 @dataclass(frozen=True, eq=False)
@@ -231,6 +256,8 @@ class Conv2d(_MacLayer):
     padding: tuple[int, int] = (0, 0)
     relu: bool = False
     inputs: tuple[str, ...] = ()
+    scale: np.ndarray | None = field(default=None, repr=False)
+    scale_format: Fixed | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -260,6 +287,8 @@ class Linear(_MacLayer):
     bias: np.ndarray = field(repr=False)
     relu: bool = False
     inputs: tuple[str, ...] = ()
+    scale: np.ndarray | None = field(default=None, repr=False)
+    scale_format: Fixed | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -414,6 +443,24 @@ def acc_range(layer: Conv2d | Linear, in_format: ActFormat) -> tuple[np.ndarray,
     return layer.bias + np.minimum(a, b).sum(1), layer.bias + np.maximum(a, b).sum(1)
 
 
+def requant_frac(layer: Conv2d | Linear, in_format: ActFormat) -> int:
+    """Fraction length of what the requantiser shifts: the accumulator's ``frac_a + frac_w``,
+    plus ``frac_m`` when the layer scales it by ``m_c``."""
+    fm = 0 if layer.scale_format is None else layer.scale_format.frac
+    return acc_frac(layer, in_format) + fm
+
+
+def requant_range(layer: Conv2d | Linear, in_format: ActFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-output-channel (min, max) of the requantiser's input ``acc_c * m_c`` (the
+    accumulator itself without a scale): the products of ``acc_range``'s ends with ``m_c``."""
+    lo, hi = acc_range(layer, in_format)
+    if layer.scale is None:
+        return lo, hi
+    # Python integers: a 62-bit end times a 16-bit scale overflows int64.
+    lo, hi, m = lo.astype(object), hi.astype(object), layer.scale.astype(object)
+    return np.minimum(lo * m, hi * m), np.maximum(lo * m, hi * m)
+
+
 def signed_bits(lo: int, hi: int) -> int:
     """Bits of the narrowest two's complement integer holding every value in [lo, hi]."""
     return max((-int(lo) - 1).bit_length() if lo < 0 else 0, int(hi).bit_length()) + 1
@@ -422,6 +469,12 @@ def signed_bits(lo: int, hi: int) -> int:
 def acc_bits(layer: Conv2d | Linear, in_format: ActFormat) -> int:
     """Accumulator width that can never overflow for any input in range (DESIGN §2)."""
     lo, hi = acc_range(layer, in_format)
+    return signed_bits(int(lo.min()), int(hi.max()))
+
+
+def requant_bits(layer: Conv2d | Linear, in_format: ActFormat) -> int:
+    """Width of the requantiser's input ``acc_c * m_c`` (``acc_bits`` without a scale)."""
+    lo, hi = requant_range(layer, in_format)
     return signed_bits(int(lo.min()), int(hi.max()))
 
 
@@ -495,6 +548,12 @@ def _out_format(layer: Layer, formats: list[ActFormat]) -> ActFormat:
             raise HwgenError(
                 f"layer {layer.name}: accumulator needs {bits} bits (max {ACC_BITS_MAX}); "
                 "use narrower weights or activations"
+            )
+        bits = requant_bits(layer, formats[0])
+        if bits > ACC_BITS_MAX:
+            raise HwgenError(
+                f"layer {layer.name}: accumulator times scale needs {bits} bits "
+                f"(max {ACC_BITS_MAX}); use a narrower scale, weights or activations"
             )
         return layer.out_format
     if isinstance(layer, Add):

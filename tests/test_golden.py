@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.ir import (
+    ACC_BITS_MAX,
     INPUT,
     ROUNDINGS,
     ActFormat,
@@ -49,6 +50,7 @@ from hwgen.ir import (
     ReLU,
     SubsamplePad,
     add_range,
+    requant_bits,
     signed_bits,
 )
 
@@ -142,6 +144,10 @@ def oracle_layer(layer, x: np.ndarray, fmt: ActFormat) -> tuple[np.ndarray, ActF
     if isinstance(layer, (Conv2d, Linear)):
         acc = (oracle_conv_acc if isinstance(layer, Conv2d) else oracle_linear_acc)(x, layer)
         s = fmt.frac + layer.weight_format.frac - layer.out_format.frac
+        if layer.scale is not None:  # acc_c * m_c on Python integers, at frac F + frac_m
+            m = layer.scale.astype(object).reshape((1, -1) + (1,) * (acc.ndim - 2))
+            acc = acc.astype(object) * m
+            s += layer.scale_format.frac
         return oracle_requant(acc, s, layer.out_format, layer.relu), layer.out_format
     if isinstance(layer, ReLU):
         return torch.relu(_t(x)).numpy().astype(np.int64), fmt
@@ -244,6 +250,71 @@ def test_linear_matches_oracle(case):
     layer, in_fmt, x = case
     assert np.array_equal(gm.linear_acc(x, layer, in_fmt), oracle_linear_acc(x, layer))
     assert np.array_equal(gm.layer_forward(layer, x, in_fmt), oracle_layer(layer, x, in_fmt)[0])
+
+
+@st.composite
+def scaled_cases(draw: st.DrawFn, cases: st.SearchStrategy):
+    """A conv or linear case with a per-channel scale: any Fixed format, the scales from the
+    array modes (all at the format's max or min, both ends, mostly zero) or with zeros and
+    ±1 mixed in; the output frac near the scaled accumulator's typical size or anywhere."""
+    layer, in_fmt, x = draw(cases)
+    rng = draw(rngs())
+    sfmt = Fixed(
+        draw(st.integers(2, 16)), draw(st.one_of(st.integers(-4, 16), st.integers(-64, 64)))
+    )
+    cout = layer.bias.shape[0]
+    m = int_array(rng, sfmt.lo, sfmt.hi, (cout,), draw(array_modes))
+    if draw(st.booleans()):
+        m = np.where(rng.random(cout) < 0.3, rng.choice([0, 1, -1], cout), m)
+    out = layer.out_format
+    shift = typical_shift(layer.weight, in_fmt, out.bits, draw(st.integers(-3, 3)))
+    shift += int(np.abs(m).max()).bit_length()
+    out_frac = draw(
+        st.one_of(
+            st.just(out_frac_for(in_fmt, layer.weight_format.frac + sfmt.frac, shift)),
+            st.just(out.frac),
+            st.integers(-32, 32),
+        )
+    )
+    layer = replace(layer, out_format=replace(out, frac=out_frac), scale=m, scale_format=sfmt)
+    assume(requant_bits(layer, in_fmt) <= ACC_BITS_MAX)  # what Network would refuse
+    return layer, in_fmt, x
+
+
+@given(st.one_of(scaled_cases(conv_cases()), scaled_cases(linear_cases())))
+def test_scaled_layers_match_oracle(case):
+    """``sat(round(acc_c * m_c * 2^-(F + frac_m - frac_o)))`` against exact rationals."""
+    layer, in_fmt, x = case
+    got = gm.layer_forward(layer, x, in_fmt)
+    want, _ = oracle_layer(layer, x, in_fmt)
+    assert got.dtype == np.int64
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_scale_extremes_saturate_and_tie(relu, rounding):
+    """m at the Fixed min and max, 0 and ±1 on the four channels of a 1x1 conv: every output
+    saturates high and low, and the ties of m = ±1 round as the format says."""
+    sfmt = Fixed(16, 3)
+    m = np.array([sfmt.lo, sfmt.hi, 0, -1])
+    out = ActFormat(6, 0, rounding=rounding)
+    layer = replace(
+        _conv(Fixed(2, 0), out, np.ones((4, 1, 1, 1), dtype=int), padding=0, relu=relu),
+        scale=m,
+        scale_format=sfmt,
+    )
+    in_fmt = ActFormat(8, 0)
+    x = np.array([-128, -20, -12, -4, 0, 4, 12, 20, 127]).reshape(1, 1, 1, 9)
+    got = gm.layer_forward(layer, x, in_fmt)
+    assert np.array_equal(got, oracle_layer(layer, x, in_fmt)[0])
+    lo = 0 if relu else out.lo
+    assert got[0, 0, 0, 0] == out.hi and got[0, 0, 0, -1] == lo  # m = -2^15: -128 -> high
+    assert got[0, 1, 0, 0] == lo and got[0, 1, 0, -1] == out.hi
+    assert np.all(got[0, 2] == 0)
+    # m = -1: -x / 8 with x = ±4, ±12, ±20 are the ties ±0.5, ±1.5, ±2.5
+    ties = oracle_requant(-x[0, 0, 0, 1:-1].astype(object), 3, out, relu)
+    assert got[0, 3, 0, 1:-1].tolist() == ties.tolist()
 
 
 def _conv(wfmt, out_fmt, weight, bias=0, **kw) -> Conv2d:
@@ -705,10 +776,12 @@ def test_residual_forward_matches_oracle_graph(rng, mode, seed, modes):
 
 @pytest.mark.slow
 @settings(max_examples=1500)
-@given(conv_cases(), networks(), add_cases())
-def test_long_campaign(conv_case, net_case, add_case):
-    """``pytest -m slow``: the conv, whole-network and add properties on many more examples."""
+@given(conv_cases(), networks(), add_cases(), scaled_cases(conv_cases()))
+def test_long_campaign(conv_case, net_case, add_case, scaled_case):
+    """``pytest -m slow``: the conv, whole-network, add and per-channel scale properties on
+    many more examples."""
     test_conv2d_matches_oracle.hypothesis.inner_test(conv_case)
+    test_scaled_layers_match_oracle.hypothesis.inner_test(scaled_case)
     test_forward_matches_chain_of_oracle_layers.hypothesis.inner_test(net_case)
     test_add_matches_oracle.hypothesis.inner_test(add_case)
 

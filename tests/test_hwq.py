@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
 import re
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +130,8 @@ def _object_array(doc, arrays):
 
 BAD_MODELS = {
     "unknown version": (
-        _set("version", 3),
-        r"unknown format version 3 \(this hwgen reads 1 and 2\)",
+        _set("version", 4),
+        r"unknown format version 4 \(this hwgen reads 1 to 3\)",
     ),
     "wrong format name": (_set("format", "onnx"), "format is 'onnx', not 'hwq'"),
     "unknown op": (_set("conv2", "op", "conv3d"), "layer conv2 has unknown op 'conv3d'"),
@@ -426,3 +428,134 @@ def test_half_up_everywhere_keeps_version_1_bytes(tmp_path, net):
     assert b"rounding" not in a
     doc, _ = _unpack(hwq.save(with_roundings(net, lambda n: "floor"), tmp_path / "c.hwq"))
     assert doc["version"] == 2 and doc["input"]["format"]["rounding"] == "floor"
+
+
+# ---------------------------------------------------------------- version 3 (per-channel scales)
+
+# sha256 of the files the version 2 writer (before version 3) wrote for example_network(3)
+# (version 1) and residual_network(3) (version 2) with meta {"scheme": "x"}.
+OLD_BYTES = {
+    example_network: "e40ee34fb07edef6b4a757f49f4482331c1d8e8a578f57b5969d2b7223b8dc34",
+    residual_network: "b7cc6e223bf248baea69d7b767188e452ad9dd9a1dcbdce4666ed6bbe00e2aae",
+}
+
+
+@pytest.mark.parametrize("make", list(OLD_BYTES))
+def test_networks_without_scale_keep_their_version_1_and_2_bytes(tmp_path, make):
+    data = hwq.save(make(3), tmp_path / "m.hwq", meta={"scheme": "x"}).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == OLD_BYTES[make]
+    assert b"scale" not in data
+
+
+def _scaled(net: Network, scales: dict[str, tuple[Fixed, list[int]]]) -> Network:
+    layers = [
+        replace(lyr, scale=scales[lyr.name][1], scale_format=scales[lyr.name][0])
+        if lyr.name in scales
+        else lyr
+        for lyr in net.layers
+    ]
+    return replace(net, layers=tuple(layers))
+
+
+@pytest.fixture(scope="module")
+def scaled() -> Network:
+    """example_network(3) with scales on conv2 (6 channels) and fc2 (10): extremes, 0, -1."""
+    return _scaled(
+        example_network(3),
+        {
+            "conv2": (Fixed(16, 9), [-(2**15), 2**15 - 1, 0, -1, 1, 300]),
+            "fc2": (Fixed(4, -2), [-8, 7, 0, -1, 1, 2, 3, -5, 6, 4]),
+        },
+    )
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_scales_round_trip_as_version_3(tmp_path, scaled, archive):
+    path = hwq.save(scaled, tmp_path / "s.hwq", archive=archive)
+    doc, arrays = _unpack(path) if archive else _unpack_dir(path)
+    assert doc["version"] == 3 and doc["output"] == "fc2"
+    conv2 = _layer(doc, "conv2")
+    assert conv2["scale_format"] == {"kind": "fixed", "bits": 16, "frac": 9}
+    assert conv2["scale"] == "conv2.scale" and "scale" not in _layer(doc, "fc1")
+    assert list(conv2)[-4:] == ["scale_format", "scale", "inputs", "out_shape"]
+    assert arrays["conv2.scale"].dtype == np.int16 and arrays["fc2.scale"].dtype == np.int8
+    assert arrays["fc2.scale"].tolist() == scaled.layer("fc2").scale.tolist()
+    back = hwq.load(path)
+    assert back == scaled and back.layer("conv2").scale_format == Fixed(16, 9)
+    assert back.layer("fc1").scale is None
+    x = np.random.default_rng(0).integers(-128, 128, (4, *scaled.input_shape))
+    for a, b in zip(gm.forward(back, x), gm.forward(scaled, x), strict=True):
+        assert np.array_equal(a, b)
+    again = hwq.save(back, tmp_path / "again.hwq", archive=archive)
+    if archive:
+        assert again.read_bytes() == path.read_bytes()
+
+
+def _unpack_dir(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    doc = json.loads((path / "model.json").read_text())
+    with np.load(path / "weights.npz") as npz:
+        return doc, {k: npz[k] for k in npz.files}
+
+
+def _version(v: int):
+    def mutate(doc, arrays):
+        doc["version"] = v
+
+    return mutate
+
+
+BAD_SCALES = {
+    "scale in a version 2 file": (_version(2), "layer conv2 has unknown key 'scale'"),
+    "scale in a version 1 file": (_version(1), "layer conv2 has 'scale', which needs version 3"),
+    "scale without format": (
+        lambda doc, arrays: _layer(doc, "fc2").pop("scale_format"),
+        "model.json: layer fc2 has 'scale' but no 'scale_format'",
+    ),
+    "format without scale": (
+        lambda doc, arrays: _layer(doc, "fc2").pop("scale"),
+        "model.json: layer fc2 has 'scale_format' but no 'scale'",
+    ),
+    "pow2 scale format": (
+        _set("fc2", "scale_format", {"kind": "pow2", "bits": 3, "emax": 0}),
+        "model.json: layer fc2.scale_format.kind must be 'fixed', not 'pow2'",
+    ),
+    "scale format bits": (
+        _set("fc2", "scale_format", {"kind": "fixed", "bits": 17, "frac": 0}),
+        r"Fixed weight bits must be an integer in \[2, 16\], not 17",
+    ),
+    "scale not a string": (_set("fc2", "scale", 3), r"layer fc2.scale has the wrong type: 3"),
+    "missing scale array": (
+        lambda doc, arrays: arrays.pop("fc2.scale"),
+        r"weights.npz has no array 'fc2.scale' \(layer fc2.scale\)",
+    ),
+    "scale off grid": (
+        _array("fc2.scale", lambda a: _put(a, 3, 8)),
+        r"layer fc2: scale\[3\] = 8 is not in fixed4.f-2",
+    ),
+    "scale shape": (
+        _array("conv2.scale", lambda a: a[:4]),
+        r"layer conv2: scale has shape \(4,\), expected \(6,\)",
+    ),
+    "float scale": (
+        _array("fc2.scale", lambda a: a.astype(np.float64)),
+        "weights.npz: fc2.scale has dtype float64; only integer arrays are allowed",
+    ),
+    "scale on a pool": (
+        _set("pool1", "scale", "fc2.scale"),
+        "layer pool1 has unknown key 'scale'",
+    ),
+    "scaled accumulator too wide": (
+        _array("conv2.bias", lambda a: _put(a, 0, 2**46, np.int64)),
+        r"layer conv2: accumulator times scale needs 63 bits \(max 62\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCALES))
+def test_bad_scales_are_refused_with_one_line(tmp_path, scaled, case):
+    mutate, message = BAD_SCALES[case]
+    doc, arrays = _unpack(hwq.save(scaled, tmp_path / "good.hwq"))
+    mutate(doc, arrays)
+    with pytest.raises(HwgenError, match=message) as e:
+        hwq.load(_write_dir(tmp_path / "bad.hwq", doc, arrays))
+    assert "\n" not in str(e.value)

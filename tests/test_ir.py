@@ -30,6 +30,9 @@ from hwgen.ir import (
     acc_frac,
     acc_range,
     add_range,
+    requant_bits,
+    requant_frac,
+    requant_range,
     signed_bits,
 )
 
@@ -228,6 +231,90 @@ def test_network_rejects_accumulators_wider_than_the_limit():
             HwgenError, match=rf"layer fc: accumulator needs \d+ bits \(max {ACC_BITS_MAX}\)"
         ):
             Network((1,), ActFormat(8, 0), (layer,))
+
+
+# ---------------------------------------------------------------- per-channel scale
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(scale=[1, 2]), "layer fc: scale given without scale_format"),
+        (dict(scale_format=Fixed(4, 0)), "layer fc: scale_format given without scale"),
+        (
+            dict(scale=[1, 2], scale_format=Pow2(3, 0)),
+            "layer fc: scale_format must be Fixed, not Pow2",
+        ),
+        (
+            dict(scale=[1, 2, 3], scale_format=Fixed(4, 0)),
+            r"layer fc: scale has shape \(3,\), expected \(2,\)",
+        ),
+        (
+            dict(scale=[1.0, 2.0], scale_format=Fixed(4, 0)),
+            "layer fc: scale must be an integer array, not dtype float64",
+        ),
+        (
+            dict(scale=[7, 8], scale_format=Fixed(4, 2)),
+            r"layer fc: scale\[1\] = 8 is not in fixed4.f2",
+        ),
+        (
+            dict(scale=[-9, 0], scale_format=Fixed(4, 2)),
+            r"layer fc: scale\[0\] = -9 is not in fixed4",
+        ),
+    ],
+)
+def test_scale_errors_name_layer_and_value(kw, message):
+    with pytest.raises(HwgenError, match=message) as e:
+        _lin([[1, 2], [3, 4]], **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_scale_is_read_only_int64_and_compared():
+    layer = _lin([[1, 2], [3, 4]], scale=np.array([-8, 7], np.int8), scale_format=Fixed(4, 1))
+    assert layer.scale.dtype == np.int64 and layer.scale.tolist() == [-8, 7]
+    with pytest.raises(ValueError, match="read-only"):
+        layer.scale[0] = 1
+    assert layer == _lin([[1, 2], [3, 4]], scale=[-8, 7], scale_format=Fixed(4, 1))
+    assert layer != _lin([[1, 2], [3, 4]], scale=[-8, 6], scale_format=Fixed(4, 1))
+    assert layer != _lin([[1, 2], [3, 4]], scale=[-8, 7], scale_format=Fixed(4, 2))
+    assert layer != _lin([[1, 2], [3, 4]])
+    plain = _lin([[1, 2], [3, 4]])
+    assert plain.scale is None and plain.scale_format is None
+
+
+def test_requant_range_is_reached_by_brute_force():
+    """``acc_c * m_c`` over every input: negative, zero and positive scales."""
+    fmt = ActFormat(3, 1)
+    weight = np.array([[3, -2, 0], [-1, -1, 2], [1, 1, 1]])
+    scale = np.array([-8, 0, 5])
+    layer = _lin(weight, bias=np.array([5, -7, 1]), scale=scale, scale_format=Fixed(4, 3))
+    prods = [
+        (weight @ np.array(a) + layer.bias) * scale
+        for a in itertools.product(range(-4, 4), repeat=3)
+    ]
+    lo, hi = requant_range(layer, fmt)
+    assert lo.tolist() == np.min(prods, axis=0).tolist()
+    assert hi.tolist() == np.max(prods, axis=0).tolist()
+    assert requant_bits(layer, fmt) == signed_bits(min(lo), max(hi))
+    assert requant_frac(layer, fmt) == acc_frac(layer, fmt) + 3 == 4
+    plain = _lin(weight, bias=np.array([5, -7, 1]))
+    assert requant_frac(plain, fmt) == acc_frac(plain, fmt)
+    assert requant_bits(plain, fmt) == acc_bits(plain, fmt)
+    assert [r.tolist() for r in requant_range(plain, fmt)] == [
+        r.tolist() for r in acc_range(plain, fmt)
+    ]
+
+
+def test_network_rejects_a_scaled_accumulator_wider_than_the_limit():
+    # acc in [-128, 127] + bias: 48 bits; times a 16-bit scale needs more than 62.
+    bias = np.array([2**46])
+    fits = _lin([[1]], bias=bias, scale=[2**14], scale_format=Fixed(16, 0))
+    Network((1,), ActFormat(8, 0), (fits,))  # (2**46 + 127) * 2**14 < 2**61
+    wide = _lin([[1]], bias=bias, scale=[-(2**15)], scale_format=Fixed(16, 0))
+    with pytest.raises(
+        HwgenError, match=rf"layer fc: accumulator times scale needs 63 bits \(max {ACC_BITS_MAX}\)"
+    ):
+        Network((1,), ActFormat(8, 0), (wide,))
 
 
 # ---------------------------------------------------------------- network

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ from test_quant_tune import residual_problem
 
 from hwgen import golden as gm
 from hwgen import hwq
+from hwgen.errors import HwgenError
 from hwgen.examples.digits import digits_float_net
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.ir import (
@@ -62,6 +65,38 @@ def test_fake_quant_equals_golden_on_random_nets_with_ties_and_saturation(roundi
         got = fake_quant_forward(net, x)
         for a, b in zip(ref, got, strict=True):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_fake_quant_equals_golden_with_per_channel_scales(rounding):
+    """Scales at the Fixed extremes, zero and negative on both MAC layers, every rounding."""
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        net = _random_net(rng, (rounding,) * 3)
+        layers = list(net.layers)
+        for i, sfmt in ((0, Fixed(16, 12)), (5, Fixed(5, -2))):
+            cout = layers[i].bias.shape[0]
+            m = rng.integers(sfmt.lo, sfmt.hi, cout, endpoint=True)
+            m[: min(4, cout)] = [sfmt.lo, sfmt.hi, 0, -1][: min(4, cout)]
+            layers[i] = replace(layers[i], scale=m, scale_format=sfmt)
+        net = replace(net, layers=tuple(layers))
+        x = rng.integers(-80, 80, size=(16, 3, 9, 9)) * 2.0**-4
+        ref = gm.forward(net, gm.quantize_input(x, net.input_format))
+        got = fake_quant_forward(net, x)
+        for a, b in zip(ref, got, strict=True):
+            assert np.array_equal(a, b)
+        assert len(np.unique(ref[-1])) > 2  # not all saturated
+
+
+def test_fake_quant_refuses_a_scaled_accumulator_past_float64():
+    w = np.full((1, 1), 2**15 - 1)
+    layer = Linear(
+        "fc", 1, 1, Fixed(16, 0), ActFormat(8, 0), w, [2**37], scale=[-(2**15)],
+        scale_format=Fixed(16, 0),
+    )  # fmt: skip
+    net = Network((1,), ActFormat(8, 0), (layer,))
+    with pytest.raises(HwgenError, match="layer fc: accumulator times scale of 54 bits is not"):
+        FakeQuantNet(net)
 
 
 def _random_residual_net(rng: np.random.Generator) -> Network:

@@ -4,8 +4,8 @@ Weights are ``w * 2**-frac_w``, biases ``b * 2**-frac_acc``, and every activatio
 in its format's rounding and saturated: ``half_up`` is ``floor(x * 2**frac + 0.5)`` (never
 ``torch.round``, which rounds half to even), ``half_even`` is ``torch.round`` and ``floor``
 is ``torch.floor``. All values are dyadic rationals, so float64 is exact while every
-accumulator stays below 2**53 (checked from the actual weights); the outputs then equal the
-golden model's.
+accumulator, and its product with a per-output-channel scale, stays below 2**53 (checked
+from the actual weights and scales); the outputs then equal the golden model's.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from hwgen.ir import (
     acc_bits,
     acc_frac,
     add_range,
+    requant_bits,
     signed_bits,
 )
 
@@ -57,6 +58,7 @@ class FakeQuantNet(nn.Module):
         super().__init__()
         self.net = net
         self.weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scales: dict[str, torch.Tensor] = {}
         for layer in net.layers:
             if isinstance(layer, (Conv2d, Linear)):
                 fmt = net.in_format(layer)
@@ -69,6 +71,16 @@ class FakeQuantNet(nn.Module):
                     torch.as_tensor(layer.weight * 2.0**-layer.weight_format.frac),
                     torch.as_tensor(layer.bias * 2.0 ** -acc_frac(layer, fmt)),
                 )
+                if layer.scale is not None:
+                    # acc * m is exact in float64 while the integer product stays below 2**53
+                    if requant_bits(layer, fmt) > 53:
+                        raise HwgenError(
+                            f"layer {layer.name}: accumulator times scale of "
+                            f"{requant_bits(layer, fmt)} bits is not exact in float64 fake "
+                            "quantisation"
+                        )
+                    m = layer.scale * 2.0**-layer.scale_format.frac
+                    self.scales[layer.name] = torch.as_tensor(m)
             elif isinstance(layer, Add):
                 bits = signed_bits(*add_range(*(net.formats[i] for i in layer.inputs)))
                 if bits > 53:
@@ -76,6 +88,13 @@ class FakeQuantNet(nn.Module):
                         f"layer {layer.name}: aligned sum of {bits} bits is not exact in "
                         "float64 fake quantisation"
                     )
+
+    def _scaled(self, layer: Conv2d | Linear, acc: torch.Tensor) -> torch.Tensor:
+        """The accumulator times the layer's per-output-channel scale, if it has one."""
+        if layer.name not in self.scales:
+            return acc
+        m = self.scales[layer.name]
+        return acc * (m.reshape(-1, 1, 1) if acc.ndim == 4 else m)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         net = self.net
@@ -86,10 +105,10 @@ class FakeQuantNet(nn.Module):
             if isinstance(layer, Conv2d):
                 w, b = self.weights[layer.name]
                 y = F.conv2d(x, w, b, stride=layer.stride, padding=layer.padding)
-                x = _fq(y, layer.out_format, layer.relu)
+                x = _fq(self._scaled(layer, y), layer.out_format, layer.relu)
             elif isinstance(layer, Linear):
                 w, b = self.weights[layer.name]
-                x = _fq(F.linear(x, w, b), layer.out_format, layer.relu)
+                x = _fq(self._scaled(layer, F.linear(x, w, b)), layer.out_format, layer.relu)
             elif isinstance(layer, Add):
                 # both inputs are exact dyadic values: their float64 sum is the aligned sum
                 x = _fq(x + acts[layer.inputs[1]], layer.out_format, layer.relu)
