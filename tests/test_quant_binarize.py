@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.examples.digits import digits_float_net
 from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
-from hwgen.ir import Fixed
+from hwgen.ir import ActFormat, Fixed, Network, Pow2
 from hwgen.quant.binarize import (
     SCHEMES,
     RetrainOptions,
@@ -18,8 +20,10 @@ from hwgen.quant.binarize import (
     quantize_scales,
     quantizer,
     retrain,
+    scaled_mac_layer,
     twn,
 )
+from hwgen.quant.multibit import alternating
 
 
 def _w(seed: int = 0, shape: tuple[int, ...] = (6, 3, 3, 3)) -> np.ndarray:
@@ -216,3 +220,68 @@ def test_lab_retraining_uses_adams_hessian():
     _, bc = binarize(fnet, "bc", (x, y), opts, progress=False)
     _, lb = binarize(fnet, "lab", (x, y), opts, progress=False)
     assert not np.allclose(bc["fc"].alpha, lb["fc"].alpha, rtol=1e-6, atol=0)
+
+
+def _check_scaled_layer(fl, sc, x_int, in_fmt, out_fmt, ref, bits=8):
+    """The layer's integer output is the float layer α·codes + b within its roundings:
+    the scale's on ``Σ a·code``, half a bias step, half an output step."""
+    layer = scaled_mac_layer(fl, sc, in_fmt, out_fmt, bits)
+    net = Network(x_int.shape[1:], in_fmt, (layer,))
+    y = gm.forward(net, x_int)[-1] * 2.0**-out_fmt.frac
+    a = torch.as_tensor(x_int * 2.0**-in_fmt.frac)
+    per_channel = (-1, *(1,) * (y.ndim - 2))
+    s_codes = ref(a, torch.as_tensor(sc.codes, dtype=torch.float64)).numpy()
+    want = ref(a, torch.as_tensor(sc.weights)).numpy() + fl.bias.reshape(per_channel)
+    fm, f = layer.scale_format.frac, in_fmt.frac + layer.scale_format.frac
+    scale_err = np.abs(layer.scale * 2.0**-fm - sc.alpha)
+    assert np.all((scale_err <= 2.0 ** -(fm + 1)) | (layer.scale == 1))  # 1: kept a bias
+    bound = (
+        np.abs(s_codes) * scale_err.reshape(per_channel)
+        + np.abs(layer.scale.reshape(per_channel)) * 2.0 ** -(f + 1)
+        + 2.0 ** -(out_fmt.frac + 1)
+    )
+    assert np.all(np.abs(y - want) <= bound * (1 + 1e-9))
+    return layer
+
+
+def test_ternary_linear_layer_with_scales_matches_the_float_layer():
+    rng = np.random.default_rng(8)
+    w = rng.normal(0, 0.3, (6, 20))
+    fl = FLinear("fc", w, rng.normal(0, 0.5, 6))
+    x = rng.integers(-128, 128, (50, 20))
+    layer = _check_scaled_layer(
+        fl, twn(w), x, ActFormat(8, 5), ActFormat(16, 8), lambda a, w: F.linear(a, w)
+    )
+    assert layer.weight_format == Pow2(2, 0) and layer.scale_format.bits == 8
+    assert np.array_equal(layer.weight, twn(w).codes)
+
+
+def test_binary_conv_layer_with_scales_matches_the_float_layer():
+    rng = np.random.default_rng(9)
+    w = rng.normal(0, 0.3, (4, 3, 3, 3))
+    fl = FConv2d("c", w, rng.normal(0, 0.5, 4), stride=(2, 1), padding=(1, 1), relu=False)
+    x = rng.integers(0, 256, (3, 3, 7, 6))
+    conv = lambda a, w: F.conv2d(a, w, stride=(2, 1), padding=(1, 1))  # noqa: E731
+    for bits in (4, 8, 12):
+        sc = binary_connect(w)
+        layer = _check_scaled_layer(fl, sc, x, ActFormat(8, 8, False), ActFormat(16, 8), conv, bits)
+        assert layer.weight_format == Pow2(1, 0) and layer.scale_format.bits == bits
+
+
+def test_a_scale_rounding_to_zero_keeps_the_bias():
+    w = np.array([[0.5, -0.5, 0.5], [1e-5, 1e-5, -1e-5], [1e-5, -1e-5, 1e-5]])
+    fl = FLinear("fc", w, np.array([0.25, -0.75, 0.0]))
+    x = np.array([[10, -3, 7], [0, 0, 0]])
+    layer = _check_scaled_layer(
+        fl, binary_connect(w), x, ActFormat(8, 2), ActFormat(16, 8), lambda a, w: F.linear(a, w)
+    )
+    assert layer.scale.tolist() == [64, 1, 0]  # a zero scale without a bias stays zero
+    assert gm.forward(Network((3,), ActFormat(8, 2), (layer,)), x)[-1][1, 1] == -0.75 * 2**8
+
+
+def test_planes_have_no_ir_layer_yet():
+    w = _w(0, (2, 5))
+    with pytest.raises(HwgenError, match="layer fc: 2 binary planes have no IR weight format"):
+        scaled_mac_layer(
+            FLinear("fc", w, np.zeros(2)), alternating(w, 2), ActFormat(8, 0), ActFormat(8, 0)
+        )

@@ -21,6 +21,9 @@ weights are kept and updated by Adam with the gradient taken at the quantised we
 current weights and Adam's current ``v``. As INQ (:mod:`hwgen.quant.inq`): float64 on one
 thread, parameters snapped after every step (:mod:`hwgen.reproducible`), cross-entropy plus
 distillation to the pretrained logits on randomly shifted images.
+
+In the IR (:func:`scaled_mac_layer`) the codes are ``Pow2(1, 0)`` / ``Pow2(2, 0)`` weights
+and ``α_c`` the layer's per-channel integer scale ``m_c`` (docs/hwq-format.md §3).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import nn
 
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
-from hwgen.ir import Fixed, Pow2
+from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2
 from hwgen.quant.inq import FloatModule, _shift, with_weights
 from hwgen.quant.weights import fixed_fit_frac, quantize_fixed
 from hwgen.reproducible import GRID, one_thread, snap_
@@ -336,3 +339,47 @@ def quantize_scales(alpha: np.ndarray, bits: int = DEFAULT_SCALE_BITS) -> tuple[
     alpha = np.asarray(alpha, np.float64)
     fmt = Fixed(bits, fixed_fit_frac(float(np.abs(alpha).max(initial=0.0)), (1 << (bits - 1)) - 1))
     return quantize_fixed(alpha, fmt), fmt
+
+
+def scaled_mac_layer(
+    fl: FConv2d | FLinear,
+    sc: ScaledCodes,
+    in_format: ActFormat,
+    out_format: ActFormat,
+    scale_bits: int = DEFAULT_SCALE_BITS,
+) -> Conv2d | Linear:
+    """The IR layer of binary/ternary codes with their scales as the per-channel ``m_c``.
+
+    Weights ``Pow2(1, 0)`` (±1) or ``Pow2(2, 0)`` (-1, 0, 1, when a code is 0), ``m_c`` from
+    :func:`quantize_scales`. The bias is added before the multiply by ``m_c``, so the real
+    bias ``b_c`` is stored as ``rhu(b_c · 2**(frac_a + frac_m) / m_c)``. A channel whose
+    scale rounds to ``m_c = 0`` (α_c under half a step) but has a bias gets ``m_c = 1``
+    instead: its weights are then off by at most one step, and the bias is kept.
+    """
+    if sc.alpha.ndim != 1:
+        raise HwgenError(
+            f"layer {fl.name}: {sc.alpha.shape[0]} binary planes have no IR weight format yet"
+        )
+    if sc.codes.shape != fl.weight.shape or np.any(np.abs(sc.codes) > 1):
+        raise HwgenError(f"layer {fl.name}: codes must be -1, 0 or 1 of shape {fl.weight.shape}")
+    wfmt = TERNARY if np.any(sc.codes == 0) else BINARY
+    m, sfmt = quantize_scales(sc.alpha, scale_bits)
+    bias = np.asarray(fl.bias, np.float64)
+    m = np.where((m == 0) & (bias != 0), 1, m)
+    frac = in_format.frac + wfmt.frac + sfmt.frac  # of acc · m, where the real value is y
+    b = np.floor(bias * 2.0**frac / np.where(m == 0, 1, m) + 0.5)
+    if not np.all(np.abs(b) < 2.0**61):
+        raise HwgenError(f"layer {fl.name}: bias too large for its scales at frac {frac}")
+    codes = sc.codes.astype(np.int64)
+    if isinstance(fl, FConv2d):
+        cout, cin, kh, kw = fl.weight.shape
+        return Conv2d(
+            fl.name, cin, cout, (kh, kw), wfmt, out_format, codes, b.astype(np.int64),
+            stride=fl.stride, padding=fl.padding, relu=fl.relu, inputs=fl.inputs,
+            scale=m, scale_format=sfmt,
+        )  # fmt: skip
+    out_f, in_f = fl.weight.shape
+    return Linear(
+        fl.name, in_f, out_f, wfmt, out_format, codes, b.astype(np.int64), relu=fl.relu,
+        inputs=fl.inputs, scale=m, scale_format=sfmt,
+    )  # fmt: skip
