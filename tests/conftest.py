@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from hwgen.ir import (
+    ACT_FRAC_RANGE,
     ActFormat,
     Add,
     AvgPool2d,
@@ -34,6 +35,8 @@ from hwgen.ir import (
     ReLU,
     SubsamplePad,
     WeightFormat,
+    requant_bits,
+    requant_frac,
 )
 
 settings.register_profile(
@@ -204,3 +207,24 @@ def with_roundings(net: Network, pick: Callable[[str], str]) -> Network:
     )
     fmt = replace(net.input_format, rounding=pick("input"))
     return Network(net.input_shape, fmt, layers, net.name)
+
+
+def channel_scales(rng: np.random.Generator, fmt: Fixed, n: int) -> np.ndarray:
+    """``n`` per-channel scales on ``fmt``'s grid: its min, max, 0 and -1 (as many as fit),
+    the others random, in random order (so the extremes land on different PEs and folds)."""
+    m = rng.integers(fmt.lo, fmt.hi, size=n, endpoint=True)
+    ends = [fmt.lo, fmt.hi, 0, -1][:n]
+    m[: len(ends)] = ends
+    return rng.permutation(m)
+
+
+def with_scale(
+    layer: Conv2d | Linear, fin: ActFormat, fmt: Fixed, rng: np.random.Generator, delta: int = 0
+) -> Conv2d | Linear:
+    """``layer`` with ``channel_scales`` in ``fmt`` and its output frac moved so that the
+    scaled accumulator's range ends ``delta`` bits past the output range (> 0: saturates)."""
+    layer = replace(layer, scale=channel_scales(rng, fmt, len(layer.bias)), scale_format=fmt)
+    out = layer.out_format
+    shift = requant_bits(layer, fin) - out.bits - delta
+    frac = min(max(requant_frac(layer, fin) - shift, ACT_FRAC_RANGE[0]), ACT_FRAC_RANGE[1])
+    return replace(layer, out_format=replace(out, frac=frac))

@@ -1,9 +1,11 @@
 """Layer engines (window + MAC unit, pool, ReLU) against the golden model; engine_info,
 choose_folding and the parameter checks."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
-from conftest import lane_weights
+from conftest import lane_weights, with_scale
 
 from hwgen.errors import HwgenError
 from hwgen.golden import layer_forward
@@ -104,6 +106,27 @@ def test_dense_engine():
     net = Network((12,), fin, (layer,))
     x = rng.integers(0, 64, size=(2, 12))
     _check(net, 0, 3, 4, x, stall_in=0.2, stall_out=0.2)
+
+
+@pytest.mark.parametrize("delta", [0, 8])
+def test_scaled_conv_and_dense_engines_with_stalls(delta):
+    """Per-channel scales at the Fixed extremes (min, max, 0, -1) through the window + MAC
+    unit engine: a conv with 3 neuron folds and a dense layer with one, random stalls."""
+    rng = np.random.default_rng(5)
+    conv = _conv_net(rng, Pow2(4, -1), 4, 6, (4, 5), 3, 1, 1)
+    layer = with_scale(conv.layers[0], conv.input_format, Fixed(16, 10), rng, delta)
+    x = rng.integers(-128, 128, size=(2, 4, 4, 5))
+    x[1] = np.where(rng.random(x[1].shape) < 0.5, -128, 127)
+    _check(replace(conv, layers=(layer,)), 0, 2, 2, x, stall_in=0.3, stall_out=0.3, seed=3)
+    fin = ActFormat(6, 3, signed=False)
+    plain = Linear(
+        "fc", 12, 4, Fixed(8, 6), ActFormat(8, 2), lane_weights(rng, Fixed(8, 6), (4, 12)),
+        rng.integers(-99, 99, 4),
+    )  # fmt: skip
+    fc = with_scale(plain, fin, Fixed(6, 3), rng, delta)
+    x = rng.integers(0, 64, size=(6, 12))
+    x[:2] = [[0] * 12, [63] * 12]
+    _check(Network((12,), fin, (fc,)), 0, 4, 3, x, stall_in=0.3, stall_out=0.3, seed=4)
 
 
 @pytest.mark.parametrize(

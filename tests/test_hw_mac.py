@@ -6,6 +6,7 @@ kw, channel group per output pixel), so these tests do not depend on the window 
 
 import numpy as np
 import pytest
+from conftest import with_scale
 
 from hwgen.golden import conv2d_acc, layer_forward
 from hwgen.hw.mac import MACUnit, _lane_range, tree_stages
@@ -287,3 +288,57 @@ def test_a_result_per_cycle_through_deep_trees(simd):
     beats = 5 * 6 * 2
     assert tree_stages(simd) == {4: 1, 16: 2, 32: 3}[simd]
     assert beats <= cycles <= beats + 5 + tree_stages(simd)
+
+
+# ---------------------------------------------------------------- per-channel scale
+
+
+@pytest.mark.parametrize(
+    ("wfmt", "sfmt", "cout", "pe", "simd", "rounding"),
+    [
+        (Pow2(4, -1), Fixed(16, 12), 8, 2, 2, "half_up"),  # 4 folds: the m table per PE
+        (Fixed(8, 6), Fixed(16, -3), 4, 4, 1, "half_even"),  # one fold: constant m per PE
+        (Pow2(1, 0), Fixed(2, 0), 6, 1, 3, "floor"),  # m in {-2, -1, 0, 1}, 6 folds
+        (Pow2(2, 0), Fixed(9, 4), 4, 2, 4, "half_up"),
+    ],
+    ids=["pow2", "fixed", "binary", "ternary"],
+)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("delta", [0, 8])
+def test_scaled_results_with_stalls(wfmt, sfmt, cout, pe, simd, rounding, relu, delta):
+    """acc_c * m_c with m at the Fixed min and max, 0 and -1 among the channels; delta = 8
+    saturates both ways."""
+    rng = np.random.default_rng(cout * pe + simd)
+    fin = ActFormat(7, 3, signed=wfmt.bits != 1)
+    cin = 4 if simd != 3 else 3
+    w = random_weights(rng, wfmt, (cout, cin, 3, 3))
+    plain = Conv2d(
+        "c", cin, cout, 3, wfmt, ActFormat(8, 0, rounding=rounding), w,
+        rng.integers(-300, 300, cout), padding=1, relu=relu,
+    )  # fmt: skip
+    layer = with_scale(plain, fin, sfmt, rng, delta)
+    x = rng.integers(fin.lo, fin.hi, size=(cin, 4, 3), endpoint=True)
+    x[:, 0] = fin.hi  # the accumulators' ends
+    x[:, -1] = fin.lo
+    out = layer_forward(layer, x[None], fin)
+    if delta:
+        assert out.max() == layer.out_format.hi and out.min() == (0 if relu else -128)
+    else:
+        assert len(np.unique(out)) > 4
+    check_conv(layer, fin, x, pe=pe, simd=simd, stall_in=0.3, stall_out=0.3, seed=cout)
+
+
+@pytest.mark.parametrize("simd", [4, 16])
+def test_a_scaled_result_per_cycle(simd):
+    """The scale's register stage has its output FIFO word: a result per beat still flows."""
+    rng = np.random.default_rng(simd)
+    fin, wfmt = ActFormat(8, 4), Pow2(5, -2)
+    w = random_weights(rng, wfmt, (4, simd, 1, 1))
+    plain = Conv2d("c", simd, 4, 1, wfmt, ActFormat(12, 4), w, rng.integers(-99, 99, 4))
+    layer = with_scale(plain, fin, Fixed(12, 8), rng)
+    x = rng.integers(fin.lo, fin.hi, size=(simd, 5, 6), endpoint=True)
+    dut = MACUnit(layer, fin, 2, simd)
+    assert dut.out_depth == MACUnit(plain, fin, 2, simd).out_depth + 1
+    cycles = check_conv(layer, fin, x, pe=2, simd=simd)
+    beats = 5 * 6 * 2
+    assert beats <= cycles <= beats + 6 + tree_stages(simd)

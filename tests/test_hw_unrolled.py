@@ -6,7 +6,7 @@ with unrolled layers, and the engine in a build's manifest and folding.toml."""
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from conftest import example_network, lane_weights, residual_network
+from conftest import example_network, lane_weights, residual_network, with_scale
 
 from hwgen import golden
 from hwgen.emit import BuildOptions, build, choose_build, load_engines, load_folding
@@ -15,7 +15,7 @@ from hwgen.golden import layer_forward
 from hwgen.hw.engine import engine_info, make_engine
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.streams import run_stream
-from hwgen.hw.unrolled import MatVec, layer_matrix
+from hwgen.hw.unrolled import MatVec, layer_matrix, scaled_matrix
 from hwgen.ir import ROUNDINGS, ActFormat, Conv2d, Fixed, Linear, Network, Pow2
 
 
@@ -119,6 +119,44 @@ def test_conv_with_stalls(wfmt, kernel, stride, padding):
     net = Network((3, 5, 6), fin, (layer,))
     x = rng.integers(-128, 128, size=(2, 3, 5, 6))
     check(net, x, stall=0.3, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("wfmt", "sfmt", "kernel", "rounding"),
+    [
+        (Pow2(4, -1), Fixed(16, 12), 3, "half_up"),
+        (Fixed(6, 4), Fixed(5, -2), 1, "half_even"),
+        (Pow2(2, 0), Fixed(2, 0), (2, 1), "floor"),
+    ],
+    ids=["pow2_3x3", "fixed_1x1", "ternary_2x1"],
+)
+@pytest.mark.parametrize("delta", [0, 8])
+def test_scaled_conv_with_stalls(wfmt, sfmt, kernel, rounding, delta):
+    """A per-channel scale folded into the constants (m at its min and max, 0 and -1):
+    outputs equal the golden model's, in range (delta 0) and saturating both ways (8)."""
+    rng = np.random.default_rng(8)
+    fin = ActFormat(8, 4)
+    k = tuple(np.broadcast_to(kernel, 2))
+    plain = Conv2d(
+        "conv", 3, 5, k, wfmt, ActFormat(8, 3, rounding=rounding),
+        lane_weights(rng, wfmt, (5, 3, *k)), rng.integers(-300, 300, 5),
+        padding=(k[0] // 2, k[1] // 2), relu=True,
+    )  # fmt: skip
+    layer = with_scale(plain, fin, sfmt, rng, delta)
+    net = Network((3, 5, 6), fin, (layer,))
+    x = rng.integers(-128, 128, size=(2, 3, 5, 6))
+    x[1] = np.where(rng.random(x[1].shape) < 0.5, -128, 127)
+    out = layer_forward(layer, x, fin)
+    if delta:
+        assert out.max() == 127 and out.min() == 0
+    else:
+        assert len(np.unique(out)) > 4
+    check(net, x, stall=0.3, seed=2)
+    matrix, bias = scaled_matrix(layer)
+    m = layer.scale[:, None]
+    assert np.array_equal(matrix, layer_matrix(layer) * m) and np.array_equal(
+        bias, layer.bias * m[:, 0]
+    )
 
 
 def test_full_rate_without_stalls():

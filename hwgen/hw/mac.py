@@ -9,7 +9,9 @@ would otherwise merge a tree into one multi-operand adder of LUT full adders, 1.
 on ECP5), each as wide as the range of its sum; the "+1" of each negative lane is the
 carry-in of one of them (a tree of SIMD lanes has SIMD - 1 adders, the accumulator the
 last). Accumulators are ``hwgen.ir.acc_bits`` wide (enough for any input, from the actual
-weights); every narrower sum in front of them is exact.
+weights); every narrower sum in front of them is exact. A layer with a per-output-channel
+scale multiplies each finished accumulator by its channel's ``m_c`` (one multiplier per PE,
+registered) before the requantiser.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from hwgen.ir import (
     Linear,
     WeightFormat,
     acc_bits,
-    acc_frac,
+    requant_bits,
+    requant_frac,
     signed_bits,
 )
 
@@ -239,15 +242,21 @@ class MACUnit(wiring.Component):
     codes (hwgen.hw.rom layout): all PEs read the same address, the beat count modulo the
     ROM depth, in the cycle the beat is taken (the array registers the ROM's data).
 
+    With a per-output-channel scale, each PE's finished accumulator is multiplied by the
+    ``m_c`` of the channel it holds (a constant table indexed by the result's neuron fold,
+    counted as results leave the array) into a register ``requant_bits`` wide, the
+    requantiser's input: one more pipeline stage.
+
     Flow control by credit, so that nothing in the array waits on the consumer: results go
-    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) - 1`` words, and
-    ``pending`` counts the repetitions whose last beat was taken but whose result has not
-    left the FIFO. ``i.ready`` is a register, ``pending <= out_depth - 2`` one cycle
-    earlier: pending grows by at most one per cycle, so it never exceeds ``out_depth`` and
-    the FIFO never overflows. A last beat stays pending ``5 + tree_stages(simd)`` cycles
-    when the consumer is ready (the input register, the array's stages and the FIFO's
-    write; six up to SIMD = 4), no more than ``out_depth - 2``: a result per beat (SIMD =
-    Cin, a 1x1 kernel) still flows at full rate.
+    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) - 1 + scale_stages``
+    words (``scale_stages`` is 1 with a scale, else 0), and ``pending`` counts the
+    repetitions whose last beat was taken but whose result has not left the FIFO.
+    ``i.ready`` is a register, ``pending <= out_depth - 2`` one cycle earlier: pending grows
+    by at most one per cycle, so it never exceeds ``out_depth`` and the FIFO never
+    overflows. A last beat stays pending ``5 + tree_stages(simd) + scale_stages`` cycles
+    when the consumer is ready (the input register, the array's stages, the scale's and the
+    FIFO's write; six up to SIMD = 4 without a scale), no more than ``out_depth - 2``: a
+    result per beat (SIMD = Cin, a 1x1 kernel) still flows at full rate.
 
     Members
     -------
@@ -267,10 +276,12 @@ class MACUnit(wiring.Component):
     ) -> None:
         self.layer, self.in_format, self.pe, self.simd = layer, in_format, pe, simd
         self.rom_style = rom_style
-        self.out_depth = self.OUT_DEPTH + tree_stages(simd) - 1
+        self.scale_stages = 0 if layer.scale is None else 1
+        self.out_depth = self.OUT_DEPTH + tree_stages(simd) - 1 + self.scale_stages
         self.words = rom_words(layer, pe, simd)
         self.depth = len(self.words)
         self.acc_bits = acc_bits(layer, in_format)
+        self.requant_bits = requant_bits(layer, in_format)
         out = layer.out_format
         super().__init__(
             {
@@ -287,6 +298,29 @@ class MACUnit(wiring.Component):
                 "o": Out(stream.Signature(data.ArrayLayout(act_shape(out), pe))),
             }
         )
+
+    def _scaled(
+        self, m: Module, accs: list[Value], done: Value, folds: int
+    ) -> tuple[list[Value], Value]:
+        """Registered ``acc_k * m_c`` per PE (c = fold * PE + k, the fold counted over the
+        array's results, which leave it in fold order), and ``done`` one cycle later."""
+        scale = self.layer.scale.reshape(folds, self.pe)
+        mshape = signed(self.layer.scale_format.bits)
+        fold = Signal(range(folds), name="result_fold")
+        if folds > 1:
+            with m.If(done):
+                m.d.sync += fold.eq(Mux(fold == folds - 1, 0, fold + 1))
+        products = []
+        for k in range(self.pe):
+            table = [Const(int(v), mshape) for v in scale[:, k]]
+            mk = table[0] if folds == 1 else Array(table)[fold]
+            # Exact: every channel's product lies in requant_range, within requant_bits.
+            prod = Signal(signed(self.requant_bits), name=f"scaled{k}")
+            m.d.sync += prod.eq(accs[k] * mk)
+            products.append(prod)
+        done_r = Signal(name="scaled_done")
+        m.d.sync += done_r.eq(done)
+        return products, done_r
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
@@ -342,14 +376,20 @@ class MACUnit(wiring.Component):
         # The ROM reads the taken beat's word; its data meets the beat in the array's input.
         m.d.comb += [rom.addr.eq(addr), mac.codes.eq(rom.data)]
 
-        shift = acc_frac(layer, self.in_format) - layer.out_format.frac
-        rq_bits = layer.out_format.bits
+        results, done = [mac.acc[k] for k in range(pe)], mac.done
+        if layer.scale is not None:
+            results, done = self._scaled(m, results, done, folds)
+        shift = requant_frac(layer, self.in_format) - layer.out_format.frac
+        out_bits = layer.out_format.bits
         for k in range(pe):
-            rq = Requantizer(self.acc_bits, shift, layer.out_format, layer.relu)
+            rq = Requantizer(self.requant_bits, shift, layer.out_format, layer.relu)
             m.submodules[f"requant{k}"] = rq
-            m.d.comb += [rq.i.eq(mac.acc[k]), out.w_data[k * rq_bits : (k + 1) * rq_bits].eq(rq.o)]
+            m.d.comb += [
+                rq.i.eq(results[k]),
+                out.w_data[k * out_bits : (k + 1) * out_bits].eq(rq.o),
+            ]
         m.d.comb += [
-            out.w_en.eq(mac.done),
+            out.w_en.eq(done),
             self.o.payload.eq(out.r_data),
             self.o.valid.eq(out.r_rdy),
             out.r_en.eq(self.o.ready),

@@ -7,7 +7,8 @@ subexpressions (hwgen.hw.cmvm); each adder is a plain ``+``/``-`` on Amaranth va
 Yosys maps it to a carry chain (CCU2C on ECP5), exactly as wide as the node's value range
 needs, with the low bits of a shifted operand passed through as wires. A register follows
 every ``levels`` adder levels; the bias and the rounding constant are one adder per output
-in front of the saturation.
+in front of the saturation. A per-output-channel scale is folded into the constants,
+``m_c (bias_c + Σ a w) = m_c bias_c + Σ a (m_c w)`` (``scaled_matrix``): no multiplier.
 
 ``UnrolledEngine`` puts it on streams, with the stream interface of the folded engine at
 SIMD = Cin and PE = Cout: a dense layer (or a 1x1 convolution with stride 1 and no padding)
@@ -32,7 +33,7 @@ from hwgen.hw.cmvm import AdderGraph, optimise
 from hwgen.hw.requant import Requantizer, act_shape
 from hwgen.hw.streams import WidthConverter
 from hwgen.hw.window import SlidingWindow
-from hwgen.ir import ActFormat, Conv2d, Linear, acc_bits, acc_frac, signed_bits
+from hwgen.ir import ActFormat, Conv2d, Linear, requant_bits, requant_frac, signed_bits
 
 DEFAULT_LEVELS = 2  # adder levels between pipeline registers
 
@@ -63,6 +64,16 @@ def layer_matrix(layer: Conv2d | Linear) -> np.ndarray:
     return np.asarray(layer.weight).transpose(0, 2, 3, 1).reshape(layer.out_channels, -1)
 
 
+def scaled_matrix(layer: Conv2d | Linear) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix, bias) of the constant datapath: ``layer_matrix`` and the bias, each row times
+    its channel's scale ``m_c`` when the layer has one (exact Python integers)."""
+    matrix, bias = layer_matrix(layer).astype(object), layer.bias.astype(object)
+    if layer.scale is None:
+        return matrix, bias
+    m = layer.scale.astype(object)
+    return matrix * m[:, None], bias * m
+
+
 def _check_levels(levels: object) -> int:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise HwgenError(
@@ -82,13 +93,13 @@ class MatVec(wiring.Component):
     ----------
     matrix : array of int, shape (outputs, inputs)
     bias : array of int, shape (outputs,)
-        At accumulator scale (``frac_in + frac_w``).
+        At accumulator scale (``frac_in + frac_w``, plus ``frac_m`` when a scale is folded in).
     in_format, out_format : ActFormat
     shift : int
         ``frac_acc - frac_out``, as for ``hwgen.hw.requant.Requantizer``.
     relu : bool
     acc_bits : int
-        The layer's accumulator width (the requantiser's input).
+        The width of ``W x + bias`` (the requantiser's input; ``hwgen.ir.requant_bits``).
     levels : int
         Adder levels between pipeline registers (smaller: faster, more flip-flops).
 
@@ -231,14 +242,15 @@ class UnrolledEngine(wiring.Component):
         levels: int = DEFAULT_LEVELS,
     ) -> None:
         self.layer, self.in_format, self.in_shape = layer, in_format, in_shape
+        matrix, bias = scaled_matrix(layer)
         self.matvec = MatVec(
-            layer_matrix(layer),
-            layer.bias,
+            matrix,
+            bias,
             in_format,
             layer.out_format,
-            acc_frac(layer, in_format) - layer.out_format.frac,
+            requant_frac(layer, in_format) - layer.out_format.frac,
             layer.relu,
-            acc_bits(layer, in_format),
+            requant_bits(layer, in_format),
             levels,
         )
         self.depth = self.matvec.latency + 4
