@@ -144,6 +144,14 @@ def test_init_codebook_is_symmetric_for_symmetric_weights():
     assert len(init_codebook(w, 3, frac, zero=True)) == 8
 
 
+def test_codebook_of_all_zero_weights_is_still_full_and_distinct():
+    for zero in (False, True):
+        cb = init_codebook(np.zeros(10), 3, 6, zero=zero)
+        assert len(cb) == 8 and list(cb) == sorted(set(cb)) and (0 in cb) == zero
+    with pytest.raises(HwgenError, match=r"^DQC codebook \[1, 2\] must hold 0"):
+        refit(np.ones(3), (1, 2), 0, zero=True)
+
+
 def test_assign_picks_the_nearest_entry():
     entries = (-8, -2, 0, 3, 16)
     w = np.array([-100.0, -5.0, -4.9, -1.0, 1.5, 1.6, 9.5, 10.0, 100.0]) / 4
@@ -251,3 +259,6 @@ def test_ttq_retraining_beats_its_initial_scales():
         assert len(cb.entries) == 3 and cb.entries[1] == 0  # {-Wn, 0, +Wp}
         assert 1 << 5 <= max(-cb.entries[0], cb.entries[2]) <= 1 << 6  # the larger uses kmax 6
     assert _test_accuracy(q, data) > _test_accuracy(q0, data)
+    diverging = CodebookOptions(epochs=1, optimizer="sgd", lr=0.01)
+    with pytest.raises(HwgenError, match=r"^layer conv1: TTQ scales Wp=.* are not positive"):
+        ttq(fnet, train, options=diverging, progress=False)

@@ -94,9 +94,9 @@ def _nearest_index(grid: np.ndarray, xs: np.ndarray) -> np.ndarray:
     two grid neighbours are exact in float64, so the midpoint test has no rounding.
     """
     xs = np.asarray(xs, np.float64)
-    hi = np.clip(np.searchsorted(grid, xs), 1, len(grid) - 1) if len(grid) > 1 else None
-    if hi is None:
+    if len(grid) == 1:
         return np.zeros(xs.shape, np.int64)
+    hi = np.clip(np.searchsorted(grid, xs), 1, len(grid) - 1)
     lo = hi - 1
     a, b = grid[lo].astype(np.float64), grid[hi].astype(np.float64)
     twice, mid = 2.0 * xs, a + b
@@ -182,18 +182,28 @@ def weighted_error(w: np.ndarray, entries: tuple[int, ...], frac: int, power: fl
 # ---------------------------------------------------------------- DQC's codebook fit
 
 
+def _grid(kmax: int, zero: bool, count: int) -> np.ndarray:
+    """The values a codebook of ``count`` entries may take (no 0 unless pinned)."""
+    grid = feasible(kmax) if zero else feasible(kmax)[feasible(kmax) != 0]
+    if len(grid) < count:
+        raise HwgenError(f"kmax {kmax} has {len(grid)} shift-add values, fewer than {count}")
+    return grid
+
+
 def _refill(
     w: np.ndarray, omega: np.ndarray, entries: set[int], count: int, grid: np.ndarray, frac: int
 ) -> set[int]:
     """Add feasible values until there are ``count`` entries, each time the one that most
     reduces the importance-weighted error (first in ``grid`` order on a tie)."""
-    cands = grid * 2.0**-frac
+    new = omega * (w[None, :] - grid[:, None] * 2.0**-frac) ** 2  # candidate x weight
     while len(entries) < count:
         cur = np.asarray(sorted(entries), np.int64)
-        err = (w - cur[assign(w, tuple(cur), frac)] * 2.0**-frac) ** 2 if cur.size else np.inf
-        new = (w[None, :] - cands[:, None]) ** 2
-        gain = np.sum(omega * np.maximum(err - new, 0.0), axis=1)
-        gain[np.isin(grid, cur)] = -1.0
+        if cur.size:
+            err = omega * (w - cur[assign(w, tuple(cur), frac)] * 2.0**-frac) ** 2
+            gain = np.sum(np.maximum(err - new, 0.0), axis=1)
+        else:  # the first entry: the one with the least error on its own
+            gain = -np.sum(new, axis=1)
+        gain[np.isin(grid, cur)] = -np.inf
         entries.add(int(grid[int(np.argmax(gain))]))
     return entries
 
@@ -216,10 +226,10 @@ def refit(
     collapse onto one value are merged, entries left without weight are dropped, and the
     codebook is refilled to its size greedily (:func:`_refill`).
     """
+    if (0 in entries) != zero:
+        raise HwgenError(f"DQC codebook {list(entries)} must {'' if zero else 'not '}hold 0")
     w = np.asarray(w, np.float64).ravel()
-    grid = feasible(kmax) if zero else feasible(kmax)[feasible(kmax) != 0]
-    if len(grid) < len(entries):
-        raise HwgenError(f"kmax {kmax} has {len(grid)} shift-add values, fewer than {len(entries)}")
+    grid = _grid(kmax, zero, len(entries))
     omega = importance(w, power)
     idx = assign(w, entries, frac)
     sums = np.bincount(idx, omega, len(entries))
@@ -240,10 +250,8 @@ def init_codebook(
     if not DQC_BITS[0] <= bits <= DQC_BITS[1]:
         raise HwgenError(f"DQC bits must be in {list(DQC_BITS)}, not {bits}")
     w = np.asarray(w, np.float64).ravel()
-    grid = feasible(kmax) if zero else feasible(kmax)[feasible(kmax) != 0]
     count = 1 << bits
-    if len(grid) < count:
-        raise HwgenError(f"kmax {kmax} has {len(grid)} shift-add values, fewer than {count}")
+    grid = _grid(kmax, zero, count)
     omega = importance(w, power)
     order = np.argsort(w, kind="stable")
     cdf = np.cumsum(omega[order])
@@ -527,7 +535,10 @@ def ttq(
     for n in names:
         wp, wn = (float(v) for v in scales[n].detach())
         if not (wp > 0 and wn > 0):
-            raise HwgenError(f"layer {n}: TTQ scales Wp={wp}, Wn={wn} are not positive")
+            raise HwgenError(
+                f"layer {n}: TTQ scales Wp={wp:.4g}, Wn={wn:.4g} are not positive (training "
+                f"diverged at learning rate {options.lr}; use a smaller one or adam)"
+            )
         f = entry_frac(max(wp, wn), options.kmax)
         ep, en = (int(v) for v in nearest_shift_add(np.array([wp, wn]), f, options.kmax))
         entries = tuple(sorted({-en, 0, ep}))
