@@ -6,6 +6,7 @@ kw, channel group per output pixel), so these tests do not depend on the window 
 
 import numpy as np
 import pytest
+from amaranth.back import rtlil
 from conftest import with_scale
 
 from hwgen.golden import conv2d_acc, layer_forward
@@ -342,3 +343,15 @@ def test_a_scaled_result_per_cycle(simd):
     cycles = check_conv(layer, fin, x, pe=2, simd=simd)
     beats = 5 * 6 * 2
     assert beats <= cycles <= beats + 6 + tree_stages(simd)
+
+
+def test_the_scale_is_one_multiplier_per_pe():
+    """Pow2 lanes have no multiplier; a scale adds exactly one per PE (none without)."""
+    rng = np.random.default_rng(9)
+    fin, wfmt = ActFormat(8, 4), Pow2(4, -1)
+    w = random_weights(rng, wfmt, (6, 4, 3, 3))
+    plain = Conv2d("c", 4, 6, 3, wfmt, ActFormat(8, 2), w, np.zeros(6, int), padding=1)
+    scaled = with_scale(plain, fin, Fixed(16, 10), rng)
+    for layer, pe, muls in ((plain, 3, 0), (scaled, 3, 3), (scaled, 6, 6), (scaled, 1, 1)):
+        text = rtlil.convert(MACUnit(layer, fin, pe, 2), emit_src=False)
+        assert text.count("cell $mul") == muls

@@ -5,7 +5,7 @@ with unrolled layers, and the engine in a build's manifest and folding.toml."""
 
 import numpy as np
 import pytest
-from amaranth.back import verilog
+from amaranth.back import rtlil, verilog
 from conftest import example_network, lane_weights, residual_network, with_scale
 
 from hwgen import golden
@@ -153,6 +153,8 @@ def test_scaled_conv_with_stalls(wfmt, sfmt, kernel, rounding, delta):
         assert len(np.unique(out)) > 4
     check(net, x, stall=0.3, seed=2)
     matrix, bias = scaled_matrix(layer)
+    core = make_engine(net, 0, 5, 3, engine="unrolled").matvec
+    assert "cell $mul" not in rtlil.convert(core, emit_src=False)  # folded into constants
     m = layer.scale[:, None]
     assert np.array_equal(matrix, layer_matrix(layer) * m) and np.array_equal(
         bias, layer.bias * m[:, 0]
