@@ -29,6 +29,7 @@ and ``Î±_c`` the layer's per-channel integer scale ``m_c`` (docs/hwq-format.md Â
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -179,11 +180,14 @@ def quantizer(scheme: str, per_channel: bool = True) -> Quantizer:
 class RetrainOptions:
     """Straight-through retraining with Adam (LAB's estimate of D needs Adam's ``v``).
 
+    The learning rate falls from ``lr`` to 0 on a cosine over all steps: on digits (seeds
+    0-2, 16 epochs) a constant 1e-3 left the final accuracies up to 2.2 points apart, the
+    cosine within 1.1. 16 epochs is INQ's default budget (4 portions x 4 epochs).
     ``epochs`` 0 only quantises the pretrained weights (D constant: LAB is BC's scale).
     ``distill`` and ``shift`` as in :class:`hwgen.quant.inq.InqOptions`.
     """
 
-    epochs: int = 8
+    epochs: int = 16
     lr: float = 1e-3
     batch_size: int = 32
     seed: int = 0
@@ -277,6 +281,10 @@ def retrain(
     yt = torch.as_tensor(y, dtype=torch.int64)
     gen = torch.Generator().manual_seed(options.seed)
     opt = torch.optim.Adam(module.parameters(), lr=options.lr)
+    steps = max(1, options.epochs * -(-xt.shape[0] // options.batch_size))
+    cosine = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 + 0.5 * math.cos(math.pi * k / steps)
+    )
     with one_thread(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(label, total=options.epochs)
         module.train()
@@ -301,6 +309,7 @@ def retrain(
                     )
                 loss.backward()
                 opt.step()
+                cosine.step()
                 snap_(module)
                 for q in wrapped.values():
                     q.hessian = _adam_hessian(opt, q.mac.weight)
