@@ -495,30 +495,34 @@ def ttq(
 ) -> tuple[FloatNet, dict[str, Codebook]]:
     """Retrain ``fnet`` with TTQ ternary weights ``{-Wn, 0, +Wp}`` per conv/linear layer.
 
-    As the paper: the latent weights are first divided by their layer's ``max|w|``; the
-    threshold is ``Δ = t·max|w̃|`` of the current latent weights (t = ``options.threshold``);
-    ``Wp`` / ``Wn`` start as the mean magnitude of the pretrained weights above / below
+    As the paper: the latent weights ``w̃`` are the pretrained ones divided by their layer's
+    ``m = max|w|``, and the threshold is ``Δ = t·max|w̃|`` of the current latent weights
+    (t = ``options.threshold``). ``Wp`` / ``Wn`` are learned in the same normalised units
+    (the layer uses ``m·Wp``, ``m·Wn``): they start as the mean of ``|w̃|`` above / below
     ``±Δ`` (the least-squares scales of that assignment) and train with the weights
-    (:class:`TtqFn`). At export ``Wp`` and ``Wn`` go to their nearest shift-add integers at
-    the frac that gives the larger ``2**kmax`` range (:func:`entry_frac`); a ``Wn`` or ``Wp``
-    that rounds to 0 merges with the zero entry.
+    (:class:`TtqFn`). In real units Adam's steps of about ``lr`` are large against the scales
+    of layers with small weights: on digits-res TTQ then ended at 77% test accuracy, 90%
+    normalised (seed 0). At export ``m·Wp`` and ``m·Wn`` go to their nearest shift-add
+    integers at the frac that gives the larger one the ``2**kmax`` range (:func:`entry_frac`);
+    one that rounds to 0 merges with the zero entry.
     """
     names = _mac_names(fnet)
     module, data = _setup(fnet, train, options)
     latent = {n: module.macs[module.index[n]].weight for n in names}
     scales = nn.ParameterDict()
+    norm: dict[str, float] = {}
     t = options.threshold
     with torch.no_grad():
         for n in names:
             w = latent[n]
-            m = w.abs().max()
-            if m == 0:
+            norm[n] = float(w.abs().max())
+            if norm[n] == 0:
                 raise HwgenError(f"layer {n}: all weights are 0, TTQ has no scale to learn")
-            pos, neg = w > t * m, w < -t * m
-            wp = w[pos].mean() if pos.any() else m
-            wn = -w[neg].mean() if neg.any() else m
+            w.div_(norm[n])
+            pos, neg = w > t, w < -t
+            wp = w[pos].mean() if pos.any() else torch.ones((), dtype=w.dtype)
+            wn = -w[neg].mean() if neg.any() else torch.ones((), dtype=w.dtype)
             scales[n] = nn.Parameter(torch.stack([wp, wn]))
-            w.div_(m)
         snap_(module)
         snap_(scales)
 
@@ -526,14 +530,14 @@ def ttq(
         return t * w.detach().abs().max()
 
     def effective(n: str, w: torch.Tensor) -> torch.Tensor:
-        return TtqFn.apply(w, scales[n][0], scales[n][1], delta(w))
+        return norm[n] * TtqFn.apply(w, scales[n][0], scales[n][1], delta(w))
 
     with one_thread(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("TTQ retraining", total=options.epochs)
         _train(module, effective, scales, data, options, lambda: None, lambda: bar.advance(task))
     out = {}
     for n in names:
-        wp, wn = (float(v) for v in scales[n].detach())
+        wp, wn = (norm[n] * float(v) for v in scales[n].detach())
         if not (wp > 0 and wn > 0):
             raise HwgenError(
                 f"layer {n}: TTQ scales Wp={wp:.4g}, Wn={wn:.4g} are not positive (training "
