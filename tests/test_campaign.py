@@ -6,13 +6,14 @@ block: two 3x3 convs and an identity or option-A subsample-pad shortcut, then an
 formats (Pow2 3..7 / Fixed 2..16 / ternary / binary weights, signed or
 unsigned activations of 1..12 bits, ReLU or not, requantisation shifts of either sign, and
 a rounding per format: half_up, half_even or floor),
-its weights (random, sparse, or at the extremes: all-max, all-min, ±max), a PE x SIMD
-folding or (for a conv or dense layer, with probability ``UNROLL``) the unrolled engine,
-and a ROM style; ``hwgen.emit.build`` writes the build folder and
-``hwgen.simulate.simulate_layer`` streams the vectors (random images plus the all-max and
-all-min ones) through the RTL with random input idles and output backpressure (on both
-inputs of an add engine; on every stream of a network top). Every output value must equal
-the golden model's: ``rtl(x) == golden(x)``.
+its weights (random, sparse, or at the extremes: all-max, all-min, ±max), with probability
+``SCALE`` a per-output-channel scale of a conv or dense layer (any Fixed format, its min,
+max, 0 and -1 among the channels), a PE x SIMD folding or (for a conv or dense layer, with
+probability ``UNROLL``) the unrolled engine, and a ROM style; ``hwgen.emit.build`` writes
+the build folder and ``hwgen.simulate.simulate_layer`` streams the vectors (random images
+plus the all-max and all-min ones) through the RTL with random input idles and output
+backpressure (on both inputs of an add engine; on every stream of a network top). Every
+output value must equal the golden model's: ``rtl(x) == golden(x)``.
 
 The default suite runs a fixed sample of six cases; ``-m slow`` runs 200 random ones.
 Replay a case with ``random_case(seed)``: its ``describe()`` names everything drawn.
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
-from conftest import ARRAY_MODES, weight_array, with_roundings
+from conftest import ARRAY_MODES, channel_scales, weight_array, with_roundings
 
 from hwgen import golden
 from hwgen.emit import BuildOptions, build
@@ -53,6 +54,7 @@ WEIGHT_KINDS = ("pow2", "pow2", "fixed", "fixed", "ternary", "binary")
 AVG_KERNELS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4), (4, 2), (4, 4))
 VECTORS = 4  # random images per vector file (the build adds the extreme ones)
 UNROLL = 0.3  # chance that a conv or dense layer gets the unrolled engine
+SCALE = 0.25  # chance that a conv or dense layer gets a per-output-channel scale
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Case:
                 f", weights {layer.weight_format} ({self.weights}), out {layer.out_format}"
                 f"{' relu' if layer.relu else ''}, acc {acc_bits(layer, fin)} bits"
             )
+            if layer.scale is not None:
+                s += f", scale {layer.scale_format} {layer.scale.tolist()}"
         pe, simd = self.folding[layer.name]
         engine = " unrolled" if self.engines else ""
         return (
@@ -102,6 +106,8 @@ class Case:
             d = f"{layer.name}<-{'+'.join(layer.inputs)} {net.formats[layer.name]}"
             if isinstance(layer, Conv2d):
                 d += f" k{layer.kernel} s{layer.stride} p{layer.padding} {layer.weight_format}"
+                if layer.scale is not None:
+                    d += f" scale {layer.scale_format} {layer.scale.tolist()}"
             if isinstance(layer, SubsamplePad):
                 d += f" s{layer.stride} pad{layer.pad}"
             if getattr(layer, "relu", False):
@@ -273,13 +279,38 @@ def _draw_engines(seed: int, case: Case, engine: str | None) -> Case:
     return replace(case, engines=engines, folding=folding)
 
 
+def _draw_scales(seed: int, net: Network, scale: bool | None) -> Network:
+    """``net`` with a per-output-channel scale drawn (or, with ``scale``, forced on or off)
+    for each conv and dense layer: a Fixed format whose real values stay near ±1 (so the
+    output formats drawn for the accumulator still fit), with the format's min, max, 0 and
+    -1 among the channels. A stream of its own, as for the roundings."""
+    rng = np.random.default_rng([20240417, seed, 29])
+    layers = []
+    for layer in net.layers:
+        if isinstance(layer, (Conv2d, Linear)) and (
+            scale or (scale is None and rng.random() < SCALE)
+        ):
+            bits = int(rng.integers(2, 17))
+            sfmt = Fixed(bits, bits - 1 + int(rng.integers(-2, 3)))
+            m = channel_scales(rng, sfmt, len(layer.bias))
+            layer = replace(layer, scale=m, scale_format=sfmt)
+        layers.append(layer)
+    return replace(net, layers=tuple(layers))
+
+
 def random_case(
-    seed: int, kind: str | None = None, wkind: str | None = None, engine: str | None = None
+    seed: int,
+    kind: str | None = None,
+    wkind: str | None = None,
+    engine: str | None = None,
+    scale: bool | None = None,
 ) -> Case:
-    """Draw case ``seed`` (``kind``, ``wkind`` and ``engine`` force the layer and weight kinds
-    and the conv/dense engine, ``folded`` or ``unrolled``)."""
+    """Draw case ``seed`` (``kind``, ``wkind``, ``engine`` and ``scale`` force the layer and
+    weight kinds, the conv/dense engine, ``folded`` or ``unrolled``, and whether its conv and
+    dense layers have per-channel scales)."""
     case = _random_case(seed, kind, wkind)
-    return _draw_engines(seed, replace(case, net=_draw_roundings(seed, case.net)), engine)
+    net = _draw_scales(seed, _draw_roundings(seed, case.net), scale)
+    return _draw_engines(seed, replace(case, net=net), engine)
 
 
 def _random_case(seed: int, kind: str | None, wkind: str | None) -> Case:
@@ -361,23 +392,33 @@ def run_case(case: Case, tmp_path) -> None:
 
 # The default sample: a convolution with INQ and one with ternary weights, a dense layer
 # with fixed-point weights, an average pool, an add, a residual block (all folded) and an
-# unrolled convolution; the slow campaign covers the rest.
+# unrolled convolution; then per-channel scales at their extremes on a folded convolution
+# (5 neuron folds, 15-bit scales), a folded dense layer (2 folds) and an unrolled
+# convolution; the slow campaign covers the rest.
 SAMPLE = (
-    (1, "conv", "pow2", "folded"),
-    (2, "dense", "fixed", "folded"),
-    (3, "conv", "ternary", "folded"),
-    (4, "avgpool", None, "folded"),
-    (5, "add", "fixed", "folded"),
-    (9, "residual", "pow2", "folded"),
-    (33, "conv", "fixed", "unrolled"),
+    (1, "conv", "pow2", "folded", False),
+    (2, "dense", "fixed", "folded", False),
+    (3, "conv", "ternary", "folded", False),
+    (4, "avgpool", None, "folded", False),
+    (5, "add", "fixed", "folded", False),
+    (9, "residual", "pow2", "folded", False),
+    (33, "conv", "fixed", "unrolled", False),
+    (42, "conv", "pow2", "folded", True),
+    (57, "dense", "fixed", "folded", True),
+    (43, "conv", "ternary", "unrolled", True),
 )
 
 
 @pytest.mark.parametrize(
-    "seed,kind,wkind,engine", SAMPLE, ids=[f"{k}-{w or ''}-{e}" for _, k, w, e in SAMPLE]
+    "seed,kind,wkind,engine,scale",
+    SAMPLE,
+    ids=[f"{k}-{w or ''}-{e}{'-scaled' * s}" for _, k, w, e, s in SAMPLE],
 )
-def test_sample(seed, kind, wkind, engine, tmp_path):
-    run_case(random_case(seed, kind, wkind, engine), tmp_path)
+def test_sample(seed, kind, wkind, engine, scale, tmp_path):
+    case = random_case(seed, kind, wkind, engine, scale)
+    scales = [getattr(lyr, "scale", None) for lyr in case.net.layers]
+    assert any(m is not None for m in scales) == scale
+    run_case(case, tmp_path)
 
 
 def test_sample_covers_every_rounding():
