@@ -225,12 +225,14 @@ def test_dqc_retraining_beats_the_initial_codebook():
     fnet, data = digits_float_net()
     train = (data.x_train, data.y_train)
     q0, b0 = dqc(fnet, 3, train, zero=True, options=CodebookOptions(epochs=0), progress=False)
-    q, books = dqc(fnet, 3, train, zero=True, options=CodebookOptions(epochs=4), progress=False)
-    again, _ = dqc(fnet, 3, train, zero=True, options=CodebookOptions(epochs=4), progress=False)
+    q, books = dqc(fnet, 3, train, zero=True, progress=False)  # INQ's budget: 16 epochs
+    short = CodebookOptions(epochs=2)
+    once, _ = dqc(fnet, 3, train, zero=True, options=short, progress=False)
+    again, _ = dqc(fnet, 3, train, zero=True, options=short, progress=False)
     _check_exported(q, books)
     _check_exported(q0, b0)
     assert all(len(cb.entries) == 8 and 0 in cb.entries for cb in books.values())
-    for a, b in zip(q.layers, again.layers, strict=True):
+    for a, b in zip(once.layers, again.layers, strict=True):
         if a.name in books:
             assert np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias)
     assert not np.array_equal(q.layers[-1].bias, fnet.layers[-1].bias)  # biases retrained
