@@ -245,18 +245,21 @@ class MACUnit(wiring.Component):
     With a per-output-channel scale, each PE's finished accumulator is multiplied by the
     ``m_c`` of the channel it holds (a constant table indexed by the result's neuron fold,
     counted as results leave the array) into a register ``requant_bits`` wide, the
-    requantiser's input: one more pipeline stage.
+    requantiser's input: one more pipeline stage. The requantiser's output is registered
+    before the FIFO (its rounding adder and saturation are one carry chain and a compare,
+    the FIFO's LUT RAM write after them was the digits network's slowest path).
 
     Flow control by credit, so that nothing in the array waits on the consumer: results go
-    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) - 1 + scale_stages``
+    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) + scale_stages``
     words (``scale_stages`` is 1 with a scale, else 0), and ``pending`` counts the
     repetitions whose last beat was taken but whose result has not left the FIFO.
     ``i.ready`` is a register, ``pending <= out_depth - 2`` one cycle earlier: pending grows
     by at most one per cycle, so it never exceeds ``out_depth`` and the FIFO never
-    overflows. A last beat stays pending ``5 + tree_stages(simd) + scale_stages`` cycles
-    when the consumer is ready (the input register, the array's stages, the scale's and the
-    FIFO's write; six up to SIMD = 4 without a scale), no more than ``out_depth - 2``: a
-    result per beat (SIMD = Cin, a 1x1 kernel) still flows at full rate.
+    overflows. A last beat stays pending ``6 + tree_stages(simd) + scale_stages`` cycles
+    when the consumer is ready (the input register, the array's stages, the scale's, the
+    requantiser's and the FIFO's write; seven up to SIMD = 4 without a scale), no more than
+    ``out_depth - 2``: a result per beat (SIMD = Cin, a 1x1 kernel) still flows at full
+    rate.
 
     Members
     -------
@@ -277,7 +280,7 @@ class MACUnit(wiring.Component):
         self.layer, self.in_format, self.pe, self.simd = layer, in_format, pe, simd
         self.rom_style = rom_style
         self.scale_stages = 0 if layer.scale is None else 1
-        self.out_depth = self.OUT_DEPTH + tree_stages(simd) - 1 + self.scale_stages
+        self.out_depth = self.OUT_DEPTH + tree_stages(simd) + self.scale_stages
         self.words = rom_words(layer, pe, simd)
         self.depth = len(self.words)
         self.acc_bits = acc_bits(layer, in_format)
@@ -394,12 +397,10 @@ class MACUnit(wiring.Component):
         for k in range(pe):
             rq = Requantizer(self.requant_bits, shift, layer.out_format, layer.relu)
             m.submodules[f"requant{k}"] = rq
-            m.d.comb += [
-                rq.i.eq(results[k]),
-                out.w_data[k * out_bits : (k + 1) * out_bits].eq(rq.o),
-            ]
+            m.d.comb += rq.i.eq(results[k])
+            m.d.sync += out.w_data[k * out_bits : (k + 1) * out_bits].eq(rq.o)
+        m.d.sync += out.w_en.eq(done)
         m.d.comb += [
-            out.w_en.eq(done),
             self.o.payload.eq(out.r_data),
             self.o.valid.eq(out.r_rdy),
             out.r_en.eq(self.o.ready),

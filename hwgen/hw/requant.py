@@ -10,10 +10,12 @@ Combinational; shifts are by constants (wiring only).
 
 from __future__ import annotations
 
+import numpy as np
 from amaranth import Module, Mux, Value, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from hwgen import golden
 from hwgen.ir import ActFormat
 
 
@@ -62,12 +64,31 @@ class Requantizer(wiring.Component):
         m = Module()
         lo, hi = (max(self.fmt.lo, 0) if self.relu else self.fmt.lo), self.fmt.hi
         acc, s = self.i, self.shift
+        # Saturation compares the accumulator itself with constants, in parallel with the
+        # rounding adder rather than after it: rounding is monotone, so ``y > hi`` and
+        # ``y < lo`` are ``acc >= first(hi + 1)`` and ``acc < first(lo)``.
         if s > 0:
             # For s >= acc_bits every accumulator value rounds alike (0, or -1 for a negative
             # one in floor), as with s = acc_bits: capping s keeps the constant and adder narrow.
-            y = round_shift(acc, min(s, self.acc_bits), self.fmt.rounding)
+            s = min(s, self.acc_bits)
+            y = round_shift(acc, s, self.fmt.rounding)
+            over, under = (
+                acc >= _first(hi + 1, s, self.fmt.rounding),
+                acc < _first(lo, s, self.fmt.rounding),
+            )
         else:
             # Past bits+1 every nonzero value saturates whatever the shift: cap the width.
-            y = acc << min(-s, self.fmt.bits + 1)
-        m.d.comb += self.o.eq(Mux(y > hi, hi, Mux(y < lo, lo, y)))
+            k = min(-s, self.fmt.bits + 1)
+            y = acc << k
+            over, under = acc > (hi >> k), acc < -((-lo) >> k)
+        m.d.comb += self.o.eq(Mux(over, hi, Mux(under, lo, y)))
         return m
+
+
+def _first(target: int, s: int, rounding: str) -> int:
+    """The smallest ``v`` whose ``v * 2**-s`` rounds (``golden.round_shift``) to ``target``
+    or more: ``target * 2**s`` less half a step, or one above it for a tie that rounds down."""
+    base = (target << s) - (0 if rounding == "floor" else 1 << (s - 1))
+    cands = np.array([base - 1, base, base + 1], dtype=object)  # exact Python integers
+    reach = golden.round_shift(cands, s, rounding) >= target
+    return int(cands[np.argmax(reach)])

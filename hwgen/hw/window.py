@@ -29,14 +29,14 @@ cycle unless the downstream stalls or the input falls behind.
 
 from __future__ import annotations
 
-from amaranth import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth import Array, C, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
 
-LUT_RAM_MAX_DEPTH = 64  # deeper row buffers go in block RAM
+LUT_RAM_MAX_DEPTH = 128  # deeper row buffers go in block RAM
 
 
 def _positive(what: str, value: object) -> int:
@@ -192,19 +192,21 @@ class SlidingWindow(wiring.Component):
         end_row = end_pixel & (ox == self.out_width - 1)
         end_image = end_row & (oy == self.out_height - 1)
 
-        # Rows of this window row that exist in the image (the rest is padding), and how far
-        # the first needed row moves once the window row (or the image) is done. A window
-        # row wholly in the padding (padding >= kernel) reads no row but still waits for its
-        # image's first row (above the image) or last row (below): it must not be emitted
-        # before its image arrives.
-        def clamp_row(r):
-            return Mux(r < 0, 0, Mux(r > h - 1, h - 1, r))
-
-        lo = clamp_row(top)
-        hi = Mux(top + (kh - 1) > h - 1, h - 1, top + (kh - 1))
-        need = Mux(hi < lo, 1, hi - lo + 1)
-        next_top = top + sh
-        step = Mux(end_image, h - lo, clamp_row(next_top) - lo)
+        # Rows of window row oy that exist in the image (the rest is padding), and how far the
+        # first needed row moves once that window row (or, for the last, the image) is done:
+        # constants per oy, looked up rather than computed from ``top`` (that carry-chain
+        # arithmetic was the digits network's slowest path). A window row wholly in the
+        # padding (padding >= kernel) reads no row but still waits for its image's first row
+        # (above the image) or last row (below): it must not be emitted before its image.
+        need_of, free_of = [], []
+        for y in range(self.out_height):
+            t = y * sh - ph
+            lo, hi = min(max(t, 0), h - 1), min(t + kh - 1, h - 1)
+            need_of.append(1 if hi < lo else hi - lo + 1)
+            last = y == self.out_height - 1
+            free_of.append(h - lo if last else min(max(t + sh, 0), h - 1) - lo)
+        need = Array(C(n, range(kh + 1)) for n in need_of)[oy]
+        free = Array(C(n, range(h + 1)) for n in free_of)[oy]
 
         iss_valid, iss_pad, iss_last = Signal(), Signal(), Signal()
         iss_addr = Signal.like(rd.addr)
@@ -245,7 +247,7 @@ class SlidingWindow(wiring.Component):
                 iss_last.eq(end_rep),
                 iss_addr.eq(slot * row_words + col.as_unsigned() * g_n + g),
                 iss_need.eq(need),
-                iss_free.eq(Mux(end_row, step, 0)),
+                iss_free.eq(Mux(end_row, free, 0)),
             ]
             m.d.sync += g.eq(Mux(g == g_n - 1, 0, g + 1))
             with m.If(g == g_n - 1):
@@ -267,5 +269,5 @@ class SlidingWindow(wiring.Component):
                     slot_top.eq(wrap_add(slot_top, (h - (self.out_height - 1) * sh) % nr)),
                 ]
             with m.Elif(end_row):
-                m.d.sync += [oy.eq(oy + 1), top.eq(next_top), slot_top.eq(wrap_add(slot_top, sh))]
+                m.d.sync += [oy.eq(oy + 1), top.eq(top + sh), slot_top.eq(wrap_add(slot_top, sh))]
         return m
