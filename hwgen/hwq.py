@@ -28,6 +28,7 @@ from hwgen.ir import (
     ActFormat,
     Add,
     AvgPool2d,
+    Codebook,
     Conv2d,
     Fixed,
     Flatten,
@@ -43,7 +44,7 @@ from hwgen.ir import (
 )
 
 FORMAT_NAME = "hwq"
-FORMAT_VERSION = 3  # versions 1 (a chain) and 2 (a graph, no per-channel scale) are still read
+FORMAT_VERSION = 3  # versions 1 (a chain) and 2 (a graph, no scale or codebook) are still read
 _V1_OPS = (Conv2d, Linear, MaxPool2d, AvgPool2d, ReLU, Flatten)
 MODEL_JSON = "model.json"
 WEIGHTS_NPZ = "weights.npz"
@@ -63,6 +64,8 @@ def act_to_json(f: ActFormat) -> dict[str, Any]:
 def _weight_fmt_to_json(f: WeightFormat) -> dict[str, Any]:
     if isinstance(f, Fixed):
         return {"kind": "fixed", "bits": f.bits, "frac": f.frac}
+    if isinstance(f, Codebook):
+        return {"kind": "codebook", "entries": list(f.entries), "frac": f.frac}
     return {"kind": "pow2", "bits": f.bits, "emax": f.emax}
 
 
@@ -114,16 +117,23 @@ def _act_formats(net: Network) -> list[ActFormat]:
     return [net.input_format, *outs]
 
 
+def _needs_v3(layer: Layer) -> bool:
+    if not isinstance(layer, (Conv2d, Linear)):
+        return False
+    return layer.scale is not None or isinstance(layer.weight_format, Codebook)
+
+
 def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``model.json`` document of a network.
 
     The lowest version that holds the network: a chain of version 1 ops in half_up rounding
     is written as version 1, byte for byte what earlier hwgen wrote; a network with a
-    per-channel scale as version 3; anything else as version 2 (every layer names its
-    inputs, the top level its output), since a version 1 reader does not know ``rounding``.
+    per-channel scale or codebook weights as version 3; anything else as version 2 (every
+    layer names its inputs, the top level its output), since a version 1 reader does not
+    know ``rounding``.
     """
     v1 = net.is_chain and all(isinstance(lyr, _V1_OPS) for lyr in net.layers)
-    v3 = any(getattr(lyr, "scale", None) is not None for lyr in net.layers)
+    v3 = any(_needs_v3(lyr) for lyr in net.layers)
     v2 = v3 or not (v1 and all(f.rounding == "half_up" for f in _act_formats(net)))
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
@@ -163,6 +173,10 @@ def save(
                 named.append((f"{layer.name}.scale", layer.scale))
             for key, a in named:
                 arrays[key] = a.astype(_smallest_int_dtype(a))
+            if isinstance(layer.weight_format, Codebook):  # indices, not values
+                arrays[f"{layer.name}.weight"] = layer.weight_format.indices(layer.weight).astype(
+                    np.uint8
+                )
     files = {
         MODEL_JSON: (json.dumps(to_json(net, meta), indent=2) + "\n").encode(),
         WEIGHTS_NPZ: npz_bytes(arrays),
@@ -230,14 +244,38 @@ def _act_from_json(d: object, where: str, v2: bool) -> ActFormat:
     return ActFormat(bits, frac, signed, rounding)
 
 
-def _weight_fmt_from_json(d: object, where: str) -> WeightFormat:
+def _weight_fmt_from_json(d: object, where: str, version: int) -> WeightFormat:
     doc = _Doc(d, where)
     kind = doc.get("kind", str)
     if kind == "fixed":
         return Fixed(doc.get("bits", int), doc.get("frac", int))
     if kind == "pow2":
         return Pow2(doc.get("bits", int), doc.get("emax", int))
-    raise HwgenError(f"model.json: {where}.kind {kind!r} is not 'fixed' or 'pow2'")
+    if kind == "codebook":
+        if version < 3:
+            raise HwgenError(f"model.json: {where}.kind 'codebook' needs version 3")
+        entries = doc.get("entries", list)
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in entries):
+            raise HwgenError(f"model.json: {where}.entries must be integers, not {entries!r}")
+        return Codebook(tuple(entries), doc.get("frac", int))
+    raise HwgenError(f"model.json: {where}.kind {kind!r} is not 'fixed', 'pow2' or 'codebook'")
+
+
+def _weights(arrays: dict[str, np.ndarray], doc: _Doc, fmt: WeightFormat) -> np.ndarray:
+    """A MAC layer's integer weights: the array itself, or a codebook's entries at the
+    stored indices."""
+    a = _array(arrays, doc, "weight")
+    if not isinstance(fmt, Codebook):
+        return a
+    n = len(fmt.entries)
+    bad = np.flatnonzero((a < 0) | (a >= n))
+    if bad.size:
+        idx = tuple(int(i) for i in np.unravel_index(bad[0], a.shape))
+        raise HwgenError(
+            f"weights.npz: {doc.d['weight']}{list(idx)} = {a[idx]} is not an index of "
+            f"{fmt} (0 to {n - 1})"
+        )
+    return np.asarray(fmt.entries, np.int64)[a.astype(np.int64)]
 
 
 def _array(arrays: dict[str, np.ndarray], doc: _Doc, key: str) -> np.ndarray:
@@ -289,9 +327,11 @@ def _scale_from_json(
         missing = (_SCALE_KEYS - set(present)).pop()
         raise HwgenError(f"model.json: {doc.where} has '{present[0]}' but no '{missing}'")
     where = f"{doc.where}.scale_format"
-    fmt = _weight_fmt_from_json(doc.get("scale_format", dict), where)
+    fmt = _weight_fmt_from_json(doc.get("scale_format", dict), where, 3)
     if not isinstance(fmt, Fixed):
-        raise HwgenError(f"model.json: {where}.kind must be 'fixed', not 'pow2'")
+        raise HwgenError(
+            f"model.json: {where}.kind must be 'fixed', not {doc.d['scale_format']['kind']!r}"
+        )
     return _array(arrays, doc, "scale"), fmt
 
 
@@ -316,15 +356,18 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], version: 
             key = min(_SCALE_KEYS & set(doc.d))
             raise HwgenError(f"model.json: layer {name} has '{key}', which needs version 3")
         scale, scale_format = _scale_from_json(doc, arrays)
+        wfmt = _weight_fmt_from_json(
+            doc.get("weight_format", dict), f"{doc.where}.weight_format", version
+        )
     if op == "conv2d":
         return Conv2d(
             name,
             doc.get("in_channels", int),
             doc.get("out_channels", int),
             doc.ints("kernel", 2),
-            _weight_fmt_from_json(doc.get("weight_format", dict), f"{doc.where}.weight_format"),
+            wfmt,
             _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format", v2),
-            _array(arrays, doc, "weight"),
+            _weights(arrays, doc, wfmt),
             _array(arrays, doc, "bias"),
             stride=doc.ints("stride", 2),
             padding=doc.ints("padding", 2),
@@ -338,9 +381,9 @@ def _layer_from_json(d: object, i: int, arrays: dict[str, np.ndarray], version: 
             name,
             doc.get("in_features", int),
             doc.get("out_features", int),
-            _weight_fmt_from_json(doc.get("weight_format", dict), f"{doc.where}.weight_format"),
+            wfmt,
             _act_from_json(doc.get("out_format", dict), f"{doc.where}.out_format", v2),
-            _array(arrays, doc, "weight"),
+            _weights(arrays, doc, wfmt),
             _array(arrays, doc, "bias"),
             relu=doc.get("relu", bool),
             inputs=inputs,

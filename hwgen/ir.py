@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields, replace
+from itertools import pairwise
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from hwgen.errors import HwgenError
 
 ACT_FRAC_RANGE = (-32, 32)
 WEIGHT_FRAC_RANGE = (-64, 64)
+CODEBOOK_MAX_ENTRIES = 256  # indices fit uint8
 ACT_BITS_MAX = 24
 ACC_BITS_MAX = 62  # keeps every golden-model intermediate inside int64
 # Rounding of a right shift into an activation format (docs/hwq-format.md §3): hwgen's own
@@ -150,7 +152,63 @@ class Pow2:
         return f"{kind}.emax{self.emax}"
 
 
-WeightFormat = Fixed | Pow2
+@dataclass(frozen=True)
+class Codebook:
+    """Codebook weights Codebook(entries, frac) (DQC, TTQ): 2 to 256 distinct integers.
+
+    A weight is one of ``entries`` (sorted, ``|e| < 2**31``), real value ``e * 2**-frac``.
+    Layers hold the integer values; the ``.hwq`` file and the ROM hold each weight's index
+    into ``entries``, ``bits`` wide.
+    """
+
+    entries: tuple[int, ...]
+    frac: int
+
+    def __post_init__(self) -> None:
+        e = self.entries
+        ok = isinstance(e, (tuple, list)) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in e
+        )
+        if not ok or not 2 <= len(e) <= CODEBOOK_MAX_ENTRIES:
+            raise HwgenError(
+                f"codebook entries must be 2 to {CODEBOOK_MAX_ENTRIES} integers, not {e!r}"
+            )
+        e = tuple(int(v) for v in e)
+        if any(b <= a for a, b in pairwise(e)):
+            raise HwgenError(f"codebook entries must be distinct and increasing, not {list(e)}")
+        if max(-e[0], e[-1]) >= 1 << 31:
+            raise HwgenError(f"codebook entry {max(e, key=abs)} is outside (-2^31, 2^31)")
+        object.__setattr__(self, "entries", e)
+        _check_int("codebook weight frac", self.frac, *WEIGHT_FRAC_RANGE)
+
+    @property
+    def bits(self) -> int:
+        """Width of an index: ``ceil(log2(len(entries)))``."""
+        return (len(self.entries) - 1).bit_length()
+
+    @property
+    def lo(self) -> int:
+        return self.entries[0]
+
+    @property
+    def hi(self) -> int:
+        return self.entries[-1]
+
+    def on_grid(self, w: np.ndarray) -> np.ndarray:
+        """Boolean mask: which integers are entries."""
+        return np.isin(w, self.entries)
+
+    def indices(self, w: np.ndarray) -> np.ndarray:
+        """Each on-grid integer weight's index into ``entries`` (int64, same shape)."""
+        return np.searchsorted(np.asarray(self.entries, np.int64), w).astype(np.int64)
+
+    def __str__(self) -> str:
+        e = self.entries
+        shown = e if len(e) <= 8 else (*e[:3], "...", *e[-3:])
+        return f"codebook{len(e)}[{','.join(map(str, shown))}].f{self.frac}"
+
+
+WeightFormat = Fixed | Pow2 | Codebook
 
 
 class _ArrayEq:
@@ -204,8 +262,8 @@ class _MacLayer(_ArrayEq):
     """
 
     def _check_mac(self, wshape: Shape, cout: int) -> None:
-        if not isinstance(self.weight_format, (Fixed, Pow2)):
-            raise HwgenError(f"layer {self.name}: weight_format must be Fixed or Pow2")
+        if not isinstance(self.weight_format, (Fixed, Pow2, Codebook)):
+            raise HwgenError(f"layer {self.name}: weight_format must be Fixed, Pow2 or Codebook")
         if not isinstance(self.out_format, ActFormat):
             raise HwgenError(f"layer {self.name}: out_format must be an ActFormat")
         object.__setattr__(self, "relu", bool(self.relu))

@@ -24,6 +24,7 @@ from hwgen.ir import (
     ActFormat,
     Add,
     AvgPool2d,
+    Codebook,
     Conv2d,
     Fixed,
     Flatten,
@@ -77,6 +78,13 @@ def weight_array(
     """On-grid integer weights of ``fmt``; ``mode`` is one of ARRAY_MODES."""
     if isinstance(fmt, Fixed):
         return int_array(rng, fmt.lo, fmt.hi, shape, mode)
+    if isinstance(fmt, Codebook):
+        entries = np.asarray(fmt.entries, np.int64)
+        sparse = 0 if 0 in fmt.entries else fmt.lo
+        if mode in ("max", "min", "extremes"):
+            return int_array(rng, fmt.lo, fmt.hi, shape, mode)
+        w = entries[rng.integers(0, len(entries), size=shape)]
+        return np.where(rng.random(shape) < 0.8, sparse, w) if mode == "sparse" else w
     top = 1 << fmt.max_shift
     if mode == "max":
         return np.full(shape, top, dtype=np.int64)
@@ -113,6 +121,8 @@ def lane_weights(rng: np.random.Generator, fmt: WeightFormat, shape: tuple[int, 
     where the format has a zero."""
     if isinstance(fmt, Fixed):
         return rng.integers(fmt.lo, fmt.hi, size=shape, endpoint=True)
+    if isinstance(fmt, Codebook):
+        return np.asarray(fmt.entries)[rng.integers(0, len(fmt.entries), size=shape)]
     mag = np.left_shift(1, rng.integers(0, fmt.max_shift + 1, size=shape))
     w = mag * rng.choice([-1, 1], size=shape)
     return np.where(rng.random(shape) < 0.3, 0, w) if fmt.has_zero else w
@@ -207,6 +217,29 @@ def with_roundings(net: Network, pick: Callable[[str], str]) -> Network:
     )
     fmt = replace(net.input_format, rounding=pick("input"))
     return Network(net.input_shape, fmt, layers, net.name)
+
+
+def shift_add_codebook(
+    rng: np.random.Generator, bits: int, kmax: int, frac: int, zero: bool | None = None
+) -> Codebook:
+    """A codebook of ``2**bits`` (at least 2) shift-add entries ``|e| <= 2**kmax`` (0, ±2**k,
+    ±2**j ± 2**k) as DQC and TTQ make them: with 0 or without (``zero``; random when None),
+    and, as many as fit, the extremes ``±2**kmax`` and two-term ones at the top of the range
+    (``±(2**kmax - 1)``, ``±(2**kmax - 2**(kmax-1) + ...)``), the rest random."""
+    from hwgen.quant.codebook import feasible  # torch: only for the tests that draw one
+
+    grid = feasible(kmax)
+    n = min(max(2, 1 << bits), len(grid) - 1)
+    zero = bool(rng.integers(2)) if zero is None else zero
+    top = 1 << kmax
+    ends = [top, -top, top - 1, -(top - 1), (top >> 1) + 1, -((top >> 1) + 1)]
+    picked = {0} if zero else set()
+    for e in ends:
+        if len(picked) < n and e in grid and e != 0:
+            picked.add(int(e))
+    rest = [int(e) for e in rng.permutation(grid) if e != 0 and e not in picked]
+    picked.update(rest[: n - len(picked)])
+    return Codebook(tuple(sorted(picked)), frac)
 
 
 def channel_scales(rng: np.random.Generator, fmt: Fixed, n: int) -> np.ndarray:

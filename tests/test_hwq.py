@@ -18,7 +18,7 @@ from conftest import example_network, residual_network, with_roundings
 from hwgen import golden as gm
 from hwgen import hwq
 from hwgen.errors import HwgenError
-from hwgen.ir import ROUNDINGS, ActFormat, Fixed, Linear, Network
+from hwgen.ir import ROUNDINGS, ActFormat, Codebook, Fixed, Linear, Network
 
 
 @pytest.fixture(scope="module")
@@ -555,6 +555,148 @@ BAD_SCALES = {
 def test_bad_scales_are_refused_with_one_line(tmp_path, scaled, case):
     mutate, message = BAD_SCALES[case]
     doc, arrays = _unpack(hwq.save(scaled, tmp_path / "good.hwq"))
+    mutate(doc, arrays)
+    with pytest.raises(HwgenError, match=message) as e:
+        hwq.load(_write_dir(tmp_path / "bad.hwq", doc, arrays))
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- version 3 (codebook weights)
+
+
+def _with_codebooks(net: Network, books: dict[str, Codebook], seed: int = 0) -> Network:
+    rng = np.random.default_rng(seed)
+    layers = []
+    for lyr in net.layers:
+        if lyr.name in books:
+            cb = books[lyr.name]
+            w = np.asarray(cb.entries)[rng.integers(0, len(cb.entries), lyr.weight.shape)]
+            w.flat[:2] = cb.lo, cb.hi  # both ends stored
+            lyr = replace(lyr, weight_format=cb, weight=w)
+        layers.append(lyr)
+    return replace(net, layers=tuple(layers))
+
+
+@pytest.fixture(scope="module")
+def books() -> Network:
+    """example_network(3) with a 3-bit codebook with 0 on conv2 (and its scale) and a
+    5-entry one without 0 on fc2."""
+    cb = _with_codebooks(
+        example_network(3),
+        {
+            "conv2": Codebook((-64, -33, -8, 0, 3, 12, 48, 64), 6),
+            "fc2": Codebook((-7, -1, 2, 5, 96), -3),
+        },
+    )
+    return _scaled(cb, {"conv2": (Fixed(8, 7), [-128, 127, 0, -1, 1, 3])})
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_codebooks_round_trip_as_indices_in_version_3(tmp_path, books, archive):
+    path = hwq.save(books, tmp_path / "c.hwq", archive=archive)
+    doc, arrays = _unpack(path) if archive else _unpack_dir(path)
+    assert doc["version"] == 3
+    fc2 = _layer(doc, "fc2")
+    assert fc2["weight_format"] == {"kind": "codebook", "entries": [-7, -1, 2, 5, 96], "frac": -3}
+    assert _layer(doc, "conv2")["weight_format"]["entries"] == [-64, -33, -8, 0, 3, 12, 48, 64]
+    for name in ("conv2", "fc2"):
+        idx, layer = arrays[f"{name}.weight"], books.layer(name)
+        assert idx.dtype == np.uint8 and idx.shape == layer.weight.shape
+        assert np.array_equal(np.asarray(layer.weight_format.entries)[idx], layer.weight)
+    assert arrays["fc2.weight"].max() == 4 and arrays["fc2.weight"].min() == 0
+    back = hwq.load(path)
+    assert back == books and back.layer("fc2").weight_format == Codebook((-7, -1, 2, 5, 96), -3)
+    x = np.random.default_rng(1).integers(-128, 128, (4, *books.input_shape))
+    for a, b in zip(gm.forward(back, x), gm.forward(books, x), strict=True):
+        assert np.array_equal(a, b)
+    again = hwq.save(back, tmp_path / "again.hwq", archive=archive)
+    if archive:
+        assert again.read_bytes() == path.read_bytes()
+
+
+def test_a_codebook_alone_makes_version_3(tmp_path):
+    net = _with_codebooks(example_network(3), {"fc1": Codebook((-2, 0, 1), 2)})
+    doc, arrays = _unpack(hwq.save(net, tmp_path / "c.hwq"))
+    assert doc["version"] == 3 and "scale" not in json.dumps(doc)
+    assert arrays["fc1.weight"].dtype == np.uint8 and arrays["fc1.weight"].max() <= 2
+    assert hwq.load(tmp_path / "c.hwq") == net
+
+
+def _codebook_in_version_2(doc, arrays):
+    _version(2)(doc, arrays)
+    for key in ("scale", "scale_format"):  # a version 2 file has no scale either
+        _layer(doc, "conv2").pop(key)
+
+
+def _codebook_kind(fmt: dict):
+    return _set("fc2", "weight_format", fmt)
+
+
+BAD_CODEBOOKS = {
+    "index past the entries": (
+        _array("fc2.weight", lambda a: _put(a, (2, 3), 5)),
+        r"weights.npz: fc2.weight\[2, 3\] = 5 is not an index of codebook5\[-7,-1,2,5,96\].f-3 "
+        r"\(0 to 4\)",
+    ),
+    "negative index": (
+        _array("conv2.weight", lambda a: _put(a, (1, 0, 2, 2), -1, np.int16)),
+        r"weights.npz: conv2.weight\[1, 0, 2, 2\] = -1 is not an index of codebook8",
+    ),
+    "huge unsigned index": (
+        _array("fc2.weight", lambda a: _put(a, (0, 0), 2**64 - 1, np.uint64)),
+        r"fc2.weight\[0, 0\] = 18446744073709551615 is not an index",
+    ),
+    "float indices": (
+        _array("fc2.weight", lambda a: a.astype(np.float32)),
+        "weights.npz: fc2.weight has dtype float32; only integer arrays are allowed",
+    ),
+    "codebook in a version 2 file": (
+        _codebook_in_version_2,
+        "model.json: layer conv2.weight_format.kind 'codebook' needs version 3",
+    ),
+    "entries not integers": (
+        _codebook_kind({"kind": "codebook", "entries": [-1, 0.5], "frac": 0}),
+        r"model.json: layer fc2.weight_format.entries must be integers, not \[-1, 0.5\]",
+    ),
+    "boolean entry": (
+        _codebook_kind({"kind": "codebook", "entries": [False, True], "frac": 0}),
+        "entries must be integers",
+    ),
+    "entries not a list": (
+        _codebook_kind({"kind": "codebook", "entries": 3, "frac": 0}),
+        r"model.json: layer fc2.weight_format.entries has the wrong type: 3",
+    ),
+    "unsorted entries": (
+        _codebook_kind({"kind": "codebook", "entries": [5, -7, -1, 2, 96], "frac": -3}),
+        r"codebook entries must be distinct and increasing, not \[5, -7, -1, 2, 96\]",
+    ),
+    "one entry": (
+        _codebook_kind({"kind": "codebook", "entries": [1], "frac": 0}),
+        r"codebook entries must be 2 to 256 integers, not \(1,\)",
+    ),
+    "no frac": (
+        _codebook_kind({"kind": "codebook", "entries": [-7, -1, 2, 5, 96]}),
+        "model.json: layer fc2.weight_format has no 'frac'",
+    ),
+    "unknown kind": (
+        _codebook_kind({"kind": "lut", "entries": [0, 1], "frac": 0}),
+        "model.json: layer fc2.weight_format.kind 'lut' is not 'fixed', 'pow2' or 'codebook'",
+    ),
+    "codebook scale format": (
+        _set("conv2", "scale_format", {"kind": "codebook", "entries": [0, 1], "frac": 0}),
+        "model.json: layer conv2.scale_format.kind must be 'fixed', not 'codebook'",
+    ),
+    "index array shape": (
+        _array("fc2.weight", lambda a: a[:, :-1]),
+        r"layer fc2: weight has shape \(10, 11\), expected \(10, 12\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CODEBOOKS))
+def test_bad_codebooks_are_refused_with_one_line(tmp_path, books, case):
+    mutate, message = BAD_CODEBOOKS[case]
+    doc, arrays = _unpack(hwq.save(books, tmp_path / "good.hwq"))
     mutate(doc, arrays)
     with pytest.raises(HwgenError, match=message) as e:
         hwq.load(_write_dir(tmp_path / "bad.hwq", doc, arrays))

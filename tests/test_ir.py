@@ -16,6 +16,7 @@ from hwgen.ir import (
     ActFormat,
     Add,
     AvgPool2d,
+    Codebook,
     Conv2d,
     Fixed,
     Flatten,
@@ -145,7 +146,7 @@ def _lin(weight, bias=None, wfmt=None, name="fc", **kw) -> Linear:
         ),
         (
             lambda: Linear("fc", 2, 1, "s8", ActFormat(8, 0), [[1, 1]], [0]),
-            "layer fc: weight_format must be Fixed or Pow2",
+            "layer fc: weight_format must be Fixed, Pow2 or Codebook",
         ),
         (
             lambda: Conv2d("c", 1, 1, 0, Fixed(4, 0), ActFormat(8, 0), [], [0]),
@@ -231,6 +232,60 @@ def test_network_rejects_accumulators_wider_than_the_limit():
             HwgenError, match=rf"layer fc: accumulator needs \d+ bits \(max {ACC_BITS_MAX}\)"
         ):
             Network((1,), ActFormat(8, 0), (layer,))
+
+
+# ---------------------------------------------------------------- codebook weights
+
+
+def test_codebook_entries_bits_grid_and_name():
+    cb = Codebook([-96, -8, 0, 3, np.int64(12)], 5)
+    assert cb.entries == (-96, -8, 0, 3, 12) and all(type(e) is int for e in cb.entries)
+    assert (cb.bits, cb.lo, cb.hi, cb.frac) == (3, -96, 12, 5)
+    assert [Codebook(tuple(range(n)), 0).bits for n in (2, 3, 4, 5, 8, 9, 256)] == [
+        1, 2, 2, 3, 3, 4, 8,
+    ]  # fmt: skip
+    w = np.array([[-96, -7], [0, 12]])
+    assert cb.on_grid(w).tolist() == [[True, False], [True, True]]
+    assert cb.indices(np.array([[-96, 3], [0, 12]])).tolist() == [[0, 3], [2, 4]]
+    assert str(cb) == "codebook5[-96,-8,0,3,12].f5"
+    assert str(Codebook(tuple(range(-10, 10)), -2)) == "codebook20[-10,-9,-8,...,7,8,9].f-2"
+    assert cb == Codebook((-96, -8, 0, 3, 12), 5) != Codebook((-96, -8, 0, 3, 12), 4)
+    big = Codebook((-(2**31) + 1, 2**31 - 1), 64)
+    assert big.bits == 1 and big.on_grid(np.array([2**31 - 1])).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (((3,), 0), r"codebook entries must be 2 to 256 integers, not \(3,\)"),
+        ((tuple(range(257)), 0), "codebook entries must be 2 to 256 integers"),
+        (((0, 1.5), 0), r"codebook entries must be 2 to 256 integers, not \(0, 1.5\)"),
+        (((0, True), 0), "codebook entries must be 2 to 256 integers"),
+        ((7, 0), "codebook entries must be 2 to 256 integers, not 7"),
+        (((1, 1), 0), r"codebook entries must be distinct and increasing, not \[1, 1\]"),
+        (((2, -1), 0), r"distinct and increasing, not \[2, -1\]"),
+        (((0, 2**31), 0), r"codebook entry 2147483648 is outside \(-2\^31, 2\^31\)"),
+        (((-(2**31), 0), 0), "codebook entry -2147483648 is outside"),
+        (((0, 1), 65), r"codebook weight frac must be an integer in \[-64, 64\], not 65"),
+    ],
+)
+def test_codebook_errors(args, message):
+    with pytest.raises(HwgenError, match=message) as e:
+        Codebook(*args)
+    assert "\n" not in str(e.value)
+
+
+def test_codebook_layer_holds_values_and_bounds_the_accumulator_by_them():
+    cb = Codebook((-64, -3, 0, 33), 6)
+    layer = _lin([[33, -64, 0], [-3, -3, 33]], wfmt=cb)
+    fmt = ActFormat(4, 0, signed=False)
+    prods = [layer.weight @ np.array(a) for a in itertools.product(range(16), repeat=3)]
+    lo, hi = acc_range(layer, fmt)
+    assert lo.tolist() == np.min(prods, axis=0).tolist() == [-960, -90]
+    assert hi.tolist() == np.max(prods, axis=0).tolist() == [495, 495]
+    assert acc_frac(layer, fmt) == 6
+    with pytest.raises(HwgenError, match=r"layer fc: weight\[0, 2\] = 1 is not in codebook4"):
+        _lin([[33, -64, 1]], wfmt=cb)
 
 
 # ---------------------------------------------------------------- per-channel scale
