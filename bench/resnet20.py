@@ -1,19 +1,25 @@
-"""ResNet-20 (CIFAR-10 shape, option-A shortcuts) on the ECP5-85F: fold, build, verify, place.
+"""ResNet-20 (CIFAR-10, option-A shortcuts) on the ULX3S (ECP5-85F): fold, build, verify, place.
 
 The network is the built-in ``resnet20`` (``hwgen.examples.resnet``) with seeded random
 weights and BatchNorm statistics, imported from its ``nn.Module`` and quantised pow2 5-bit
 post-training with calibration on random images (no CIFAR here). ``hwgen.hw.folding``
-folds it for the target rate on the ECP5-85F; the build is simulated whole (cocotb +
-Verilator, random stalls on both ends) against the golden model and its steady-state cycles
-per inference measured by the difference method, ``(cycles(N images) - cycles(M images)) /
-(N - M)`` without stalls, over the slowest layer's ideal ``MACs / (PE*SIMD)``. Yosys and nextpnr
-(``hwgen synth``) give LUT4, BRAM and Fmax; inferences per second are Fmax over cycles.
+folds it for the target rate on the ECP5-85F, and it is built with a ULX3S bitstream
+(``hwgen build --board ulx3s-85f``: the network behind a UART, its clock from the PLL at
+``--clock-mhz``; nextpnr fails the build when that clock is not met). The build is
+simulated whole (cocotb + Verilator, random stalls on both ends) against the golden model
+and its steady-state cycles per inference measured by the difference method,
+``(cycles(N images) - cycles(M images)) / (N - M)`` without stalls, over the slowest
+layer's ideal ``MACs / (PE*SIMD)``. LUT4 (nextpnr's TRELLIS_COMB: LUT4s and carry halves),
+block RAMs and Fmax are the board build's nextpnr figures (``board/top.tim``), so they
+include the UART and host link; inferences per second are Fmax over cycles.
 
 The last lines printed are ``resnet20 RTL == golden: K/N images``, ``resnet20
 cycles/ideal: X``, ``resnet20 LUT4: N``, ``resnet20 BRAM: N``, ``resnet20 fmax MHz: X`` and
 ``resnet20 inferences per second: X``.
 
-    python bench/resnet20.py [-o DIR] [--images N] [--fps F] [--skip-synth]
+    python bench/resnet20.py [-o DIR] [--images N] [--fps F] [--clock-mhz F] [--skip-board]
+    python bench/resnet20.py -o DIR --reuse   # an earlier build of this bench, or of
+                                              # hwgen build --board ulx3s-85f
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hwgen.commands import Phases, make_console
 from hwgen.emit import BuildOptions, build
 from hwgen.examples.resnet import CIFAR_SHAPE, random_resnet20
 from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
@@ -35,9 +42,10 @@ from hwgen.ir import Network
 from hwgen.quant import quantize
 from hwgen.quant.precision import Precision, for_layers
 from hwgen.simulate import simulate_layer
-from hwgen.synth import DEVICES, count_cells, fmax_from_report, synthesize
+from hwgen.synth import DEVICES, nextpnr_log_summary
 
 DEVICE = "ecp5-85f"
+BOARD = "ulx3s-85f"
 
 
 def quantized(fnet: FloatNet, seed: int) -> Network:
@@ -69,33 +77,11 @@ def network_run(out: Path, images: int, stalls: float, seed: int) -> tuple[int, 
     return r.images_equal, r.images, r.cycles
 
 
-def place(out: Path, manifest: dict, clock_mhz: float, reuse: bool) -> tuple[int, int, float]:
-    """(LUT4, block RAMs, Fmax MHz): Yosys and nextpnr on the whole network (AXI top).
-
-    LUT4 and block RAMs are nextpnr's utilisation when its report has one (the
-    TRELLIS_COMB cells it places: LUT4s and carry halves), else Yosys's counts. ``reuse``
-    reads an earlier run's results in ``out/synth_network`` when there are some.
-    """
-    top = manifest["top"]
-    work = out / "synth_network"
-    if not (reuse and (work / "report.json").is_file()):
-        t0 = time.perf_counter()
-        synthesize(
-            [out / s for s in top["axi_sources"]],
-            top["axi_module"],
-            DEVICE,
-            target_mhz=clock_mhz,
-            workdir=work,
-        )
-        print(f"synthesis + place and route: {time.perf_counter() - t0:.0f} s")
-    res = count_cells(json.loads((work / "stat.json").read_text()), top["axi_module"], "ecp5")
-    report = json.loads((work / "report.json").read_text())
-    util = report.get("utilization", {})
-    print(f"Yosys: {res}; nextpnr utilisation: {json.dumps(util)}")
-    luts, brams = res.luts, res.brams
-    if "TRELLIS_COMB" in util and "DP16KD" in util:
-        luts, brams = util["TRELLIS_COMB"]["used"], util["DP16KD"]["used"]
-    return luts, brams, fmax_from_report(report)
+def board_figures(out: Path) -> tuple[int, int, float]:
+    """(LUT4, block RAMs, Fmax MHz of the slowest clock) from the board build's nextpnr log."""
+    clocks, util = nextpnr_log_summary((out / "board" / "top.tim").read_text())
+    print(f"nextpnr: clocks {clocks}; utilisation {json.dumps(util)}")
+    return util["TRELLIS_COMB"][0], util["DP16KD"][0], min(clocks.values())
 
 
 def main() -> None:
@@ -105,29 +91,31 @@ def main() -> None:
     ap.add_argument("--fps", type=float, default=1000.0, help="target inferences per second")
     ap.add_argument("--clock-mhz", type=float, default=100.0)
     ap.add_argument("--stalls", type=float, default=0.3)
-    ap.add_argument("--skip-synth", action="store_true")
-    ap.add_argument(
-        "--reuse",
-        action="store_true",
-        help="keep the build (and synthesis results) of an earlier run in --output",
-    )
+    ap.add_argument("--skip-board", action="store_true", help="no bitstream (and no Fmax)")
+    ap.add_argument("--reuse", action="store_true", help="simulate the build already in -o")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    fnet = from_module(random_resnet20(args.seed), CIFAR_SHAPE, name="resnet20")
-    net = quantized(fnet, args.seed + 1)
-    plan = solve(net, DEVICE, args.clock_mhz, args.fps)
-    print_plan(plan)
-    opts = BuildOptions(folding=plan.foldings, vectors=args.images, seed=args.seed)
     if args.reuse:
         manifest = json.loads((args.output / "manifest.json").read_text())
-        assert manifest["foldings"] == {k: list(v) for k, v in plan.foldings.items()}
     else:
-        manifest = build(net, args.output, opts)
-    print(f"quantised and built in {time.perf_counter() - t0:.0f} s")
+        fnet = from_module(random_resnet20(args.seed), CIFAR_SHAPE, name="resnet20")
+        net = quantized(fnet, args.seed + 1)
+        plan = solve(net, DEVICE, args.clock_mhz, args.fps)
+        print_plan(plan)
+        board = None if args.skip_board else BOARD
+        opts = BuildOptions(
+            folding=plan.foldings,
+            vectors=args.images,
+            seed=args.seed,
+            board=board,
+            board_mhz=args.clock_mhz,
+        )
+        manifest = build(net, args.output, opts, phase=Phases(make_console()))
+        print(f"quantised and built in {time.perf_counter() - t0:.0f} s")
 
-    total = args.images + 2  # the build adds the all-max and all-min images
+    total = manifest["top"]["vector_images"]  # with the build's all-max and all-min images
     t0 = time.perf_counter()
     equal, images, _ = network_run(args.output, total, args.stalls, args.seed)
     _, _, few = network_run(args.output, 2, 0.0, args.seed)
@@ -138,8 +126,8 @@ def main() -> None:
 
     luts = brams = 0
     fmax = 0.0
-    if not args.skip_synth:
-        luts, brams, fmax = place(args.output, manifest, args.clock_mhz, args.reuse)
+    if "board" in manifest:
+        luts, brams, fmax = board_figures(args.output)
         dev = DEVICES[DEVICE]
         print(f"{DEVICE}: {dev.luts} LUT4, {dev.brams} block RAMs")
     print(f"resnet20 RTL == golden: {equal}/{images} images")

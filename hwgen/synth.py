@@ -280,10 +280,16 @@ def critical_path_from_report(report: dict) -> dict[str, object] | None:
     }
 
 
-def parse_log_fmax(text: str) -> float | None:
-    """Fmax from a nextpnr log ("Max frequency for clock ... : X MHz"), last report wins."""
-    found = re.findall(r"Max frequency for clock .*?: ([0-9.]+) MHz", text)
-    return float(found[-1]) if found else None
+def nextpnr_log_summary(text: str) -> tuple[dict[str, float], dict[str, tuple[int, int]]]:
+    """From a nextpnr log (``--log``, as a board build writes ``top.tim``): each clock's
+    achieved MHz (its last report, after routing) and the device utilisation, cell type ->
+    (used, available)."""
+    clocks = dict(re.findall(r"Max frequency for clock '(.+?)': ([0-9.]+) MHz", text))
+    util = re.findall(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", text, re.MULTILINE)
+    return (
+        {name: float(mhz) for name, mhz in clocks.items()},
+        {cell: (int(used), int(avail)) for cell, used, avail in util},
+    )
 
 
 def _measured_cycles(build_dir: Path) -> float | None:

@@ -50,3 +50,18 @@ def test_critical_path_is_the_slowest_paths_cells_and_split_delay():
         "cells": ["rom", "lut", "ff"],
     }
     assert synth.critical_path_from_report({"fmax": {}}) is None
+
+
+def test_nextpnr_log_summary_reads_clocks_and_utilisation():
+    log = (
+        "Info: Device utilisation:\n"
+        "Info: \t          TRELLIS_IO:      13/    365     3%\n"
+        "Info: \t              DP16KD:     163/    208    78%\n"
+        "Info: \t        TRELLIS_COMB:   71340/  83640    85%\n"
+        "Info: Max frequency for clock '$glbnet$clk': 38.20 MHz (FAIL at 70.00 MHz)\n"
+        "Info: Max frequency for clock '$glbnet$clk': 45.58 MHz (FAIL at 70.00 MHz)\n"
+        "Info: Max frequency for clock 'clk25': 310.00 MHz (PASS at 25.00 MHz)\n"
+    )
+    clocks, util = synth.nextpnr_log_summary(log)
+    assert clocks == {"$glbnet$clk": 45.58, "clk25": 310.0}  # each clock's last report
+    assert util == {"TRELLIS_IO": (13, 365), "DP16KD": (163, 208), "TRELLIS_COMB": (71340, 83640)}
