@@ -4,17 +4,22 @@ The window stream is generated here by a NumPy model of the window order (neuron
 kw, channel group per output pixel), so these tests do not depend on the window unit.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from amaranth.back import rtlil
-from conftest import with_scale
+from conftest import lane_weights, shift_add_codebook, with_scale
 
+from hwgen.errors import HwgenError
 from hwgen.golden import conv2d_acc, layer_forward
+from hwgen.hw.cmvm import csd
 from hwgen.hw.mac import MACUnit, _lane_range, tree_stages
 from hwgen.hw.streams import run_stream
 from hwgen.ir import (
     ROUNDINGS,
     ActFormat,
+    Codebook,
     Conv2d,
     Fixed,
     Linear,
@@ -355,3 +360,85 @@ def test_the_scale_is_one_multiplier_per_pe():
     for layer, pe, muls in ((plain, 3, 0), (scaled, 3, 3), (scaled, 6, 6), (scaled, 1, 1)):
         text = rtlil.convert(MACUnit(layer, fin, pe, 2), emit_src=False)
         assert text.count("cell $mul") == muls
+
+
+# ---------------------------------------------------------------- codebook lanes
+
+
+@pytest.mark.parametrize(
+    ("bits", "kmax", "zero", "signed", "pe", "simd", "rounding"),
+    [
+        (3, 6, True, True, 2, 2, "half_up"),  # DQC 3-bit with 0
+        (3, 6, False, False, 4, 1, "half_even"),  # without 0, unsigned activations
+        (4, 6, True, False, 1, 4, "floor"),
+        (5, 7, False, True, 2, 4, "half_up"),  # 32 entries: two terms up to 2**7
+        (5, 5, True, True, 4, 2, "half_even"),
+        (1, 0, False, True, 2, 2, "half_up"),  # {±1} or {0, ±1}: one term, no lane adder
+    ],
+)
+def test_codebook_lanes_with_stalls(bits, kmax, zero, signed, pe, simd, rounding):
+    """Codebook lanes (the index decoded to one or two signed shifts) == golden, with the
+    extremes ``±2**kmax`` and two-term entries near them, all-max and all-min activations."""
+    rng = np.random.default_rng(bits * 10 + kmax)
+    cb = shift_add_codebook(rng, bits, kmax, frac=kmax - 1, zero=zero)
+    fin = ActFormat(7, 3, signed=signed)
+    w = lane_weights(rng, cb, (4, 4, 3, 3))
+    w[0, 0, 0, :] = cb.lo, cb.hi, cb.entries[1]
+    out = ActFormat(8, fin.frac + cb.frac - 5, rounding=rounding)
+    layer = Conv2d("c", 4, 4, 3, cb, out, w, rng.integers(-300, 300, 4), padding=1, relu=True)
+    x = rng.integers(fin.lo, fin.hi, size=(4, 4, 3), endpoint=True)
+    x[:, 0], x[:, -1] = fin.hi, fin.lo
+    check_conv(layer, fin, x, pe=pe, simd=simd, stall_in=0.3, stall_out=0.3, seed=bits)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [(-12, 0, 20), (-64, -63, -33, 0, 3, 48, 63, 64), (-80, -1, 2, 96), (1, 3), (-5, -4)],
+    ids=str,
+)
+def test_codebook_dense_with_scale_and_stalls(entries):
+    """TTQ's {-Wn, 0, Wp} and DQC-like codebooks in a dense layer, with a per-channel scale
+    at its extremes: the lanes' carries and the scale's multiplier together."""
+    rng = np.random.default_rng(len(entries))
+    cb = Codebook(entries, 4)
+    fin = ActFormat(8, 4)
+    w = lane_weights(rng, cb, (6, 8))
+    plain = Linear("fc", 8, 6, cb, ActFormat(8, 2), w, rng.integers(-999, 999, 6))
+    layer = as_conv(with_scale(plain, fin, Fixed(9, 7), rng))
+    x = rng.integers(fin.lo, fin.hi, size=(8, 5, 1), endpoint=True)
+    x[:, 0], x[:, 1] = fin.hi, fin.lo
+    check_conv(layer, fin, x, pe=3, simd=4, stall_in=0.3, stall_out=0.3, seed=2)
+
+
+def test_codebook_lane_range_holds_every_term():
+    """Every entry times every extreme activation, less the "+1" left to the tree, fits the
+    lane's register, which is no wider than that."""
+    for entries in [(-64, -63, -33, 0, 3, 48, 63, 64), (-8, 0, 4), (-96, -1), (2, 6, 7)]:
+        cb = Codebook(entries, 0)
+        for signed in (False, True):
+            fin = ActFormat(5, 0, signed=signed)
+            two = any(len(csd(e)) == 2 for e in entries)
+            left = [csd(e)[0][1] if len(csd(e)) == 1 + two else 0 for e in entries]
+            terms = [
+                a * e - c for e, c in zip(entries, left, strict=True) for a in (fin.lo, fin.hi)
+            ]
+            lo, hi = _lane_range(cb, fin)
+            assert signed_bits(lo, hi) == signed_bits(min(*terms, 0), max(*terms, 0))
+
+
+def test_codebook_lanes_have_no_multiplier_and_refuse_three_digit_entries():
+    rng = np.random.default_rng(3)
+    fin = ActFormat(8, 4)
+    cb = shift_add_codebook(rng, 3, 6, 5, zero=True)
+    layer = Conv2d("c", 4, 6, 3, cb, ActFormat(8, 2), lane_weights(rng, cb, (6, 4, 3, 3)),
+                   np.zeros(6, int), padding=1)  # fmt: skip
+    assert rtlil.convert(MACUnit(layer, fin, 3, 2), emit_src=False).count("cell $mul") == 0
+    bad = Codebook((-9, 0, 11, 64), 5)  # 11 = 8 + 2 + 1, -9 = -8 - 1 is fine
+    w = np.array(bad.entries)[rng.integers(0, 4, (6, 4, 3, 3))]
+    with pytest.raises(HwgenError) as e:
+        MACUnit(replace(layer, weight_format=bad, weight=w), fin, 3, 2)
+    assert str(e.value) == (
+        "layer c: codebook entry 11 is not 0, ±2^k or ±2^j ± 2^k (it has 3 signed digits), "
+        "which a shift-add lane cannot multiply by; use --engine unrolled for this layer or a "
+        "codebook of such entries"
+    )

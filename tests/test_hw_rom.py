@@ -18,7 +18,7 @@ from hwgen.hw.rom import (
     rom_width,
     rom_words,
 )
-from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2
+from hwgen.ir import ActFormat, Codebook, Conv2d, Fixed, Linear, Pow2
 
 
 def grid(fmt) -> np.ndarray:
@@ -37,6 +37,8 @@ def grid(fmt) -> np.ndarray:
         Pow2(3, 0),
         Pow2(4, 2),
         Pow2(5, 0),
+        Codebook((-64, -33, 0, 3, 96), 5),
+        Codebook((-1, 1), 0),
     ],
     ids=str,
 )
@@ -60,6 +62,25 @@ def test_code_layouts():
     assert encode_weights(Pow2(1, 0), np.array([1, -1])).tolist() == [0, 1]
     assert encode_weights(Fixed(4, 0), np.array([-8, -1, 7])).tolist() == [0x8, 0xF, 0x7]
     assert code_bits(Pow2(7, 0)) == 7 and code_bits(Pow2(2, 0)) == 2
+    # Codebook: the index, ceil(log2(entries)) bits
+    cb = Codebook((-64, -33, 0, 3, 96), 5)
+    assert encode_weights(cb, np.array([96, -64, 0, 3])).tolist() == [4, 0, 2, 3]
+    assert (code_bits(cb), code_bits(Codebook((0, 1), 0))) == (3, 1)
+
+
+def test_rom_words_refuse_a_codebook_entry_beyond_two_signed_digits():
+    cb = Codebook((-7, 0, 3, 21), 0)  # 21 = 16 + 4 + 1; -7 = -8 + 1 and 3 = 4 - 1 are fine
+    w = np.array(cb.entries)[np.arange(8).reshape(2, 4) % 4]
+    layer = Linear("fc", 4, 2, cb, ActFormat(8, 0), w, np.zeros(2, int))
+    with pytest.raises(HwgenError, match=r"^layer fc: codebook entry 21 is not 0, ±2\^k or ±2\^j"):
+        rom_words(layer, 1, 1)
+    ok = Codebook((-7, 0, 3, 20), 0)
+    words = rom_words(
+        Linear("fc", 4, 2, ok, ActFormat(8, 0), w * (w != 21) + 20 * (w == 21), np.zeros(2, int)),
+        1,
+        4,
+    )
+    assert [int(v) for v in words] == [0b11100100, 0b11100100]
 
 
 def _conv(rng, fmt, cout, cin, k):

@@ -3,15 +3,17 @@ that streams window beats through it with the weight ROMs and the requantisers.
 
 Lanes: a Pow2 lane has no multiplier: it shifts the activation by the code's shift (no
 shifter for ternary and binary) and negates by one's complement, ``-x = ~x + 1``; a zero
-weight clears the lane's registers (a synchronous reset, no logic). A Fixed lane is a
-multiplier (the baseline). Adder trees are two-input adders, each on one carry chain (Yosys
-would otherwise merge a tree into one multi-operand adder of LUT full adders, 1.5x the LUTs
-on ECP5), each as wide as the range of its sum; the "+1" of each negative lane is the
-carry-in of one of them (a tree of SIMD lanes has SIMD - 1 adders, the accumulator the
-last). Accumulators are ``hwgen.ir.acc_bits`` wide (enough for any input, from the actual
-weights); every narrower sum in front of them is exact. A layer with a per-output-channel
-scale multiplies each finished accumulator by its channel's ``m_c`` (one multiplier per PE,
-registered) before the requantiser.
+weight clears the lane's registers (a synchronous reset, no logic). A codebook lane decodes
+the weight's index with constant tables into the entry's one or two signed shifts and adds
+them, ``±(a << k1) ± (a << k2)``, negated terms one's-complemented in the same way. A Fixed
+lane is a multiplier (the baseline). Adder trees are two-input adders, each on one carry
+chain (Yosys would otherwise merge a tree into one multi-operand adder of LUT full adders,
+1.5x the LUTs on ECP5), each as wide as the range of its sum; the "+1" a lane leaves (its
+negative bit) is the carry-in of one of them (a tree of SIMD lanes has SIMD - 1 adders,
+the accumulator the last). Accumulators are ``hwgen.ir.acc_bits`` wide (enough for any
+input, from the actual weights); every narrower sum in front of them is exact. A layer with
+a per-output-channel scale multiplies each finished accumulator by its channel's ``m_c``
+(one multiplier per PE, registered) before the requantiser.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from hwgen.hw.requant import Requantizer, act_shape
-from hwgen.hw.rom import WeightROM, code_bits, rom_file, rom_width, rom_words
+from hwgen.hw.rom import WeightROM, code_bits, entry_terms, rom_file, rom_width, rom_words
 from hwgen.ir import (
     ActFormat,
+    Codebook,
     Conv2d,
     Fixed,
     Linear,
@@ -54,8 +57,52 @@ def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value, 
     return Mux(sign, ~mag, mag), sign, zero
 
 
+def _tree_carries(terms: list[list[tuple[int, bool]]]) -> list[int]:
+    """Per codebook entry, the "+1" its lane leaves to the adder tree: the last term's
+    negative bit when no entry has two terms (the lane has no adder), else the second's."""
+    j = 1 if any(len(t) == 2 for t in terms) else 0
+    return [int(t[j][1]) if len(t) > j else 0 for t in terms]
+
+
+def _codebook_lane(fmt: Codebook, a: Value, code: Value) -> tuple[Value, Value, Value]:
+    """One codebook lane: (``a * entries[code]`` minus its negative bit; negative bit; 0).
+
+    Each term ``±(a << k)`` of the entry comes from a constant mux indexed by ``code``,
+    one's-complemented when negative (``-x == ~x + 1``, free in the mux's LUTs). With
+    two-term entries the lane adds its two terms with the first one's "+1" as the adder's
+    carry-in and leaves the second's to the tree; without, the term is the first one and
+    its "+1" goes to the tree. Indices past the entries select 0."""
+    terms = entry_terms(fmt)
+    if not a.shape().signed:  # one more bit so the one's complement has a sign
+        a = Cat(a, Const(0, 1)).as_signed()
+    rows = terms + [[]] * ((1 << fmt.bits) - len(terms))
+
+    def term(j: int) -> tuple[Value, Value]:
+        values = [
+            (~(a << t[j][0]) if t[j][1] else a << t[j][0]) if len(t) > j else Const(0, 1)
+            for t in rows
+        ]
+        negs = [int(len(t) > j and t[j][1]) for t in rows]
+        return Array(values)[code], Array(Const(n, 1) for n in negs)[code]
+
+    carries = _tree_carries(rows)
+    tree_carry = Array(Const(c, 1) for c in carries)[code]
+    first, neg1 = term(0)
+    if not any(len(t) == 2 for t in terms):
+        return first, tree_carry, Const(0, 1)
+    second, _ = term(1)
+    return first + second + neg1, tree_carry, Const(0, 1)
+
+
 def _lane_range(fmt: WeightFormat, act: ActFormat) -> Range:
-    """Range of a lane's registered term (Pow2: before its negative bit's +1)."""
+    """Range of a lane's registered term (Pow2, Codebook: before the tree's +1)."""
+    if isinstance(fmt, Codebook):
+        ends = [
+            a * e - c
+            for e, c in zip(fmt.entries, _tree_carries(entry_terms(fmt)), strict=True)
+            for a in (act.lo, act.hi)
+        ]
+        return min(0, *ends), max(0, *ends)
     if isinstance(fmt, Fixed):
         ends = [a * w for a in (act.lo, act.hi) for w in (fmt.lo, fmt.hi)]
         return min(ends), max(ends)
@@ -87,7 +134,7 @@ class MACArray(wiring.Component):
 
     Parameters
     ----------
-    weight_format : Fixed or Pow2
+    weight_format : Fixed, Pow2 or Codebook
     in_format : ActFormat
     pe, simd : int
     acc_bits : int
@@ -143,6 +190,8 @@ class MACArray(wiring.Component):
         pairs = zip((act[lane] for lane in range(self.simd)), codes, strict=True)
         if isinstance(fmt, Fixed):
             return [(a * c.as_signed(), Const(0, 1), Const(0, 1)) for a, c in pairs]
+        if isinstance(fmt, Codebook):
+            return [_codebook_lane(fmt, a, c) for a, c in pairs]
         return [_pow2_lane(fmt, a, c) for a, c in pairs]
 
     def _add(

@@ -9,6 +9,10 @@ Weight codes (one per weight, ``code_bits(fmt)`` wide):
   shift=0``.
 - ternary (``Pow2(2, emax)``, weights ``{0, ±1}``): ``[zero | sign]``, 2 bits.
 - binary (``Pow2(1, emax)``, weights ``±1``): ``[sign]``, 1 bit.
+- ``Codebook(entries, frac)``: the weight's index into ``entries``, ``bits`` wide. The
+  folded engine's lanes decode it to the entry's shift-add terms (``entry_terms``), so
+  every entry must be 0, ``±2**k`` or ``±2**j ± 2**k``; a build refuses any other entry
+  (the unrolled engine, whose weights are constants, takes any integer).
 
 One ROM per layer, shared by its PEs (they all read the same address in the same cycle):
 ``depth = KH*KW*Cin/SIMD * Cout/PE`` words of ``PE * SIMD * code_bits`` bits. PE ``k``'s
@@ -37,14 +41,33 @@ from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
-from hwgen.ir import Conv2d, Fixed, Linear, WeightFormat
+from hwgen.hw.cmvm import csd
+from hwgen.ir import Codebook, Conv2d, Fixed, Linear, WeightFormat
 
 ROM_STYLES = ("inline", "file")
 
 
 def code_bits(fmt: WeightFormat) -> int:
     """Width of one weight code in the ROM."""
-    return fmt.bits  # Fixed: two's complement; Pow2: [zero|sign|shift], [zero|sign] or [sign]
+    # Fixed: two's complement; Pow2: [zero|sign|shift], [zero|sign] or [sign]; Codebook: index
+    return fmt.bits
+
+
+def entry_terms(fmt: Codebook, layer: str = "") -> list[list[tuple[int, bool]]]:
+    """Each entry's canonical signed digits ``[(shift, negative), ...]`` (highest first, at
+    most two); an entry with more is refused, naming ``layer``."""
+    terms = []
+    for e in fmt.entries:
+        digits = csd(e)[::-1]
+        if len(digits) > 2:
+            where = f"layer {layer}: " if layer else ""
+            raise HwgenError(
+                f"{where}codebook entry {e} is not 0, ±2^k or ±2^j ± 2^k (it has "
+                f"{len(digits)} signed digits), which a shift-add lane cannot multiply by; "
+                "use --engine unrolled for this layer or a codebook of such entries"
+            )
+        terms.append(digits)
+    return terms
 
 
 def encode_weights(fmt: WeightFormat, w: np.ndarray) -> np.ndarray:
@@ -52,6 +75,8 @@ def encode_weights(fmt: WeightFormat, w: np.ndarray) -> np.ndarray:
     w = np.asarray(w, dtype=np.int64)
     if isinstance(fmt, Fixed):
         return w & ((1 << fmt.bits) - 1)
+    if isinstance(fmt, Codebook):
+        return fmt.indices(w)
     sign = (w < 0).astype(np.int64)
     if fmt.bits == 1:
         return sign
@@ -71,6 +96,8 @@ def decode_weights(fmt: WeightFormat, codes: np.ndarray) -> np.ndarray:
     c = np.asarray(codes, dtype=np.int64)
     if isinstance(fmt, Fixed):
         return np.where(c >> (fmt.bits - 1), c - (1 << fmt.bits), c)
+    if isinstance(fmt, Codebook):
+        return np.asarray(fmt.entries, np.int64)[c]
     if fmt.bits == 1:
         return np.where(c & 1, -1, 1)
     if fmt.bits == 2:
@@ -98,6 +125,8 @@ def rom_words(layer: Conv2d | Linear, pe: int, simd: int) -> np.ndarray:
     Words are ``uint64`` when ``rom_width`` is at most 64 bits, else Python ints (dtype
     object).
     """
+    if isinstance(layer.weight_format, Codebook):
+        entry_terms(layer.weight_format, layer.name)
     cb = code_bits(layer.weight_format)
     w = weight_matrix(layer)
     cout = w.shape[0]
