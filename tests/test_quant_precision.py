@@ -10,6 +10,7 @@ from hwgen.quant.precision import (
     InputPrecision,
     LayerPrecision,
     Precision,
+    check_bits,
     dumps,
     for_layers,
     parse,
@@ -76,3 +77,41 @@ def test_unknown_layers_and_kinds():
         Precision("fixed", {"c": AddPrecision(act_bits=4)}).check_names(["c"])
     with pytest.raises(HwgenError, match=r"layer a: activation bits 17 out of range \[2, 16\]"):
         Precision("fixed", {"a": AddPrecision(act_bits=17)})
+
+
+def test_learned_schemes_round_trip_with_bits_per_layer():
+    doc = 'scheme = "dqc"\n[layers.conv1]\nweight_bits = 3\n[layers.fc]\nweight_bits = 5\n'
+    p = for_layers(parse(doc), ["conv1", "fc"])
+    assert p.layers["conv1"].weight_bits == 3 and p.layers["fc"].weight_bits == 5
+    assert parse(dumps(p)) == p
+    q = p.override("amq", weight_bits=4)
+    assert q.scheme == "amq" and {lp.weight_bits for lp in q.layers.values()} == {4}
+
+
+@pytest.mark.parametrize(
+    ("scheme", "bits", "message"),
+    [
+        ("bc", 2, "scheme bc has 1-bit weights, not 2"),
+        ("lab", 2, "scheme lab has 1-bit weights, not 2"),
+        ("twn", 3, "scheme twn has 2-bit weights, not 3"),
+        ("lat", 1, "scheme lat has 2-bit weights, not 1"),
+        ("ttq", 3, "scheme ttq has 2-bit weights, not 3"),
+        ("dqc", 2, r"weight bits 2 out of range \[3, 5\] for dqc"),
+        ("amq", 5, r"weight bits 5 out of range \[2, 4\] for amq"),
+    ],
+)
+def test_learned_schemes_refuse_other_bits(scheme, bits, message):
+    with pytest.raises(HwgenError, match=f"^--bits: {message}$"):
+        check_bits(scheme, "--bits", bits, None)
+    with pytest.raises(HwgenError, match=f"^layer c: {message}$"):
+        parse(f'scheme = "{scheme}"\n[layers.c]\nweight_bits = {bits}\n')
+
+
+@pytest.mark.parametrize("key", ["weight_frac = 3", "emax = -1"])
+def test_learned_schemes_take_no_weight_frac_or_emax(key):
+    name = key.split()[0]
+    with pytest.raises(HwgenError, match=f"^layer c: scheme lat learns its weight scales; {name}"):
+        parse(f'scheme = "lat"\n[layers.c]\n{key}\n')
+    # a file of another scheme overridden by --scheme: the same one line
+    with pytest.raises(HwgenError, match=f"^layer c: scheme bc learns its weight scales; {name}"):
+        parse(f'scheme = "pow2"\n[layers.c]\n{key}\n').override("bc")

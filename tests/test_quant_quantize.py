@@ -5,14 +5,20 @@ import numpy as np
 import pytest
 from test_quant_tune import residual_problem
 
+from hwgen import golden as gm
 from hwgen import hwq
 from hwgen.errors import HwgenError
+from hwgen.examples.digits import digits_float_net
 from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet
-from hwgen.ir import ActFormat, Add, Conv2d, Fixed, Linear, Pow2
+from hwgen.ir import ActFormat, Add, Codebook, Conv2d, Fixed, Linear, Pow2
 from hwgen.quant import QuantResult, quantize
 from hwgen.quant import precision as prec
+from hwgen.quant.binarize import RetrainOptions
+from hwgen.quant.codebook import CodebookOptions
+from hwgen.quant.fakequant import accuracy, fake_quant_forward
 from hwgen.quant.inq import InqOptions
 from hwgen.quant.precision import AddPrecision, LayerPrecision, Precision
+from hwgen.quant.quantize import DEFAULT_WEIGHT_BITS, with_activations
 
 
 def _fnet(w1: np.ndarray, w2: np.ndarray) -> FloatNet:
@@ -167,3 +173,133 @@ def test_weight_bits_on_an_add_layer_are_refused(residual):
 
 def _macs(fnet: FloatNet) -> list[str]:
     return [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+
+
+# ---------------------------------------------------------------- learned schemes (issue #11)
+
+LEARNED_KINDS = {
+    "bc": (1, "scaled"),
+    "lab": (1, "scaled"),
+    "twn": (2, "scaled"),
+    "lat": (2, "scaled"),
+    "ttq": (2, "codebook"),
+    "dqc": (3, "codebook"),
+    "amq": (2, "fixed"),
+}
+SHORT = {
+    "retrain_options": RetrainOptions(epochs=1, batch_size=16),
+    "codebook_options": CodebookOptions(epochs=1, batch_size=16),
+}
+
+
+def _check_learned_layer(layer: Conv2d | Linear, scheme: str, bits: int) -> None:
+    kind = LEARNED_KINDS[scheme][1]
+    fmt = layer.weight_format
+    if kind == "scaled":  # codes ±1 (or 0) with the channel's alpha as its scale m_c
+        assert fmt in ((Pow2(1, 0),) if bits == 1 else (Pow2(1, 0), Pow2(2, 0)))
+        assert layer.scale is not None and layer.scale.shape == (layer.weight.shape[0],)
+        assert isinstance(layer.scale_format, Fixed) and layer.scale_format.bits == 8
+    elif kind == "codebook":
+        assert isinstance(fmt, Codebook) and layer.scale is None
+        assert np.all(fmt.on_grid(layer.weight))
+        if scheme == "dqc":
+            assert len(fmt.entries) == 2**bits and 0 in fmt.entries
+        else:
+            assert len(fmt.entries) <= 3 and 0 in fmt.entries
+    else:  # amq: the plane sums as Fixed integers, no scale
+        assert isinstance(fmt, Fixed) and layer.scale is None
+
+
+@pytest.mark.parametrize("scheme", list(LEARNED_KINDS))
+def test_learned_schemes_resolve_and_reproduce(float_net, calib, scheme, tmp_path):
+    y = np.arange(64) % 3
+    bits, _ = LEARNED_KINDS[scheme]
+    p = Precision(scheme, {"fc": LayerPrecision(weight_bits=bits)})
+    r = quantize(float_net, p, calib, (calib, y), progress=False, **SHORT)
+    for name in ("conv", "fc"):
+        layer = r.net.layer(name)
+        want = bits if name == "fc" else DEFAULT_WEIGHT_BITS[scheme]
+        _check_learned_layer(layer, scheme, want)
+        lp = r.precision.layers[name]
+        # the scheme's bits, not the IR format's width; nothing learned is pinned
+        assert lp.weight_bits == want and lp.weight_frac is None and lp.emax is None
+        assert lp.act_frac == layer.out_format.frac
+    # the float model the formats were chosen for is the retrained one, on the weights
+    assert r.float_net is not None and r.float_net is not float_net
+    # the resolved precision, also through precision.toml, gives the same network
+    back = prec.parse(prec.dumps(r.precision))
+    assert back == r.precision
+    again = quantize(float_net, back, calib, (calib, y), progress=False, **SHORT)
+    assert again.net == r.net and again.precision == r.precision
+    # golden model == fake-quant model, every layer, after a .hwq round trip
+    net = hwq.load(hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta))
+    assert hwq.load_meta(tmp_path / "m.hwq")["scheme"] == scheme
+    golden = gm.forward(net, gm.quantize_input(calib, net.input_format))
+    for a, b in zip(golden, fake_quant_forward(r.net, calib), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_amq_weights_are_the_plane_sums(float_net, calib):
+    y = np.arange(64) % 3
+    r = quantize(float_net, Precision("amq"), calib, (calib, y), progress=False, **SHORT)
+    layer = r.net.layer("fc")
+    # the retrained float weights are Σ α_i b_i; the IR holds Σ m_i b_i with 8-bit m_i
+    w = r.float_net.layers[2].weight
+    step = 2.0**-layer.weight_format.frac
+    assert np.max(np.abs(layer.weight * step - w)) <= step * (1 + 1e-9)  # 2 scales, ±step/2
+
+
+def test_with_activations_keeps_the_learned_weights(float_net, calib):
+    y = np.arange(64) % 3
+    r = quantize(float_net, Precision("lat"), calib, (calib, y), progress=False, **SHORT)
+    p = Precision("lat", {"conv": LayerPrecision(act_bits=5)})
+    q = with_activations(r, p, calib)
+    assert q.net.layer("conv").out_format.bits == 5
+    assert np.array_equal(q.net.layer("fc").weight, r.net.layer("fc").weight)
+    assert np.array_equal(q.net.layer("fc").scale, r.net.layer("fc").scale)
+    assert q.precision.layers["conv"].weight_bits == 2 and q.precision.scheme == "lat"
+    # its precision reproduces it by retraining (same seed and options)
+    again = quantize(float_net, q.precision, calib, (calib, y), progress=False, **SHORT)
+    assert again.net == q.net
+
+
+@pytest.mark.parametrize(
+    ("scheme", "bits", "message"),
+    [
+        ("bc", 2, "layer fc: scheme bc has 1-bit weights, not 2"),
+        ("lat", 1, "layer fc: scheme lat has 2-bit weights, not 1"),
+        ("dqc", 6, r"layer fc: weight bits 6 out of range \[3, 5\] for dqc"),
+        ("amq", 1, r"layer fc: weight bits 1 out of range \[2, 4\] for amq"),
+    ],
+)
+def test_learned_schemes_refuse_other_bits(scheme, bits, message):
+    with pytest.raises(HwgenError, match=f"^{message}$"):
+        Precision(scheme, {"fc": LayerPrecision(weight_bits=bits)})
+
+
+def test_learned_schemes_need_training_data(float_net, calib):
+    with pytest.raises(HwgenError, match="scheme dqc retrains the model: it needs labelled"):
+        quantize(float_net, Precision("dqc"), calib)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_float_net()
+
+
+@pytest.mark.parametrize("scheme", list(LEARNED_KINDS))
+def test_learned_golden_equals_fake_quant_on_digits(digits, scheme):
+    fnet, data = digits
+    options = {
+        "retrain_options": RetrainOptions(epochs=1),
+        "codebook_options": CodebookOptions(epochs=1),
+    }
+    r = quantize(
+        fnet, Precision(scheme), data.x_train, (data.x_train, data.y_train), progress=False,
+        **options,
+    )  # fmt: skip
+    golden = gm.forward(r.net, gm.quantize_input(data.x_test, r.net.input_format))
+    fake = fake_quant_forward(r.net, data.x_test)
+    for a, b in zip(golden, fake, strict=True):
+        assert np.array_equal(a, b)
+    assert accuracy(r.net, data.x_test, data.y_test) > 0.5

@@ -48,10 +48,15 @@ from hwgen.ir import (
     SubsamplePad,
     WeightFormat,
     check_add_bits,
+    requant_frac,
 )
 from hwgen.quant.weights import Curve
 
 CANDIDATES = (-2, 3)  # searched fracs: the largest non-saturating one, minus 2 .. plus 3
+
+# A conv/linear layer's IR layer for given input and output formats (weights whose integer
+# form depends on the input format: a per-channel scale's bias, hwgen.quant.binarize).
+LayerBuilder = Callable[[ActFormat, ActFormat], Conv2d | Linear]
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def mac_layer(
 
 def greedy_network(
     fnet: FloatNet,
-    weights: dict[str, tuple[WeightFormat, np.ndarray]],
+    weights: dict[str, tuple[WeightFormat, np.ndarray] | LayerBuilder],
     input_spec: ActSpec,
     layer_specs: dict[str, ActSpec],
     calib_x: np.ndarray,
@@ -160,7 +165,8 @@ def greedy_network(
 ) -> tuple[Network, dict[str, Curve]]:
     """The integer network with greedily chosen activation formats, and the error curves.
 
-    ``weights`` holds each conv/linear layer's format and integer weights; ``layer_specs``
+    ``weights`` holds each conv/linear layer's format and integer weights, or a
+    :data:`LayerBuilder` that makes its IR layer; ``layer_specs``
     each conv/linear and add layer's activation spec; ``float_acts`` may pass in
     :func:`float_activations` of ``calib_x`` when it is reused across calls. A ReLU output
     (fused into a conv/linear/add) gets an unsigned format unless the spec says otherwise.
@@ -189,13 +195,17 @@ def greedy_network(
                 ints.pop(i, None)
         quantise: Callable[[ActFormat], np.ndarray]
         if isinstance(fl, (FConv2d, FLinear)):
-            wfmt, wq = weights[fl.name]
             spec = layer_specs[fl.name]
             signed = spec.signed if spec.signed is not None else not fl.relu
-            proto: Layer = mac_layer(fl, wfmt, wq, fs[0], ActFormat(spec.bits, 0, signed))
-            acc_fn = gm.conv2d_acc if isinstance(proto, Conv2d) else gm.linear_acc
-            acc = acc_fn(xs[0], proto, fs[0])  # once; each candidate only requantises it
-            facc = fs[0].frac + wfmt.frac
+            given = weights[fl.name]
+            out0 = ActFormat(spec.bits, 0, signed)
+            mac = given(fs[0], out0) if callable(given) else mac_layer(fl, *given, fs[0], out0)
+            proto: Layer = mac
+            acc_fn = gm.conv2d_acc if isinstance(mac, Conv2d) else gm.linear_acc
+            acc = acc_fn(xs[0], mac, fs[0])  # once; each candidate only requantises it
+            if mac.scale is not None:
+                acc = acc * mac.scale.reshape(-1, *(1,) * (acc.ndim - 2))
+            facc = requant_frac(mac, fs[0])
 
             def quantise(o: ActFormat, acc=acc, facc=facc, relu=fl.relu) -> np.ndarray:
                 return gm.requantize(acc, facc - o.frac, o, relu)

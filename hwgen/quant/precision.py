@@ -3,6 +3,7 @@
 Layout::
 
     scheme = "fixed"            # fixed | inq | pow2 | ternary | binary | auto
+                                # | bc | twn | lab | lat | dqc | ttq | amq
 
     [input]                     # optional: the network input format
     act_bits = 8
@@ -21,6 +22,11 @@ Layout::
     act_bits = 8
     act_frac = 4
     act_signed = false
+
+The retrained schemes of issue #11 learn their scales and codebooks, so their layers take
+no ``weight_frac`` or ``emax``; their ``weight_bits`` are fixed by the scheme (bc, lab: 1;
+twn, lat, ttq: 2) or count index bits (dqc: 3 to 5, a codebook of ``2**bits`` entries) or
+binary planes (amq: 2 to 4).
 
 A value left out is chosen by the quantizer; a value given is used as it is, so a file
 written by `tune` reproduces exactly the configuration it reports. The file does not say
@@ -44,7 +50,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SCHEMES = ("auto", "fixed", "inq", "pow2", "ternary", "binary")
+SCHEMES = (
+    "auto", "fixed", "inq", "pow2", "ternary", "binary", "bc", "twn", "lab", "lat", "dqc",
+    "ttq", "amq",
+)  # fmt: skip
+# weight bits (min, max) of each scheme: Fixed and power-of-two widths, else what the bits
+# count (bc/lab: binary codes, twn/lat/ttq: ternary, dqc: codebook index, amq: binary planes)
+WEIGHT_BITS = {
+    "auto": (2, 16), "fixed": (2, 16), "inq": (1, 7), "pow2": (1, 7), "ternary": (2, 2),
+    "binary": (1, 1), "bc": (1, 1), "lab": (1, 1), "twn": (2, 2), "lat": (2, 2),
+    "ttq": (2, 2), "dqc": (3, 5), "amq": (2, 4),
+}  # fmt: skip
+# the schemes whose scales or codebooks are learned: no weight_frac or emax to set
+LEARNED = ("bc", "twn", "lab", "lat", "dqc", "ttq", "amq")
 _LAYER_KEYS = ("weight_bits", "act_bits", "weight_frac", "emax", "act_frac", "act_signed")
 _ACT_KEYS = ("act_bits", "act_frac", "act_signed")
 _WEIGHT_KEYS = ("weight_bits", "weight_frac", "emax")
@@ -96,6 +114,13 @@ class Precision:
             raise HwgenError(f"scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
         for name, lp in self.layers.items():
             _check_bits(self.scheme, f"layer {name}", getattr(lp, "weight_bits", None), lp.act_bits)
+            if self.scheme in LEARNED:
+                for key in ("weight_frac", "emax"):
+                    if getattr(lp, key, None) is not None:
+                        raise HwgenError(
+                            f"layer {name}: scheme {self.scheme} learns its weight scales; "
+                            f"{key} does not apply"
+                        )
 
     def layer(self, name: str) -> LayerPrecision | AddPrecision:
         return self.layers.get(name, LayerPrecision())
@@ -135,8 +160,9 @@ class Precision:
 
 
 def _check_bits(scheme: str, where: str, weight_bits: int | None, act_bits: int | None) -> None:
-    wmax = 7 if scheme in ("inq", "pow2", "ternary", "binary") else 16
-    wmin = {"ternary": 2, "binary": 1, "inq": 1, "pow2": 1}.get(scheme, 2)
+    wmin, wmax = WEIGHT_BITS[scheme]
+    if weight_bits is not None and wmin == wmax and weight_bits != wmin:
+        raise HwgenError(f"{where}: scheme {scheme} has {wmin}-bit weights, not {weight_bits}")
     if weight_bits is not None and not wmin <= weight_bits <= wmax:
         raise HwgenError(
             f"{where}: weight bits {weight_bits} out of range [{wmin}, {wmax}] for {scheme}"

@@ -2,28 +2,64 @@
 
 Weights first (per scheme), then activation formats greedily layer by layer in topological
 order, add outputs included (hwgen.quant.activations). The returned precision is fully
-resolved, so quantising again with it gives the identical Network (INQ too, for the same
-seed).
+resolved, so quantising again with it gives the identical Network (INQ and the learned
+schemes too, for the same seed).
+
+The learned schemes (issue #11) retrain the float model with its weights quantised and
+search the activation formats on the retrained model, whose weights are exactly the
+quantised ones; the integer layers come from the quantiser's export:
+
+- ``bc``, ``twn``, ``lab``, ``lat`` (:mod:`hwgen.quant.binarize`): ``Pow2(1, 0)`` /
+  ``Pow2(2, 0)`` codes with each output channel's ``α_c`` as the per-channel scale ``m_c``
+  (8-bit Fixed), :func:`hwgen.quant.binarize.scaled_mac_layer`;
+- ``dqc`` (with a pinned zero entry), ``ttq`` (:mod:`hwgen.quant.codebook`): ``Codebook``
+  weights, the layer holding the entries' integer values;
+- ``amq`` (:mod:`hwgen.quant.multibit`, M planes per output channel): the exact integers
+  ``Σ_i m_ic·b_i`` (:func:`hwgen.quant.multibit.integer_weights`, 8-bit ``m_ic``) as
+  ``Fixed`` weights, no per-channel scale: the M scales of a channel fold into its weights,
+  so today's engine multiplies by them (a plane engine is a later issue).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
-from hwgen.ir import Add, Conv2d, Fixed, Linear, Network, Pow2, WeightFormat
+from hwgen.ir import Add, Codebook, Conv2d, Fixed, Linear, Network, Pow2, WeightFormat, signed_bits
 from hwgen.quant import weights as wq
-from hwgen.quant.activations import ActSpec, Curve, greedy_network
+from hwgen.quant.activations import ActSpec, Curve, LayerBuilder, greedy_network
+from hwgen.quant.binarize import (
+    RetrainOptions,
+    ScaledCodes,
+    binarize,
+    retrain,
+    scaled_mac_layer,
+)
+from hwgen.quant.codebook import CodebookOptions, dqc, ttq
 from hwgen.quant.inq import InqOptions, inq
-from hwgen.quant.precision import AddPrecision, InputPrecision, LayerPrecision, Precision
+from hwgen.quant.multibit import alternating, integer_weights
+from hwgen.quant.precision import (
+    LEARNED,
+    AddPrecision,
+    InputPrecision,
+    LayerPrecision,
+    Precision,
+)
 
-DEFAULT_WEIGHT_BITS = {"fixed": 8, "inq": 5, "pow2": 5, "ternary": 2, "binary": 1, "auto": None}
+DEFAULT_WEIGHT_BITS = {
+    "fixed": 8, "inq": 5, "pow2": 5, "ternary": 2, "binary": 1, "auto": None, "bc": 1,
+    "lab": 1, "twn": 2, "lat": 2, "ttq": 2, "dqc": 4, "amq": 2,
+}  # fmt: skip
 DEFAULT_ACT_BITS = 8
-RETRAINED = ("inq", "ternary", "binary")
+RETRAINED = ("inq", "ternary", "binary", *LEARNED)
+
+WeightSource = tuple[WeightFormat, np.ndarray] | LayerBuilder
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +72,9 @@ class QuantResult:
     by the auto scheme.
     ``float_weights``: the float weights before quantisation (for INQ: the retrained ones
     just before the last step). ``float_net``: the float model the activation formats were
-    chosen for (for INQ: the retrained one, its weights on their powers of two).
+    chosen for (for INQ and the learned schemes: the retrained one, its weights exactly the
+    quantised ones). ``weights``: each conv/linear layer's integer weights (or how to build
+    its layer) as the activation search took them (:func:`with_activations` reuses them).
     """
 
     net: Network
@@ -46,6 +84,7 @@ class QuantResult:
     act_curves: dict[str, Curve] = field(default_factory=dict)
     float_weights: dict[str, np.ndarray] = field(default_factory=dict)
     float_net: FloatNet | None = None
+    weights: dict[str, WeightSource] = field(default_factory=dict)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -71,7 +110,8 @@ class QuantResult:
 
 def _weight_bits(scheme: str, lp: LayerPrecision) -> int | None:
     bits = lp.weight_bits if lp.weight_bits is not None else DEFAULT_WEIGHT_BITS[scheme]
-    if scheme in ("ternary", "binary") and bits != DEFAULT_WEIGHT_BITS[scheme]:
+    fixed_width = ("ternary", "binary", "bc", "lab", "twn", "lat", "ttq")
+    if scheme in fixed_width and bits != DEFAULT_WEIGHT_BITS[scheme]:
         raise HwgenError(
             f"scheme {scheme} has {DEFAULT_WEIGHT_BITS[scheme]}-bit weights, not {bits}"
         )
@@ -106,6 +146,48 @@ def _pow2_format(scheme: str, bits: int, w: np.ndarray, curve: Curve, emax: int 
     return Pow2(bits, wq.inq_emax(w))
 
 
+def _learned(
+    fnet: FloatNet,
+    scheme: str,
+    bits: dict[str, int],
+    train: tuple[np.ndarray, np.ndarray],
+    retrain_options: RetrainOptions | None,
+    codebook_options: CodebookOptions | None,
+    progress: bool,
+) -> tuple[FloatNet, dict[str, WeightSource]]:
+    """Retrain ``fnet`` with a learned scheme; each layer's weights as the search takes them."""
+    sources: dict[str, WeightSource] = {}
+    if scheme in ("dqc", "ttq"):
+        options = codebook_options or CodebookOptions()
+        if scheme == "dqc":
+            fnet, books = dqc(fnet, bits, train, zero=True, options=options, progress=progress)
+        else:
+            fnet, books = ttq(fnet, train, options=options, progress=progress)
+        for name, cb in books.items():
+            sources[name] = (Codebook(cb.entries, cb.frac), cb.integers)
+        return fnet, sources
+    options = retrain_options or RetrainOptions()
+    if scheme == "amq":
+
+        def planes(m: int) -> Callable[[np.ndarray, np.ndarray | None], ScaledCodes]:
+            return lambda w, d: alternating(w, m, options.per_channel)
+
+        quantizers = {name: planes(m) for name, m in bits.items()}
+        fnet, codes = retrain(
+            fnet, quantizers, train, options, label="amq retraining", progress=progress
+        )
+        for name, sc in codes.items():
+            w, frac = integer_weights(sc)
+            width = max(2, signed_bits(int(w.min(initial=0)), int(w.max(initial=0))))
+            sources[name] = (Fixed(width, frac), w)
+        return fnet, sources
+    fnet, codes = binarize(fnet, scheme, train, options, progress=progress)
+    by_name = {fl.name: fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))}
+    for name, sc in codes.items():
+        sources[name] = functools.partial(scaled_mac_layer, by_name[name], sc)
+    return fnet, sources
+
+
 def quantize(
     fnet: FloatNet,
     precision: Precision,
@@ -114,11 +196,15 @@ def quantize(
     *,
     progress: bool = True,
     inq_options: InqOptions | None = None,
+    retrain_options: RetrainOptions | None = None,
+    codebook_options: CodebookOptions | None = None,
     float_acts: list[np.ndarray] | None = None,
 ) -> QuantResult:
     """Quantise ``fnet`` as ``precision`` says; unset values are chosen (see module doc).
 
-    ``train`` (images, labels) is needed by the retrained schemes (inq, ternary, binary).
+    ``train`` (images, labels) is needed by the retrained schemes (``RETRAINED``).
+    ``inq_options`` set INQ's retraining (inq, ternary, binary), ``retrain_options`` that of
+    bc, twn, lab, lat and amq, ``codebook_options`` that of dqc and ttq.
     ``float_acts`` may pass the float model's activations on ``calib_x`` to save their
     recomputation when quantising the same model many times (fixed, pow2, auto only).
     """
@@ -126,58 +212,110 @@ def quantize(
     macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
     adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
     precision.check_names([fl.name for fl in macs], adds)
-    formats: dict[str, tuple[WeightFormat, np.ndarray]] = {}
+    sources: dict[str, WeightSource] = {}
     weight_curves: dict[str, Curve] = {}
     detected: dict[str, str] = {}
     float_weights = {fl.name: np.asarray(fl.weight, np.float64) for fl in macs}
     pow2_fmts: dict[str, Pow2] = {}
+    learned_bits: dict[str, int] = {}
     for fl in macs:
         lp = precision.layer(fl.name)
         assert isinstance(lp, LayerPrecision)  # check_names: only adds are AddPrecision
         w = float_weights[fl.name]
         bits = _weight_bits(scheme, lp)
-        if scheme == "auto":
+        if scheme in LEARNED:
+            assert bits is not None
+            learned_bits[fl.name] = bits
+        elif scheme == "auto":
             fmt, q = _claimed(fl.name, w, lp)
             detected[fl.name] = str(fmt)
-            formats[fl.name] = (fmt, q)
+            sources[fl.name] = (fmt, q)
         elif scheme == "fixed":
             assert bits is not None
             weight_curves[fl.name] = wq.fixed_curve(w, bits)
             frac = lp.weight_frac if lp.weight_frac is not None else wq.best_weight_frac(w, bits)
             fmt = Fixed(bits, frac)
-            formats[fl.name] = (fmt, wq.quantize_fixed(w, fmt))
+            sources[fl.name] = (fmt, wq.quantize_fixed(w, fmt))
         else:
             assert bits is not None
             weight_curves[fl.name] = wq.pow2_curve(w, bits)
             pow2_fmts[fl.name] = _pow2_format(scheme, bits, w, weight_curves[fl.name], lp.emax)
-            formats[fl.name] = (pow2_fmts[fl.name], wq.quantize_pow2(w, pow2_fmts[fl.name]))
+            sources[fl.name] = (pow2_fmts[fl.name], wq.quantize_pow2(w, pow2_fmts[fl.name]))
     if scheme in RETRAINED:
         if train is None:
             raise HwgenError(f"scheme {scheme} retrains the model: it needs labelled training data")
+        float_acts = None  # the retrained model is the new reference
+    if scheme in LEARNED:
+        assert train is not None
+        fnet, sources = _learned(
+            fnet, scheme, learned_bits, train, retrain_options, codebook_options, progress
+        )
+    elif scheme in RETRAINED:
+        assert train is not None
         options = inq_options or InqOptions()
         fnet, float_weights = inq(fnet, pow2_fmts, train, options, progress=progress)
-        float_acts = None  # the retrained model is the new reference
         for fl in fnet.layers:
             if isinstance(fl, (FConv2d, FLinear)):
                 fmt = pow2_fmts[fl.name]
-                formats[fl.name] = (fmt, wq.encode_exact(fl.name, fl.weight, fmt))
+                sources[fl.name] = (fmt, wq.encode_exact(fl.name, fl.weight, fmt))
+    net, act_curves = _search(fnet, sources, precision, calib_x, float_acts)
+    return QuantResult(
+        net,
+        resolved(net, scheme, learned_bits),
+        detected,
+        weight_curves,
+        act_curves,
+        float_weights,
+        fnet,
+        sources,
+    )
+
+
+def _search(
+    fnet: FloatNet,
+    sources: dict[str, WeightSource],
+    precision: Precision,
+    calib_x: np.ndarray,
+    float_acts: list[np.ndarray] | None,
+) -> tuple[Network, dict[str, Curve]]:
+    """The greedy activation formats for these weights, as ``precision`` asks."""
     specs = {}
-    for name in [fl.name for fl in macs] + adds:
-        ap = precision.layer(name)
-        bits = ap.act_bits if ap.act_bits is not None else DEFAULT_ACT_BITS
-        specs[name] = ActSpec(bits, ap.act_frac, ap.act_signed)
+    for fl in fnet.layers:
+        if isinstance(fl, (FConv2d, FLinear, FAdd)):
+            ap = precision.layer(fl.name)
+            bits = ap.act_bits if ap.act_bits is not None else DEFAULT_ACT_BITS
+            specs[fl.name] = ActSpec(bits, ap.act_frac, ap.act_signed)
     ip = precision.input
     in_spec = ActSpec(
         ip.act_bits if ip.act_bits is not None else DEFAULT_ACT_BITS, ip.act_frac, ip.act_signed
     )
-    net, act_curves = greedy_network(fnet, formats, in_spec, specs, calib_x, float_acts)
-    return QuantResult(
-        net, resolved(net, scheme), detected, weight_curves, act_curves, float_weights, fnet
-    )
+    return greedy_network(fnet, sources, in_spec, specs, calib_x, float_acts)
 
 
-def resolved(net: Network, scheme: str) -> Precision:
-    """The precision that states every format of ``net`` explicitly."""
+def with_activations(base: QuantResult, precision: Precision, calib_x: np.ndarray) -> QuantResult:
+    """``base``'s retrained model and integer weights with the activation formats chosen
+    again as ``precision`` says (its weight settings are not read: the weights are kept).
+    The result's precision reproduces it (``base``'s scheme, seed and options)."""
+    assert base.float_net is not None
+    net, act_curves = _search(base.float_net, base.weights, precision, calib_x, None)
+    scheme = base.precision.scheme
+    bits = {
+        n: lp.weight_bits
+        for n, lp in base.precision.layers.items()
+        if isinstance(lp, LayerPrecision)
+    }
+    return replace(base, net=net, precision=resolved(net, scheme, bits), act_curves=act_curves)
+
+
+def resolved(
+    net: Network, scheme: str, learned_bits: Mapping[str, int | None] | None = None
+) -> Precision:
+    """The precision that states every format of ``net`` explicitly.
+
+    A learned scheme's layers state the scheme's bits (``learned_bits``, per layer; the
+    scheme's default where missing) and no weight frac or emax: they are learned again.
+    """
+    learned_bits = learned_bits or {}
     layers: dict[str, LayerPrecision | AddPrecision] = {}
     for layer in net.layers:
         if isinstance(layer, Add):
@@ -185,13 +323,19 @@ def resolved(net: Network, scheme: str) -> Precision:
             layers[layer.name] = AddPrecision(of.bits, of.frac, of.signed)
         if isinstance(layer, (Conv2d, Linear)):
             wf, of = layer.weight_format, layer.out_format
-            layers[layer.name] = LayerPrecision(
-                weight_bits=wf.bits,
-                act_bits=of.bits,
-                weight_frac=wf.frac if isinstance(wf, Fixed) else None,
-                emax=wf.emax if isinstance(wf, Pow2) else None,
-                act_frac=of.frac,
-                act_signed=of.signed,
+            if scheme in LEARNED:
+                got = learned_bits.get(layer.name)
+                lp = LayerPrecision(
+                    weight_bits=got if got is not None else DEFAULT_WEIGHT_BITS[scheme]
+                )
+            else:
+                lp = LayerPrecision(
+                    weight_bits=wf.bits,
+                    weight_frac=wf.frac if isinstance(wf, Fixed) else None,
+                    emax=wf.emax if isinstance(wf, Pow2) else None,
+                )
+            layers[layer.name] = replace(
+                lp, act_bits=of.bits, act_frac=of.frac, act_signed=of.signed
             )
     f = net.input_format
     return Precision(scheme, layers, InputPrecision(f.bits, f.frac, f.signed))
