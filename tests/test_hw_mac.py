@@ -14,7 +14,7 @@ from conftest import lane_weights, shift_add_codebook, with_scale
 from hwgen.errors import HwgenError
 from hwgen.golden import conv2d_acc, layer_forward
 from hwgen.hw.cmvm import csd
-from hwgen.hw.mac import MACUnit, _lane_range, tree_stages
+from hwgen.hw.mac import MACUnit, _lane_range, shares_products, tree_stages
 from hwgen.hw.streams import run_stream
 from hwgen.ir import (
     ROUNDINGS,
@@ -381,6 +381,7 @@ def test_codebook_lanes_with_stalls(bits, kmax, zero, signed, pe, simd, rounding
     extremes ``±2**kmax`` and two-term entries near them, all-max and all-min activations."""
     rng = np.random.default_rng(bits * 10 + kmax)
     cb = shift_add_codebook(rng, bits, kmax, frac=kmax - 1, zero=zero)
+    assert shares_products(cb) == (bits < 5)  # both lane designs
     fin = ActFormat(7, 3, signed=signed)
     w = lane_weights(rng, cb, (4, 4, 3, 3))
     w[0, 0, 0, :] = cb.lo, cb.hi, cb.entries[1]
@@ -410,20 +411,31 @@ def test_codebook_dense_with_scale_and_stalls(entries):
     check_conv(layer, fin, x, pe=3, simd=4, stall_in=0.3, stall_out=0.3, seed=2)
 
 
-def test_codebook_lane_range_holds_every_term():
-    """Every entry times every extreme activation, less the "+1" left to the tree, fits the
-    lane's register, which is no wider than that."""
-    for entries in [(-64, -63, -33, 0, 3, 48, 63, 64), (-8, 0, 4), (-96, -1), (2, 6, 7)]:
-        cb = Codebook(entries, 0)
-        for signed in (False, True):
-            fin = ActFormat(5, 0, signed=signed)
-            two = any(len(csd(e)) == 2 for e in entries)
-            left = [csd(e)[0][1] if len(csd(e)) == 1 + two else 0 for e in entries]
-            terms = [
-                a * e - c for e, c in zip(entries, left, strict=True) for a in (fin.lo, fin.hi)
-            ]
-            lo, hi = _lane_range(cb, fin)
-            assert signed_bits(lo, hi) == signed_bits(min(*terms, 0), max(*terms, 0))
+BIG_CODEBOOK = tuple(
+    sorted({s * ((1 << j) + (1 << k)) for j in range(7) for k in range(j) for s in (1, -1)})
+)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [(-64, -63, -33, 0, 3, 48, 63, 64), (-8, 0, 4), (-96, -1), (2, 6, 7), BIG_CODEBOOK],
+    ids=str,
+)
+@pytest.mark.parametrize("signed", [False, True])
+def test_codebook_lane_range_holds_every_term(entries, signed):
+    """Every entry times every extreme activation, less the "+1" left to the tree (a
+    negative entry's with shared products, else a negative second digit's), fits the lane's
+    register, which is no wider than that."""
+    fin = ActFormat(5, 0, signed=signed)
+    cb = Codebook(entries, 0)
+    assert shares_products(cb) == (entries != BIG_CODEBOOK)
+    if shares_products(cb):
+        left = [e < 0 for e in entries]
+    else:
+        left = [len(d) == 2 and d[0][1] for d in map(csd, entries)]  # csd: lowest first
+    terms = [a * e - c for e, c in zip(entries, left, strict=True) for a in (fin.lo, fin.hi)]
+    lo, hi = _lane_range(cb, fin)
+    assert signed_bits(lo, hi) == signed_bits(min(*terms, 0), max(*terms, 0))
 
 
 def test_codebook_lanes_have_no_multiplier_and_refuse_three_digit_entries():

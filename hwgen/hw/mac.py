@@ -3,9 +3,13 @@ that streams window beats through it with the weight ROMs and the requantisers.
 
 Lanes: a Pow2 lane has no multiplier: it shifts the activation by the code's shift (no
 shifter for ternary and binary) and negates by one's complement, ``-x = ~x + 1``; a zero
-weight clears the lane's registers (a synchronous reset, no logic). A codebook lane decodes
-the weight's index with constant tables into the entry's one or two signed shifts and adds
-them, ``±(a << k1) ± (a << k2)``, negated terms one's-complemented in the same way. A Fixed
+weight clears the lane's registers (a synchronous reset, no logic). A codebook lane turns
+its weight's index, through constant muxes, into ``a`` times the entry (0, ``±2**k`` or
+``±2**j ± 2**k``): for a codebook of few magnitudes it selects the product ``a * |e|``
+(``a << k`` or ``(a << j) ± (a << k)``: one adder per two-digit magnitude and SIMD lane,
+shared by the PEs, which all see the same activations), else it selects the entry's two
+signed digits ``±(a << k)`` and adds them (``shares_products``); negative values are
+one's-complemented in the mux, with a constant table of the index for the "+1". A Fixed
 lane is a multiplier (the baseline). Adder trees are two-input adders, each on one carry
 chain (Yosys would otherwise merge a tree into one multi-operand adder of LUT full adders,
 1.5x the LUTs on ECP5), each as wide as the range of its sum; the "+1" a lane leaves (its
@@ -24,6 +28,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
+from hwgen.hw.cmvm import csd
 from hwgen.hw.requant import Requantizer, act_shape
 from hwgen.hw.rom import WeightROM, code_bits, entry_terms, rom_file, rom_width, rom_words
 from hwgen.ir import (
@@ -57,27 +62,56 @@ def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value, 
     return Mux(sign, ~mag, mag), sign, zero
 
 
-def _tree_carries(terms: list[list[tuple[int, bool]]]) -> list[int]:
-    """Per codebook entry, the "+1" its lane leaves to the adder tree: the last term's
-    negative bit when no entry has two terms (the lane has no adder), else the second's."""
-    j = 1 if any(len(t) == 2 for t in terms) else 0
-    return [int(t[j][1]) if len(t) > j else 0 for t in terms]
+def codebook_products(fmt: Codebook, a: Value) -> dict[int, Value]:
+    """``a * m`` for every magnitude ``m`` of the codebook's nonzero entries: a wire
+    ``a << k`` for ``m = 2**k``, one adder ``(a << j) ± (a << k)`` for a two-digit ``m``.
+    Every PE multiplies the same activation lane by the same codebook, so the products are
+    made once per SIMD lane and shared by the PEs' lanes."""
+    entry_terms(fmt)  # refuses an entry of more than two signed digits, naming it
+    if not a.shape().signed:  # one more bit so the one's complement has a sign
+        a = Cat(a, Const(0, 1)).as_signed()
+    products = {}
+    for m in sorted({abs(e) for e in fmt.entries} - {0}):
+        digits = csd(m)  # lowest first; the highest digit of m > 0 is positive
+        high = a << digits[-1][0]
+        if len(digits) == 1:
+            products[m] = high
+        else:
+            k, sub = digits[0]
+            products[m] = high - (a << k) if sub else high + (a << k)
+    return products
 
 
-def _codebook_lane(fmt: Codebook, a: Value, code: Value) -> tuple[Value, Value, Value]:
-    """One codebook lane: (``a * entries[code]`` minus its negative bit; negative bit; 0).
+def _codebook_lane(
+    fmt: Codebook, products: dict[int, Value], code: Value
+) -> tuple[Value, Value, Value]:
+    """One codebook lane from shared products: (``a * entries[code]`` minus its negative
+    bit; negative bit; 0).
 
-    Each term ``±(a << k)`` of the entry comes from a constant mux indexed by ``code``,
-    one's-complemented when negative (``-x == ~x + 1``, free in the mux's LUTs). With
-    two-term entries the lane adds its two terms with the first one's "+1" as the adder's
-    carry-in and leaves the second's to the tree; without, the term is the first one and
-    its "+1" goes to the tree. Indices past the entries select 0."""
+    A constant mux indexed by ``code`` picks the entry's product ``a * |e|``,
+    one's-complemented for a negative entry (``-x == ~x + 1``, free in the mux's LUTs; the
+    "+1", a constant table of ``code``, is a carry-in of the adder tree). Indices past the
+    entries select 0."""
+    n = 1 << fmt.bits
+    entries = list(fmt.entries) + [0] * (n - len(fmt.entries))
+    values = [~products[-e] if e < 0 else products[e] if e else Const(0, 1) for e in entries]
+    neg = Array(Const(int(e < 0), 1) for e in entries)[code]
+    return Array(values)[code], neg, Const(0, 1)
+
+
+def _codebook_lane_terms(fmt: Codebook, a: Value, code: Value) -> tuple[Value, Value, Value]:
+    """One codebook lane with its own adder: (``a * entries[code]`` minus the "+1" it leaves
+    to the tree; that bit; 0).
+
+    Each signed digit ``±(a << k)`` of the entry (highest first) comes from a constant mux
+    indexed by ``code``, one's-complemented when negative; the lane adds the two with the
+    first one's "+1" as its carry-in and leaves the second's to the tree."""
     terms = entry_terms(fmt)
     if not a.shape().signed:  # one more bit so the one's complement has a sign
         a = Cat(a, Const(0, 1)).as_signed()
     rows = terms + [[]] * ((1 << fmt.bits) - len(terms))
 
-    def term(j: int) -> tuple[Value, Value]:
+    def digit(j: int) -> tuple[Value, Value]:
         values = [
             (~(a << t[j][0]) if t[j][1] else a << t[j][0]) if len(t) > j else Const(0, 1)
             for t in rows
@@ -85,22 +119,40 @@ def _codebook_lane(fmt: Codebook, a: Value, code: Value) -> tuple[Value, Value, 
         negs = [int(len(t) > j and t[j][1]) for t in rows]
         return Array(values)[code], Array(Const(n, 1) for n in negs)[code]
 
-    carries = _tree_carries(rows)
-    tree_carry = Array(Const(c, 1) for c in carries)[code]
-    first, neg1 = term(0)
-    if not any(len(t) == 2 for t in terms):
-        return first, tree_carry, Const(0, 1)
-    second, _ = term(1)
-    return first + second + neg1, tree_carry, Const(0, 1)
+    (first, neg1), (second, neg2) = digit(0), digit(1)
+    return first + second + neg1, neg2, Const(0, 1)
+
+
+SHARED_MAX_MAGNITUDES = 16
+
+
+def shares_products(fmt: Codebook) -> bool:
+    """Whether a codebook's lanes select shared products (``codebook_products``) rather than
+    add their own two digits: for at most ``SHARED_MAX_MAGNITUDES`` distinct magnitudes.
+
+    The lane's mux is most of its cost. Over products it has an input per magnitude and
+    sign; over digits two muxes whose inputs are the activation shifted by ``0 .. kmax``,
+    which share their bits. Yosys synth_ecp5, 3x3 conv 16 -> 16, 8-bit activations, SIMD 4,
+    LUT4 per lane (products / digits): 3 index bits, 7 magnitudes 121 / 139 at PE 4 (119 /
+    139 at PE 8, 119 / 122 at PE 1); TTQ's 3 entries 40 / 53; 4 bits, 13 magnitudes 186 /
+    245, 16 magnitudes 235 / 232; 5 bits, 28 magnitudes 525 / 369."""
+    return len({abs(e) for e in fmt.entries} - {0}) <= SHARED_MAX_MAGNITUDES
+
+
+def _codebook_carries(fmt: Codebook, shared: bool) -> list[int]:
+    """Per entry, the "+1" its lane leaves to the adder tree: its sign from shared products,
+    else its second digit's."""
+    if shared:
+        return [int(e < 0) for e in fmt.entries]
+    return [int(len(t) == 2 and t[1][1]) for t in entry_terms(fmt)]
 
 
 def _lane_range(fmt: WeightFormat, act: ActFormat) -> Range:
     """Range of a lane's registered term (Pow2, Codebook: before the tree's +1)."""
     if isinstance(fmt, Codebook):
+        carries = _codebook_carries(fmt, shares_products(fmt))
         ends = [
-            a * e - c
-            for e, c in zip(fmt.entries, _tree_carries(entry_terms(fmt)), strict=True)
-            for a in (act.lo, act.hi)
+            a * e - c for e, c in zip(fmt.entries, carries, strict=True) for a in (act.lo, act.hi)
         ]
         return min(0, *ends), max(0, *ends)
     if isinstance(fmt, Fixed):
@@ -183,15 +235,20 @@ class MACArray(wiring.Component):
             }
         )
 
-    def _lanes(self, act: Value, codes: Value) -> list[tuple[Value, Value, Value]]:
+    def _lanes(
+        self, act: Value, codes: Value, products: list[dict[int, Value]]
+    ) -> list[tuple[Value, Value, Value]]:
         """A PE's lanes: (term, negative bit, zero bit); the registered term is 0 when zero
-        and the negative bit is the "+1" the adders add as a carry-in."""
+        and the negative bit is the "+1" the adders add as a carry-in. ``products``: a
+        codebook's per-SIMD-lane products (``codebook_products``)."""
         fmt = self.weight_format
         pairs = zip((act[lane] for lane in range(self.simd)), codes, strict=True)
         if isinstance(fmt, Fixed):
             return [(a * c.as_signed(), Const(0, 1), Const(0, 1)) for a, c in pairs]
+        if isinstance(fmt, Codebook) and products:
+            return [_codebook_lane(fmt, p, c) for p, c in zip(products, codes, strict=True)]
         if isinstance(fmt, Codebook):
-            return [_codebook_lane(fmt, a, c) for a, c in pairs]
+            return [_codebook_lane_terms(fmt, a, c) for a, c in pairs]
         return [_pow2_lane(fmt, a, c) for a, c in pairs]
 
     def _add(
@@ -240,11 +297,14 @@ class MACArray(wiring.Component):
             src = stage
         m.d.sync += self.done.eq(ctl[-1][0] & ctl[-1][2])
         s_valid, s_first, _, s_fold = ctl[-1]
-        lane_range = _lane_range(self.weight_format, self.in_format)
-        pow2 = not isinstance(self.weight_format, Fixed)
+        fmt = self.weight_format
+        shared = isinstance(fmt, Codebook) and shares_products(fmt)
+        lane_range = _lane_range(fmt, self.in_format)
+        pow2 = not isinstance(fmt, Fixed)
+        products = [codebook_products(fmt, act[j]) for j in range(self.simd)] if shared else []
         for k in range(self.pe):
             terms, carries = [], []
-            for j, (term, neg, zero) in enumerate(self._lanes(act, codes[k])):
+            for j, (term, neg, zero) in enumerate(self._lanes(act, codes[k], products)):
                 reg = Signal(signed(signed_bits(*lane_range)), name=f"term{k}_{j}")
                 # A zero weight clears the registers: a synchronous reset, no LUT.
                 m.d.sync += reg.eq(Mux(zero, 0, term))
