@@ -23,6 +23,17 @@ class _Parser(argparse.ArgumentParser):
         raise HwgenError(f"{self.prog}: {message} (see --help)")
 
 
+QUANT_SCHEMES = (
+    "auto", "fixed", "inq", "pow2", "ternary", "binary", "bc", "twn", "lab", "lat", "dqc",
+    "ttq", "amq",
+)  # fmt: skip
+TUNE_SCHEMES = tuple(s for s in QUANT_SCHEMES if s != "auto")
+EPOCHS_HELP = (
+    "retraining epochs: per INQ step (inq, ternary, binary), in all (bc, twn, lab, lat, dqc, "
+    "ttq, amq)"
+)
+
+
 def _not_yet(issue: int) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         raise HwgenError(f"hwgen {args.command}: not available yet (tracked in issue #{issue})")
@@ -145,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", help="ONNX file or built-in example (digits, digits-res, resnet20)")
     t.add_argument(
         "--scheme",
-        choices=("fixed", "pow2", "inq", "ternary", "binary"),
+        choices=TUNE_SCHEMES,
         default="fixed",
-        help="quantisation scheme searched (default: fixed)",
+        help="quantisation scheme searched (default: fixed); see hwgen quantize --help",
     )
     t.add_argument(
         "--max-drop",
@@ -161,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="calibration/evaluation .npz: x, y (optional x_test, y_test, x_train, y_train)",
     )
-    t.add_argument("--epochs", type=int, help="INQ retraining epochs (inq, ternary, binary)")
+    t.add_argument("--epochs", type=int, help=EPOCHS_HELP)
     t.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     t.set_defaults(func=_cmd_tune)
 
@@ -169,12 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="ONNX file or built-in example (digits, digits-res, resnet20)")
     q.add_argument(
         "--scheme",
-        choices=("auto", "fixed", "inq", "pow2", "ternary", "binary"),
-        help="quantisation scheme (needed without --precision; overrides its scheme); auto "
+        choices=QUANT_SCHEMES,
+        metavar="SCHEME",
+        help="quantisation scheme (needed without --precision; overrides its scheme): fixed, "
+        "pow2 (no retraining), inq, ternary, binary (INQ); learned, retrained: bc "
+        "(BinaryConnect), twn, lab, lat (loss-aware binary/ternary), each with a scale per "
+        "output channel; dqc, ttq (shift-add codebooks); amq (alternating multi-bit); auto "
         "keeps the weights of a model already quantized elsewhere, whose float weights sit "
         "exactly on a power-of-two or fixed-point grid, and only chooses activation formats",
     )
-    q.add_argument("--bits", type=int, help="weight bits of every layer (overrides --precision)")
+    q.add_argument(
+        "--bits",
+        type=int,
+        help="weight bits of every layer (overrides --precision); bc, lab: 1; twn, lat, ttq: "
+        "2; dqc: codebook index bits 3-5; amq: binary planes 2-4",
+    )
     q.add_argument("--act-bits", type=int, help="activation bits of every layer and the input")
     q.add_argument("--precision", type=Path, help="per-layer precision.toml (from hwgen tune)")
     q.add_argument(
@@ -182,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="calibration .npz: x (float NCHW); optional y, x_train/y_train, x_test/y_test",
     )
-    q.add_argument("--epochs", type=int, help="INQ epochs per step (inq, ternary, binary)")
+    q.add_argument("--epochs", type=int, help=EPOCHS_HELP)
     q.add_argument("-o", "--output", type=Path, required=True, help="output .hwq")
     q.set_defaults(func=_cmd_quantize)
 

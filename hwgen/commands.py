@@ -8,6 +8,7 @@ import time
 import zipfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -114,7 +115,6 @@ def tune(
     """``hwgen tune``: per-layer bit-width search; writes the report set and precision.toml."""
     from hwgen.frontend import load_model
     from hwgen.ir import Add
-    from hwgen.quant.inq import InqOptions
     from hwgen.quant.tune import RETRAINED, format_layers
     from hwgen.quant.tune import tune as run_tune
     from hwgen.report import check_output_dir, write_tuning_report
@@ -138,8 +138,8 @@ def tune(
         train = (dataset.x_train, dataset.y_train)
     else:
         raise HwgenError(f"model {model}: no bundled data; pass --data with 'x' and labels 'y'")
-    options = InqOptions(epochs=epochs) if epochs else None
-    result = run_tune(fnet, scheme, calib, ex, ey, max_drop, train, inq_options=options)
+    options = retrain_options(scheme, epochs)
+    result = run_tune(fnet, scheme, calib, ex, ey, max_drop, train, **options)
     out = write_tuning_report(output, result)
     if kept is not None:  # the report folder is replaced as a whole: keep its permissions
         out.chmod(kept)
@@ -224,6 +224,22 @@ def _is_hwq_archive(path: Path) -> bool:
         return False
 
 
+def retrain_options(scheme: str, epochs: int | None) -> dict[str, Any]:
+    """``--epochs`` as the options of ``scheme``'s retraining (keyword arguments of
+    :func:`hwgen.quant.quantize`): INQ's are per step, the learned schemes' in all."""
+    from hwgen.quant.binarize import RetrainOptions
+    from hwgen.quant.codebook import CodebookOptions
+    from hwgen.quant.inq import InqOptions
+
+    if epochs is None:
+        return {}
+    if scheme in ("dqc", "ttq"):
+        return {"codebook_options": CodebookOptions(epochs=epochs)}
+    if scheme in ("bc", "twn", "lab", "lat", "amq"):
+        return {"retrain_options": RetrainOptions(epochs=epochs)}
+    return {"inq_options": InqOptions(epochs=epochs)}
+
+
 def quantize(
     model: str,
     output: Path,
@@ -243,7 +259,6 @@ def quantize(
     from hwgen.quant import precision as prec
     from hwgen.quant import quantize as run_quantize
     from hwgen.quant.fakequant import fake_quant_predict
-    from hwgen.quant.inq import InqOptions
     from hwgen.quant.quantize import RETRAINED
 
     if scheme in (None, "auto") and precision_path is None:
@@ -294,8 +309,7 @@ def quantize(
         test = (dataset.x_test, dataset.y_test)
     else:
         raise HwgenError(f"model {model}: no bundled data; pass --data with calibration images 'x'")
-    options = InqOptions(epochs=epochs) if epochs is not None else None
-    result = run_quantize(fnet, p, calib, train, inq_options=options)
+    result = run_quantize(fnet, p, calib, train, **retrain_options(effective, epochs))
     net = result.net
 
     table = titled(f"{net.name}: {p.scheme}, input {net.input_format}")
@@ -307,7 +321,8 @@ def quantize(
                 layer.name,
                 type(layer).__name__ + (" + ReLU" if layer.relu else ""),
                 str(layer.weight.size),
-                str(layer.weight_format),
+                str(layer.weight_format)
+                + (f" x scale {layer.scale_format}" if layer.scale_format else ""),
                 str(layer.out_format),
                 str(acc_bits(layer, net.in_format(layer))),
             )

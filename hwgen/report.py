@@ -28,7 +28,7 @@ from matplotlib.figure import Figure as MplFigure
 from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes
-from hwgen.ir import ActFormat, Add, Fixed, Pow2, WeightFormat
+from hwgen.ir import ActFormat, Add, Codebook, Conv2d, Fixed, Linear, Pow2, WeightFormat
 from hwgen.quant.precision import dumps
 from hwgen.quant.tune import TuneResult, format_layers
 
@@ -267,18 +267,42 @@ def weight_levels(fmt: WeightFormat) -> np.ndarray:
     """Every real value a weight of ``fmt`` can take, ascending."""
     if isinstance(fmt, Fixed):
         return np.arange(fmt.lo, fmt.hi + 1, dtype=np.float64) * 2.0**-fmt.frac
+    if isinstance(fmt, Codebook):
+        return np.asarray(fmt.entries, np.float64) * 2.0**-fmt.frac
     assert isinstance(fmt, Pow2)
     mags = 2.0 ** np.arange(fmt.emin, fmt.emax + 1)
     levels = np.concatenate([-mags[::-1], [0.0] if fmt.has_zero else [], mags])
     return levels
 
 
-def histogram_plot(name: str, w: np.ndarray, fmt: WeightFormat) -> Plot:
-    """Histogram of the float weights with the quantisation levels of ``fmt`` drawn on it."""
+def layer_levels(layer: Conv2d | Linear, scheme: str) -> tuple[np.ndarray, str]:
+    """The real weight values of a layer, ascending, and what they are in words.
+
+    A per-channel scale ``m_c`` (bc, twn, lab, lat) multiplies each channel's codes: the
+    levels are ``code · m_c`` over the codes and channels. amq's Fixed weights are sums of
+    its scaled binary planes: the levels are the values its channels use, up to ``2**M``
+    each. Otherwise the format's grid (:func:`weight_levels`).
+    """
+    fmt = layer.weight_format
+    if layer.scale is not None and layer.scale_format is not None:
+        codes = weight_levels(fmt) * 2.0**fmt.frac  # integer codes
+        real = codes[:, None] * layer.scale[None, :] * 2.0 ** -(fmt.frac + layer.scale_format.frac)
+        levels = np.unique(real)
+        return levels, f"codes {fmt} x {layer.weight.shape[0]} channel scales"
+    if scheme == "amq":
+        levels = np.unique(layer.weight) * 2.0**-fmt.frac
+        return levels, f"binary-plane sums of {layer.weight.shape[0]} channels, {fmt}"
+    if isinstance(fmt, Codebook):
+        return weight_levels(fmt), f"codebook of {len(fmt.entries)} entries"
+    return weight_levels(fmt), str(fmt)
+
+
+def histogram_plot(name: str, w: np.ndarray, layer: Conv2d | Linear, scheme: str) -> Plot:
+    """Histogram of the float weights with the quantisation levels of ``layer`` drawn on it."""
     w = np.asarray(w, np.float64).ravel()
     fig = MplFigure(figsize=(6, 3.2))
     ax = fig.subplots()
-    levels = weight_levels(fmt)
+    levels, what = layer_levels(layer, scheme)
     lim = max(float(np.abs(w).max(initial=0.0)), float(np.abs(levels).max())) * 1.05 or 1.0
     if len(levels) <= _MAX_LEVEL_LINES:
         for v in levels:
@@ -287,14 +311,16 @@ def histogram_plot(name: str, w: np.ndarray, fmt: WeightFormat) -> Plot:
     else:
         for v in (levels[0], levels[-1]):
             ax.axvline(v, color="tab:red", lw=1.0, zorder=3)
-        note = f"{len(levels)} levels, step {2.0**-fmt.frac:g} (range drawn)"
+        on_grid = isinstance(layer.weight_format, Fixed) and scheme != "amq"
+        step = f", step {2.0**-layer.weight_format.frac:g}" if on_grid else ""
+        note = f"{len(levels)} levels{step} (range drawn)"
     ax.hist(w, bins=min(100, max(10, w.size // 10)), range=(-lim, lim), color="tab:blue")
     ax.set_xlim(-lim, lim)
-    ax.set_title(f"{name}: weights, {fmt} ({note})")
+    ax.set_title(f"{name}: weights, {what} ({note})", fontsize=9)
     ax.set_xlabel("weight value")
     ax.set_ylabel("count")
     fig.tight_layout()
-    return Plot(f"{name}_hist.png", f"{name}: float weights and the levels of {fmt}", _png(fig))
+    return Plot(f"{name}_hist.png", f"{name}: float weights and the levels of {what}", _png(fig))
 
 
 def prefix_plot(result: TuneResult) -> Plot:
@@ -541,7 +567,7 @@ def tuning_sections(result: TuneResult) -> list[Section]:
         figures.append(error_plot(layer.name, result))
         if layer.name in q.float_weights:
             figures.append(
-                histogram_plot(layer.name, q.float_weights[layer.name], layer.weight_format)
+                histogram_plot(layer.name, q.float_weights[layer.name], layer, result.scheme)
             )
     return [
         Section(

@@ -515,7 +515,6 @@ def test_board_build_shows_its_phases(tmp_path, capsys, model):
     argv = ["build", str(model), "-o", str(out), "--board", "icebreaker", "--pe", "1"]
     assert main([*argv, "--simd", "1"]) == 0
     assert _phase_lines(capsys.readouterr().out) == [
-        "Yosys: network, does it fit up5k?",
         "Yosys: icebreaker bitstream",
         "nextpnr: icebreaker bitstream",
         "pack: icebreaker bitstream",
@@ -551,3 +550,61 @@ def test_tune_keeps_its_folders_mode_and_follows_the_umask(tmp_path):
     assert stat.S_IMODE(out.stat().st_mode) == 0o701
     assert stat.S_IMODE((out / "report.md").stat().st_mode) == 0o640
     assert stat.S_IMODE((out / "plots").stat().st_mode) == 0o750
+
+
+@pytest.mark.parametrize(
+    ("scheme", "bits", "message"),
+    [
+        ("bc", "2", "--bits/--act-bits: scheme bc has 1-bit weights, not 2"),
+        ("lab", "2", "--bits/--act-bits: scheme lab has 1-bit weights, not 2"),
+        ("twn", "1", "--bits/--act-bits: scheme twn has 2-bit weights, not 1"),
+        ("lat", "3", "--bits/--act-bits: scheme lat has 2-bit weights, not 3"),
+        ("ttq", "3", "--bits/--act-bits: scheme ttq has 2-bit weights, not 3"),
+        ("dqc", "6", "--bits/--act-bits: weight bits 6 out of range [3, 5] for dqc"),
+        ("amq", "5", "--bits/--act-bits: weight bits 5 out of range [2, 4] for amq"),
+    ],
+)
+def test_quantize_learned_schemes_refuse_other_bits(tmp_path, capsys, scheme, bits, message):
+    out = tmp_path / "q.hwq"
+    _one_line_error(
+        capsys, ["quantize", "digits", "--scheme", scheme, "--bits", bits, "-o", str(out)], message
+    )
+    assert not out.exists()
+
+
+def test_cli_scheme_lists_match_the_quantizer():
+    from hwgen.cli import QUANT_SCHEMES, TUNE_SCHEMES
+    from hwgen.quant.precision import SCHEMES
+    from hwgen.quant.tune import TUNE_SCHEMES as TUNED
+
+    assert set(QUANT_SCHEMES) == set(SCHEMES) and set(TUNE_SCHEMES) == set(TUNED)
+
+
+@pytest.mark.parametrize(("scheme", "bits"), [("lab", None), ("dqc", "3"), ("amq", "3")])
+def test_quantize_learned_scheme_and_its_precision_round_trip(tmp_path, capsys, scheme, bits):
+    """--scheme X [--bits N] --epochs 1 writes a .hwq whose meta precision, given back as
+    --precision, reproduces the same network (the same retraining, same seed)."""
+    out = tmp_path / "q.hwq"
+    argv = ["quantize", "digits", "--scheme", scheme, "--epochs", "1", "-o", str(out)]
+    assert main(argv + (["--bits", bits] if bits else [])) == 0
+    printed = capsys.readouterr().out
+    net, meta = hwq.load(out), hwq.load_meta(out)
+    assert meta["scheme"] == scheme and 0.5 < meta["test_accuracy"] <= 1
+    toml = tmp_path / "precision.toml"
+    toml.write_text(meta["precision"])
+    assert f'scheme = "{scheme}"' in meta["precision"]
+    if bits:
+        assert f"weight_bits = {bits}\n" in meta["precision"]
+    if scheme == "lab":  # codes with a scale per output channel
+        assert all(layer.scale is not None for layer in net.layers if hasattr(layer, "scale"))
+        assert "x scale fixed8" in printed
+    if scheme == "dqc":
+        for name in ("conv1", "conv2", "fc"):
+            fmt = net.layer(name).weight_format
+            assert meta["formats"][name]["weight"] == str(fmt) and len(fmt.entries) == 8
+    again = tmp_path / "again.hwq"
+    assert (
+        main(["quantize", "digits", "--precision", str(toml), "--epochs", "1", "-o", str(again)])
+        == 0
+    )
+    assert hwq.load(again) == net

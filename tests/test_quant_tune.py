@@ -20,6 +20,8 @@ from hwgen.frontend.graph import (
 )
 from hwgen.ir import Fixed, Pow2
 from hwgen.quant import quantize
+from hwgen.quant.binarize import RetrainOptions
+from hwgen.quant.codebook import CodebookOptions
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.inq import InqOptions
 from hwgen.quant.precision import AddPrecision
@@ -349,3 +351,47 @@ def test_digits_inq_half_a_point_saves_rom_bits():
     assert r.rom_bits < 15_000
     assert 100 * r.accuracy >= 100 * r.float_accuracy - 0.5
     assert quantize(fnet, r.precision, d.x_train, train, progress=False).net == r.net
+
+
+@pytest.mark.parametrize(("scheme", "start", "low"), [("dqc", 5, 3), ("amq", 4, 2)])
+def test_learned_scheme_searches_its_bit_count(toy, scheme, start, low):
+    """dqc's index bits and amq's planes are searched as INQ's bits: every weight trial
+    retrains, activation trials keep the accepted weights, the precision reproduces it."""
+    fnet, x, y = toy
+    train = (x[:100], y[:100])
+    opts = {
+        "retrain_options": RetrainOptions(epochs=1),
+        "codebook_options": CodebookOptions(epochs=1),
+    }
+    r = tune(fnet, scheme, x[:100], x[100:], y[100:], 100.0, train, progress=False, **opts)
+    _check_log(r, x[100:], y[100:])
+    assert r.precision.scheme == scheme
+    assert {n: lp.weight_bits for n, lp in r.precision.layers.items()} == dict.fromkeys(
+        ("conv1", "conv2", "fc"), low
+    )
+    weights = [t for t in r.trials if t.phase == "weights"]
+    assert [t.layer for t in weights] == [
+        n for n in ("fc", "conv2", "conv1") for _ in range(start - low)
+    ]
+    retrained = f"{scheme} retraining (1 epoch)"
+    assert {t.method for t in r.trials if t.phase in ("start", "weights")} == {retrained}
+    base = max(i for i, t in enumerate(r.trials) if t.accepted and t.method == retrained)
+    assert {t.method for t in r.trials if t.phase == "activations"} == {
+        f"the retrained weights of trial {base}, activation formats chosen again (no retraining)"
+    }
+    if scheme == "dqc":
+        assert all(len(lyr.weight_format.entries) == 2**low for lyr in mac_layers(r.net))
+    again = quantize(fnet, r.precision, x[:100], train, progress=False, **opts)
+    assert again.net == r.net
+
+
+def test_fixed_width_learned_scheme_tunes_activations_only(toy):
+    fnet, x, y = toy
+    opts = RetrainOptions(epochs=1)
+    r = tune(fnet, "lab", x[:100], x[100:], y[100:], 100.0, (x[:100], y[:100]), progress=False,
+             retrain_options=opts)  # fmt: skip
+    assert not any(t.phase == "weights" for t in r.trials)
+    assert all(
+        lyr.weight_format == Pow2(1, 0) and lyr.scale is not None for lyr in mac_layers(r.net)
+    )
+    assert r.rom_bits == sum(lyr.weight.size for lyr in mac_layers(r.net))

@@ -13,8 +13,9 @@ from test_quant_tune import residual_problem, toy_problem
 from hwgen import hwq, report
 from hwgen.cli import main
 from hwgen.errors import HwgenError
-from hwgen.ir import Fixed, Pow2
+from hwgen.ir import ActFormat, Codebook, Fixed, Linear, Pow2
 from hwgen.quant import precision, quantize
+from hwgen.quant.binarize import RetrainOptions
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.tune import TuneResult, mac_layers, tune
 
@@ -220,6 +221,40 @@ def test_weight_levels():
     assert report.weight_levels(Pow2(3, 0)).tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
     assert report.weight_levels(Pow2(2, -1)).tolist() == [-0.5, 0.0, 0.5]
     assert report.weight_levels(Pow2(1, 2)).tolist() == [-4.0, 4.0]  # binary: no zero
+
+
+def test_layer_levels_of_the_learned_schemes():
+    w = np.array([[1, -1, 0], [0, 1, 1]], np.int64)
+    scaled = Linear(
+        "fc", 3, 2, Pow2(2, 0), ActFormat(8, 0), w, np.zeros(2, np.int64),
+        scale=np.array([3, -2]), scale_format=Fixed(4, 2),
+    )  # fmt: skip
+    levels, what = report.layer_levels(scaled, "lat")
+    # codes -1, 0, 1 times m_c * 2**-2 for m = 3 and -2
+    assert levels.tolist() == [-0.75, -0.5, 0.0, 0.5, 0.75]
+    assert what == "codes ternary.emax0 x 2 channel scales"
+    book = replace(scaled, weight_format=Codebook((-3, 0, 1, 6), 1), scale=None,
+                   scale_format=None, weight=np.array([[6, -3, 0], [0, 1, 1]]))  # fmt: skip
+    assert report.layer_levels(book, "dqc")[0].tolist() == [-1.5, 0.0, 0.5, 3.0]
+    planes = replace(book, weight_format=Fixed(5, 2), weight=np.array([[5, -3, 5], [3, 3, -5]]))
+    # amq: the plane sums the channels use, not the whole Fixed grid
+    assert report.layer_levels(planes, "amq")[0].tolist() == [-1.25, -0.75, 0.75, 1.25]
+    assert len(report.layer_levels(planes, "fixed")[0]) == 32
+
+
+def test_learned_scheme_report_draws_its_levels(tmp_path):
+    fnet, x, y = toy_problem()
+    r = tune(fnet, "lab", x[:100], x[100:], y[100:], 100.0, (x[:100], y[:100]), progress=False,
+             retrain_options=RetrainOptions(epochs=1))  # fmt: skip
+    out = report.write_tuning_report(tmp_path / "rep", r)
+    doc = _read_report(out)
+    assert doc["summary"]["scheme"] == "lab"
+    md = (out / "report.md").read_text()
+    for layer in mac_layers(r.net):
+        assert (out / "plots" / f"{layer.name}_hist.png").read_bytes().startswith(PNG_MAGIC)
+        n = len(report.layer_levels(layer, "lab")[0])
+        assert f"{layer.name}: float weights and the levels of codes binary.emax0 x " in md
+        assert 2 <= n <= 2 * layer.weight.shape[0]
 
 
 def test_html_escapes_text():

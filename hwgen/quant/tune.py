@@ -25,6 +25,13 @@ the accepted trial's retrained weights (INQ does not depend on activation format
 choose the formats again: no retraining, and still exact. So step 1 widens the
 activations alone first, on the start's weights, and retrains wider weights only if that
 is not enough. Each trial records how it was quantised (``Trial.method``).
+
+The learned schemes (bc, twn, lab, lat, dqc, ttq, amq; :mod:`hwgen.quant.quantize`) are
+searched the same way: every weight trial retrains, activation trials keep the accepted
+trial's retrained model and integer weights (:func:`hwgen.quant.quantize.with_activations`).
+Their weight bits are searched where the scheme has a count: dqc's codebook index bits
+(5 down to 3) and amq's binary planes (4 down to 2); bc, lab (1) and twn, lat, ttq (2) are
+fixed widths.
 """
 
 from __future__ import annotations
@@ -41,20 +48,37 @@ from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
 from hwgen.ir import INPUT, Add, Conv2d, Linear, Network
 from hwgen.quant import QuantResult, quantize
+from hwgen.quant.binarize import RetrainOptions
+from hwgen.quant.codebook import CodebookOptions
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.inq import InqOptions
-from hwgen.quant.precision import AddPrecision, InputPrecision, LayerPrecision, Precision
+from hwgen.quant.precision import (
+    LEARNED,
+    AddPrecision,
+    InputPrecision,
+    LayerPrecision,
+    Precision,
+)
+from hwgen.quant.quantize import with_activations
 from hwgen.quant.weights import pow2_curve
 
-TUNE_SCHEMES = ("fixed", "pow2", "inq", "ternary", "binary")
-RETRAINED = ("inq", "ternary", "binary")
-# scheme -> (min, start, max) weight bits searched; ternary/binary are fixed widths
+TUNE_SCHEMES = ("fixed", "pow2", "inq", "ternary", "binary", *LEARNED)
+RETRAINED = ("inq", "ternary", "binary", *LEARNED)
+POW2_SCHEMES = ("pow2", "inq", "ternary", "binary")
+# scheme -> (min, start, max) weight bits searched; some are fixed widths
 _WEIGHT_BITS = {
     "fixed": (2, 8, 16),
     "pow2": (2, 5, 7),
     "inq": (2, 5, 7),
     "ternary": (2, 2, 2),
     "binary": (1, 1, 1),
+    "bc": (1, 1, 1),
+    "lab": (1, 1, 1),
+    "twn": (2, 2, 2),
+    "lat": (2, 2, 2),
+    "ttq": (2, 2, 2),
+    "dqc": (3, 5, 5),  # codebook index bits
+    "amq": (2, 4, 4),  # binary planes
 }
 _ACT_BITS = (2, 8, 16)
 _RAISE_STEP = 2
@@ -299,11 +323,14 @@ def tune(
     *,
     progress: bool = True,
     inq_options: InqOptions | None = None,
+    retrain_options: RetrainOptions | None = None,
+    codebook_options: CodebookOptions | None = None,
 ) -> TuneResult:
     """Search per-layer weight and activation bits (module docstring) and return the result.
 
     ``train`` (images, labels) is needed by the retrained schemes; ``inq_options`` sets
-    their retraining (epochs, learning rate, seed), the same in every trial.
+    INQ's retraining (epochs, learning rate, seed), ``retrain_options`` that of bc, twn,
+    lab, lat and amq, ``codebook_options`` that of dqc and ttq: the same in every trial.
     """
     if scheme not in TUNE_SCHEMES:
         raise HwgenError(f"tune: scheme {scheme!r} is not one of {', '.join(TUNE_SCHEMES)}")
@@ -336,10 +363,15 @@ def tune(
         return 100.0 * (facc - acc) <= max_drop_points + _EPS
 
     options = inq_options or InqOptions()
+    learned = {
+        "inq_options": options,
+        "retrain_options": retrain_options or RetrainOptions(),
+        "codebook_options": codebook_options or CodebookOptions(),
+    }
     if scheme in RETRAINED:
 
         def evaluate(p: Precision) -> tuple[QuantResult, float]:
-            q = quantize(fnet, p, calib_x, train, progress=False, inq_options=options)
+            q = quantize(fnet, p, calib_x, train, progress=False, **learned)
             return q, accuracy(q.net, eval_x, eval_y)
 
     else:
@@ -351,9 +383,13 @@ def tune(
 
     wlo, wstart, wmax = _WEIGHT_BITS[scheme]
     search = _Search(evaluate, scheme, names, acts, wstart, budget)
-    if scheme != "fixed":
+    if scheme in POW2_SCHEMES:
         search.emax3 = {n: least_squares_emax(fl.weight, 3) for n, fl in macs.items()}
-    if scheme in RETRAINED:
+    if scheme in LEARNED:
+        n = learned["codebook_options" if scheme in ("dqc", "ttq") else "retrain_options"].epochs
+        search.method = f"{scheme} retraining ({n} epoch{'s' if n != 1 else ''})"
+        search.retrains = True
+    elif scheme in RETRAINED:
         epochs = f"{options.epochs} epoch{'s' if options.epochs != 1 else ''}"
         steps = f"{len(options.portions)} step{'s' if len(options.portions) != 1 else ''}"
         search.method = f"INQ retraining ({epochs} at each of {steps})"
@@ -361,7 +397,11 @@ def tune(
 
     def keep_weights() -> None:
         """From now on, trials keep the accepted weights and choose activation formats."""
-        search.evaluate = _on_retrained_weights(search.best, calib_x, eval_x, eval_y)
+        search.evaluate = (
+            _on_learned_weights(search.best, calib_x, eval_x, eval_y)
+            if scheme in LEARNED
+            else _on_retrained_weights(search.best, calib_x, eval_x, eval_y)
+        )
         search.method = (
             f"the retrained weights of trial {search.weights_trial}, activation formats "
             "chosen again (no retraining)"
@@ -440,6 +480,20 @@ def _on_retrained_weights(
             weight_curves=base.weight_curves,
             float_weights=base.float_weights,
         )
+        return q, accuracy(q.net, eval_x, eval_y)
+
+    return evaluate
+
+
+def _on_learned_weights(
+    base: QuantResult | None, calib_x: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray
+) -> Callable[[Precision], tuple[QuantResult, float]]:
+    """Evaluation of activation trials for a learned scheme: ``base``'s retrained model and
+    integer weights, the activation formats chosen for the trial's bits."""
+    assert base is not None
+
+    def evaluate(p: Precision) -> tuple[QuantResult, float]:
+        q = with_activations(base, p, calib_x)
         return q, accuracy(q.net, eval_x, eval_y)
 
     return evaluate
