@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ from hwgen.cli import main
 from hwgen.emit import BuildOptions, build, choose_foldings, load_folding
 from hwgen.errors import HwgenError
 from hwgen.hw.engine import choose_folding, engine_info
-from hwgen.hw.folding import build_target, candidates, plan, plan_layer, solve
+from hwgen.hw.folding import LayerPlan, build_target, candidates, plan, plan_layer, solve
 from hwgen.hw.rom import bram_blocks
-from hwgen.ir import ActFormat, Conv2d, Linear, Network, Pow2
+from hwgen.ir import ActFormat, Codebook, Conv2d, Linear, Network, Pow2
 
 
 def _best_cycles(net, budget_luts: float) -> int:
@@ -132,6 +133,26 @@ def test_estimates_count_rom_blocks_and_logic():
     layer = net.layers[0]
     assert p.rom_bits == layer.weight.size * layer.weight_format.bits
     assert bram_blocks(160, 1152) == 15
+
+
+def test_codebook_lane_estimates_follow_the_mux_and_the_rom_holds_indices():
+    """A codebook engine's ROM holds index bits; its lanes cost about the width times the
+    mux inputs: more index bits cost more, TTQ's three entries least."""
+    net = example_network()
+    base = net.layers[0]
+
+    def plan_with(cb: Codebook, pe: int = 4) -> LayerPlan:
+        w = np.asarray(cb.entries)[np.arange(base.weight.size).reshape(base.weight.shape) % 3]
+        layer = replace(base, weight_format=cb, weight=w)
+        return plan_layer(replace(net, layers=(layer, *net.layers[1:])), 0, pe, 1)
+
+    ttq = plan_with(Codebook((-24, 0, 40), 6))
+    dqc3 = plan_with(Codebook((-40, -17, -6, 0, 5, 16, 34, 64), 6))
+    dqc5 = plan_with(Codebook(tuple(range(-64, 64, 4)), 6))
+    assert ttq.luts < dqc3.luts < dqc5.luts
+    assert (ttq.rom_bits, dqc3.rom_bits, dqc5.rom_bits) == tuple(
+        base.weight.size * b for b in (2, 3, 5)
+    )
 
 
 def test_build_target_defaults_and_conflicts():

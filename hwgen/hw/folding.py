@@ -14,7 +14,13 @@ The estimates, per engine (LUT4, with ECP5 carry cells as two, as hwgen.synth co
 - a lane of a MAC array: Pow2 ``LANE_POW2 * (in_bits + max_shift)`` (a shift-and-add lane,
   ~70 at 8-bit activations and pow2 5-bit weights); Fixed
   ``in_bits * w_bits + 2 * (in_bits + w_bits)`` (a multiplier in LUTs and its adder);
-  ternary/binary ``3 * in_bits`` (a negation and an adder);
+  ternary/binary ``3 * in_bits`` (a negation and an adder); Codebook ``W * (2**bits / 2 +
+  two-digit magnitudes / PE + 2)`` with shared products (half a LUT4 per mux input and
+  bit), ``W * (0.75 * 2**bits + 3)`` with two digit muxes and an adder
+  (``hwgen.hw.mac.shares_products``), ``W = in_bits + `` the largest entry's magnitude bits
+  (Yosys synth_ecp5, 8-bit activations, |e| <= 64, PE 4 x SIMD 4, LUT4 per lane measured
+  vs estimated: 3 index bits 121 vs 109, 4 bits 186 vs 184, TTQ's 3 entries 40 vs 63, 5
+  bits 369 vs 378);
 - a PE: accumulator, bias table and requantiser, ``PE_LUTS_PER_ACC_BIT * acc_bits``;
 - the window and control: ``WINDOW_LUTS`` plus ``4 * SIMD * in_bits``; the other engines
   ``ENGINE_LUTS`` plus ``3 * PE * bits``; the FIFO after each engine ``out lanes * bits``;
@@ -43,10 +49,12 @@ from dataclasses import dataclass, replace
 from hwgen.errors import HwgenError
 from hwgen.hw.cmvm import csd
 from hwgen.hw.engine import MAX_LANES, MAX_UNROLLED_WEIGHTS, engine_info
+from hwgen.hw.mac import shares_products
 from hwgen.hw.rom import bram_blocks, rom_storage, rom_width
 from hwgen.ir import (
     INPUT,
     AvgPool2d,
+    Codebook,
     Conv2d,
     Fixed,
     Flatten,
@@ -179,8 +187,16 @@ def candidates(net: Network, index: int, max_pe: int, max_simd: int) -> list[tup
     ]
 
 
-def _lane_luts(layer: Conv2d | Linear, in_bits: int) -> float:
+def _lane_luts(layer: Conv2d | Linear, in_bits: int, pe: int) -> float:
     fmt = layer.weight_format
+    if isinstance(fmt, Codebook):
+        kbits = max(-fmt.lo, fmt.hi).bit_length()
+        width = in_bits + kbits
+        if not shares_products(fmt):
+            return width * (0.75 * (1 << fmt.bits) + 3)
+        mags = {abs(e) for e in fmt.entries}
+        adders = sum(len(csd(m)) == 2 for m in mags)
+        return width * ((1 << fmt.bits) / 2 + adders / pe + 2)
     if isinstance(fmt, Fixed):
         return in_bits * fmt.bits + 2 * (in_bits + fmt.bits)
     if fmt.bits <= 2:
@@ -226,7 +242,7 @@ def plan_layer(
         words = 2 * cin // simd
     buffer = _buffer_blocks(simd * fin.bits, words, family)
     luts = (
-        pe * simd * _lane_luts(layer, fin.bits)
+        pe * simd * _lane_luts(layer, fin.bits, pe)
         + pe * PE_LUTS_PER_ACC_BIT * acc_bits(layer, fin)
         + WINDOW_LUTS
         + 4 * simd * fin.bits
