@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import lane_weights, with_scale
+from conftest import lane_weights, shift_add_codebook, with_scale
 
 from hwgen.errors import HwgenError
 from hwgen.golden import layer_forward
@@ -127,6 +127,35 @@ def test_scaled_conv_and_dense_engines_with_stalls(delta):
     x = rng.integers(0, 64, size=(6, 12))
     x[:2] = [[0] * 12, [63] * 12]
     _check(Network((12,), fin, (fc,)), 0, 4, 3, x, stall_in=0.3, stall_out=0.3, seed=4)
+
+
+@pytest.mark.parametrize(
+    ("bits", "zero", "scaled"), [(3, True, False), (4, False, True), (5, True, True)]
+)
+def test_codebook_conv_and_dense_engines_with_stalls(bits, zero, scaled):
+    """DQC-like codebooks (3..5 index bits, with and without 0, the entries at ±2**kmax and
+    two-digit ones near them) through the window + MAC unit engine: a conv with 3 neuron
+    folds and a dense layer, all-max and all-min images, random stalls, with and without a
+    per-channel scale at its extremes."""
+    rng = np.random.default_rng(bits)
+    cb = shift_add_codebook(rng, bits, 6, 5, zero)
+    conv = _conv_net(rng, cb, 4, 6, (4, 5), 3, 1, 1)
+    layer = replace(conv.layers[0], out_format=ActFormat(8, 4 + cb.frac - 10))  # |e| <= 64
+    if scaled:
+        layer = with_scale(layer, conv.input_format, Fixed(12, 10), rng)
+    x = rng.integers(-128, 128, size=(3, 4, 4, 5))
+    x[1], x[2] = 127, -128
+    _check(replace(conv, layers=(layer,)), 0, 2, 2, x, stall_in=0.3, stall_out=0.3, seed=bits)
+    fin = ActFormat(6, 3, signed=False)
+    fc = Linear(
+        "fc", 12, 4, cb, ActFormat(8, 3 + cb.frac - 7), lane_weights(rng, cb, (4, 12)),
+        rng.integers(-99, 99, 4),
+    )  # fmt: skip
+    if scaled:
+        fc = with_scale(fc, fin, Fixed(6, 3), rng)
+    x = rng.integers(0, 64, size=(6, 12))
+    x[:2] = [[0] * 12, [63] * 12]
+    _check(Network((12,), fin, (fc,)), 0, 2, 4, x, stall_in=0.3, stall_out=0.3, seed=bits)
 
 
 @pytest.mark.parametrize(

@@ -385,7 +385,7 @@ def test_codebook_lanes_with_stalls(bits, kmax, zero, signed, pe, simd, rounding
     fin = ActFormat(7, 3, signed=signed)
     w = lane_weights(rng, cb, (4, 4, 3, 3))
     w[0, 0, 0, :] = cb.lo, cb.hi, cb.entries[1]
-    out = ActFormat(8, fin.frac + cb.frac - 5, rounding=rounding)
+    out = ActFormat(8, fin.frac + cb.frac - kmax - 4, rounding=rounding)  # mostly in range
     layer = Conv2d("c", 4, 4, 3, cb, out, w, rng.integers(-300, 300, 4), padding=1, relu=True)
     x = rng.integers(fin.lo, fin.hi, size=(4, 4, 3), endpoint=True)
     x[:, 0], x[:, -1] = fin.hi, fin.lo

@@ -16,7 +16,7 @@ from hwgen.hw.engine import engine_info, make_engine
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.streams import run_stream
 from hwgen.hw.unrolled import MatVec, layer_matrix, scaled_matrix
-from hwgen.ir import ROUNDINGS, ActFormat, Conv2d, Fixed, Linear, Network, Pow2
+from hwgen.ir import ROUNDINGS, ActFormat, Codebook, Conv2d, Fixed, Linear, Network, Pow2
 
 
 def run_unrolled(net, x, stall=0.0, seed=0):
@@ -119,6 +119,32 @@ def test_conv_with_stalls(wfmt, kernel, stride, padding):
     net = Network((3, 5, 6), fin, (layer,))
     x = rng.integers(-128, 128, size=(2, 3, 5, 6))
     check(net, x, stall=0.3, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("entries", "scaled"),
+    [((-40, -17, -6, 0, 5, 16, 34, 64), False), ((-21, -5, 3, 7), True), ((-13, 0, 11), False)],
+    ids=["dqc3", "dqc2_no_zero_scaled", "any_integers"],
+)
+def test_codebook_conv_and_dense_with_stalls(entries, scaled):
+    """Codebook weights are integer constants to the unrolled engine: DQC-like entries,
+    with a per-channel scale folded in, and entries of three signed digits (13 = 16 - 4 + 1,
+    11 = 8 + 4 - 1), which the folded engine refuses, all == golden."""
+    rng = np.random.default_rng(len(entries))
+    cb, fin = Codebook(entries, 5), ActFormat(8, 4)
+    w = lane_weights(rng, cb, (5, 3, 3, 3))
+    w[0, 0, 0, :] = cb.lo, cb.hi, cb.entries[1]
+    layer = Conv2d(
+        "conv", 3, 5, 3, cb, ActFormat(8, 4 + 5 - 9), w, rng.integers(-300, 300, 5), padding=1,
+        relu=True,
+    )  # fmt: skip
+    if scaled:
+        layer = with_scale(layer, fin, Fixed(7, 5), rng)
+    x = rng.integers(-128, 128, size=(3, 3, 5, 6))
+    x[1], x[2] = 127, -128
+    check(Network((3, 5, 6), fin, (layer,)), x, stall=0.3, seed=2)
+    fc = dense_net(rng, cb, ActFormat(6, 3, signed=False), ActFormat(8, 3 + 5 - 6))
+    check(fc, rng.integers(0, 64, size=(20, 12)), stall=0.3, seed=3)
 
 
 @pytest.mark.parametrize(
