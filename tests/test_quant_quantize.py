@@ -233,7 +233,14 @@ def test_learned_schemes_resolve_and_reproduce(float_net, calib, scheme, tmp_pat
     assert again.net == r.net and again.precision == r.precision
     # golden model == fake-quant model, every layer, after a .hwq round trip
     net = hwq.load(hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta))
-    assert hwq.load_meta(tmp_path / "m.hwq")["scheme"] == scheme
+    meta = hwq.load_meta(tmp_path / "m.hwq")
+    assert meta["scheme"] == scheme
+    for name in ("conv", "fc"):
+        layer = r.net.layer(name)
+        assert meta["formats"][name]["weight"] == str(layer.weight_format)
+        assert meta["formats"][name].get("scale") == (
+            str(layer.scale_format) if layer.scale_format else None
+        )
     golden = gm.forward(net, gm.quantize_input(calib, net.input_format))
     for a, b in zip(golden, fake_quant_forward(r.net, calib), strict=True):
         assert np.array_equal(a, b)

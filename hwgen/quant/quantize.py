@@ -88,7 +88,8 @@ class QuantResult:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The scheme and formats (add layers: the output's), for the ``.hwq`` meta object."""
+        """The scheme and formats (add layers: the output's; a per-channel scale's format too),
+        for the ``.hwq`` meta object."""
         formats: dict[str, dict[str, str]] = {}
         for layer in self.net.layers:
             if isinstance(layer, (Conv2d, Linear)):
@@ -96,6 +97,8 @@ class QuantResult:
                     "weight": str(layer.weight_format),
                     "out": str(layer.out_format),
                 }
+                if layer.scale_format is not None:
+                    formats[layer.name]["scale"] = str(layer.scale_format)
             elif isinstance(layer, Add):
                 formats[layer.name] = {"out": str(layer.out_format)}
         meta: dict[str, Any] = {
