@@ -226,9 +226,8 @@ def shift_add_codebook(
     ±2**j ± 2**k) as DQC and TTQ make them: with 0 or without (``zero``; random when None),
     and, as many as fit, the extremes ``±2**kmax`` and two-term ones at the top of the range
     (``±(2**kmax - 1)``, ``±(2**kmax - 2**(kmax-1) + ...)``), the rest random."""
-    from hwgen.quant.codebook import feasible  # torch: only for the tests that draw one
-
-    grid = feasible(kmax)
+    p = [0] + [s << k for k in range(kmax + 1) for s in (1, -1)]
+    grid = sorted({a + b for a in p for b in p if abs(a + b) <= 1 << kmax})
     n = min(max(2, 1 << bits), len(grid) - 1)
     zero = bool(rng.integers(2)) if zero is None else zero
     top = 1 << kmax

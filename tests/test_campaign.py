@@ -7,13 +7,15 @@ formats (Pow2 3..7 / Fixed 2..16 / ternary / binary weights, signed or
 unsigned activations of 1..12 bits, ReLU or not, requantisation shifts of either sign, and
 a rounding per format: half_up, half_even or floor),
 its weights (random, sparse, or at the extremes: all-max, all-min, ±max), with probability
-``SCALE`` a per-output-channel scale of a conv or dense layer (any Fixed format, its min,
-max, 0 and -1 among the channels), a PE x SIMD folding or (for a conv or dense layer, with
-probability ``UNROLL``) the unrolled engine, and a ROM style; ``hwgen.emit.build`` writes
-the build folder and ``hwgen.simulate.simulate_layer`` streams the vectors (random images
-plus the all-max and all-min ones) through the RTL with random input idles and output
-backpressure (on both inputs of an add engine; on every stream of a network top). Every
-output value must equal the golden model's: ``rtl(x) == golden(x)``.
+``CODEBOOK`` shift-add codebook weights instead (2 to 32 entries 0, ±2^k, ±2^j ± 2^k up to
+±2^kmax, with or without 0, the extremes and two-digit entries at the top among them), with
+probability ``SCALE`` a per-output-channel scale of a conv or dense layer (any Fixed format,
+its min, max, 0 and -1 among the channels), a PE x SIMD folding or (for a conv or dense
+layer, with probability ``UNROLL``) the unrolled engine, and a ROM style;
+``hwgen.emit.build`` writes the build folder and ``hwgen.simulate.simulate_layer`` streams
+the vectors (random images plus the all-max and all-min ones) through the RTL with random
+input idles and output backpressure (on both inputs of an add engine; on every stream of a
+network top). Every output value must equal the golden model's: ``rtl(x) == golden(x)``.
 
 The default suite runs a fixed sample of six cases; ``-m slow`` runs 200 random ones.
 Replay a case with ``random_case(seed)``: its ``describe()`` names everything drawn.
@@ -24,7 +26,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
-from conftest import ARRAY_MODES, channel_scales, weight_array, with_roundings
+from conftest import (
+    ARRAY_MODES,
+    channel_scales,
+    shift_add_codebook,
+    weight_array,
+    with_roundings,
+)
 
 from hwgen import golden
 from hwgen.emit import BuildOptions, build
@@ -32,9 +40,11 @@ from hwgen.hw.engine import MAX_UNROLLED_WEIGHTS
 from hwgen.ir import (
     ACT_FRAC_RANGE,
     ROUNDINGS,
+    WEIGHT_FRAC_RANGE,
     ActFormat,
     Add,
     AvgPool2d,
+    Codebook,
     Conv2d,
     Fixed,
     Layer,
@@ -55,6 +65,7 @@ AVG_KERNELS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4), (4, 2), (
 VECTORS = 4  # random images per vector file (the build adds the extreme ones)
 UNROLL = 0.3  # chance that a conv or dense layer gets the unrolled engine
 SCALE = 0.25  # chance that a conv or dense layer gets a per-output-channel scale
+CODEBOOK = 0.25  # chance that a conv or dense layer gets codebook weights
 
 
 @dataclass(frozen=True)
@@ -298,18 +309,43 @@ def _draw_scales(seed: int, net: Network, scale: bool | None) -> Network:
     return replace(net, layers=tuple(layers))
 
 
+def _draw_codebooks(seed: int, net: Network, mode: str, codebook: bool | None) -> Network:
+    """``net`` with codebook weights drawn (or, with ``codebook``, forced on or off) for each
+    conv and dense layer: ``2**bits`` (1..5) shift-add entries up to ``±2**kmax`` (kmax
+    1..8), with or without 0, in the weights' array ``mode``; the frac keeps the largest
+    weight's real size, so the output formats drawn for the accumulator still fit. A stream
+    of its own, as for the roundings."""
+    rng = np.random.default_rng([20240417, seed, 31])
+    layers = []
+    for layer in net.layers:
+        if isinstance(layer, (Conv2d, Linear)) and (
+            codebook or (codebook is None and rng.random() < CODEBOOK)
+        ):
+            kmax = int(rng.integers(1, 9))
+            wfmt = layer.weight_format
+            top = max(-wfmt.lo, wfmt.hi).bit_length()
+            frac = int(np.clip(wfmt.frac + kmax + 1 - top, *WEIGHT_FRAC_RANGE))
+            cb = shift_add_codebook(rng, int(rng.integers(1, 6)), kmax, frac)
+            weight = weight_array(rng, cb, layer.weight.shape, mode or "random")
+            layer = replace(layer, weight_format=cb, weight=weight)
+        layers.append(layer)
+    return replace(net, layers=tuple(layers))
+
+
 def random_case(
     seed: int,
     kind: str | None = None,
     wkind: str | None = None,
     engine: str | None = None,
     scale: bool | None = None,
+    codebook: bool | None = None,
 ) -> Case:
-    """Draw case ``seed`` (``kind``, ``wkind``, ``engine`` and ``scale`` force the layer and
-    weight kinds, the conv/dense engine, ``folded`` or ``unrolled``, and whether its conv and
-    dense layers have per-channel scales)."""
+    """Draw case ``seed`` (``kind``, ``wkind``, ``engine``, ``scale`` and ``codebook`` force
+    the layer and weight kinds, the conv/dense engine, ``folded`` or ``unrolled``, and
+    whether its conv and dense layers have per-channel scales and codebook weights)."""
     case = _random_case(seed, kind, wkind)
-    net = _draw_scales(seed, _draw_roundings(seed, case.net), scale)
+    net = _draw_codebooks(seed, _draw_roundings(seed, case.net), case.weights, codebook)
+    net = _draw_scales(seed, net, scale)
     return _draw_engines(seed, replace(case, net=net), engine)
 
 
@@ -394,30 +430,37 @@ def run_case(case: Case, tmp_path) -> None:
 # with fixed-point weights, an average pool, an add, a residual block (all folded) and an
 # unrolled convolution; then per-channel scales at their extremes on a folded convolution
 # (5 neuron folds, 15-bit scales), a folded dense layer (2 folds) and an unrolled
-# convolution; the slow campaign covers the rest.
+# convolution; then codebooks: a folded convolution with 32 entries (the lanes' digit
+# muxes), a folded dense layer with 16 and a scale (shared products), an unrolled
+# convolution with 8; the slow campaign covers the rest.
 SAMPLE = (
-    (1, "conv", "pow2", "folded", False),
-    (2, "dense", "fixed", "folded", False),
-    (3, "conv", "ternary", "folded", False),
-    (4, "avgpool", None, "folded", False),
-    (5, "add", "fixed", "folded", False),
-    (9, "residual", "pow2", "folded", False),
-    (33, "conv", "fixed", "unrolled", False),
-    (42, "conv", "pow2", "folded", True),
-    (57, "dense", "fixed", "folded", True),
-    (43, "conv", "ternary", "unrolled", True),
+    (1, "conv", "pow2", "folded", False, False),
+    (2, "dense", "fixed", "folded", False, False),
+    (3, "conv", "ternary", "folded", False, False),
+    (4, "avgpool", None, "folded", False, False),
+    (5, "add", "fixed", "folded", False, False),
+    (9, "residual", "pow2", "folded", False, False),
+    (33, "conv", "fixed", "unrolled", False, False),
+    (42, "conv", "pow2", "folded", True, False),
+    (57, "dense", "fixed", "folded", True, False),
+    (43, "conv", "ternary", "unrolled", True, False),
+    (64, "conv", "pow2", "folded", False, True),
+    (62, "dense", "pow2", "folded", True, True),
+    (65, "conv", "pow2", "unrolled", False, True),
 )
 
 
 @pytest.mark.parametrize(
-    "seed,kind,wkind,engine,scale",
+    "seed,kind,wkind,engine,scale,codebook",
     SAMPLE,
-    ids=[f"{k}-{w or ''}-{e}{'-scaled' * s}" for _, k, w, e, s in SAMPLE],
+    ids=[f"{k}-{w or ''}-{e}{'-scaled' * s}{'-codebook' * c}" for _, k, w, e, s, c in SAMPLE],
 )
-def test_sample(seed, kind, wkind, engine, scale, tmp_path):
-    case = random_case(seed, kind, wkind, engine, scale)
+def test_sample(seed, kind, wkind, engine, scale, codebook, tmp_path):
+    case = random_case(seed, kind, wkind, engine, scale, codebook)
     scales = [getattr(lyr, "scale", None) for lyr in case.net.layers]
     assert any(m is not None for m in scales) == scale
+    books = [isinstance(getattr(lyr, "weight_format", None), Codebook) for lyr in case.net.layers]
+    assert any(books) == codebook
     run_case(case, tmp_path)
 
 

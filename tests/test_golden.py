@@ -23,6 +23,7 @@ from conftest import (
     int_array,
     residual_network,
     rngs,
+    shift_add_codebook,
     weight_array,
     weight_formats,
     with_roundings,
@@ -49,6 +50,7 @@ from hwgen.ir import (
     Pow2,
     ReLU,
     SubsamplePad,
+    acc_bits,
     add_range,
     requant_bits,
     signed_bits,
@@ -315,6 +317,49 @@ def test_scale_extremes_saturate_and_tie(relu, rounding):
     # m = -1: -x / 8 with x = ±4, ±12, ±20 are the ties ±0.5, ±1.5, ±2.5
     ties = oracle_requant(-x[0, 0, 0, 1:-1].astype(object), 3, out, relu)
     assert got[0, 3, 0, 1:-1].tolist() == ties.tolist()
+
+
+@st.composite
+def codebook_cases(draw: st.DrawFn, cases: st.SearchStrategy):
+    """A conv or linear case with shift-add codebook weights as DQC and TTQ make them: 2 to
+    256 entries, with or without 0, ``|e| <= 2**kmax`` with ``±2**kmax`` and two-digit ones
+    at the top (``±(2**kmax - 1)``...), kmax up to 30; the indices from the array modes
+    (all at the largest or smallest entry, both ends, mostly the first); returns the
+    indices too."""
+    layer, in_fmt, x = draw(cases)
+    rng = draw(rngs())
+    kmax = draw(st.one_of(st.integers(0, 8), st.integers(0, 30)))
+    frac = draw(st.one_of(st.integers(-4, 12), st.integers(-64, 64)))
+    cb = shift_add_codebook(rng, draw(st.integers(1, 8)), kmax, frac, draw(st.booleans()))
+    idx = int_array(rng, 0, len(cb.entries) - 1, layer.weight.shape, draw(array_modes))
+    weight = np.asarray(cb.entries, np.int64)[idx]
+    out = layer.out_format
+    shift = typical_shift(weight, in_fmt, out.bits, draw(st.integers(-3, 3)))
+    out_frac = draw(st.one_of(st.just(out_frac_for(in_fmt, frac, shift)), st.integers(-32, 32)))
+    layer = replace(layer, weight_format=cb, weight=weight, out_format=replace(out, frac=out_frac))
+    assume(acc_bits(layer, in_fmt) <= ACC_BITS_MAX)  # what Network would refuse
+    x = np.concatenate([x, np.full_like(x[:1], in_fmt.hi), np.full_like(x[:1], in_fmt.lo)])
+    return layer, in_fmt, x, idx
+
+
+@given(st.one_of(codebook_cases(conv_cases()), codebook_cases(linear_cases())))
+def test_codebook_layers_match_oracle(case):
+    """Golden == the oracle built from the indices: ``bias + Σ_i e_i · mac(x, [index == i])``
+    (a 0/1 torch float64 conv or linear per entry, exact Python integers between), then
+    exact rational rounding and saturation; all-max and all-min images included."""
+    layer, in_fmt, x, idx = case
+    if isinstance(layer, Conv2d):
+        op = lambda a, w: F.conv2d(a, w, stride=layer.stride, padding=layer.padding)  # noqa: E731
+        bias = layer.bias.reshape(1, -1, 1, 1).astype(object)
+    else:
+        op, bias = F.linear, layer.bias.astype(object)
+    acc = bias + sum(
+        e * _exact_mac(x, (idx == i).astype(np.int64), op).astype(object)
+        for i, e in enumerate(layer.weight_format.entries)
+    )
+    s = in_fmt.frac + layer.weight_format.frac - layer.out_format.frac
+    want = oracle_requant(acc, s, layer.out_format, layer.relu)
+    assert np.array_equal(gm.layer_forward(layer, x, in_fmt), want)
 
 
 def _conv(wfmt, out_fmt, weight, bias=0, **kw) -> Conv2d:
@@ -776,12 +821,15 @@ def test_residual_forward_matches_oracle_graph(rng, mode, seed, modes):
 
 @pytest.mark.slow
 @settings(max_examples=1500)
-@given(conv_cases(), networks(), add_cases(), scaled_cases(conv_cases()))
-def test_long_campaign(conv_case, net_case, add_case, scaled_case):
-    """``pytest -m slow``: the conv, whole-network, add and per-channel scale properties on
-    many more examples."""
+@given(
+    conv_cases(), networks(), add_cases(), scaled_cases(conv_cases()), codebook_cases(conv_cases())
+)
+def test_long_campaign(conv_case, net_case, add_case, scaled_case, codebook_case):
+    """``pytest -m slow``: the conv, whole-network, add, per-channel scale and codebook
+    properties on many more examples."""
     test_conv2d_matches_oracle.hypothesis.inner_test(conv_case)
     test_scaled_layers_match_oracle.hypothesis.inner_test(scaled_case)
+    test_codebook_layers_match_oracle.hypothesis.inner_test(codebook_case)
     test_forward_matches_chain_of_oracle_layers.hypothesis.inner_test(net_case)
     test_add_matches_oracle.hypothesis.inner_test(add_case)
 
