@@ -1,7 +1,9 @@
 """Layer engine throughput and MAC-array cost: shift-and-add (INQ) lanes against multipliers.
 
 The layer: a 3x3 convolution, 16 -> 16 channels, 16x16 input, padding 1; 8-bit signed
-activations; 4-bit INQ weights (``Pow2(4)``) or 8-bit fixed-point weights; PE x SIMD = 4 x 4.
+activations; 4-bit INQ weights (``Pow2(4)``), 8-bit fixed-point weights or a 3-bit
+DQC-like codebook (``CODEBOOK``: 0, three powers of two and five two-digit entries
+``±2**j ± 2**k`` up to 64); PE x SIMD = 4 x 4.
 
 1. Cycles: the INQ engine (window + MAC unit) runs one image in the Amaranth simulator with
    no stalls; its output is checked against the golden model. ``measured`` counts from the
@@ -9,9 +11,9 @@ activations; 4-bit INQ weights (``Pow2(4)``) or 8-bit fixed-point weights; PE x 
    first output beat minus the beats that output needs (K*K*Cin/SIMD), so
    ``cycles/ideal = (measured - fill) / ideal`` with ``ideal = MACs / (PE*SIMD)``.
 2. Resources: Yosys ``synth_ecp5`` (from the YoWASP wheel) of the MAC array alone (lanes,
-   adder trees, accumulators with their bias tables; weight codes as inputs): INQ with
-   ``-nodsp``, fixed point with DSPs and with ``-nodsp``. LUT4 counts include carry cells
-   (CCU2C = 2 LUT4s), as hwgen.synth counts them.
+   adder trees, accumulators with their bias tables; weight codes as inputs): INQ and the
+   codebook with ``-nodsp``, fixed point with DSPs and with ``-nodsp``. LUT4 counts include
+   carry cells (CCU2C = 2 LUT4s), as hwgen.synth counts them.
 3. Simulation speed: cycles of the INQ engine simulated per wall second by the cocotb +
    Verilator layer bench (``hwgen.simulate.simulate_layer``) on a ``hwgen build`` of the
    layer, no stalls. The Verilator compile is excluded (a first run builds it), and so is
@@ -21,8 +23,9 @@ activations; 4-bit INQ weights (``Pow2(4)``) or 8-bit fixed-point weights; PE x 
 
 The last lines printed are ``cycles/ideal: X``, ``pow2/fixed LUT4 ratio: X`` (against the
 ``-nodsp`` fixed-point array), ``pow2 LUT4 per lane: X`` (the INQ array's LUT4s over its
-PE x SIMD lanes: lanes, adder trees, accumulators and bias tables), ``pow2 DSP: N`` and
-``sim cycles per second: X``.
+PE x SIMD lanes: lanes, adder trees, accumulators and bias tables), ``codebook LUT4 per
+lane: X`` (the same for the codebook array), ``pow2 DSP: N`` and ``sim cycles per second:
+X``.
 
     python bench/hw.py [--skip-synth] [--images N]
 """
@@ -46,12 +49,13 @@ from hwgen.emit import BuildOptions, build
 from hwgen.golden import layer_forward
 from hwgen.hw.engine import engine_info, make_engine
 from hwgen.hw.mac import MACArray
-from hwgen.ir import ActFormat, Conv2d, Fixed, Network, Pow2, WeightFormat, acc_bits
+from hwgen.ir import ActFormat, Codebook, Conv2d, Fixed, Network, Pow2, WeightFormat, acc_bits
 from hwgen.simulate import simulate_layer
 from hwgen.synth import Resources, count_cells
 
 CIN, COUT, K, HW, PE, SIMD = 16, 16, 3, 16, 4, 4
 IN_FORMAT = ActFormat(8, 5)
+CODEBOOK = Codebook((-40, -17, -6, 0, 5, 16, 34, 64), 6)
 
 
 def make_net(wfmt: WeightFormat, rng: np.random.Generator) -> Network:
@@ -59,6 +63,8 @@ def make_net(wfmt: WeightFormat, rng: np.random.Generator) -> Network:
     shape = (COUT, CIN, K, K)
     if isinstance(wfmt, Fixed):
         w = rng.integers(wfmt.lo, wfmt.hi, size=shape, endpoint=True)
+    elif isinstance(wfmt, Codebook):
+        w = np.asarray(wfmt.entries)[rng.integers(0, len(wfmt.entries), size=shape)]
     else:
         mag = np.left_shift(1, rng.integers(0, wfmt.max_shift + 1, size=shape))
         w = np.where(rng.random(shape) < 0.2, 0, mag * rng.choice([-1, 1], size=shape))
@@ -179,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(2024)
     pow2, fixed = make_net(Pow2(4, -1), rng), make_net(Fixed(8, 6), rng)
+    codebook = make_net(CODEBOOK, np.random.default_rng(11))  # leaves the others' draws
     x = rng.integers(IN_FORMAT.lo, IN_FORMAT.hi, size=(CIN, HW, HW), endpoint=True)
 
     info = engine_info(pow2, 0, PE, SIMD)
@@ -190,18 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal cycles {info.ideal_cycles}, measured {measured}, fill latency {fill}")
     print(f"Amaranth simulator: {measured} cycles in {wall:.2f} s (output == golden)")
 
-    ratio_luts, per_lane, pow2_dsp = float("nan"), float("nan"), -1
+    ratio_luts, per_lane, cb_per_lane, pow2_dsp = float("nan"), float("nan"), float("nan"), -1
     if not args.skip_synth:
         rows = [
             ("pow2 (INQ 4-bit), -nodsp", synth_mac(pow2, nodsp=True)),
             ("fixed 8-bit, DSPs", synth_mac(fixed, nodsp=False)),
             ("fixed 8-bit, -nodsp", synth_mac(fixed, nodsp=True)),
+            ("codebook (3-bit), -nodsp", synth_mac(codebook, nodsp=True)),
         ]
         print(f"\n{'MAC array (ECP5)':28} {'LUT4':>6} {'FF':>5} {'DSP':>4}")
         for name, r in rows:
             print(f"{name:28} {r.luts:>6} {r.ffs:>5} {r.dsps:>4}")
         ratio_luts = rows[0][1].luts / rows[2][1].luts
         per_lane = rows[0][1].luts / (PE * SIMD)
+        cb_per_lane = rows[3][1].luts / (PE * SIMD)
         pow2_dsp = rows[0][1].dsps
 
     sim_rate, sim_cycles, sim_wall = verilator_rate(pow2, args.images)
@@ -213,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cycles/ideal: {ratio_cycles:.3f}")
     print(f"pow2/fixed LUT4 ratio: {ratio_luts:.3f}")
     print(f"pow2 LUT4 per lane: {per_lane:.1f}")
+    print(f"codebook LUT4 per lane: {cb_per_lane:.1f}")
     print(f"pow2 DSP: {pow2_dsp}")
     print(f"sim cycles per second: {sim_rate:.0f}")
     return 0
