@@ -39,7 +39,7 @@ from hwgen.hw.engine import ENGINES, EngineInfo, choose_folding, engine_info, ma
 from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
-from hwgen.ir import INPUT, ActFormat, Add, Conv2d, Flatten, Linear, Network
+from hwgen.ir import INPUT, ActFormat, Add, Codebook, Conv2d, Flatten, Linear, Network
 from hwgen.synth import DEVICES, Phase, cells_from_log, quiet, run_tool, yosys_prep
 from hwgen.templates import template, vendor_projects
 
@@ -246,6 +246,8 @@ def _layer_fields(net: Network, index: int) -> dict[str, Any]:
     }
     if isinstance(layer, (Conv2d, Linear)):
         d["weight_format"] = str(layer.weight_format)
+        if isinstance(layer.weight_format, Codebook):  # the ROM holds indices into these
+            d["weight_entries"] = list(layer.weight_format.entries)
         d["relu"] = layer.relu
     if isinstance(layer, Add):
         fb = net.formats[layer.inputs[1]]

@@ -5,6 +5,7 @@ import pytest
 from amaranth.back import verilog
 from amaranth.sim import Simulator
 
+from hwgen.emit import BuildOptions, build
 from hwgen.errors import HwgenError
 from hwgen.hw.rom import (
     WeightROM,
@@ -18,7 +19,7 @@ from hwgen.hw.rom import (
     rom_width,
     rom_words,
 )
-from hwgen.ir import ActFormat, Codebook, Conv2d, Fixed, Linear, Pow2
+from hwgen.ir import ActFormat, Codebook, Conv2d, Fixed, Linear, Network, Pow2
 
 
 def grid(fmt) -> np.ndarray:
@@ -197,3 +198,20 @@ def test_bad_parameters(kwargs, msg):
     args = dict(width=4, depth=4, init=[0] * 4) | kwargs
     with pytest.raises(HwgenError, match=msg.replace("(", r"\(")):
         WeightROM(**args)
+
+
+def test_build_refuses_a_three_digit_codebook_entry_and_writes_nothing(tmp_path):
+    """``hwgen build`` of a folded layer whose codebook has 11 = 8 + 2 + 1: one line naming
+    the layer and the entry, no build folder; the unrolled engine builds it, and the
+    manifest lists the entries the codes index."""
+    cb = Codebook((-9, 0, 11, 64), 5)
+    w = np.array(cb.entries)[np.arange(24).reshape(3, 8) % 4]
+    net = Network((8,), ActFormat(8, 0), (Linear("fc", 8, 3, cb, ActFormat(8, 0), w, [1, 2, 3]),))
+    out = tmp_path / "build"
+    with pytest.raises(HwgenError, match=r"^layer fc: codebook entry 11 is not 0, ±2\^k") as e:
+        build(net, out, BuildOptions(vectors=1))
+    assert "\n" not in str(e.value) and not out.exists()
+    manifest = build(net, out, BuildOptions(vectors=1, engines={"fc": "unrolled"}))
+    entry = manifest["layers"][0]
+    assert entry["weight_format"] == "codebook4[-9,0,11,64].f5"
+    assert entry["weight_entries"] == [-9, 0, 11, 64]
