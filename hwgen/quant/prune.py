@@ -1,0 +1,268 @@
+"""Magnitude pruning with retraining (Han et al., NIPS 2015), unstructured or in blocks.
+
+A *block* is ``block`` consecutive input channels of one output channel at one kernel
+position (kh, kw): the unit the folded engine consumes in one cycle with SIMD = ``block``.
+For a dense layer the inputs are the flattened (H, W, C) vector (DESIGN §2; ``ir.Linear``),
+so a block is ``block`` consecutive entries of it, i.e. consecutive channels of one pixel
+after a Flatten. A last block of a row holds the ``Cin mod block`` channels left over.
+``block`` None (or 1) is unstructured pruning: a block is one weight.
+
+Blocks are ranked by their L2 norm (|w| for one weight: the paper's rule), smallest pruned
+first. Pruning is gradual: with ``steps`` n the sparsity goes through the fractions
+``1/2, 3/4, ..., 1 - 2**-(n-1), 1`` of each layer's target (INQ's portions; 50% -> 67.5% ->
+90% for 90%), retraining after each step; a pruned block stays pruned (masks only grow) and
+stays exactly 0.0, biases are free. Retraining is INQ's (:func:`hwgen.quant.inq._retrain`):
+float64 on one thread, snapped to the reproducible grid, distillation to the unpruned model.
+
+Every layer gets the same target by default. Han et al. prune the first conv layer least
+(it has the fewest weights and sees the raw image); ``sparsity`` may give a layer its own
+target (0 keeps it dense). On digits conv1 (1 input channel, 72 weights) pruned as the
+others costs about as much accuracy as the rest: see ``bench`` numbers in the report.
+
+Composition with a weight scheme: the schemes that round the given weights (``fixed``,
+``pow2``, ``auto``) map 0.0 to 0. Every retrained scheme (``inq``, ``ternary`` and the
+learned ones) updates the pruned weights like the others and so refills them; binary codes
+(bits 1, bc, lab) have no zero at all. :func:`masked_inq` is INQ with the pruned weights
+frozen at 0 (its zero level) from the start.
+
+The hardware side (:func:`nonzero_blocks`): a folded engine that skips zero blocks spends,
+per output pixel, one cycle per nonzero block of each output channel a PE holds::
+
+    cycles per output pixel of a PE = sum over its output channels c of nonzero_blocks[c]
+
+and the layer waits for its slowest PE.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from hwgen.errors import HwgenError
+from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
+from hwgen.ir import Pow2
+from hwgen.quant.inq import (
+    LR_CHAIN,
+    LR_RESIDUAL,
+    FloatModule,
+    InqOptions,
+    _retrain,
+    _select,
+    with_weights,
+)
+from hwgen.quant.weights import dequantize, quantize_pow2
+from hwgen.reproducible import one_thread
+
+
+def _check_block(block: int | None) -> int:
+    b = 1 if block is None else block
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise HwgenError(f"prune block must be a positive integer, not {block!r}")
+    return b
+
+
+def block_view(weight: np.ndarray, block: int | None) -> np.ndarray:
+    """``weight`` (Cout, Cin, KH, KW) or (out, in) as blocks: (Cout, KH, KW, G, block) or
+    (out, G, block), ``G = ceil(Cin / block)``, the last block zero-padded."""
+    b = _check_block(block)
+    w = np.asarray(weight)
+    if w.ndim not in (2, 4):
+        raise HwgenError(f"prune: weights must be (out, in) or (Cout, Cin, KH, KW), not {w.shape}")
+    w = np.moveaxis(w, 1, -1)  # the input channels last
+    cin = w.shape[-1]
+    groups = -(-cin // b)
+    pad = [(0, 0)] * (w.ndim - 1) + [(0, groups * b - cin)]
+    return np.pad(w, pad).reshape(*w.shape[:-1], groups, b)
+
+
+def _unit_to_weights(units: np.ndarray, shape: tuple[int, ...], block: int) -> np.ndarray:
+    """A boolean per block (block_view's shape without the last axis) as a weight mask."""
+    full = np.repeat(units, block, axis=-1)[..., : shape[1]]
+    return np.moveaxis(full, -1, 1)
+
+
+def nonzero_blocks(weight: np.ndarray, block: int | None) -> np.ndarray:
+    """Per output channel, the number of blocks with a nonzero weight (int64, (Cout,)).
+
+    A PE holding output channels ``C`` spends ``sum(nonzero_blocks[c] for c in C)`` cycles
+    per output pixel when zero blocks are skipped (SIMD = ``block``).
+    """
+    v = block_view(weight, block)
+    nz = np.any(v != 0, axis=-1)
+    return nz.reshape(nz.shape[0], -1).sum(axis=1).astype(np.int64)
+
+
+def block_sparsity(weight: np.ndarray, block: int | None) -> float:
+    """The fraction of blocks (of ``block_view``) that are all zero."""
+    v = block_view(weight, block)
+    total = int(np.prod(v.shape[:-1]))
+    return 1.0 - float(nonzero_blocks(weight, block).sum()) / total
+
+
+def block_norms(weight: np.ndarray, block: int | None) -> np.ndarray:
+    """Each block's L2 norm (block_view's shape without the last axis)."""
+    return np.sqrt(np.sum(np.square(block_view(np.asarray(weight, np.float64), block)), -1))
+
+
+def grow_mask(
+    weight: np.ndarray, kept: np.ndarray, sparsity: float, block: int | None
+) -> np.ndarray:
+    """The mask (True: kept) with ``round(sparsity * blocks)`` blocks pruned: those pruned in
+    ``kept`` (a weight mask) stay pruned, the smallest-norm kept blocks follow (ties in
+    flat block order)."""
+    b = _check_block(block)
+    norms = block_norms(weight, b)
+    pruned = ~np.any(block_view(kept, b), axis=-1)
+    target = round(sparsity * norms.size)
+    if target < int(pruned.sum()):
+        raise HwgenError(f"prune: sparsity {sparsity} is below the {pruned.mean():.4f} pruned")
+    key = np.where(pruned, -1.0, norms).ravel()
+    order = np.argsort(key, kind="stable")
+    units = np.ones(norms.size, bool)
+    units[order[:target]] = False
+    return _unit_to_weights(units.reshape(norms.shape), np.shape(weight), b)
+
+
+def schedule(sparsity: float, steps: int) -> list[float]:
+    """The gradual targets: ``sparsity`` times 1/2, 3/4, ..., 1 - 2**-(steps-1), then 1."""
+    return [sparsity * (1.0 - 0.5**i) for i in range(1, steps)] + [sparsity]
+
+
+def _targets(fnet: FloatNet, sparsity: float | Mapping[str, float]) -> dict[str, float]:
+    names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+    if isinstance(sparsity, Mapping):
+        unknown = sorted(set(sparsity) - set(names))
+        if unknown:
+            raise HwgenError(f"prune: no conv/linear layer named {unknown[0]!r}")
+        targets = {n: float(sparsity.get(n, 0.0)) for n in names}
+    else:
+        targets = dict.fromkeys(names, float(sparsity))
+    for n, s in targets.items():
+        if not 0.0 <= s < 1.0:
+            raise HwgenError(f"prune: layer {n} sparsity must be in [0, 1), not {s}")
+    return targets
+
+
+def _options(fnet: FloatNet, options: InqOptions | None) -> InqOptions:
+    options = options or InqOptions()
+    if options.lr is None:
+        residual = any(isinstance(fl, FAdd) for fl in fnet.layers)
+        options = replace(options, lr=LR_RESIDUAL if residual else LR_CHAIN)
+    return options
+
+
+def _data(train: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = (np.asarray(a) for a in train)
+    if x.ndim < 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise HwgenError(f"prune training data: {x.shape[0]} images but labels of shape {y.shape}")
+    return torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.int64)
+
+
+def prune(
+    fnet: FloatNet,
+    train: tuple[np.ndarray, np.ndarray],
+    sparsity: float | Mapping[str, float],
+    block: int | None = None,
+    steps: int = 3,
+    options: InqOptions | None = None,
+    *,
+    first: float | None = None,
+    progress: bool = True,
+) -> tuple[FloatNet, dict[str, np.ndarray]]:
+    """Prune every conv/linear layer to its ``sparsity`` in blocks, retraining after each of
+    ``steps`` steps for ``options.epochs`` epochs (INQ's retraining settings; ``portions``
+    and ``partition`` unused). A mapping gives per-layer targets (missing layers: 0);
+    ``first`` overrides the first conv/linear layer's (Han et al. prune it least).
+
+    Returns the retrained net (pruned weights exactly 0.0) and each layer's mask (True:
+    kept, the weight's shape). Deterministic for a given ``options.seed``.
+    """
+    b = _check_block(block)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise HwgenError(f"prune steps must be a positive integer, not {steps!r}")
+    targets = _targets(fnet, sparsity)
+    if first is not None:
+        name = next(iter(targets))
+        targets[name] = _targets(fnet, {name: first})[name]
+    options = _options(fnet, options)
+    xt, yt = _data(train)
+    torch.manual_seed(options.seed)
+    module = FloatModule(fnet).double()
+    teacher = copy.deepcopy(module).eval()
+    macs = {n: module.macs[i] for n, i in module.index.items()}
+    masks = {n: np.ones(m.weight.shape, bool) for n, m in macs.items()}
+    gen = torch.Generator().manual_seed(options.seed)
+    with one_thread(), Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("pruning", total=steps * options.epochs)
+        for step in range(steps):
+            for n, m in macs.items():
+                if targets[n] == 0.0:
+                    continue
+                w = m.weight.detach().numpy()
+                masks[n] = grow_mask(w, masks[n], schedule(targets[n], steps)[step], b)
+                with torch.no_grad():
+                    m.weight.copy_(torch.as_tensor(np.where(masks[n], w, 0.0)))
+            frozen = {n: ~masks[n] for n in macs}
+            _retrain(
+                module, macs, frozen, (xt, yt, teacher), options, gen, lambda: bar.advance(task)
+            )
+    params = {
+        n: (np.where(masks[n], m.weight.detach().numpy(), 0.0), m.bias.detach().numpy().copy())
+        for n, m in macs.items()
+    }
+    return with_weights(fnet, params), masks
+
+
+def masked_inq(
+    fnet: FloatNet,
+    masks: Mapping[str, np.ndarray],
+    formats: Mapping[str, Pow2],
+    train: tuple[np.ndarray, np.ndarray],
+    options: InqOptions | None = None,
+    *,
+    progress: bool = True,
+) -> FloatNet:
+    """INQ (:func:`hwgen.quant.inq.inq`) that keeps the pruned weights (``masks`` False) at
+    its zero level: they are frozen at 0 from the start, and the portions count the kept
+    weights only. Returns the net with every weight on its power-of-two grid."""
+    for n, fmt in formats.items():
+        if not fmt.has_zero:
+            raise HwgenError(f"layer {n}: {fmt} has no zero level for pruned weights")
+    options = _options(fnet, options)
+    xt, yt = _data(train)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    module = FloatModule(fnet).double()
+    teacher = copy.deepcopy(module).eval()
+    macs = {n: module.macs[i] for n, i in module.index.items()}
+    pruned = {n: ~np.asarray(masks[n], bool) if n in masks else np.zeros(m.weight.shape, bool)
+              for n, m in macs.items()}  # fmt: skip
+    frozen = {n: p.copy() for n, p in pruned.items()}
+    gen = torch.Generator().manual_seed(options.seed)
+    with one_thread(), Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("INQ retraining", total=len(options.portions) * options.epochs)
+        for portion in options.portions:
+            for n, m in macs.items():
+                w = np.where(pruned[n], 0.0, m.weight.detach().numpy())
+                kept = int((~pruned[n]).sum())
+                count = int(pruned[n].sum()) + round(portion * kept) - int(frozen[n].sum())
+                frozen[n].flat[_select(w, frozen[n], count, options.partition, rng)] = True
+                q = dequantize(quantize_pow2(w, formats[n]), formats[n])
+                with torch.no_grad():
+                    m.weight.copy_(torch.as_tensor(np.where(frozen[n], q, w)))
+            _retrain(
+                module, macs, frozen, (xt, yt, teacher), options, gen, lambda: bar.advance(task)
+            )
+    params = {}
+    for n, m in macs.items():
+        w = m.weight.detach().numpy()
+        params[n] = (
+            dequantize(quantize_pow2(w, formats[n]), formats[n]),
+            m.bias.detach().numpy().copy(),
+        )
+    return with_weights(fnet, params)
