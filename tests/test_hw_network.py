@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from hwgen import golden
+from hwgen import golden, hwq
+from hwgen.cli import main
 from hwgen.errors import HwgenError
+from hwgen.examples.digits import digits_float_net
 from hwgen.hw.board import AxiNetwork
 from hwgen.hw.engine import choose_folding
 from hwgen.hw.network import NetworkTop, layer_fifo_depths, skip_fifo_depths
 from hwgen.hw.streams import run_stream
-from hwgen.ir import ActFormat, Conv2d, Flatten, Network, Pow2, ReLU
+from hwgen.ir import ActFormat, Codebook, Conv2d, Flatten, Network, Pow2, ReLU
+from hwgen.quant.activations import ActSpec, greedy_network
+from hwgen.quant.codebook import CodebookOptions, dqc
 from tests.conftest import example_network, residual_network
 
 
@@ -195,3 +199,33 @@ def test_a_layer_named_like_another_layers_fifo_is_refused():
     )
     with pytest.raises(HwgenError, match="layer conv1_fifo: its name clashes with the FIFOs"):
         NetworkTop(clash, _foldings(clash, 2, 2))
+
+
+@pytest.mark.slow
+def test_dqc_digits_network_rtl_equals_golden(tmp_path, capsys):
+    """DQC 3-bit codebooks with 0 on digits (4 retraining epochs), activation formats by the
+    greedy search -> .hwq -> ``hwgen build`` -> ``hwgen sim --network`` on all 360 test
+    images and the all-max/all-min ones: RTL == golden (about 3 minutes)."""
+    fnet, data = digits_float_net()
+    train = (data.x_train, data.y_train)
+    qnet, books = dqc(fnet, 3, train, options=CodebookOptions(epochs=4), progress=False)
+    weights = {n: (Codebook(cb.entries, cb.frac), cb.integers) for n, cb in books.items()}
+    net, _ = greedy_network(qnet, weights, ActSpec(8), {n: ActSpec(8) for n in books}, train[0])
+    macs = [lyr for lyr in net.layers if hasattr(lyr, "weight_format")]
+    assert [len(lyr.weight_format.entries) for lyr in macs] == [8, 8, 8]
+    assert all(0 in lyr.weight_format.entries for lyr in macs)
+    x = golden.quantize_input(data.x_test, net.input_format)
+    assert np.mean(golden.forward(net, x)[-1].argmax(1) == data.y_test) > 0.9
+    path, build = tmp_path / "dqc3.hwq", tmp_path / "build"
+    hwq.save(net, path, meta={"scheme": "dqc", "source": "digits"})
+    for args in (
+        ["build", str(path), "-o", str(build), "--vectors", "360"],
+        ["sim", str(build), "--network"],
+    ):
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out, err = capsys.readouterr()
+        assert code == 0, out + err
+    assert "RTL == golden: 362/362 images" in out
