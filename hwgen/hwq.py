@@ -168,15 +168,17 @@ def save(
     arrays: dict[str, np.ndarray] = {}
     for layer in net.layers:
         if isinstance(layer, (Conv2d, Linear)):
-            named = [(f"{layer.name}.weight", layer.weight), (f"{layer.name}.bias", layer.bias)]
+            named = [(f"{layer.name}.bias", layer.bias)]
             if layer.scale is not None:
                 named.append((f"{layer.name}.scale", layer.scale))
-            for key, a in named:
-                arrays[key] = a.astype(_smallest_int_dtype(a))
             if isinstance(layer.weight_format, Codebook):  # indices, not values
                 arrays[f"{layer.name}.weight"] = layer.weight_format.indices(layer.weight).astype(
                     np.uint8
                 )
+            else:
+                named.append((f"{layer.name}.weight", layer.weight))
+            for key, a in named:
+                arrays[key] = a.astype(_smallest_int_dtype(a))
     files = {
         MODEL_JSON: (json.dumps(to_json(net, meta), indent=2) + "\n").encode(),
         WEIGHTS_NPZ: npz_bytes(arrays),
