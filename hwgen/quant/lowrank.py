@@ -23,6 +23,11 @@ fewer weights than the original (a 1-input-channel 3x3 conv never does). The ran
 integer (capped at the full rank) or the smallest that keeps a fraction ``energy`` of
 ``sum S**2``. Retraining afterwards is INQ's (:func:`hwgen.quant.inq._retrain`, nothing
 frozen), distilled to the original model. The result is an ordinary FloatNet.
+
+On digits (float 98.06%, 25,600 MACs; seeds 0-2, 4 epochs) splitting conv2 alone at rank
+2 / 4 / 8 gives 97.2% / 97.8% / 97.7% float (0.37x / 0.46x / 0.64x the MACs); splitting
+the 256 -> 10 classifier too hurts (rank 4: 72-77%, rank 6: 89-90%), so name the conv
+layers (``layers``) on small classifiers.
 """
 
 from __future__ import annotations
