@@ -96,8 +96,10 @@ def test_bad_arguments_are_one_line_errors():
         prune(fnet, train, 0.5, steps=0)
     with pytest.raises(HwgenError, match=r"not \(2, 3, 4\)"):
         block_view(np.zeros((2, 3, 4)), 2)
+    with pytest.raises(HwgenError, match="no power-of-two format for layer conv2"):
+        masked_inq(fnet, {}, {"conv1": Pow2(5, 0)}, train)
     with pytest.raises(HwgenError, match="no zero level"):
-        masked_inq(fnet, {}, {"conv1": Pow2(1, 0)}, train)
+        masked_inq(fnet, {}, dict.fromkeys(("conv1", "conv2", "fc"), Pow2(1, 0)), train)
 
 
 def _tiny() -> tuple[FloatNet, tuple[np.ndarray, np.ndarray]]:

@@ -237,6 +237,10 @@ def masked_inq(
     """INQ (:func:`hwgen.quant.inq.inq`) that keeps the pruned weights (``masks`` False) at
     its zero level: they are frozen at 0 from the start, and the portions count the kept
     weights only. Returns the net with every weight on its power-of-two grid."""
+    missing = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))
+               and fl.name not in formats]  # fmt: skip
+    if missing:
+        raise HwgenError(f"masked INQ: no power-of-two format for layer {missing[0]}")
     for n, fmt in formats.items():
         if not fmt.has_zero:
             raise HwgenError(f"layer {n}: {fmt} has no zero level for pruned weights")
