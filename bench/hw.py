@@ -24,8 +24,10 @@ DQC-like codebook (``CODEBOOK``: 0, three powers of two and five two-digit entri
 The last lines printed are ``cycles/ideal: X``, ``pow2/fixed LUT4 ratio: X`` (against the
 ``-nodsp`` fixed-point array), ``pow2 LUT4 per lane: X`` (the INQ array's LUT4s over its
 PE x SIMD lanes: lanes, adder trees, accumulators and bias tables), ``codebook LUT4 per
-lane: X`` (the same for the codebook array), ``pow2 DSP: N`` and ``sim cycles per second:
-X``.
+lane: X``, ``ternary LUT4 per lane: X`` and ``binary LUT4 per lane: X`` (the same for the
+codebook array and for the ``Pow2(2)`` / ``Pow2(1)`` lanes of TWN/LAT and BinaryConnect/LAB,
+whose per-channel scale is a multiplier per PE after the array, not in it), ``pow2 DSP: N``
+and ``sim cycles per second: X``.
 
     python bench/hw.py [--skip-synth] [--images N]
 """
@@ -67,7 +69,8 @@ def make_net(wfmt: WeightFormat, rng: np.random.Generator) -> Network:
         w = np.asarray(wfmt.entries)[rng.integers(0, len(wfmt.entries), size=shape)]
     else:
         mag = np.left_shift(1, rng.integers(0, wfmt.max_shift + 1, size=shape))
-        w = np.where(rng.random(shape) < 0.2, 0, mag * rng.choice([-1, 1], size=shape))
+        zero = 0.2 if wfmt.has_zero else 0.0
+        w = np.where(rng.random(shape) < zero, 0, mag * rng.choice([-1, 1], size=shape))
     out = ActFormat(8, IN_FORMAT.frac + wfmt.frac - 6)
     bias = rng.integers(-2000, 2001, size=COUT)
     layer = Conv2d("conv", CIN, COUT, K, wfmt, out, w, bias, padding=1, relu=True)
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(2024)
     pow2, fixed = make_net(Pow2(4, -1), rng), make_net(Fixed(8, 6), rng)
     codebook = make_net(CODEBOOK, np.random.default_rng(11))  # leaves the others' draws
+    ternary = make_net(Pow2(2, 0), np.random.default_rng(12))
+    binary = make_net(Pow2(1, 0), np.random.default_rng(13))
     x = rng.integers(IN_FORMAT.lo, IN_FORMAT.hi, size=(CIN, HW, HW), endpoint=True)
 
     info = engine_info(pow2, 0, PE, SIMD)
@@ -197,20 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ideal cycles {info.ideal_cycles}, measured {measured}, fill latency {fill}")
     print(f"Amaranth simulator: {measured} cycles in {wall:.2f} s (output == golden)")
 
-    ratio_luts, per_lane, cb_per_lane, pow2_dsp = float("nan"), float("nan"), float("nan"), -1
+    ratio_luts, pow2_dsp = float("nan"), -1
+    per_lane = {k: float("nan") for k in ("pow2", "codebook", "ternary", "binary")}
     if not args.skip_synth:
         rows = [
             ("pow2 (INQ 4-bit), -nodsp", synth_mac(pow2, nodsp=True)),
             ("fixed 8-bit, DSPs", synth_mac(fixed, nodsp=False)),
             ("fixed 8-bit, -nodsp", synth_mac(fixed, nodsp=True)),
             ("codebook (3-bit), -nodsp", synth_mac(codebook, nodsp=True)),
+            ("ternary, -nodsp", synth_mac(ternary, nodsp=True)),
+            ("binary, -nodsp", synth_mac(binary, nodsp=True)),
         ]
         print(f"\n{'MAC array (ECP5)':28} {'LUT4':>6} {'FF':>5} {'DSP':>4}")
         for name, r in rows:
             print(f"{name:28} {r.luts:>6} {r.ffs:>5} {r.dsps:>4}")
         ratio_luts = rows[0][1].luts / rows[2][1].luts
-        per_lane = rows[0][1].luts / (PE * SIMD)
-        cb_per_lane = rows[3][1].luts / (PE * SIMD)
+        for kind, (_, r) in zip(per_lane, (rows[0], *rows[3:]), strict=True):
+            per_lane[kind] = r.luts / (PE * SIMD)
         pow2_dsp = rows[0][1].dsps
 
     sim_rate, sim_cycles, sim_wall = verilator_rate(pow2, args.images)
@@ -221,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"cycles/ideal: {ratio_cycles:.3f}")
     print(f"pow2/fixed LUT4 ratio: {ratio_luts:.3f}")
-    print(f"pow2 LUT4 per lane: {per_lane:.1f}")
-    print(f"codebook LUT4 per lane: {cb_per_lane:.1f}")
+    for kind, luts in per_lane.items():
+        print(f"{kind} LUT4 per lane: {luts:.1f}")
     print(f"pow2 DSP: {pow2_dsp}")
     print(f"sim cycles per second: {sim_rate:.0f}")
     return 0
