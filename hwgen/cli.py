@@ -74,6 +74,11 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         precision_path=args.precision,
         data=args.data,
         epochs=args.epochs,
+        prune=args.prune,
+        block=args.block,
+        lowrank=args.lowrank,
+        lowrank_energy=args.lowrank_energy,
+        lowrank_layers=args.lowrank_layers,
     )
 
 
@@ -202,7 +207,46 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="calibration .npz: x (float NCHW); optional y, x_train/y_train, x_test/y_test",
     )
-    q.add_argument("--epochs", type=int, help=EPOCHS_HELP)
+    q.add_argument(
+        "--epochs",
+        type=int,
+        help=EPOCHS_HELP + "; per step of --prune and in all for --lowrank",
+    )
+    q.add_argument(
+        "--prune",
+        type=float,
+        metavar="SPARSITY",
+        help="prune this fraction of the weights (or blocks) of every conv/linear layer but "
+        "the first (it sees the raw image; set it in --precision), gradually with retraining, "
+        "before the weight scheme; with fixed, pow2, inq, ternary (they keep zeros)",
+    )
+    q.add_argument(
+        "--block",
+        type=int,
+        help="with --prune: prune blocks of this many consecutive input channels of one "
+        "output channel (default: single weights); make it the build's SIMD so that the "
+        "engine can skip whole zero blocks",
+    )
+    rank = q.add_mutually_exclusive_group()
+    rank.add_argument(
+        "--lowrank",
+        type=int,
+        metavar="RANK",
+        help="split each KxK conv into Kx1 then 1xK convs of this rank (truncated SVD), "
+        "retrained, before pruning and the weight scheme",
+    )
+    rank.add_argument(
+        "--lowrank-energy",
+        type=float,
+        metavar="E",
+        help="as --lowrank, at the smallest rank keeping this fraction (0..1] of the energy",
+    )
+    q.add_argument(
+        "--lowrank-layers",
+        metavar="NAMES",
+        help="comma-separated conv/linear layers to split (default: every conv layer; a "
+        "dense layer becomes two thinner ones)",
+    )
     q.add_argument("-o", "--output", type=Path, required=True, help="output .hwq")
     q.set_defaults(func=_cmd_quantize)
 

@@ -226,18 +226,50 @@ def _is_hwq_archive(path: Path) -> bool:
 
 def retrain_options(scheme: str, epochs: int | None) -> dict[str, Any]:
     """``--epochs`` as the options of ``scheme``'s retraining (keyword arguments of
-    :func:`hwgen.quant.quantize`): INQ's are per step, the learned schemes' in all."""
+    :func:`hwgen.quant.quantize`): INQ's are per step, the learned schemes' in all; INQ's
+    options also set the low-rank and pruning retraining."""
     from hwgen.quant.binarize import RetrainOptions
     from hwgen.quant.codebook import CodebookOptions
     from hwgen.quant.inq import InqOptions
 
     if epochs is None:
         return {}
+    options: dict[str, Any] = {"inq_options": InqOptions(epochs=epochs)}
     if scheme in ("dqc", "ttq"):
-        return {"codebook_options": CodebookOptions(epochs=epochs)}
+        options["codebook_options"] = CodebookOptions(epochs=epochs)
     if scheme in ("bc", "twn", "lab", "lat", "amq"):
-        return {"retrain_options": RetrainOptions(epochs=epochs)}
-    return {"inq_options": InqOptions(epochs=epochs)}
+        options["retrain_options"] = RetrainOptions(epochs=epochs)
+    return options
+
+
+def _compression(
+    p: Any,
+    prune: float | None,
+    block: int | None,
+    lowrank: int | None,
+    lowrank_energy: float | None,
+    lowrank_layers: str | None,
+) -> Any:
+    """The precision ``p`` with the compression options of ``hwgen quantize`` (checked, one
+    line each) in place of the file's; ``--prune`` is applied later, per layer."""
+    from dataclasses import replace
+
+    if prune is not None and not 0.0 <= prune < 1.0:
+        raise HwgenError(f"--prune {prune}: the pruned fraction must be in [0, 1)")
+    for flag, value in (("--block", block), ("--lowrank", lowrank)):
+        if value is not None and value < 1:
+            raise HwgenError(f"{flag} {value}: must be a positive integer")
+    if lowrank_energy is not None and not 0.0 < lowrank_energy <= 1.0:
+        raise HwgenError(f"--lowrank-energy {lowrank_energy}: must be in (0, 1]")
+    if block is not None:
+        p = replace(p, block=block)
+    if lowrank is not None or lowrank_energy is not None:
+        p = replace(p, lowrank=lowrank, lowrank_energy=lowrank_energy)
+    if lowrank_layers is not None:
+        if p.lowrank is None and p.lowrank_energy is None:
+            raise HwgenError("--lowrank-layers: give --lowrank or --lowrank-energy too")
+        p = replace(p, lowrank_layers=tuple(n.strip() for n in lowrank_layers.split(",")))
+    return p
 
 
 def quantize(
@@ -249,8 +281,14 @@ def quantize(
     precision_path: Path | None = None,
     data: Path | None = None,
     epochs: int | None = None,
+    prune: float | None = None,
+    block: int | None = None,
+    lowrank: int | None = None,
+    lowrank_energy: float | None = None,
+    lowrank_layers: str | None = None,
 ) -> None:
-    """``hwgen quantize``: quantise a float model to a ``.hwq`` and print its formats."""
+    """``hwgen quantize``: quantise a float model to a ``.hwq`` and print its formats (and,
+    pruned, each layer's zero blocks; split, the MACs per inference)."""
     from dataclasses import replace
 
     from hwgen.frontend import load_model
@@ -259,9 +297,12 @@ def quantize(
     from hwgen.quant import precision as prec
     from hwgen.quant import quantize as run_quantize
     from hwgen.quant.fakequant import fake_quant_predict
-    from hwgen.quant.quantize import RETRAINED
+    from hwgen.quant.lowrank import mac_count
+    from hwgen.quant.prune import block_sparsity
+    from hwgen.quant.quantize import RETRAINED, split_net
 
-    if scheme in (None, "auto") and precision_path is None:
+    compress = (prune, block, lowrank, lowrank_energy, lowrank_layers)
+    if scheme in (None, "auto") and precision_path is None and all(c is None for c in compress):
         from hwgen.frontend import load_quantized
 
         imported = load_quantized(model)  # a QONNX/QCDQ export keeps its own formats
@@ -282,18 +323,28 @@ def quantize(
     if scheme is None and precision_path is None:
         raise HwgenError("hwgen quantize: give --scheme or --precision")
     p = prec.load(precision_path) if precision_path is not None else prec.Precision(str(scheme))
+    p = _compression(p, *compress)
     effective = scheme or p.scheme
     prec.check_bits(effective, "--bits/--act-bits", bits, act_bits)
-    if epochs is not None and (epochs < 0 or effective not in RETRAINED):
+    lowranked = p.lowrank is not None or p.lowrank_energy is not None
+    compressing = prune is not None or bool(p.pruned) or lowranked
+    if epochs is not None and (epochs < 0 or not (effective in RETRAINED or compressing)):
         raise HwgenError(
-            f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}), epochs >= 0"
+            f"--epochs {epochs}: needs a retrained scheme ({', '.join(RETRAINED)}), --prune or "
+            "--lowrank, epochs >= 0"
         )
     check_hwq_output(output)
-    arrays = _load_data(data, effective in RETRAINED) if data is not None else None
+    need_train = effective in RETRAINED or compressing
+    arrays = _load_data(data, need_train) if data is not None else None
     fnet, dataset = load_model(model, train=_train_arrays(arrays))
-    names = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
-    adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
+    split = split_net(fnet, p)  # the precision names the layers after the low-rank split
+    names = [fl.name for fl in split.layers if isinstance(fl, (FConv2d, FLinear))]
+    adds = [fl.name for fl in split.layers if isinstance(fl, FAdd)]
     p = prec.for_layers(p, names, adds).override(scheme, bits, act_bits)
+    if prune is not None:  # the first layer keeps the file's target (default: dense)
+        layers = {n: replace(lp, prune=prune) if n in names[1:] else lp
+                  for n, lp in p.layers.items()}  # fmt: skip
+        p = replace(p, layers=layers)
     if act_bits is not None:
         p = replace(p, input=replace(p.input, act_bits=act_bits))
     test = None
@@ -313,10 +364,14 @@ def quantize(
     net = result.net
 
     table = titled(f"{net.name}: {p.scheme}, input {net.input_format}")
-    for col in ("layer", "op", "weights", "weight format", "output", "acc bits"):
+    block = result.precision.block or 1
+    pruned = bool(result.precision.pruned)
+    cols = ["layer", "op", "weights", "weight format", "output", "acc bits"]
+    for col in cols + ([f"zero blocks of {block}"] if pruned else []):
         table.add_column(col)
     for layer in net.layers:
         if isinstance(layer, (Conv2d, Linear)):
+            zeros = [f"{block_sparsity(layer.weight, block):.1%}"] if pruned else []
             table.add_row(
                 layer.name,
                 type(layer).__name__ + (" + ReLU" if layer.relu else ""),
@@ -325,13 +380,19 @@ def quantize(
                 + (f" x scale {layer.scale_format}" if layer.scale_format else ""),
                 str(layer.out_format),
                 str(acc_bits(layer, net.in_format(layer))),
+                *zeros,
             )
         elif isinstance(layer, Add):
             op = "Add" + (" + ReLU" if layer.relu else "")
-            table.add_row(layer.name, op, "", "", str(layer.out_format), "")
+            blank = [""] if pruned else []
+            table.add_row(layer.name, op, "", "", str(layer.out_format), "", *blank)
     console = make_console()
     console.print(table)
     meta = result.meta | {"source": Path(model).name, "precision": prec.dumps(result.precision)}
+    if lowranked and result.float_net is not None:
+        before, after = sum(mac_count(fnet).values()), sum(mac_count(result.float_net).values())
+        meta["lowrank"] |= {"macs": after, "macs_before": before}
+        console.print(f"MACs per inference: {after} ({after / before:.2f}x the {before} unsplit)")
     if test is not None:
         acc = float(np.mean(fake_quant_predict(net, test[0]) == test[1]))
         meta["test_accuracy"] = acc

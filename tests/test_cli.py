@@ -608,3 +608,83 @@ def test_quantize_learned_scheme_and_its_precision_round_trip(tmp_path, capsys, 
         == 0
     )
     assert hwq.load(again) == net
+
+
+# ---------------------------------------------------------------- pruning and low rank (#12)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prune", "1.5"], "--prune 1.5: the pruned fraction must be in [0, 1)"),
+        (["--prune", "0.5", "--block", "0"], "--block 0: must be a positive integer"),
+        (["--lowrank", "0"], "--lowrank 0: must be a positive integer"),
+        (["--lowrank-energy", "1.5"], "--lowrank-energy 1.5: must be in (0, 1]"),
+        (["--lowrank", "2", "--lowrank-energy", "0.9"], "not allowed with argument --lowrank"),
+        (["--lowrank-layers", "conv2"], "--lowrank-layers: give --lowrank or --lowrank-energy"),
+        (["--lowrank", "2", "--lowrank-layers", "nope"], "lowrank: no conv/linear layer named"),
+        (["--block", "4"], "block 4: no layer is pruned"),
+        (["--prune", "0.5", "--scheme", "bc"], "scheme bc cannot keep pruned weights at zero"),
+        (["--prune", "0.5", "--scheme", "binary"], "scheme binary cannot keep pruned weights"),
+        (["--prune", "0.5", "--bits", "1"], "layer conv2: scheme pow2 at 1 bit has no zero"),
+    ],
+)
+def test_quantize_bad_compression_is_one_line(tmp_path, capsys, extra, message):
+    out = tmp_path / "q.hwq"
+    argv = ["quantize", "digits", "--scheme", "pow2", *extra, "-o", str(out)]
+    _one_line_error(capsys, argv, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_prune_needs_labels(tmp_path, capsys):
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.zeros((4, 1, 8, 8)))
+    out = tmp_path / "q.hwq"
+    argv = ["quantize", "digits", "--scheme", "pow2", "--prune", "0.5", "--data", str(data)]
+    _one_line_error(capsys, [*argv, "-o", str(out)], "retraining needs labels")
+    assert not out.exists()
+
+
+def test_quantize_pruned_digits_table_meta_and_precision_round_trip(tmp_path, capsys):
+    """--prune 0.75 --block 4 (pow2, 1 epoch a step): the table gives each layer's zero
+    blocks, the first layer stays dense, and the meta precision reproduces the network."""
+    from hwgen.quant.prune import block_sparsity
+
+    out = tmp_path / "q.hwq"
+    argv = ["quantize", "digits", "--scheme", "pow2", "--prune", "0.75", "--block", "4"]
+    assert main([*argv, "--epochs", "1", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    net, meta = hwq.load(out), hwq.load_meta(out)
+    assert meta["prune"]["block"] == 4 and meta["prune"]["sparsity"] == {"conv2": 0.75, "fc": 0.75}
+    for name in ("conv1", "conv2", "fc"):
+        achieved = block_sparsity(net.layer(name).weight, 4)
+        assert meta["prune"]["achieved"][name] == achieved
+        assert re.search(rf"│ {name} .*│ {100 * achieved:.1f}% +│", printed), printed
+    assert meta["prune"]["achieved"]["conv2"] >= 0.75 and meta["prune"]["achieved"]["conv1"] < 0.5
+    assert "block = 4\n" in meta["precision"] and "prune = 0.75\n" in meta["precision"]
+    toml = tmp_path / "precision.toml"
+    toml.write_text(meta["precision"])
+    again = tmp_path / "again.hwq"
+    assert (
+        main(["quantize", "digits", "--precision", str(toml), "--epochs", "1", "-o", str(again)])
+        == 0
+    )
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_quantize_lowrank_digits_builds(tmp_path, capsys):
+    out = tmp_path / "q.hwq"
+    argv = ["quantize", "digits", "--scheme", "pow2", "--lowrank", "4", "--epochs", "1"]
+    assert main([*argv, "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    meta = hwq.load_meta(out)
+    # conv1 8x8x8 x 9 + conv2 4x4x16 x 72 + fc 2560 = 25600; split at rank 4 the conv2 pair
+    # is 4x4x4 x (8 x 3) + 4x4x16 x (4 x 3)
+    assert meta["lowrank"] == {
+        "rank": 4, "layers": ["conv1", "conv2"], "macs": 11776, "macs_before": 25600,
+    }  # fmt: skip
+    assert "MACs per inference: 11776 (0.46x the 25600 unsplit)" in printed
+    assert 'lowrank = 4\nlowrank_layers = [\n    "conv1",\n    "conv2",\n]' in meta["precision"]
+    assert main(["build", str(out), "-o", str(tmp_path / "build")]) == 0
+    manifest = json.loads((tmp_path / "build" / "manifest.json").read_text())
+    assert "conv2_v" in json.dumps(manifest) and "conv2_h" in json.dumps(manifest)

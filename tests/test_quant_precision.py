@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from hwgen.errors import HwgenError
@@ -115,3 +117,49 @@ def test_learned_schemes_take_no_weight_frac_or_emax(key):
     # a file of another scheme overridden by --scheme: the same one line
     with pytest.raises(HwgenError, match=f"^layer c: scheme bc learns its weight scales; {name}"):
         parse(f'scheme = "pow2"\n[layers.c]\n{key}\n').override("bc")
+
+
+COMPRESSED = """\
+scheme = "inq"
+block = 4
+lowrank = 3
+lowrank_layers = ["conv2"]
+
+[layers.conv2_h]
+weight_bits = 5
+prune = 0.75
+"""
+
+
+def test_compression_settings_parse_and_write_back():
+    p = parse(COMPRESSED)
+    assert (p.block, p.lowrank, p.lowrank_energy, p.lowrank_layers) == (4, 3, None, ("conv2",))
+    assert p.layers["conv2_h"] == LayerPrecision(weight_bits=5, prune=0.75)
+    assert p.pruned == {"conv2_h": 0.75}
+    assert parse(dumps(p)) == p
+    q = for_layers(p, ["conv1", "conv2_v", "conv2_h"]).override("pow2", weight_bits=4)
+    assert (q.scheme, q.block, q.lowrank, q.lowrank_layers) == ("pow2", 4, 3, ("conv2",))
+    assert q.layers["conv2_h"].prune == 0.75 and q.pruned == {"conv2_h": 0.75}
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ("[layers.fc]\nprune = 1.5\n", "layer fc: prune must be in [0, 1), not 1.5"),
+        ('[layers.fc]\nprune = "a"\n', "precision: layers.fc.prune must be a number, not 'a'"),
+        ("block = 0\n", "block must be a positive integer, not 0"),
+        ("lowrank = 0\n", "lowrank must be a positive integer, not 0"),
+        ("lowrank_energy = 1.5\n", "lowrank energy must be in (0, 1], not 1.5"),
+        ("lowrank = 2\nlowrank_energy = 0.9\n", "give a low rank (2) or a kept energy (0.9)"),
+        ('lowrank_layers = "conv2"\n', "lowrank_layers must be a list of names, not 'conv2'"),
+    ],
+)
+def test_bad_compression_settings(doc, message):
+    with pytest.raises(HwgenError, match=re.escape(message)):
+        parse(f'scheme = "pow2"\n{doc}')
+
+
+def test_prune_on_an_add_layer_is_an_error():
+    p = parse('scheme = "fixed"\n[layers.add1]\nprune = 0.5\n')
+    with pytest.raises(HwgenError, match="layer add1 is an add and has no weights: remove prune"):
+        p.check_names(["conv1"], ["add1"])

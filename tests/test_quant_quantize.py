@@ -1,4 +1,5 @@
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -17,7 +18,9 @@ from hwgen.quant.binarize import RetrainOptions
 from hwgen.quant.codebook import CodebookOptions
 from hwgen.quant.fakequant import accuracy, fake_quant_forward
 from hwgen.quant.inq import InqOptions
+from hwgen.quant.lowrank import mac_count
 from hwgen.quant.precision import AddPrecision, LayerPrecision, Precision
+from hwgen.quant.prune import block_sparsity, prune
 from hwgen.quant.quantize import DEFAULT_WEIGHT_BITS, with_activations
 
 
@@ -310,3 +313,72 @@ def test_learned_golden_equals_fake_quant_on_digits(digits, scheme):
     for a, b in zip(golden, fake, strict=True):
         assert np.array_equal(a, b)
     assert accuracy(r.net, data.x_test, data.y_test) > 0.5
+
+
+# ---------------------------------------------------------------- pruning and low rank (#12)
+
+ONE_EPOCH = InqOptions(epochs=1)
+
+
+@pytest.mark.parametrize("scheme", ["pow2", "inq"])
+def test_pruned_digits_keep_exactly_the_masked_blocks_zero(digits, scheme, tmp_path):
+    fnet, data = digits
+    train = (data.x_train, data.y_train)
+    layers = {"conv2": LayerPrecision(prune=0.75), "fc": LayerPrecision(prune=0.75)}
+    p = Precision(scheme, layers, block=4)
+    r = quantize(fnet, p, data.x_train, train, progress=False, inq_options=ONE_EPOCH)
+    _, masks = prune(fnet, train, p.pruned, 4, options=ONE_EPOCH, progress=False)
+    net = hwq.load(hwq.save(r.net, tmp_path / "p.hwq", meta=r.meta))
+    for name in ("conv2", "fc"):
+        w = net.layer(name).weight
+        assert np.array_equal(w != 0, masks[name] & (w != 0))  # zero wherever pruned
+        assert block_sparsity(w, 4) >= 0.75
+        assert hwq.load_meta(tmp_path / "p.hwq")["prune"]["achieved"][name] == block_sparsity(w, 4)
+    assert r.precision.pruned == {"conv2": 0.75, "fc": 0.75} and r.precision.block == 4
+    assert r.precision.layers["conv1"].prune is None
+    again = quantize(fnet, r.precision, data.x_train, train, progress=False, inq_options=ONE_EPOCH)
+    assert again.net == r.net
+    assert accuracy(r.net, data.x_test, data.y_test) > 0.5
+
+
+@pytest.mark.parametrize(
+    ("scheme", "bits", "block", "message"),
+    [
+        ("bc", None, 4, "scheme bc cannot keep pruned weights at zero: prune with fixed, pow2"),
+        ("dqc", None, 4, "scheme dqc cannot keep pruned weights at zero"),
+        ("binary", None, 4, "scheme binary cannot keep pruned weights at zero"),
+        ("pow2", 1, 4, "layer fc: scheme pow2 at 1 bit has no zero weight to prune to"),
+        ("auto", None, 4, "scheme auto keeps weights quantized elsewhere: it cannot be retrained"),
+    ],
+)
+def test_schemes_that_cannot_keep_zeros_refuse_pruning(
+    float_net, calib, scheme, bits, block, message
+):
+    p = Precision(scheme, {"fc": LayerPrecision(weight_bits=bits, prune=0.5)}, block=block)
+    with pytest.raises(HwgenError, match=f"^{re.escape(message)}"):
+        quantize(float_net, p, calib, (calib, np.arange(64) % 3), progress=False)
+
+
+def test_compression_needs_training_data_and_a_pruned_layer_for_a_block(float_net, calib):
+    with pytest.raises(HwgenError, match="low-rank and pruning retrain the model: they need"):
+        quantize(float_net, Precision("fixed", {"fc": LayerPrecision(prune=0.5)}), calib)
+    with pytest.raises(HwgenError, match=r"^block 2: no layer is pruned \(give a prune target\)"):
+        quantize(float_net, Precision("fixed", block=2), calib, (calib, np.arange(64) % 3))
+
+
+def test_lowrank_digits_splits_conv_layers_and_reproduces(digits):
+    fnet, data = digits
+    train = (data.x_train, data.y_train)
+    p = Precision("fixed", lowrank=4)
+    r = quantize(fnet, p, data.x_train, train, progress=False, inq_options=ONE_EPOCH)
+    # conv1 (one input channel) has nothing to gain; the classifier is kept by default
+    assert _macs(r.float_net) == ["conv1", "conv2_v", "conv2_h", "fc"] == list(r.precision.layers)
+    assert r.net.layer("conv2_v").weight.shape == (4, 8, 3, 1)
+    assert r.precision.lowrank_layers == ("conv1", "conv2") and r.meta["lowrank"]["rank"] == 4
+    assert sum(mac_count(r.float_net).values()) < sum(mac_count(fnet).values())
+    again = quantize(fnet, r.precision, data.x_train, train, progress=False, inq_options=ONE_EPOCH)
+    assert again.net == r.net
+    golden = gm.forward(r.net, gm.quantize_input(data.x_test, r.net.input_format))
+    for a, b in zip(golden, fake_quant_forward(r.net, data.x_test), strict=True):
+        assert np.array_equal(a, b)
+    assert accuracy(r.net, data.x_test, data.y_test) > 0.8

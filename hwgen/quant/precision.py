@@ -4,6 +4,10 @@ Layout::
 
     scheme = "fixed"            # fixed | inq | pow2 | ternary | binary | auto
                                 # | bc | twn | lab | lat | dqc | ttq | amq
+    block = 4                   # optional: prune in blocks of 4 input channels (default 1)
+    lowrank = 4                 # optional: split conv layers at rank 4 before quantising
+    # lowrank_energy = 0.9      #   or at the rank keeping this fraction of sum(S**2)
+    # lowrank_layers = ["conv2"]  #   the layers to split (default: every conv layer)
 
     [input]                     # optional: the network input format
     act_bits = 8
@@ -17,6 +21,7 @@ Layout::
     # emax = -1                 # power-of-two schemes (omit to use INQ's n1 rule)
     act_frac = 4                # output fraction length (omit to choose it greedily)
     act_signed = true           # optional; false gives an unsigned (ReLU) output
+    prune = 0.75                # optional: the fraction of its blocks pruned (retrained)
 
     [layers.add1]               # an add layer has no weights: its output format only
     act_bits = 8
@@ -31,6 +36,11 @@ binary planes (amq: 2 to 4).
 A value left out is chosen by the quantizer; a value given is used as it is, so a file
 written by `tune` reproduces exactly the configuration it reports. The file does not say
 which layers are adds: the model does (:func:`for_layers`, ``Precision.check_names``).
+
+Compression comes before the weight scheme (:func:`hwgen.quant.quantize.quantize`): the
+low-rank split (:mod:`hwgen.quant.lowrank`; the layers tables then name the split layers,
+``conv2_v`` and ``conv2_h``), then pruning (:mod:`hwgen.quant.prune`) of the layers with a
+``prune`` value, in blocks of ``block``.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -63,9 +74,12 @@ WEIGHT_BITS = {
 }  # fmt: skip
 # the schemes whose scales or codebooks are learned: no weight_frac or emax to set
 LEARNED = ("bc", "twn", "lab", "lat", "dqc", "ttq", "amq")
-_LAYER_KEYS = ("weight_bits", "act_bits", "weight_frac", "emax", "act_frac", "act_signed")
+_LAYER_KEYS = (
+    "weight_bits", "act_bits", "weight_frac", "emax", "act_frac", "act_signed", "prune",
+)  # fmt: skip
 _ACT_KEYS = ("act_bits", "act_frac", "act_signed")
-_WEIGHT_KEYS = ("weight_bits", "weight_frac", "emax")
+_WEIGHT_KEYS = ("weight_bits", "weight_frac", "emax", "prune")
+_TOP_KEYS = ("block", "lowrank", "lowrank_energy", "lowrank_layers")
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,7 @@ class LayerPrecision:
     emax: int | None = None
     act_frac: int | None = None
     act_signed: bool | None = None
+    prune: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,17 +118,28 @@ class Precision:
     ``layers`` holds conv/linear layers and add layers alike: a file gives every layer as a
     :class:`LayerPrecision`; :func:`for_layers` turns those of add layers into
     :class:`AddPrecision` once the model says which they are.
+
+    ``block``, ``lowrank``, ``lowrank_energy`` and ``lowrank_layers`` are the compression
+    settings of the whole network (see the module doc).
     """
 
     scheme: str
     layers: dict[str, LayerPrecision | AddPrecision] = field(default_factory=dict)
     input: InputPrecision = InputPrecision()
+    block: int | None = None
+    lowrank: int | None = None
+    lowrank_energy: float | None = None
+    lowrank_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise HwgenError(f"scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        check_compression(self.block, self.lowrank, self.lowrank_energy)
         for name, lp in self.layers.items():
             _check_bits(self.scheme, f"layer {name}", getattr(lp, "weight_bits", None), lp.act_bits)
+            prune = getattr(lp, "prune", None)
+            if prune is not None and not 0.0 <= prune < 1.0:
+                raise HwgenError(f"layer {name}: prune must be in [0, 1), not {prune}")
             if self.scheme in LEARNED:
                 for key in ("weight_frac", "emax"):
                     if getattr(lp, key, None) is not None:
@@ -146,6 +172,11 @@ class Precision:
                     f"(it has: {', '.join(macs + adds)})"
                 )
 
+    @property
+    def pruned(self) -> dict[str, float]:
+        """The layers with a nonzero ``prune`` target."""
+        return {n: lp.prune for n, lp in self.layers.items() if getattr(lp, "prune", None)}
+
     def override(
         self, scheme: str | None = None, weight_bits: int | None = None, act_bits: int | None = None
     ) -> Precision:
@@ -156,7 +187,18 @@ class Precision:
             if isinstance(lp, AddPrecision):
                 del new["weight_bits"]  # an add has no weights
             layers[n] = replace(lp, **{k: v for k, v in new.items() if v is not None})
-        return Precision(scheme or self.scheme, layers, self.input)
+        return replace(self, scheme=scheme or self.scheme, layers=layers)
+
+
+def check_compression(block: int | None, lowrank: int | None, energy: float | None) -> None:
+    """Range check of the block size, the rank and the kept energy."""
+    for key, value in (("block", block), ("lowrank", lowrank)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise HwgenError(f"{key} must be a positive integer, not {value}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise HwgenError(f"lowrank energy must be in (0, 1], not {energy}")
+    if lowrank is not None and energy is not None:
+        raise HwgenError(f"give a low rank ({lowrank}) or a kept energy ({energy}), not both")
 
 
 def _check_bits(scheme: str, where: str, weight_bits: int | None, act_bits: int | None) -> None:
@@ -171,14 +213,22 @@ def _check_bits(scheme: str, where: str, weight_bits: int | None, act_bits: int 
         raise HwgenError(f"{where}: activation bits {act_bits} out of range [2, 16]")
 
 
-def _typed(where: str, key: str, value: object) -> int | bool:
+def _typed(where: str, key: str, value: object) -> int | bool | float | tuple[str, ...]:
+    if key == "lowrank_layers":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise HwgenError(f"precision: {where}.{key} must be a list of names, not {value!r}")
+        return tuple(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key in ("prune", "lowrank_energy") and number:
+        return float(value)
     want = bool if key == "act_signed" else int
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-        raise HwgenError(f"precision: {where}.{key} must be {want.__name__}, not {value!r}")
+        want_name = "a number" if key in ("prune", "lowrank_energy") else want.__name__
+        raise HwgenError(f"precision: {where}.{key} must be {want_name}, not {value!r}")
     return value
 
 
-def _table(where: str, d: object, keys: tuple[str, ...]) -> dict[str, int | bool]:
+def _table(where: str, d: object, keys: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise HwgenError(f"precision: [{where}] must be a table")
     for key in d:
@@ -196,7 +246,7 @@ def parse(text: str, source: str = "precision.toml") -> Precision:
     except tomllib.TOMLDecodeError as e:
         raise HwgenError(f"{source}: not valid TOML ({e})") from None
     for key in doc:
-        if key not in ("scheme", "input", "layers"):
+        if key not in ("scheme", "input", "layers", *_TOP_KEYS):
             raise HwgenError(f"{source}: unknown top-level key {key!r}")
     scheme = doc.get("scheme")
     if not isinstance(scheme, str):
@@ -208,7 +258,8 @@ def parse(text: str, source: str = "precision.toml") -> Precision:
         n: LayerPrecision(**_table(f"layers.{n}", d, _LAYER_KEYS)) for n, d in layers_doc.items()
     }
     inp = InputPrecision(**_table("input", doc.get("input", {}), _ACT_KEYS))
-    return Precision(scheme, layers, inp)
+    top = {k: _typed(source, k, doc[k]) for k in _TOP_KEYS if k in doc}
+    return Precision(scheme, layers, inp, **top)
 
 
 def load(path: str | Path) -> Precision:
@@ -222,6 +273,10 @@ def load(path: str | Path) -> Precision:
 
 def dumps(p: Precision) -> str:
     doc: dict[str, object] = {"scheme": p.scheme}
+    for key in _TOP_KEYS:
+        value = getattr(p, key)
+        if value is not None:
+            doc[key] = list(value) if key == "lowrank_layers" else value
     inp = {k: getattr(p.input, k) for k in _ACT_KEYS if getattr(p.input, k) is not None}
     if inp:
         doc["input"] = inp
@@ -253,4 +308,4 @@ def for_layers(p: Precision, names: Iterable[str], adds: Iterable[str] = ()) -> 
     for n in adds:
         lp = p.layer(n)
         layers[n] = AddPrecision(lp.act_bits, lp.act_frac, lp.act_signed)
-    return Precision(p.scheme, layers, p.input)
+    return replace(p, layers=layers)

@@ -18,6 +18,15 @@ quantised ones; the integer layers come from the quantiser's export:
   ``Σ_i m_ic·b_i`` (:func:`hwgen.quant.multibit.integer_weights`, 8-bit ``m_ic``) as
   ``Fixed`` weights, no per-channel scale: the M scales of a channel fold into its weights,
   so today's engine multiplies by them (a plane engine is a later issue).
+
+Compression (issue #12) comes first, as the precision says: the low-rank split
+(:func:`hwgen.quant.lowrank.lowrank`, retrained), then pruning
+(:func:`hwgen.quant.prune.prune`, retrained), both with INQ's retraining settings, then the
+weight scheme, which must keep the pruned weights at 0: ``fixed`` and ``pow2`` round 0.0 to
+0 (``pow2`` needs a zero level: 2 bits or more), ``inq`` and ``ternary`` run
+:func:`hwgen.quant.prune.masked_inq`; ``binary`` has no zero, ``auto`` finds no grid in
+retrained weights and the learned schemes retrain the pruned weights away (refill), so they
+refuse pruning.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from hwgen.quant.binarize import (
 )
 from hwgen.quant.codebook import CodebookOptions, dqc, ttq
 from hwgen.quant.inq import InqOptions, inq
+from hwgen.quant.lowrank import decompose, lowrank
 from hwgen.quant.multibit import alternating, integer_weights
 from hwgen.quant.precision import (
     LEARNED,
@@ -51,6 +61,7 @@ from hwgen.quant.precision import (
     LayerPrecision,
     Precision,
 )
+from hwgen.quant.prune import block_sparsity, masked_inq, prune
 
 DEFAULT_WEIGHT_BITS = {
     "fixed": 8, "inq": 5, "pow2": 5, "ternary": 2, "binary": 1, "auto": None, "bc": 1,
@@ -58,6 +69,8 @@ DEFAULT_WEIGHT_BITS = {
 }  # fmt: skip
 DEFAULT_ACT_BITS = 8
 RETRAINED = ("inq", "ternary", "binary", *LEARNED)
+# the schemes that keep pruned weights at 0 (pow2, inq, ternary: with a zero level)
+PRUNABLE = ("fixed", "pow2", "inq", "ternary")
 
 WeightSource = tuple[WeightFormat, np.ndarray] | LayerBuilder
 
@@ -108,6 +121,23 @@ class QuantResult:
         }
         if self.detected:
             meta["detected"] = dict(self.detected)
+        p = self.precision
+        if p.pruned:
+            block = p.block or 1
+            meta["prune"] = {"block": block, "sparsity": p.pruned, "achieved": {
+                layer.name: block_sparsity(layer.weight, block)
+                for layer in self.net.layers if isinstance(layer, (Conv2d, Linear))
+            }}  # fmt: skip
+        if p.lowrank is not None or p.lowrank_energy is not None:
+            meta["lowrank"] = {
+                k: v
+                for k, v in (
+                    ("rank", p.lowrank),
+                    ("energy", p.lowrank_energy),
+                    ("layers", list(p.lowrank_layers) if p.lowrank_layers else None),
+                )
+                if v is not None
+            }
         return meta
 
 
@@ -191,6 +221,47 @@ def _learned(
     return fnet, sources
 
 
+def _lowrank_asked(precision: Precision) -> bool:
+    return precision.lowrank is not None or precision.lowrank_energy is not None
+
+
+def split_net(fnet: FloatNet, precision: Precision) -> FloatNet:
+    """``fnet`` with the layers ``precision`` asks split (not retrained): its layer names are
+    those the precision's tables use."""
+    if not _lowrank_asked(precision):
+        return fnet
+    layers = _lowrank_layers(fnet, precision)
+    return decompose(fnet, precision.lowrank, precision.lowrank_energy, layers)
+
+
+def _lowrank_layers(fnet: FloatNet, precision: Precision) -> tuple[str, ...]:
+    """The layers to split: those named, else every conv layer (splitting a small
+    classifier costs 8-26 points on digits, :mod:`hwgen.quant.lowrank`)."""
+    if precision.lowrank_layers is not None:
+        return precision.lowrank_layers
+    return tuple(fl.name for fl in fnet.layers if isinstance(fl, FConv2d))
+
+
+def _check_prunable(scheme: str, precision: Precision) -> None:
+    """Refuse a scheme that would not keep the pruned weights at 0, before any retraining."""
+    pruned = precision.pruned
+    if not pruned:
+        if precision.block is not None:
+            raise HwgenError(f"block {precision.block}: no layer is pruned (give a prune target)")
+        return
+    if scheme not in PRUNABLE:
+        raise HwgenError(
+            f"scheme {scheme} cannot keep pruned weights at zero: prune with {', '.join(PRUNABLE)}"
+        )
+    for name in pruned:
+        lp = precision.layer(name)
+        bits = getattr(lp, "weight_bits", None) or DEFAULT_WEIGHT_BITS[scheme]
+        if scheme != "fixed" and bits < 2:
+            raise HwgenError(
+                f"layer {name}: scheme {scheme} at {bits} bit has no zero weight to prune to"
+            )
+
+
 def quantize(
     fnet: FloatNet,
     precision: Precision,
@@ -210,11 +281,35 @@ def quantize(
     bc, twn, lab, lat and amq, ``codebook_options`` that of dqc and ttq.
     ``float_acts`` may pass the float model's activations on ``calib_x`` to save their
     recomputation when quantising the same model many times (fixed, pow2, auto only).
+    Low-rank and pruning (see the module doc) retrain with ``inq_options`` and need ``train``
+    whatever the scheme; the precision's layer names are those after the split
+    (:func:`split_net`).
     """
     scheme = precision.scheme
+    compressed = _lowrank_asked(precision) or bool(precision.pruned)
+    if compressed and scheme == "auto":
+        raise HwgenError("scheme auto keeps weights quantized elsewhere: it cannot be retrained")
+    if compressed and train is None:
+        raise HwgenError("low-rank and pruning retrain the model: they need labelled training data")
+    if _lowrank_asked(precision):
+        assert train is not None
+        precision = replace(precision, lowrank_layers=_lowrank_layers(fnet, precision))
+        fnet = lowrank(
+            fnet, train, precision.lowrank, precision.lowrank_energy, precision.lowrank_layers,
+            inq_options, progress=progress,
+        )  # fmt: skip
     macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
     adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
     precision.check_names([fl.name for fl in macs], adds)
+    _check_prunable(scheme, precision)
+    masks = None
+    if precision.pruned:
+        assert train is not None
+        fnet, masks = prune(
+            fnet, train, precision.pruned, precision.block, options=inq_options, progress=progress
+        )
+        macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+        float_acts = None  # the pruned model is the new reference
     sources: dict[str, WeightSource] = {}
     weight_curves: dict[str, Curve] = {}
     detected: dict[str, str] = {}
@@ -256,7 +351,10 @@ def quantize(
     elif scheme in RETRAINED:
         assert train is not None
         options = inq_options or InqOptions()
-        fnet, float_weights = inq(fnet, pow2_fmts, train, options, progress=progress)
+        if masks is not None:
+            fnet = masked_inq(fnet, masks, pow2_fmts, train, options, progress=progress)
+        else:
+            fnet, float_weights = inq(fnet, pow2_fmts, train, options, progress=progress)
         for fl in fnet.layers:
             if isinstance(fl, (FConv2d, FLinear)):
                 fmt = pow2_fmts[fl.name]
@@ -264,7 +362,7 @@ def quantize(
     net, act_curves = _search(fnet, sources, precision, calib_x, float_acts)
     return QuantResult(
         net,
-        resolved(net, scheme, learned_bits),
+        resolved(net, scheme, learned_bits, like=precision),
         detected,
         weight_curves,
         act_curves,
@@ -307,16 +405,21 @@ def with_activations(base: QuantResult, precision: Precision, calib_x: np.ndarra
         for n, lp in base.precision.layers.items()
         if isinstance(lp, LayerPrecision)
     }
-    return replace(base, net=net, precision=resolved(net, scheme, bits), act_curves=act_curves)
+    precision = resolved(net, scheme, bits, like=base.precision)
+    return replace(base, net=net, precision=precision, act_curves=act_curves)
 
 
 def resolved(
-    net: Network, scheme: str, learned_bits: Mapping[str, int | None] | None = None
+    net: Network,
+    scheme: str,
+    learned_bits: Mapping[str, int | None] | None = None,
+    like: Precision | None = None,
 ) -> Precision:
     """The precision that states every format of ``net`` explicitly.
 
     A learned scheme's layers state the scheme's bits (``learned_bits``, per layer; the
     scheme's default where missing) and no weight frac or emax: they are learned again.
+    The compression settings (prune targets, block, low rank) are ``like``'s.
     """
     learned_bits = learned_bits or {}
     layers: dict[str, LayerPrecision | AddPrecision] = {}
@@ -337,8 +440,18 @@ def resolved(
                     weight_frac=wf.frac if isinstance(wf, Fixed) else None,
                     emax=wf.emax if isinstance(wf, Pow2) else None,
                 )
+            prune = like.pruned.get(layer.name) if like is not None else None
             layers[layer.name] = replace(
-                lp, act_bits=of.bits, act_frac=of.frac, act_signed=of.signed
+                lp, act_bits=of.bits, act_frac=of.frac, act_signed=of.signed, prune=prune
             )
     f = net.input_format
-    return Precision(scheme, layers, InputPrecision(f.bits, f.frac, f.signed))
+    p = Precision(scheme, layers, InputPrecision(f.bits, f.frac, f.signed))
+    if like is None:
+        return p
+    return replace(
+        p,
+        block=like.block if like.pruned else None,
+        lowrank=like.lowrank,
+        lowrank_energy=like.lowrank_energy,
+        lowrank_layers=like.lowrank_layers,
+    )
