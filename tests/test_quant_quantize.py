@@ -366,6 +366,12 @@ def test_compression_needs_training_data_and_a_pruned_layer_for_a_block(float_ne
         quantize(float_net, Precision("fixed", block=2), calib, (calib, np.arange(64) % 3))
 
 
+def test_lowrank_precision_names_the_split_layers_before_any_retraining(float_net, calib):
+    p = Precision("fixed", {"fc": LayerPrecision(prune=0.5)}, lowrank=1, lowrank_layers=("fc",))
+    with pytest.raises(HwgenError, match=r"^precision: the model has no conv/linear layer 'fc' "):
+        quantize(float_net, p, calib, (calib, np.arange(64) % 3), progress=False)
+
+
 def test_lowrank_digits_splits_conv_layers_and_reproduces(digits):
     fnet, data = digits
     train = (data.x_train, data.y_train)

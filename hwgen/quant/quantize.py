@@ -292,24 +292,28 @@ def quantize(
     if compressed and train is None:
         raise HwgenError("low-rank and pruning retrain the model: they need labelled training data")
     if _lowrank_asked(precision):
-        assert train is not None
         precision = replace(precision, lowrank_layers=_lowrank_layers(fnet, precision))
+    split = split_net(fnet, precision)  # checked before any retraining
+    adds = [fl.name for fl in split.layers if isinstance(fl, FAdd)]
+    precision.check_names(
+        [fl.name for fl in split.layers if isinstance(fl, (FConv2d, FLinear))], adds
+    )
+    _check_prunable(scheme, precision)
+    if compressed:
+        float_acts = None  # the retrained model is the new reference
+    if _lowrank_asked(precision):
+        assert train is not None
         fnet = lowrank(
             fnet, train, precision.lowrank, precision.lowrank_energy, precision.lowrank_layers,
             inq_options, progress=progress,
         )  # fmt: skip
-    macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
-    adds = [fl.name for fl in fnet.layers if isinstance(fl, FAdd)]
-    precision.check_names([fl.name for fl in macs], adds)
-    _check_prunable(scheme, precision)
     masks = None
     if precision.pruned:
         assert train is not None
         fnet, masks = prune(
             fnet, train, precision.pruned, precision.block, options=inq_options, progress=progress
         )
-        macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
-        float_acts = None  # the pruned model is the new reference
+    macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
     sources: dict[str, WeightSource] = {}
     weight_curves: dict[str, Curve] = {}
     detected: dict[str, str] = {}
