@@ -359,7 +359,8 @@ def quantize(
         calib, train = dataset.x_train, (dataset.x_train, dataset.y_train)
         test = (dataset.x_test, dataset.y_test)
     else:
-        raise HwgenError(f"model {model}: no bundled data; pass --data with calibration images 'x'")
+        need = "labelled x_train/y_train (retraining)" if need_train else "calibration images 'x'"
+        raise HwgenError(f"model {model}: no bundled data; pass --data with {need}")
     result = run_quantize(fnet, p, calib, train, **retrain_options(effective, epochs))
     net = result.net
 

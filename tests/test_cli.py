@@ -636,6 +636,12 @@ def test_quantize_bad_compression_is_one_line(tmp_path, capsys, extra, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_quantize_prune_of_a_model_without_data_is_one_line(tmp_path, capsys):
+    argv = ["quantize", "resnet20", "--scheme", "pow2", "--prune", "0.5", "-o", str(tmp_path / "q")]
+    _one_line_error(capsys, argv, "no bundled data; pass --data with labelled x_train/y_train")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantize_prune_needs_labels(tmp_path, capsys):
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.zeros((4, 1, 8, 8)))
