@@ -8,7 +8,7 @@ import time
 import zipfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -20,6 +20,9 @@ from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes, check_output, existing_mode, npz_bytes
 from hwgen.ir import Network
+
+if TYPE_CHECKING:
+    from hwgen.quant.precision import Precision
 
 # Output to a file or a pipe: wide enough that no table or line is wrapped at 80 columns.
 LOG_WIDTH = 250
@@ -243,13 +246,13 @@ def retrain_options(scheme: str, epochs: int | None) -> dict[str, Any]:
 
 
 def _compression(
-    p: Any,
+    p: Precision,
     prune: float | None,
     block: int | None,
     lowrank: int | None,
     lowrank_energy: float | None,
     lowrank_layers: str | None,
-) -> Any:
+) -> Precision:
     """The precision ``p`` with the compression options of ``hwgen quantize`` (checked, one
     line each) in place of the file's; ``--prune`` is applied later, per layer."""
     from dataclasses import replace
