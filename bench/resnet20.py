@@ -78,8 +78,13 @@ def network_run(out: Path, images: int, stalls: float, seed: int) -> tuple[int, 
 
 
 def board_figures(out: Path) -> tuple[int, int, float]:
-    """(LUT4, block RAMs, Fmax MHz of the slowest clock) from the board build's nextpnr log."""
-    clocks, util = nextpnr_log_summary((out / "board" / "top.tim").read_text())
+    """(LUT4, block RAMs, Fmax MHz of the slowest clock) from the board build's nextpnr log,
+    zeros when there is none (a build copied before its bitstream finished)."""
+    log = out / "board" / "top.tim"
+    if not log.is_file():
+        print(f"no nextpnr log {log}: no LUT4, BRAM or Fmax", file=sys.stderr)
+        return 0, 0, 0.0
+    clocks, util = nextpnr_log_summary(log.read_text())
     print(f"nextpnr: clocks {clocks}; utilisation {json.dumps(util)}")
     return util["TRELLIS_COMB"][0], util["DP16KD"][0], min(clocks.values())
 
