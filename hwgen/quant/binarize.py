@@ -42,7 +42,7 @@ from torch import nn
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2
-from hwgen.quant.inq import FloatModule, _shift, with_weights
+from hwgen.quant.inq import FloatModule, batch, retrain_loss, with_weights
 from hwgen.quant.weights import fixed_fit_frac, quantize_fixed
 from hwgen.reproducible import GRID, one_thread, snap_
 
@@ -292,21 +292,10 @@ def retrain(
             order = torch.randperm(xt.shape[0], generator=gen)
             for i in range(0, xt.shape[0], options.batch_size):
                 idx = order[i : i + options.batch_size]
-                xb = xt[idx]
-                if options.shift and xb.ndim == 4:
-                    xb = _shift(xb, options.shift, gen)
+                xb = batch(xt, idx, options.shift, gen)
                 opt.zero_grad()
                 out = module(xb)
-                loss = F.cross_entropy(out, yt[idx])
-                if options.distill:
-                    with torch.no_grad():
-                        target = teacher(xb)
-                    loss = loss + options.distill * F.mse_loss(out, target)
-                if not torch.isfinite(loss):
-                    raise HwgenError(
-                        f"{label} diverged (loss {loss.item()}) at learning rate "
-                        f"{options.lr}; use a smaller one"
-                    )
+                loss = retrain_loss(out, yt[idx], teacher, xb, options.distill, label, options.lr)
                 loss.backward()
                 opt.step()
                 cosine.step()

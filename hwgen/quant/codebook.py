@@ -31,7 +31,6 @@ from itertools import pairwise
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 from torch.func import functional_call
@@ -39,7 +38,7 @@ from torch.func import functional_call
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.ir import WEIGHT_FRAC_RANGE
-from hwgen.quant.inq import FloatModule, InqOptions, _shift, with_weights
+from hwgen.quant.inq import FloatModule, InqOptions, batch, retrain_loss, with_weights
 from hwgen.reproducible import one_thread, snap_
 
 KMAX = 6  # |entry| <= 64: 8-bit two's complement
@@ -393,21 +392,12 @@ def _train(
         for i in range(0, x.shape[0], options.batch_size):
             idx = order[i : i + options.batch_size]
             opt.zero_grad()
-            xb = x[idx]
-            if options.shift and xb.ndim == 4:
-                xb = _shift(xb, options.shift, gen)
+            xb = batch(x, idx, options.shift, gen)
             weights = {p: effective(n, module.get_parameter(p)) for n, p in names.items()}
             out = functional_call(module, weights, (xb,))
-            loss = F.cross_entropy(out, y[idx])
-            if options.distill:
-                with torch.no_grad():
-                    target = teacher(xb)
-                loss = loss + options.distill * F.mse_loss(out, target)
-            if not torch.isfinite(loss):
-                raise HwgenError(
-                    f"codebook retraining diverged (loss {loss.item()}) at learning rate {lr}; "
-                    "use a smaller one"
-                )
+            loss = retrain_loss(
+                out, y[idx], teacher, xb, options.distill, "codebook retraining", lr
+            )
             loss.backward()
             opt.step()
             cosine.step()

@@ -182,7 +182,7 @@ def inq(
     return with_weights(fnet, params), last_float
 
 
-def _shift(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def shifted(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Each image moved by a random (dy, dx) in [-k, k]**2, zeros shifted in (one gather)."""
     n, c, h, w = x.shape
     pad = F.pad(x, (k, k, k, k))
@@ -192,6 +192,35 @@ def _shift(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return pad[
         torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
     ]
+
+
+def batch(x: torch.Tensor, idx: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """The training images ``x[idx]``, images moved by up to ``shift`` pixels (:func:`shifted`)."""
+    xb = x[idx]
+    return shifted(xb, shift, gen) if shift and xb.ndim == 4 else xb
+
+
+def retrain_loss(
+    out: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: nn.Module,
+    xb: torch.Tensor,
+    distill: float,
+    what: str,
+    lr: float | None,
+) -> torch.Tensor:
+    """Cross-entropy plus ``distill`` x the squared distance to the pretrained model's logits
+    on the batch ``xb``; one line naming ``what`` if the loss diverged."""
+    loss = F.cross_entropy(out, labels)
+    if distill:
+        with torch.no_grad():
+            target = teacher(xb)
+        loss = loss + distill * F.mse_loss(out, target)
+    if not torch.isfinite(loss):
+        raise HwgenError(
+            f"{what} diverged (loss {loss.item()}) at learning rate {lr}; use a smaller one"
+        )
+    return loss
 
 
 def _retrain(
@@ -218,20 +247,11 @@ def _retrain(
         for i in range(0, x.shape[0], options.batch_size):
             idx = order[i : i + options.batch_size]
             opt.zero_grad()
-            xb = x[idx]
-            if options.shift and xb.ndim == 4:
-                xb = _shift(xb, options.shift, gen)
+            xb = batch(x, idx, options.shift, gen)
             out = module(xb)
-            loss = F.cross_entropy(out, y[idx])
-            if options.distill:
-                with torch.no_grad():
-                    target = teacher(xb)
-                loss = loss + options.distill * F.mse_loss(out, target)
-            if not torch.isfinite(loss):
-                raise HwgenError(
-                    f"INQ retraining diverged (loss {loss.item()}) at learning rate "
-                    f"{options.lr}; use a smaller one"
-                )
+            loss = retrain_loss(
+                out, y[idx], teacher, xb, options.distill, "INQ retraining", options.lr
+            )
             loss.backward()
             for n, m in macs.items():
                 m.weight.grad.mul_(masks[n])
