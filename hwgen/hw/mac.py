@@ -270,7 +270,7 @@ class MACArray(wiring.Component):
 
     @staticmethod
     def _reg(m: Module, v: Signal, name: str) -> Signal:
-        reg = Signal.like(v, name=name)
+        reg = Signal.like(v, name=name, reset_less=True)
         m.d.sync += reg.eq(v)
         return reg
 
@@ -278,8 +278,11 @@ class MACArray(wiring.Component):
         m = Module()
         # Stage 0 registers the inputs, stage 1 the lane terms, then the adder tree's stages,
         # then the accumulator: each stage is one level of logic, for 150 MHz on ECP5.
-        act = Signal.like(self.act, name="act0")
-        codes = Signal.like(self.codes, name="codes0")
+        # Data registers are reset-less: only the control pipeline (valid, first, last,
+        # fold) needs the reset, and a reset on every lane register would be a 19,000-sink
+        # net on ResNet-20 and a LUT per lane to merge it with the zero-weight clear.
+        act = Signal.like(self.act, name="act0", reset_less=True)
+        codes = Signal.like(self.codes, name="codes0", reset_less=True)
         m.d.sync += [act.eq(self.act), codes.eq(self.codes)]
         stages = tree_stages(self.simd)
         ctl = [
@@ -305,12 +308,12 @@ class MACArray(wiring.Component):
         for k in range(self.pe):
             terms, carries = [], []
             for j, (term, neg, zero) in enumerate(self._lanes(act, codes[k], products)):
-                reg = Signal(signed(signed_bits(*lane_range)), name=f"term{k}_{j}")
+                reg = Signal(signed(signed_bits(*lane_range)), name=f"term{k}_{j}", reset_less=True)
                 # A zero weight clears the registers: a synchronous reset, no LUT.
                 m.d.sync += reg.eq(Mux(zero, 0, term))
                 terms.append((reg, lane_range))
                 if pow2:
-                    n = Signal(name=f"neg{k}_{j}")
+                    n = Signal(name=f"neg{k}_{j}", reset_less=True)
                     m.d.sync += n.eq(Mux(zero, 0, neg))
                     carries.append(n)
             # A balanced tree of two-input adders, each taking one lane's "+1" as its
@@ -329,9 +332,11 @@ class MACArray(wiring.Component):
                 terms = pairs + terms[len(terms) - len(terms) % 2 :]
                 level += 1
             total, (lo, hi) = terms[0]
-            s_sum = Signal(signed(min(signed_bits(lo, hi), self.acc_bits)), name=f"sum{k}")
+            s_sum = Signal(
+                signed(min(signed_bits(lo, hi), self.acc_bits)), name=f"sum{k}", reset_less=True
+            )
             m.d.sync += s_sum.eq(total)
-            s_carry = Signal(name=f"carry{k}")
+            s_carry = Signal(name=f"carry{k}", reset_less=True)
             if carries:
                 m.d.sync += s_carry.eq(carries.pop())
             biases = [Const(int(b), signed(self.acc_bits)) for b in self.bias[:, k]]
