@@ -19,6 +19,7 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
 from hwgen.ir import (
     ACT_FRAC_RANGE,
     ActFormat,
@@ -260,3 +261,16 @@ def with_scale(
     shift = requant_bits(layer, fin) - out.bits - delta
     frac = min(max(requant_frac(layer, fin) - shift, ACT_FRAC_RANGE[0]), ACT_FRAC_RANGE[1])
     return replace(layer, out_format=replace(out, frac=frac))
+
+
+def tiny_float_net(rng: np.random.Generator) -> FloatNet:
+    """A 1x6x6 float CNN (conv 3x3 -> max pool -> dense 12 -> 4) for retraining tests."""
+    return FloatNet(
+        (1, 6, 6),
+        (
+            FConv2d("c", rng.normal(0, 0.5, (3, 1, 3, 3)), rng.normal(0, 0.1, 3), relu=True),
+            FMaxPool2d("p", (2, 2), (2, 2)),
+            FFlatten("f"),
+            FLinear("fc", rng.normal(0, 0.3, (4, 12)), rng.normal(0, 0.1, 4)),
+        ),
+    )

@@ -551,14 +551,18 @@ BAD_SCALES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_SCALES))
-def test_bad_scales_are_refused_with_one_line(tmp_path, scaled, case):
-    mutate, message = BAD_SCALES[case]
-    doc, arrays = _unpack(hwq.save(scaled, tmp_path / "good.hwq"))
+def _refused_with_one_line(tmp_path: Path, net: Network, mutate, message: str) -> None:
+    """``net`` saved, its file mutated, then loaded: one line matching ``message``."""
+    doc, arrays = _unpack(hwq.save(net, tmp_path / "good.hwq"))
     mutate(doc, arrays)
     with pytest.raises(HwgenError, match=message) as e:
         hwq.load(_write_dir(tmp_path / "bad.hwq", doc, arrays))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", list(BAD_SCALES))
+def test_bad_scales_are_refused_with_one_line(tmp_path, scaled, case):
+    _refused_with_one_line(tmp_path, scaled, *BAD_SCALES[case])
 
 
 # ---------------------------------------------------------------- version 3 (codebook weights)
@@ -695,9 +699,4 @@ BAD_CODEBOOKS = {
 
 @pytest.mark.parametrize("case", list(BAD_CODEBOOKS))
 def test_bad_codebooks_are_refused_with_one_line(tmp_path, books, case):
-    mutate, message = BAD_CODEBOOKS[case]
-    doc, arrays = _unpack(hwq.save(books, tmp_path / "good.hwq"))
-    mutate(doc, arrays)
-    with pytest.raises(HwgenError, match=message) as e:
-        hwq.load(_write_dir(tmp_path / "bad.hwq", doc, arrays))
-    assert "\n" not in str(e.value)
+    _refused_with_one_line(tmp_path, books, *BAD_CODEBOOKS[case])

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_float_net
 
 from hwgen import golden as gm
 from hwgen.errors import HwgenError
 from hwgen.examples.digits import digits_float_net
-from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
+from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.ir import ActFormat, Fixed, Network, Pow2
 from hwgen.quant.binarize import (
     SCHEMES,
@@ -153,22 +154,10 @@ def test_adam_hessian_is_the_root_of_the_bias_corrected_second_moment():
     assert np.allclose(_adam_hessian(opt, p), want.numpy(), rtol=1e-12, atol=0)
 
 
-def _fnet(rng: np.random.Generator) -> FloatNet:
-    return FloatNet(
-        (1, 6, 6),
-        (
-            FConv2d("c", rng.normal(0, 0.5, (3, 1, 3, 3)), rng.normal(0, 0.1, 3), relu=True),
-            FMaxPool2d("p", (2, 2), (2, 2)),
-            FFlatten("f"),
-            FLinear("fc", rng.normal(0, 0.3, (4, 12)), rng.normal(0, 0.1, 4)),
-        ),
-    )
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_retraining_is_seeded_and_ends_exactly_on_codes_times_scales(scheme):
     rng = np.random.default_rng(1)
-    fnet = _fnet(rng)
+    fnet = tiny_float_net(rng)
     x = rng.uniform(0, 1, (48, 1, 6, 6)).astype(np.float32)
     y = rng.integers(0, 4, 48)
     opts = RetrainOptions(epochs=2, batch_size=16, lr=1e-2)
@@ -187,7 +176,7 @@ def test_retraining_is_seeded_and_ends_exactly_on_codes_times_scales(scheme):
 
 def test_retrain_names_an_unknown_layer():
     rng = np.random.default_rng(0)
-    fnet = _fnet(rng)
+    fnet = tiny_float_net(rng)
     x, y = rng.uniform(0, 1, (4, 1, 6, 6)), np.zeros(4, np.int64)
     with pytest.raises(HwgenError, match="no conv/linear layer named 'p' to quantise"):
         retrain(fnet, {"p": quantizer("bc")}, (x, y), progress=False)
@@ -213,7 +202,7 @@ def test_retraining_on_digits_beats_the_quantised_pretrained_model(scheme):
 def test_lab_retraining_uses_adams_hessian():
     # with D ignored LAB would take BC's steps exactly (same seed, same signs, same scales)
     rng = np.random.default_rng(2)
-    fnet = _fnet(rng)
+    fnet = tiny_float_net(rng)
     x = rng.uniform(0, 1, (32, 1, 6, 6))
     y = rng.integers(0, 4, 32)
     opts = RetrainOptions(epochs=1, batch_size=16)

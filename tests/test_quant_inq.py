@@ -1,30 +1,19 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_float_net
 from test_quant_tune import residual_problem
 
 from hwgen.errors import HwgenError
-from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet, FMaxPool2d
+from hwgen.frontend.graph import FConv2d, FLinear
 from hwgen.ir import Pow2
 from hwgen.quant.inq import FloatModule, InqOptions, _select, inq
 from hwgen.quant.weights import inq_emax, quantize_pow2
 
 
-def _fnet(rng: np.random.Generator) -> FloatNet:
-    return FloatNet(
-        (1, 6, 6),
-        (
-            FConv2d("c", rng.normal(0, 0.5, (3, 1, 3, 3)), rng.normal(0, 0.1, 3), relu=True),
-            FMaxPool2d("p", (2, 2), (2, 2)),
-            FFlatten("f"),
-            FLinear("fc", rng.normal(0, 0.3, (4, 12)), rng.normal(0, 0.1, 4)),
-        ),
-    )
-
-
 def test_float_module_matches_float_net():
     rng = np.random.default_rng(0)
-    fnet = _fnet(rng)
+    fnet = tiny_float_net(rng)
     x = rng.normal(size=(5, 1, 6, 6))
     want = fnet.forward(torch.as_tensor(x))[-1]
     got = FloatModule(fnet).double()(torch.as_tensor(x))
@@ -55,7 +44,7 @@ def test_magnitude_partition_takes_the_largest_free_weights():
 @pytest.mark.parametrize("partition", ["magnitude", "random"])
 def test_inq_ends_on_grid_and_is_seeded(partition):
     rng = np.random.default_rng(1)
-    fnet = _fnet(rng)
+    fnet = tiny_float_net(rng)
     x = rng.uniform(0, 1, (48, 1, 6, 6)).astype(np.float32)
     y = rng.integers(0, 4, 48)
     fmts = {"c": Pow2(4, inq_emax(fnet.layers[0].weight)), "fc": Pow2(3, -1)}
