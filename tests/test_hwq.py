@@ -483,12 +483,7 @@ def test_scales_round_trip_as_version_3(tmp_path, scaled, archive):
     back = hwq.load(path)
     assert back == scaled and back.layer("conv2").scale_format == Fixed(16, 9)
     assert back.layer("fc1").scale is None
-    x = np.random.default_rng(0).integers(-128, 128, (4, *scaled.input_shape))
-    for a, b in zip(gm.forward(back, x), gm.forward(scaled, x), strict=True):
-        assert np.array_equal(a, b)
-    again = hwq.save(back, tmp_path / "again.hwq", archive=archive)
-    if archive:
-        assert again.read_bytes() == path.read_bytes()
+    _same_outputs_and_bytes(back, scaled, path, tmp_path, archive)
 
 
 def _unpack_dir(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -551,6 +546,18 @@ BAD_SCALES = {
 }
 
 
+def _same_outputs_and_bytes(
+    back: Network, net: Network, path: Path, tmp_path: Path, archive: bool
+) -> None:
+    """A loaded ``back`` computes what ``net`` does and (zipped) saves to the same bytes."""
+    x = np.random.default_rng(0).integers(-128, 128, (4, *net.input_shape))
+    for a, b in zip(gm.forward(back, x), gm.forward(net, x), strict=True):
+        assert np.array_equal(a, b)
+    again = hwq.save(back, tmp_path / "again.hwq", archive=archive)
+    if archive:
+        assert again.read_bytes() == path.read_bytes()
+
+
 def _refused_with_one_line(tmp_path: Path, net: Network, mutate, message: str) -> None:
     """``net`` saved, its file mutated, then loaded: one line matching ``message``."""
     doc, arrays = _unpack(hwq.save(net, tmp_path / "good.hwq"))
@@ -610,12 +617,7 @@ def test_codebooks_round_trip_as_indices_in_version_3(tmp_path, books, archive):
     assert arrays["fc2.weight"].max() == 4 and arrays["fc2.weight"].min() == 0
     back = hwq.load(path)
     assert back == books and back.layer("fc2").weight_format == Codebook((-7, -1, 2, 5, 96), -3)
-    x = np.random.default_rng(1).integers(-128, 128, (4, *books.input_shape))
-    for a, b in zip(gm.forward(back, x), gm.forward(books, x), strict=True):
-        assert np.array_equal(a, b)
-    again = hwq.save(back, tmp_path / "again.hwq", archive=archive)
-    if archive:
-        assert again.read_bytes() == path.read_bytes()
+    _same_outputs_and_bytes(back, books, path, tmp_path, archive)
 
 
 def test_a_codebook_alone_makes_version_3(tmp_path):
