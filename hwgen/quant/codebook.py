@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
+from hwgen.hw.cmvm import csd
 from hwgen.ir import WEIGHT_FRAC_RANGE
 from hwgen.quant.inq import FloatModule, InqOptions, batch, retrain_loss, with_weights
 from hwgen.reproducible import one_thread, snap_
@@ -59,14 +60,7 @@ def shift_add_terms(e: int) -> list[tuple[int, int]]:
     entry with more than two is no ``±2**j ± 2**k`` and is refused.
     """
     e = int(e)
-    terms, n, k = [], e, 0
-    while n:
-        if n & 1:
-            d = 2 - (n & 3)  # +1 if n = 1 (mod 4), -1 if n = 3 (mod 4): the next bit is 0
-            terms.append((d, k))
-            n -= d
-        n >>= 1
-        k += 1
+    terms = [(-1 if negative else 1, k) for k, negative in csd(e)]
     if len(terms) > 2:
         raise HwgenError(
             f"codebook entry {e} is not 0, ±2^k or ±2^j ± 2^k (it needs {len(terms)} "
