@@ -8,7 +8,8 @@ A build folder (docs/build-format.md)::
     rtl/<net>_<layer>.v      one module per layer engine (Flatten has none)
     rtl/<net>_top.v          the network with AXI4-Stream ports (s_axis_*, m_axis_*)
     rtl/<net>_stream.v       the same chain with hwgen's stream ports, for the benches
-    rom/<layer>.hex          each layer's weight ROM (all its PEs), $readmemh text
+    rom/<layer>.hex          each layer's weight ROM (all its PEs), $readmemh text (a ROM
+                             of several banks: rom/<layer>.<bank>.hex)
     vectors/<layer>.npz      per-layer test vectors: golden input(s) and output streams
     vectors/network.npz      whole-network vectors
     vendor/                  Vivado (Arty A7) and Quartus project skeletons
@@ -39,7 +40,7 @@ from hwgen.hw.board import AxiNetwork, BoardTop, platform_for
 from hwgen.hw.engine import ENGINES, EngineInfo, choose_folding, engine_info, make_engine
 from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
-from hwgen.hw.rom import hex_lines, rom_file
+from hwgen.hw.rom import rom_images
 from hwgen.ir import INPUT, ActFormat, Add, Codebook, Conv2d, Flatten, Linear, Network
 from hwgen.synth import DEVICES, Phase, Resources, cells_from_log, quiet, run_tool, yosys_prep
 from hwgen.templates import template, vendor_projects
@@ -318,8 +319,10 @@ def build(
         module = module_name(net, layer.name)
         engine = make_engine(net, index, pe, simd, opts.rom_style, kind)
         files[f"rtl/{module}.v"] = verilog.convert(engine, name=module, emit_src=False)
+        images = {}
         for words in info.roms:
-            files[rom_file(layer.name)] = hex_lines(words, info.rom_width)
+            images |= rom_images(layer.name, words, info.rom_width)
+        files |= images
         vectors = _layer_vectors(net, index, acts, info)
         vec = f"vectors/{layer.name}.npz"
         files[vec] = npz_bytes(vectors)
@@ -334,7 +337,7 @@ def build(
             len(vectors["input"]),
         )
         entry |= _layer_fields(net, index)
-        entry["roms"] = [rom_file(layer.name) for _ in info.roms]
+        entry["roms"] = list(images)
         layers.append(entry)
 
     top_module, stream_module = module_name(net, "top"), module_name(net, "stream")

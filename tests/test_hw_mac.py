@@ -296,6 +296,40 @@ def test_a_result_per_cycle_through_deep_trees(simd):
     assert beats <= cycles <= beats + 6 + tree_stages(simd)
 
 
+def test_block_rom_of_several_banks_with_stalls():
+    """A ROM deeper than 128 words is in block RAM, in banks of 512 words here (20-bit
+    words), with registered bank outputs: its data arrives a cycle later, the beat waits."""
+    rng = np.random.default_rng(5)
+    fin, wfmt = ActFormat(6, 2), Pow2(5, -2)
+    w = random_weights(rng, wfmt, (32, 8, 3, 3))
+    layer = Conv2d("c", 8, 32, 3, wfmt, ActFormat(8, 1), w, rng.integers(-50, 50, 32), padding=1)
+    dut = MACUnit(layer, fin, 2, 2)
+    assert (dut.depth, dut.rom_stages) == (576, 1)
+    x = rng.integers(fin.lo, fin.hi, size=(8, 3, 3), endpoint=True)
+    check_conv(layer, fin, x, pe=2, simd=2, stall_in=0.3, stall_out=0.3, seed=2)
+
+
+def test_a_result_per_cycle_from_a_banked_rom():
+    """1x1 kernel, SIMD = Cin, 520 output channels at PE = 1: a 520-word ROM in two banks,
+    every beat a result, and still one a cycle (the FIFO has a word more for the ROM)."""
+    rng = np.random.default_rng(8)
+    fin, wfmt = ActFormat(8, 4), Pow2(5, -2)
+    layer = Conv2d(
+        "c",
+        4,
+        520,
+        1,
+        wfmt,
+        ActFormat(8, 2),
+        random_weights(rng, wfmt, (520, 4, 1, 1)),
+        rng.integers(-99, 99, 520),
+    )
+    x = rng.integers(fin.lo, fin.hi, size=(4, 2, 2), endpoint=True)
+    cycles = check_conv(layer, fin, x, pe=1, simd=4)
+    beats = 2 * 2 * 520
+    assert beats <= cycles <= beats + 7 + tree_stages(4)
+
+
 # ---------------------------------------------------------------- per-channel scale
 
 

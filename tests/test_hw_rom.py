@@ -9,12 +9,15 @@ from hwgen.emit import BuildOptions, build
 from hwgen.errors import HwgenError
 from hwgen.hw.rom import (
     WeightROM,
+    bank_files,
     bram_blocks,
     code_bits,
     decode_weights,
     encode_weights,
     hex_lines,
+    rom_banks,
     rom_file,
+    rom_images,
     rom_storage,
     rom_width,
     rom_words,
@@ -168,6 +171,65 @@ def test_inline_rom_reads_with_one_cycle_latency():
     sim.add_testbench(bench)
     sim.run()
     assert got == [*init, init[5], init[5], init[0]]
+
+
+@pytest.mark.parametrize(
+    ("width", "depth", "storage", "banks"),
+    [
+        (160, 1100, "block", [512, 512, 76]),  # 36x512, 5 wide
+        (40, 1152, "block", [1152]),  # 9x2048: one row of 5 blocks
+        (160, 512, "block", [512]),
+        (160, 1100, "logic", [1100]),
+        (16, 3000, "block", [1024, 1024, 952]),  # 18x1024
+    ],
+)
+def test_rom_banks_cost_no_block(width, depth, storage, banks):
+    assert rom_banks(width, depth, storage) == banks
+    if storage == "block":
+        assert sum(bram_blocks(width, d) for d in banks) == bram_blocks(width, depth)
+
+
+def read_rom(dut: WeightROM, addrs: list[int]) -> list[int]:
+    """The ROM's data ``dut.latency`` cycles after each address (one address per cycle)."""
+    got = []
+
+    async def bench(ctx):
+        for k in range(len(addrs) + dut.latency):
+            if k < len(addrs):
+                ctx.set(dut.addr, addrs[k])
+            await ctx.tick()
+            if k >= dut.latency - 1 and len(got) < len(addrs):
+                got.append(ctx.get(dut.data))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    return got
+
+
+def test_banked_block_rom_reads_every_bank_with_two_cycle_latency():
+    rng = np.random.default_rng(3)
+    init = [int(v) for v in rng.integers(0, 1 << 40, 1100)]
+    wide = [v | (v << 40) | (v << 80) | (v << 120) for v in init]  # 160 bits: 3 banks
+    dut = WeightROM(width=160, depth=1100, init=wide)
+    assert dut.latency == 2
+    addrs = [0, 511, 512, 1023, 1024, 1099, *rng.integers(0, 1100, 40).tolist(), 7, 1050, 600]
+    assert read_rom(dut, addrs) == [wide[a] for a in addrs]
+
+
+def test_file_rom_has_one_hex_file_per_bank():
+    words = np.arange(1100, dtype=object) * (1 << 100)
+    images = rom_images("c", words, 160)
+    assert list(images) == ["rom/c.0.hex", "rom/c.1.hex", "rom/c.2.hex"]
+    assert [len(t.splitlines()) for t in images.values()] == [512, 512, 76]
+    assert images["rom/c.1.hex"].splitlines()[0] == hex_lines(words[512:513], 160).strip()
+    assert list(rom_images("d", words[:100], 160)) == ["rom/d.hex"]
+    assert bank_files("rom/c.hex", 1) == ["rom/c.hex"]
+    dut = WeightROM(width=160, depth=1100, init=words, style="file", init_file="rom/c.hex")
+    text = verilog.convert(dut, name="top", emit_src=False)
+    for k, depth in enumerate([512, 512, 76]):
+        assert f'.INIT_FILE("rom/c.{k}.hex")' in text and f".DEPTH(32'd{depth})" in text
 
 
 def test_file_rom_instantiates_hwgen_rom_with_a_relative_path():

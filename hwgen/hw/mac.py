@@ -30,7 +30,15 @@ from amaranth.lib.wiring import In, Out
 
 from hwgen.hw.cmvm import csd
 from hwgen.hw.requant import Requantizer, act_shape
-from hwgen.hw.rom import WeightROM, code_bits, entry_terms, rom_file, rom_width, rom_words
+from hwgen.hw.rom import (
+    WeightROM,
+    code_bits,
+    entry_terms,
+    rom_file,
+    rom_storage,
+    rom_width,
+    rom_words,
+)
 from hwgen.ir import (
     ActFormat,
     Codebook,
@@ -354,7 +362,9 @@ class MACUnit(wiring.Component):
     pixel's window, order kh, kw, channel group, ``last`` on each repetition's final beat),
     one beat per cycle; emits PE output channels per repetition. One ROM holds every PE's
     codes (hwgen.hw.rom layout): all PEs read the same address, the beat count modulo the
-    ROM depth, in the cycle the beat is taken (the array registers the ROM's data).
+    ROM depth, in the cycle the beat is taken (the array registers the ROM's data). A ROM in
+    block RAM answers a cycle later (``WeightROM.latency``): the beat waits one more
+    register stage for it (``rom_stages`` = 1, else 0).
 
     With a per-output-channel scale, each PE's finished accumulator is multiplied by the
     ``m_c`` of the channel it holds (a constant table indexed by the result's neuron fold,
@@ -364,14 +374,15 @@ class MACUnit(wiring.Component):
     the FIFO's LUT RAM write after them was the digits network's slowest path).
 
     Flow control by credit, so that nothing in the array waits on the consumer: results go
-    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) + scale_stages``
-    words (``scale_stages`` is 1 with a scale, else 0), and ``pending`` counts the
+    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) + scale_stages +
+    rom_stages`` words (``scale_stages`` is 1 with a scale, else 0), and ``pending`` counts the
     repetitions whose last beat was taken but whose result has not left the FIFO.
     ``i.ready`` is a register, ``pending <= out_depth - 2`` one cycle earlier: pending grows
     by at most one per cycle, so it never exceeds ``out_depth`` and the FIFO never
-    overflows. A last beat stays pending ``6 + tree_stages(simd) + scale_stages`` cycles
-    when the consumer is ready (the input register, the array's stages, the scale's, the
-    requantiser's and the FIFO's write; seven up to SIMD = 4 without a scale), no more than
+    overflows. A last beat stays pending ``6 + tree_stages(simd) + scale_stages + rom_stages``
+    cycles when the consumer is ready (the input registers, the array's stages, the scale's,
+    the requantiser's and the FIFO's write; seven up to SIMD = 4 without a scale and with a
+    ROM in logic), no more than
     ``out_depth - 2``: a result per beat (SIMD = Cin, a 1x1 kernel) still flows at full
     rate.
 
@@ -394,9 +405,10 @@ class MACUnit(wiring.Component):
         self.layer, self.in_format, self.pe, self.simd = layer, in_format, pe, simd
         self.rom_style = rom_style
         self.scale_stages = 0 if layer.scale is None else 1
-        self.out_depth = self.OUT_DEPTH + tree_stages(simd) + self.scale_stages
         self.words = rom_words(layer, pe, simd)
         self.depth = len(self.words)
+        self.rom_stages = int(rom_storage(rom_width(layer, pe, simd), self.depth) == "block")
+        self.out_depth = self.OUT_DEPTH + tree_stages(simd) + self.scale_stages + self.rom_stages
         self.acc_bits = acc_bits(layer, in_format)
         self.requant_bits = requant_bits(layer, in_format)
         out = layer.out_format
@@ -493,14 +505,25 @@ class MACUnit(wiring.Component):
             if folds > 1:
                 with m.If(self.i.payload.last):
                     m.d.sync += fold.eq(Mux(fold == folds - 1, 0, fold + 1))
+        # The ROM reads the taken beat's word; its data meets the beat in the array's input,
+        # after rom.latency - 1 more register stages on the beat's side.
+        beat = [take, self.i.payload.data, first, self.i.payload.last, fold]
+        for stage in range(rom.latency - 1):
+            held = [
+                Signal(name=f"beat{stage}_valid"),
+                Signal.like(self.i.payload.data, name=f"beat{stage}_act", reset_less=True),
+                Signal(name=f"beat{stage}_first", reset_less=True),
+                Signal(name=f"beat{stage}_last", reset_less=True),
+                Signal.like(fold, name=f"beat{stage}_fold", reset_less=True),
+            ]
+            m.d.sync += [h.eq(b) for h, b in zip(held, beat, strict=True)]
+            beat = held
         m.d.sync += [
-            mac.valid.eq(take),
-            mac.act.eq(self.i.payload.data),
-            mac.first.eq(first),
-            mac.last.eq(self.i.payload.last),
-            mac.fold.eq(fold),
+            port.eq(b)
+            for port, b in zip(
+                [mac.valid, mac.act, mac.first, mac.last, mac.fold], beat, strict=True
+            )
         ]
-        # The ROM reads the taken beat's word; its data meets the beat in the array's input.
         m.d.comb += [rom.addr.eq(addr), mac.codes.eq(rom.data)]
 
         results, done = [mac.acc[k] for k in range(pe)], mac.done

@@ -36,7 +36,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 import numpy as np
-from amaranth import ClockSignal, Instance, Module, unsigned
+from amaranth import Array, ClockSignal, Instance, Module, Signal, Value, unsigned
 from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -166,6 +166,16 @@ def bram_blocks(width: int, depth: int, family: str = "ecp5") -> int:
     return min(-(-width // w) * -(-depth // d) for w, d in BRAM_SHAPES[family])
 
 
+def rom_banks(width: int, depth: int, storage: str) -> list[int]:
+    """Depths of a ROM's banks, address 0 first: one bank per block-RAM row of the ECP5
+    configuration that ``bram_blocks`` counts (so banking costs no block), one bank in
+    logic. Every bank but the last is a power of two deep."""
+    if storage == "logic":
+        return [depth]
+    _, rows = min(BRAM_SHAPES["ecp5"], key=lambda s: (-(-width // s[0]) * -(-depth // s[1]), -s[1]))
+    return [min(rows, depth - base) for base in range(0, depth, rows)]
+
+
 def rom_storage(width: int, depth: int) -> str:
     """``"logic"`` for a shallow ROM (LUTs decode it), else ``"block"`` (block RAM)."""
     return "logic" if depth <= LOGIC_MAX_DEPTH else "block"
@@ -182,8 +192,34 @@ def rom_file(layer_name: str) -> str:
     return str(PurePosixPath("rom") / f"{layer_name}.hex")
 
 
+def bank_files(init_file: str, banks: int) -> list[str]:
+    """The hex file of each bank: ``init_file`` itself for one bank, else ``<stem>.<k>.hex``."""
+    if banks == 1:
+        return [init_file]
+    p = PurePosixPath(init_file)
+    return [str(p.with_name(f"{p.stem}.{k}{p.suffix}")) for k in range(banks)]
+
+
+def rom_images(layer_name: str, words: np.ndarray, width: int) -> dict[str, str]:
+    """The ``file`` style's hex files of a layer's ROM, ``{path: text}``, one per bank."""
+    depths = rom_banks(width, len(words), rom_storage(width, len(words)))
+    starts = np.cumsum([0, *depths])
+    names = bank_files(rom_file(layer_name), len(depths))
+    return {
+        name: hex_lines(words[lo:hi], width)
+        for name, lo, hi in zip(names, starts[:-1], starts[1:], strict=True)
+    }
+
+
 class WeightROM(wiring.Component):
-    """A read-only memory with a synchronous read port (data one cycle after the address).
+    """A read-only memory with a synchronous read port: data ``latency`` cycles after the
+    address.
+
+    In logic, ``latency`` is 1. In block RAM it is 2: the ROM is split into ``rom_banks``,
+    each bank's read data is registered next to its blocks, and the bank select (delayed to
+    match) picks among those registers. A block RAM's clock-to-out (5.6 ns on ECP5) then
+    never meets the routing to the bank mux and its consumer in one cycle: that path set
+    ResNet-20's Fmax (64 MHz, 8 ns of routing) and the digits network's.
 
     Parameters
     ----------
@@ -197,7 +233,8 @@ class WeightROM(wiring.Component):
         that loads ``init_file`` with ``$readmemh`` at elaboration, so weights can be swapped
         without regenerating the RTL. Both have the same timing.
     init_file : str
-        Relative path of the hex file (``file`` style only).
+        Relative path of the hex file (``file`` style only); a ROM of several banks loads
+        one file per bank (``bank_files``).
     storage : ``"block"``, ``"logic"`` or None
         Where synthesis puts it (the ``rom_style`` attribute Yosys reads); None chooses
         with ``rom_storage``.
@@ -240,26 +277,57 @@ class WeightROM(wiring.Component):
             }
         )
 
-    def elaborate(self, platform: object) -> Module:
-        m = Module()
+    @property
+    def latency(self) -> int:
+        """Cycles from an address to its data."""
+        return 1 if self.storage == "logic" else 2
+
+    def _bank(self, m: Module, k: int, base: int, depth: int, file: str, addr: Value) -> Value:
+        """Bank ``k`` (words ``base`` to ``base + depth - 1``) read at ``addr``: its data."""
+        data = Signal(self.width, name=f"bank{k}_data")
         if self.style == "file":
-            m.submodules.rom = Instance(
+            m.submodules[f"bank{k}"] = Instance(
                 "hwgen_rom",
-                p_DEPTH=self.depth,
+                p_DEPTH=depth,
                 p_WIDTH=self.width,
-                p_INIT_FILE=self.init_file,
+                p_INIT_FILE=file,
                 p_LOGIC=int(self.storage == "logic"),
                 i_clk=ClockSignal("sync"),
-                i_addr=self.addr,
-                o_data=self.data,
+                i_addr=addr[: max(1, (depth - 1).bit_length())],
+                o_data=data,
             )
-            return m
-        m.submodules.mem = mem = memory.Memory(
+            return data
+        m.submodules[f"bank{k}"] = mem = memory.Memory(
             shape=unsigned(self.width),
-            depth=self.depth,
-            init=self.init,
+            depth=depth,
+            init=self.init[base : base + depth],
             attrs={"rom_style": self.storage},
         )
         rd = mem.read_port()
-        m.d.comb += [rd.addr.eq(self.addr), self.data.eq(rd.data)]
+        m.d.comb += [rd.addr.eq(addr), data.eq(rd.data)]
+        return data
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        depths = rom_banks(self.width, self.depth, self.storage)
+        files = (
+            bank_files(self.init_file, len(depths)) if self.style == "file" else [""] * len(depths)
+        )
+        if self.storage == "logic":
+            m.d.comb += self.data.eq(self._bank(m, 0, 0, self.depth, files[0], self.addr))
+            return m
+        rows = depths[0]  # a power of two when there are several banks
+        low = max(1, (rows - 1).bit_length())
+        held = []
+        for k, depth in enumerate(depths):
+            data = self._bank(m, k, k * rows, depth, files[k], self.addr[:low])
+            reg = Signal(self.width, name=f"bank{k}_reg", reset_less=True)
+            m.d.sync += reg.eq(data)
+            held.append(reg)
+        if len(held) == 1:
+            m.d.comb += self.data.eq(held[0])
+            return m
+        sel = [Signal(range(len(held)), name=f"bank_sel{j}", reset_less=True) for j in (1, 2)]
+        m.d.sync += [sel[0].eq(self.addr[low:]), sel[1].eq(sel[0])]
+        m.d.comb += self.data.eq(Array(held)[sel[1]])
         return m
