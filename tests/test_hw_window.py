@@ -9,9 +9,10 @@ from hwgen.hw.streams import run_stream
 from hwgen.hw.window import SlidingWindow
 
 
-def window_model(x, kernel, stride, padding, lanes, repeats):
+def window_model(x, kernel, stride, padding, lanes, repeats, schedule=None):
     """The window beats of one (C, H, W) image: per output pixel, ``repeats`` times, (kh, kw,
-    group) with zero padding; ``last`` on each repetition's final beat."""
+    group) with zero padding (repetition r: only its beats ``schedule[r]``); ``last`` on each
+    repetition's final beat."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     c, h, w = x.shape
     xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw)))
@@ -20,10 +21,11 @@ def window_model(x, kernel, stride, padding, lanes, repeats):
     beats = []
     for oy in range(oh):
         for ox in range(ow):
-            for _ in range(repeats):
-                for n, (a, b, g) in enumerate(window, 1):
+            for r in range(repeats):
+                taken = range(len(window)) if schedule is None else schedule[r]
+                for n, (a, b, g) in enumerate((window[i] for i in taken), 1):
                     lanes_ = xp[g * lanes : (g + 1) * lanes, oy * sh + a, ox * sw + b]
-                    beats.append({"data": lanes_.tolist(), "last": int(n == len(window))})
+                    beats.append({"data": lanes_.tolist(), "last": int(n == len(taken))})
     return beats
 
 
@@ -44,6 +46,7 @@ def run_window(
     stall_out=0.0,
     seed=0,
     times=None,
+    schedule=None,
 ):
     """Stream ``images`` random images through a SlidingWindow; assert it matches the model."""
     rng = np.random.default_rng(seed)
@@ -59,8 +62,11 @@ def run_window(
         lanes=lanes,
         repeats=repeats,
         shape=signed(bits) if is_signed else unsigned(bits),
+        schedule=schedule,
     )
-    expected = [b for x in xs for b in window_model(x, kernel, stride, padding, lanes, repeats)]
+    expected = [
+        b for x in xs for b in window_model(x, kernel, stride, padding, lanes, repeats, schedule)
+    ]
     beats_in = [b.tolist() for x in xs for b in x.transpose(1, 2, 0).reshape(-1, lanes)]
     got, cycles = run_stream(dut, beats_in, len(expected), stall_in, stall_out, seed, times=times)
     for n, (g, e) in enumerate(zip(got, expected, strict=True)):
@@ -146,6 +152,71 @@ def test_random_geometries_campaign(seed):
     )
 
 
+def _random_schedule(rng, beats, repeats):
+    """Per repetition a random subset of the window's beats (at least one), ascending."""
+    return tuple(
+        tuple(sorted(int(v) for v in rng.choice(beats, int(rng.integers(1, beats + 1)), False)))
+        for _ in range(repeats)
+    )
+
+
+SCHEDULES = {
+    # case, schedule: a skipped tail, one beat per repetition, a skipped head and middle
+    "3x3_first_beats": ("3x3_pad1", ((0, 1, 2, 3, 4),)),
+    "single_beats": ("nonsquare_stride", ((11,), (0,))),
+    "dense_1x1_map": ("dense_1x1_map", ((1,), (0, 1), (1,))),
+    "3x3_pad3_middle": ("3x3_pad3", ((4,),)),
+    "kernel_is_map": ("kernel_is_map", ((1, 3, 5), (0, 2, 4))),
+}
+
+
+@pytest.mark.parametrize(("case", "schedule"), SCHEDULES.values(), ids=SCHEDULES.keys())
+@pytest.mark.parametrize("stalls", [(0.0, 0.0), (0.3, 0.3)], ids=["free", "stalls"])
+def test_scheduled_window_emits_only_its_beats(case, schedule, stalls):
+    c = CASES[case]
+    run_window(*c, schedule=schedule, stall_in=stalls[0], stall_out=stalls[1], seed=len(case))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_schedules(seed):
+    rng = np.random.default_rng(200 + seed)
+    c, h, w, kernel, stride, padding, lanes, repeats = _random_case(rng)
+    schedule = _random_schedule(rng, kernel[0] * kernel[1] * c // lanes, repeats)
+    run_window(
+        c, h, w, kernel, stride, padding, lanes, repeats,
+        schedule=schedule, stall_in=0.3, stall_out=0.3, seed=seed,
+    )  # fmt: skip
+
+
+def test_scheduled_window_keeps_one_beat_per_cycle():
+    """Once full, a scheduled window emits a beat every cycle, as the dense one does."""
+    times = []
+    schedule = ((0, 5, 17, 35), (8,), (3, 4))
+    run_window(16, 16, 16, (3, 3), (1, 1), (1, 1), 4, 3, images=1, times=times, schedule=schedule)
+    assert times[-1] - times[0] + 1 == len(times) == 16 * 16 * 7
+
+
+def test_a_full_schedule_builds_the_dense_unit():
+    full = tuple(tuple(range(18)) for _ in range(2))
+    dut = SlidingWindow(**{**WINDOW, "repeats": 2, "schedule": full})
+    assert dut.schedule is None
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        (((0,),), "each of the 2 repetitions"),
+        (((0,), ()), r"at least one, not \(\(0,\), \(\)\)"),
+        (((0, 0), (1,)), "distinct beats in \\[0, 18\\)"),
+        (((18,), (1,)), "distinct beats in \\[0, 18\\)"),
+        (5, "not 5"),
+    ],
+)
+def test_rejects_bad_schedules(schedule, message):
+    with pytest.raises(HwgenError, match="^sliding window: schedule must give .*" + message):
+        SlidingWindow(**{**WINDOW, "repeats": 2, "schedule": schedule})
+
+
 @pytest.mark.parametrize("repeats", [4, 1])
 def test_throughput_one_beat_per_cycle_once_full(repeats):
     """16x16, 3x3 pad 1, 16 channels, lanes 4: after the first window, one beat every cycle
@@ -163,6 +234,12 @@ def test_back_to_back_images_have_no_bubble():
     times = []
     run_window(2, 4, 4, (3, 3), (1, 1), (1, 1), 1, 1, images=3, times=times)
     assert times[-1] - times[0] + 1 == len(times)
+
+
+WINDOW = dict(
+    channels=4, height=4, width=4, kernel=(3, 3), stride=(1, 1), padding=(1, 1), lanes=2,
+    shape=signed(8),
+)  # fmt: skip
 
 
 def test_buffer_is_rows_not_images():
@@ -189,16 +266,5 @@ def test_buffer_is_rows_not_images():
     ],
 )
 def test_rejects_bad_parameters(kwargs, message):
-    params = dict(
-        channels=4,
-        height=4,
-        width=4,
-        kernel=(3, 3),
-        stride=(1, 1),
-        padding=(1, 1),
-        lanes=2,
-        shape=signed(8),
-        repeats=1,
-    )
     with pytest.raises(HwgenError, match=message):
-        SlidingWindow(**{**params, **kwargs})
+        SlidingWindow(**{**WINDOW, "repeats": 1, **kwargs})

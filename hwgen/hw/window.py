@@ -6,6 +6,15 @@ pixel), images back to back. Output, for each output pixel in raster order, ``re
 ``K_h * K_w * G`` beats, padding positions as zeros, ``last`` on the final beat of each
 repetition. A dense layer is the 1x1 case: the unit holds one vector and replays it.
 
+Zero-block skipping (hwgen.hw.sparse): with a ``schedule``, repetition ``nf`` emits only the
+beats ``schedule[nf]`` (indices ``(kh * K_w + kw) * G + g`` into the window order), ``last``
+on its final one. The beats of all repetitions are one constant table (LUT ROM, a few bits
+per entry: kh, kw, g and two end flags) walked by a pointer; the table entry is registered
+into the position counters, so the address logic after them is the dense unit's. Chosen over
+selecting the scheduled beats from a fully registered window, which would hold
+``K_h * K_w * G`` beats of registers and a mux as wide in every unit. A schedule that skips
+nothing builds the dense unit.
+
 Buffering. Input rows go round-robin into ``K_h + S_h`` row slots of one ``Memory`` (``W * G``
 words each): the K_h rows a window row reads plus the S_h rows the next window row adds, so
 the input keeps flowing while windows are emitted. Two row-granular counters do the flow
@@ -29,12 +38,13 @@ cycle unless the downstream stalls or the input falls behind.
 
 from __future__ import annotations
 
-from amaranth import Array, C, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth import Array, C, Module, Mux, Shape, Signal, Value, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
+from hwgen.hw.sparse import Schedule, is_dense
 
 LUT_RAM_MAX_DEPTH = 128  # deeper row buffers go in block RAM
 
@@ -75,6 +85,9 @@ class SlidingWindow(wiring.Component):
         One value, ``signed(bits)`` or ``unsigned(bits)``.
     repeats : int
         How many times each output pixel's window is emitted.
+    schedule : tuple of tuple of int, optional
+        Per repetition, the window beats it emits (``hwgen.hw.sparse.Schedule``); None (or
+        the full window for every repetition) emits every beat.
 
     Members
     -------
@@ -96,6 +109,7 @@ class SlidingWindow(wiring.Component):
         lanes: int,
         shape: Shape,
         repeats: int = 1,
+        schedule: Schedule | None = None,
     ) -> None:
         for what, v in (
             ("channels", channels),
@@ -125,6 +139,7 @@ class SlidingWindow(wiring.Component):
         self.out_height = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
         self.out_width = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
         self.slots = kernel[0] + stride[0]
+        self.schedule = self._check_schedule(schedule)
         self.depth = self.slots * width * self.groups
         super().__init__(
             {
@@ -132,6 +147,61 @@ class SlidingWindow(wiring.Component):
                 "o": Out(stream.Signature(window_layout(shape, lanes))),
             }
         )
+
+    def _check_schedule(self, schedule: Schedule | None) -> Schedule | None:
+        """The schedule as tuples, or None when it skips nothing."""
+        if schedule is None:
+            return None
+        beats = self.kernel[0] * self.kernel[1] * self.groups
+
+        def ok(s: object) -> bool:
+            return (
+                isinstance(s, (tuple, list))
+                and len(s) > 0
+                and len(set(s)) == len(s)
+                and all(
+                    not isinstance(v, bool) and isinstance(v, int) and 0 <= v < beats for v in s
+                )
+            )
+
+        rows = isinstance(schedule, (tuple, list)) and len(schedule) == self.repeats
+        if not (rows and all(ok(s) for s in schedule)):
+            raise HwgenError(
+                f"sliding window: schedule must give each of the {self.repeats} repetitions "
+                f"distinct beats in [0, {beats}), at least one, not {schedule!r}"
+            )
+        schedule = tuple(tuple(s) for s in schedule)
+        return None if is_dense(schedule, beats) else schedule
+
+    def _table(self, m: Module) -> tuple[data.StructLayout, list[dict[str, int]], Value]:
+        """The schedule as one constant table, repetitions back to back: its entry layout,
+        its entries and its (combinational) read port."""
+        kh, kw, g_n = self.kernel[0], self.kernel[1], self.groups
+        layout = data.StructLayout(
+            {
+                "a": range(kh),
+                "b": range(kw),
+                "g": range(g_n),
+                "end_rep": 1,
+                "end_pixel": 1,
+            }
+        )
+        entries = []
+        for nf, beats in enumerate(self.schedule):
+            for j, beat in enumerate(beats):
+                a, rest = divmod(beat, kw * g_n)
+                end_rep = int(j == len(beats) - 1)
+                entries.append(
+                    {
+                        "a": a,
+                        "b": rest // g_n,
+                        "g": rest % g_n,
+                        "end_rep": end_rep,
+                        "end_pixel": int(end_rep and nf == self.repeats - 1),
+                    }
+                )
+        m.submodules.schedule = table = Memory(shape=layout, depth=len(entries), init=entries)
+        return layout, entries, table.read_port(domain="comb")
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
@@ -176,8 +246,17 @@ class SlidingWindow(wiring.Component):
         # holds the previous position as a beat ready to issue: its read address, padding and
         # flow-control numbers. The counters depend on nothing else, so they run one beat
         # ahead and move whenever the issue register issues (or is empty, after reset).
-        rep = Signal(range(self.repeats))
-        a, b, g = Signal(range(kh)), Signal(range(kw)), Signal(range(g_n))
+        if self.schedule is None:
+            rep = Signal(range(self.repeats))
+            a, b, g = Signal(range(kh)), Signal(range(kw)), Signal(range(g_n))
+        else:
+            # The position comes from the schedule table: ``step`` holds the current entry,
+            # ``nxt`` addresses the one after it.
+            layout, entries, port = self._table(m)
+            step = Signal(layout, init=entries[0])
+            nxt = Signal(range(len(entries)), init=1 % len(entries))
+            m.d.comb += port.addr.eq(nxt)
+            a, b, g = step.a, step.b, step.g
         ox, oy = Signal(range(self.out_width)), Signal(range(self.out_height))
         top = Signal(signed(max(h, ph, sh).bit_length() + 2), init=-ph)
         left = Signal(signed(max(w, pw, sw).bit_length() + 2), init=-pw)
@@ -187,8 +266,11 @@ class SlidingWindow(wiring.Component):
         pad = (row < 0) | (row >= h) | (col < 0) | (col >= w)
         slot_sum = slot_top + a
         slot = Mux(slot_sum >= nr, slot_sum - nr, slot_sum)
-        end_rep = (g == g_n - 1) & (b == kw - 1) & (a == kh - 1)
-        end_pixel = end_rep & (rep == self.repeats - 1)
+        if self.schedule is None:
+            end_rep = (g == g_n - 1) & (b == kw - 1) & (a == kh - 1)
+            end_pixel = end_rep & (rep == self.repeats - 1)
+        else:
+            end_rep, end_pixel = step.end_rep, step.end_pixel
         end_row = end_pixel & (ox == self.out_width - 1)
         end_image = end_row & (oy == self.out_height - 1)
 
@@ -249,13 +331,17 @@ class SlidingWindow(wiring.Component):
                 iss_need.eq(need),
                 iss_free.eq(Mux(end_row, free, 0)),
             ]
-            m.d.sync += g.eq(Mux(g == g_n - 1, 0, g + 1))
-            with m.If(g == g_n - 1):
-                m.d.sync += b.eq(Mux(b == kw - 1, 0, b + 1))
-                with m.If(b == kw - 1):
-                    m.d.sync += a.eq(Mux(a == kh - 1, 0, a + 1))
-            with m.If(end_rep):
-                m.d.sync += rep.eq(Mux(rep == self.repeats - 1, 0, rep + 1))
+            if self.schedule is None:
+                m.d.sync += g.eq(Mux(g == g_n - 1, 0, g + 1))
+                with m.If(g == g_n - 1):
+                    m.d.sync += b.eq(Mux(b == kw - 1, 0, b + 1))
+                    with m.If(b == kw - 1):
+                        m.d.sync += a.eq(Mux(a == kh - 1, 0, a + 1))
+                with m.If(end_rep):
+                    m.d.sync += rep.eq(Mux(rep == self.repeats - 1, 0, rep + 1))
+            else:
+                last = len(entries) - 1
+                m.d.sync += [step.eq(port.data), nxt.eq(Mux(nxt == last, 0, nxt + 1))]
             with m.If(end_pixel):
                 m.d.sync += [
                     ox.eq(Mux(end_row, 0, ox + 1)),
