@@ -37,6 +37,7 @@ from hwgen.ir import (
     Linear,
     MaxPool2d,
     Network,
+    Planes,
     Pow2,
     ReLU,
     SubsamplePad,
@@ -66,6 +67,8 @@ def _weight_fmt_to_json(f: WeightFormat) -> dict[str, Any]:
         return {"kind": "fixed", "bits": f.bits, "frac": f.frac}
     if isinstance(f, Codebook):
         return {"kind": "codebook", "entries": list(f.entries), "frac": f.frac}
+    if isinstance(f, Planes):
+        return {"kind": "planes", "scales": [list(r) for r in f.scales], "frac": f.frac}
     return {"kind": "pow2", "bits": f.bits, "emax": f.emax}
 
 
@@ -120,7 +123,7 @@ def _act_formats(net: Network) -> list[ActFormat]:
 def _needs_v3(layer: Layer) -> bool:
     if not isinstance(layer, (Conv2d, Linear)):
         return False
-    return layer.scale is not None or isinstance(layer.weight_format, Codebook)
+    return layer.scale is not None or isinstance(layer.weight_format, (Codebook, Planes))
 
 
 def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -260,7 +263,19 @@ def _weight_fmt_from_json(d: object, where: str, version: int) -> WeightFormat:
         if not all(isinstance(e, int) and not isinstance(e, bool) for e in entries):
             raise HwgenError(f"model.json: {where}.entries must be integers, not {entries!r}")
         return Codebook(tuple(entries), doc.get("frac", int))
-    raise HwgenError(f"model.json: {where}.kind {kind!r} is not 'fixed', 'pow2' or 'codebook'")
+    if kind == "planes":
+        if version < 3:
+            raise HwgenError(f"model.json: {where}.kind 'planes' needs version 3")
+        rows = doc.get("scales", list)
+        if not all(
+            isinstance(r, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
+            for r in rows
+        ):
+            raise HwgenError(f"model.json: {where}.scales must be rows of integers, not {rows!r}")
+        return Planes(tuple(tuple(r) for r in rows), doc.get("frac", int))
+    raise HwgenError(
+        f"model.json: {where}.kind {kind!r} is not 'fixed', 'pow2', 'codebook' or 'planes'"
+    )
 
 
 def _weights(arrays: dict[str, np.ndarray], doc: _Doc, fmt: WeightFormat) -> np.ndarray:

@@ -208,7 +208,94 @@ class Codebook:
         return f"codebook{len(e)}[{','.join(map(str, shown))}].f{self.frac}"
 
 
-WeightFormat = Fixed | Pow2 | Codebook
+PLANES_MAX = 8  # sign bits per weight code
+PLANE_SCALE_BITS = 16  # each m_ic is a signed 16-bit integer, like a per-channel scale
+
+
+@dataclass(frozen=True)
+class Planes:
+    """Binary-plane weights Planes(scales, frac) (alternating multi-bit codes): per output
+    channel ``c``, ``M`` integer scales ``scales[c] = (m_0c, ..., m_(M-1)c)``.
+
+    A weight of channel ``c`` is ``Σ_i m_ic·b_i`` with signs ``b_i ∈ {-1, +1}``, real value
+    times ``2**-frac``. Layers hold those integers (so the golden model and every bound read
+    them as plain weights); the ROM holds each weight's ``M`` sign bits, and any signs with
+    the same sum compute the same value. The scales are in the format, not the layer, because
+    they define which integers a channel's weights can be (``on_grid``), as a codebook's
+    entries do.
+    """
+
+    scales: tuple[tuple[int, ...], ...]
+    frac: int
+
+    def __post_init__(self) -> None:
+        rows = self.scales
+        ok = isinstance(rows, (tuple, list)) and len(rows) >= 1
+        ok = ok and all(
+            isinstance(r, (tuple, list))
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in r)
+            for r in rows
+        )
+        if not ok or len({len(r) for r in rows}) != 1 or not 1 <= len(rows[0]) <= PLANES_MAX:
+            raise HwgenError(
+                f"plane scales must be one row of 1 to {PLANES_MAX} integers per output "
+                f"channel, all rows as long, not {rows!r}"
+            )
+        rows = tuple(tuple(int(v) for v in r) for r in rows)
+        lim = 1 << (PLANE_SCALE_BITS - 1)
+        for c, r in enumerate(rows):
+            for v in r:
+                if not -lim <= v < lim:
+                    raise HwgenError(
+                        f"plane scale {v} of channel {c} is outside [{-lim}, {lim - 1}]"
+                    )
+        object.__setattr__(self, "scales", rows)
+        _check_int("planes weight frac", self.frac, *WEIGHT_FRAC_RANGE)
+
+    @property
+    def planes(self) -> int:
+        """``M``, the planes per weight."""
+        return len(self.scales[0])
+
+    @property
+    def bits(self) -> int:
+        """Width of a weight code: one sign bit per plane."""
+        return self.planes
+
+    @property
+    def channels(self) -> int:
+        return len(self.scales)
+
+    def values(self) -> np.ndarray:
+        """(channels, 2**M) int64: the weight of each code, bit ``i`` the sign of plane ``i``
+        (1 = -1)."""
+        codes = np.arange(1 << self.planes)
+        signs = 1 - 2 * ((codes[:, None] >> np.arange(self.planes)) & 1)  # (2**M, M)
+        return np.asarray(self.scales, np.int64) @ signs.T
+
+    @property
+    def lo(self) -> int:
+        return int(self.values().min())
+
+    @property
+    def hi(self) -> int:
+        return int(self.values().max())
+
+    def on_grid(self, w: np.ndarray) -> np.ndarray:
+        """Boolean mask: which integers of ``w`` (output channel first) are a sum of their
+        channel's signed scales."""
+        w = np.asarray(w)
+        if w.shape[:1] != (self.channels,):
+            raise HwgenError(f"{self} has {self.channels} channels, weights {w.shape[:1]}")
+        values = self.values()
+        return np.stack([np.isin(w[c], values[c]) for c in range(self.channels)])
+
+    def __str__(self) -> str:
+        m = np.asarray(self.scales)
+        return f"planes{self.planes}[{self.channels}x, m {m.min()}..{m.max()}].f{self.frac}"
+
+
+WeightFormat = Fixed | Pow2 | Codebook | Planes
 
 
 class _ArrayEq:
@@ -262,18 +349,29 @@ class _MacLayer(_ArrayEq):
     """
 
     def _check_mac(self, wshape: Shape, cout: int) -> None:
-        if not isinstance(self.weight_format, (Fixed, Pow2, Codebook)):
-            raise HwgenError(f"layer {self.name}: weight_format must be Fixed, Pow2 or Codebook")
+        fmt = self.weight_format
+        if not isinstance(fmt, (Fixed, Pow2, Codebook, Planes)):
+            raise HwgenError(
+                f"layer {self.name}: weight_format must be Fixed, Pow2, Codebook or Planes"
+            )
+        if isinstance(fmt, Planes) and fmt.channels != cout:
+            raise HwgenError(
+                f"layer {self.name}: {fmt.channels} rows of plane scales for {cout} channels"
+            )
         if not isinstance(self.out_format, ActFormat):
             raise HwgenError(f"layer {self.name}: out_format must be an ActFormat")
         object.__setattr__(self, "relu", bool(self.relu))
         w = _int_array(f"layer {self.name}: weight", self.weight, wshape)
-        bad = np.flatnonzero(~self.weight_format.on_grid(w))
+        bad = np.flatnonzero(~fmt.on_grid(w))
         if bad.size:
             idx = tuple(int(i) for i in np.unravel_index(bad[0], wshape))
-            raise HwgenError(
-                f"layer {self.name}: weight{list(idx)} = {w[idx]} is not in {self.weight_format}"
-            )
+            where = f"layer {self.name}: weight{list(idx)} = {w[idx]}"
+            if isinstance(fmt, Planes):  # no sign code gives it: name the channel's scales
+                c = idx[0]
+                raise HwgenError(
+                    f"{where} is no signed sum of channel {c}'s plane scales {list(fmt.scales[c])}"
+                )
+            raise HwgenError(f"{where} is not in {fmt}")
         object.__setattr__(self, "weight", w)
         object.__setattr__(self, "bias", _int_array(f"layer {self.name}: bias", self.bias, (cout,)))
         if (self.scale is None) != (self.scale_format is None):

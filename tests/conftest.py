@@ -33,6 +33,7 @@ from hwgen.ir import (
     Linear,
     MaxPool2d,
     Network,
+    Planes,
     Pow2,
     ReLU,
     SubsamplePad,
@@ -79,6 +80,8 @@ def weight_array(
     """On-grid integer weights of ``fmt``; ``mode`` is one of ARRAY_MODES."""
     if isinstance(fmt, Fixed):
         return int_array(rng, fmt.lo, fmt.hi, shape, mode)
+    if isinstance(fmt, Planes):
+        return plane_weights(rng, fmt, shape, mode)
     if isinstance(fmt, Codebook):
         entries = np.asarray(fmt.entries, np.int64)
         sparse = 0 if 0 in fmt.entries else fmt.lo
@@ -99,6 +102,37 @@ def weight_array(
         zero_p = 0.8 if mode == "sparse" else 0.25
         mag = np.where(rng.random(shape) < zero_p, 0, mag)
     return (sign * mag).astype(np.int64)
+
+
+def plane_weights(
+    rng: np.random.Generator, fmt: Planes, shape: tuple[int, ...], mode: str = "random"
+) -> np.ndarray:
+    """Weights of ``fmt`` (output channel first) from random sign codes; ``mode`` "max": every
+    plane +1, "min": every plane -1, "extremes": one or the other, "sparse": mostly the
+    channel's value nearest 0."""
+    values = fmt.values()  # (channels, 2**M), code 0 all +1, the last all -1
+    top = values.shape[1] - 1
+    codes = rng.integers(0, top + 1, size=shape)
+    if mode in ("max", "min"):
+        codes = np.full(shape, 0 if mode == "max" else top)
+    elif mode == "extremes":
+        codes = rng.choice([0, top], size=shape)
+    elif mode == "sparse":
+        near = np.abs(values).argmin(1).reshape((-1,) + (1,) * (len(shape) - 1))
+        codes = np.where(rng.random(shape) < 0.8, near, codes)
+    return np.take_along_axis(values, codes.reshape(shape[0], -1), axis=1).reshape(shape)
+
+
+def plane_format(
+    rng: np.random.Generator, channels: int, planes: int, bits: int, frac: int
+) -> Planes:
+    """Random ``bits``-bit signed plane scales (the min, max, 0 and 1 among them, as many as
+    fit), ``planes`` per channel."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    m = rng.integers(lo, hi, size=channels * planes, endpoint=True)
+    ends = [lo, hi, 0, 1][: m.size]
+    m[rng.permutation(m.size)[: len(ends)]] = ends
+    return Planes(tuple(map(tuple, m.reshape(channels, planes).tolist())), frac)
 
 
 def int_array(

@@ -9,12 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from amaranth.back import rtlil
-from conftest import lane_weights, shift_add_codebook, with_scale
+from conftest import lane_weights, plane_format, plane_weights, shift_add_codebook, with_scale
 
 from hwgen.errors import HwgenError
 from hwgen.golden import conv2d_acc, layer_forward
 from hwgen.hw.cmvm import csd
-from hwgen.hw.mac import MACUnit, _lane_range, shares_products, tree_stages
+from hwgen.hw.mac import MACArray, MACUnit, _lane_range, plane_range, shares_products, tree_stages
 from hwgen.hw.streams import run_stream
 from hwgen.ir import (
     ROUNDINGS,
@@ -23,6 +23,7 @@ from hwgen.ir import (
     Conv2d,
     Fixed,
     Linear,
+    Planes,
     Pow2,
     acc_bits,
     acc_frac,
@@ -488,3 +489,103 @@ def test_codebook_lanes_have_no_multiplier_and_refuse_three_digit_entries():
         "which a shift-add lane cannot multiply by; use --engine unrolled for this layer or a "
         "codebook of such entries"
     )
+
+
+# ---------------------------------------------------------------- binary planes (amq)
+
+
+@pytest.mark.parametrize(
+    ("planes", "bits", "cin", "cout", "pe", "simd", "signed", "rounding"),
+    [
+        (1, 8, 4, 4, 2, 2, True, "half_up"),
+        (2, 8, 4, 6, 3, 4, False, "half_even"),
+        (3, 16, 3, 4, 1, 3, True, "floor"),  # m at the 16-bit ends
+        (4, 8, 4, 4, 4, 1, False, "half_up"),
+        (2, 6, 8, 32, 2, 2, True, "half_up"),  # 576 ROM words: block RAM, latency 2
+    ],
+)
+def test_plane_lanes_with_stalls(planes, bits, cin, cout, pe, simd, signed, rounding):
+    """M binary planes per channel (random sign codes, m at its min, max, 0 and 1), their
+    plane sums combined by the channel's scales after the array == golden, with all-max and
+    all-min activations on the edges of the image."""
+    rng = np.random.default_rng(planes * 100 + cout)
+    fmt = plane_format(rng, cout, planes, bits, frac=bits - 2)
+    fin = ActFormat(7, 3, signed=signed)
+    w = plane_weights(rng, fmt, (cout, cin, 3, 3))
+    out = ActFormat(8, fin.frac + fmt.frac - bits + 1, rounding=rounding)
+    bias = rng.integers(-3000, 3000, cout)
+    layer = Conv2d("c", cin, cout, 3, fmt, out, w, bias, padding=1, relu=not signed)
+    x = rng.integers(fin.lo, fin.hi, size=(cin, 4, 3), endpoint=True)
+    x[:, 0], x[:, -1] = fin.hi, fin.lo
+    assert len(np.unique(layer_forward(layer, x[None], fin))) > 4
+    dut = MACUnit(layer, fin, pe, simd)
+    assert dut.rom_stages == (cout == 32)
+    check_conv(layer, fin, x, pe, simd, stall_in=0.3, stall_out=0.3, seed=planes)
+
+
+@pytest.mark.parametrize("planes", [1, 4])
+@pytest.mark.parametrize("top", [True, False])
+def test_planes_at_their_bound(planes, top):
+    """All-max activations against all +1 planes at the largest scale, and all-min ones at
+    the smallest: the plane sums reach plane_range's ends, the accumulator acc_range's, and
+    the output shows it unshifted."""
+    fin = ActFormat(5, 0)
+    m = (1 << 15) - 1 if top else -(1 << 15)
+    fmt = Planes(((m,) * planes,) * 2, 0)
+    w = np.full((2, 2, 1, 1), m * planes)  # every sign +1
+    layer = Conv2d("c", 2, 2, 1, fmt, ActFormat(24, 0), w, np.array([5, -5]))
+    x = np.full((2, 1, 2), fin.hi if top else fin.lo)
+    lo, hi = plane_range(layer, fin)
+    assert (lo == 2 * fin.lo).all() and (hi == 2 * fin.hi).all()
+    acc = conv2d_acc(x[None], layer, fin)[0, :, 0, 0]
+    assert acc.tolist() == acc_range(layer, fin)[1].tolist()
+    assert acc_bits(layer, fin) <= 24
+    check_conv(layer, fin, x, pe=2, simd=2, stall_in=0.3, stall_out=0.3)
+    check_conv(layer, fin, x, pe=1, simd=1)
+
+
+def test_a_plane_result_per_cycle():
+    """The planes' two combine stages have their output FIFO words: a result per beat
+    (1x1 kernel, SIMD = Cin) still flows, with a scale after them too."""
+    rng = np.random.default_rng(4)
+    fin = ActFormat(8, 4)
+    fmt = plane_format(rng, 4, 3, 8, 6)
+    w = plane_weights(rng, fmt, (4, 8, 1, 1))
+    layer = Conv2d("c", 8, 4, 1, fmt, ActFormat(12, 4), w, rng.integers(-99, 99, 4))
+    scaled = with_scale(layer, fin, Fixed(12, 8), rng)
+    x = rng.integers(fin.lo, fin.hi, size=(8, 5, 6), endpoint=True)
+    binary = replace(layer, weight_format=Pow2(1, 0), weight=np.sign(w) | 1)
+    base = MACUnit(binary, fin, 2, 8).out_depth
+    assert MACUnit(layer, fin, 2, 8).out_depth == base + 2
+    assert MACUnit(scaled, fin, 2, 8).out_depth == base + 3
+    for lyr, extra in ((layer, 2), (scaled, 3)):
+        cycles = check_conv(lyr, fin, x, pe=2, simd=8)
+        assert 60 <= cycles <= 60 + 6 + tree_stages(8) + extra
+
+
+def test_plane_lanes_have_no_multiplier():
+    """The array's plane lanes add or subtract: no $mul; the MAC unit has M multipliers per
+    PE (the plane scales, once per output), and one more per PE with a scale."""
+    rng = np.random.default_rng(6)
+    fin = ActFormat(8, 4)
+    fmt = plane_format(rng, 6, 3, 8, 6)
+    w = plane_weights(rng, fmt, (6, 4, 3, 3))
+    layer = Conv2d("c", 4, 6, 3, fmt, ActFormat(8, 2), w, np.zeros(6, int), padding=1)
+    array = MACArray(fmt, fin, 3, 2, 20, np.zeros((2, 9), int))
+    assert rtlil.convert(array, emit_src=False).count("cell $mul") == 0
+    scaled = with_scale(layer, fin, Fixed(10, 6), rng)
+    for lyr, pe, muls in ((layer, 3, 9), (layer, 1, 3), (scaled, 2, 8)):
+        text = rtlil.convert(MACUnit(lyr, fin, pe, 2), emit_src=False)
+        assert text.count("cell $mul") == muls
+
+
+def test_plane_range_from_the_codes():
+    """A +1 sign adds ``[lo, hi]`` to a plane sum, a -1 ``[-hi, -lo]``: from the codes the
+    ROM holds (the lowest of equal sums)."""
+    fmt = Planes(((3, 1), (2, 2)), 0)
+    w = np.array([[4, 2, -4], [0, 4, -4]])  # codes 0, 2, 3 / 1 (lowest of 1, 2), 0, 3
+    layer = Linear("fc", 3, 2, fmt, ActFormat(8, 0), w, np.zeros(2, int))
+    lo, hi = plane_range(layer, ActFormat(4, 0, signed=False))
+    # negative signs per (channel, plane): (1, 2), (2, 1)
+    assert lo.tolist() == [[-15, -30], [-30, -15]]
+    assert hi.tolist() == [[30, 15], [15, 30]]

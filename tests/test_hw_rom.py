@@ -22,7 +22,7 @@ from hwgen.hw.rom import (
     rom_width,
     rom_words,
 )
-from hwgen.ir import ActFormat, Codebook, Conv2d, Fixed, Linear, Network, Pow2
+from hwgen.ir import ActFormat, Codebook, Conv2d, Fixed, Linear, Network, Planes, Pow2
 
 
 def grid(fmt) -> np.ndarray:
@@ -70,6 +70,23 @@ def test_code_layouts():
     cb = Codebook((-64, -33, 0, 3, 96), 5)
     assert encode_weights(cb, np.array([96, -64, 0, 3])).tolist() == [4, 0, 2, 3]
     assert (code_bits(cb), code_bits(Codebook((0, 1), 0))) == (3, 1)
+
+
+def test_plane_codes_are_sign_bits_lowest_first_per_channel():
+    fmt = Planes(((3, 1), (2, 2), (4, -4)), 0)
+    w = np.array([[4, 2, -2, -4], [0, 4, -4, 0], [0, 8, -8, 0]])
+    codes = encode_weights(fmt, w)
+    # bit i = plane i's sign (1 = -1); 0 = 2 - 2 = -2 + 2 and 0 = 4 - 4 = -4 + 4: the lowest
+    assert codes.tolist() == [[0, 2, 1, 3], [1, 0, 3, 1], [0, 2, 1, 0]]
+    assert np.array_equal(decode_weights(fmt, codes), w)
+    assert code_bits(fmt) == 2 and code_bits(Planes(((1,) * 4,), 0)) == 4
+    rng = np.random.default_rng(1)
+    big = Planes(tuple(map(tuple, rng.integers(-99, 99, (5, 4)).tolist())), 0)
+    w = np.take_along_axis(big.values(), rng.integers(0, 16, (5, 30)), axis=1).reshape(5, 3, 10)
+    assert np.array_equal(decode_weights(big, encode_weights(big, w)), w)
+    with pytest.raises(HwgenError) as e:
+        encode_weights(fmt, np.array([[4], [1], [0]]))
+    assert str(e.value) == "weight 1 of channel 1 is no signed sum of its plane scales [2, 2]"
 
 
 def test_rom_words_refuse_a_codebook_entry_beyond_two_signed_digits():

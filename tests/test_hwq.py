@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import example_network, residual_network, with_roundings
+from conftest import example_network, plane_format, plane_weights, residual_network, with_roundings
 
 from hwgen import golden as gm
 from hwgen import hwq
@@ -686,7 +686,8 @@ BAD_CODEBOOKS = {
     ),
     "unknown kind": (
         _codebook_kind({"kind": "lut", "entries": [0, 1], "frac": 0}),
-        "model.json: layer fc2.weight_format.kind 'lut' is not 'fixed', 'pow2' or 'codebook'",
+        "model.json: layer fc2.weight_format.kind 'lut' is not 'fixed', 'pow2', 'codebook' or "
+        "'planes'",
     ),
     "codebook scale format": (
         _set("conv2", "scale_format", {"kind": "codebook", "entries": [0, 1], "frac": 0}),
@@ -702,3 +703,77 @@ BAD_CODEBOOKS = {
 @pytest.mark.parametrize("case", list(BAD_CODEBOOKS))
 def test_bad_codebooks_are_refused_with_one_line(tmp_path, books, case):
     _refused_with_one_line(tmp_path, books, *BAD_CODEBOOKS[case])
+
+
+# ---------------------------------------------------------------- version 3 (binary planes)
+
+
+@pytest.fixture(scope="module")
+def planes() -> Network:
+    """example_network(4) with 2 planes of 8-bit scales on conv2 and 4 of 16-bit ones on fc2
+    (the sums at both ends stored)."""
+    rng = np.random.default_rng(4)
+    layers = []
+    for lyr in example_network(4).layers:
+        if lyr.name in ("conv2", "fc2"):
+            m, bits = (2, 8) if lyr.name == "conv2" else (4, 16)
+            fmt = plane_format(rng, lyr.weight.shape[0], m, bits, frac=bits - 1)
+            w = plane_weights(rng, fmt, lyr.weight.shape)
+            w[0].flat[:2] = fmt.values()[0, 0], fmt.values()[0, -1]
+            lyr = replace(lyr, weight_format=fmt, weight=w)
+        layers.append(lyr)
+    return replace(example_network(4), layers=tuple(layers))
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_planes_round_trip_as_integer_sums_in_version_3(tmp_path, planes, archive):
+    path = hwq.save(planes, tmp_path / "p.hwq", archive=archive)
+    doc, arrays = _unpack(path) if archive else _unpack_dir(path)
+    assert doc["version"] == 3 and "scale" not in {k for ly in doc["layers"] for k in ly}
+    fmt = planes.layer("conv2").weight_format
+    assert _layer(doc, "conv2")["weight_format"] == {
+        "kind": "planes", "scales": [list(r) for r in fmt.scales], "frac": 7,
+    }  # fmt: skip
+    assert len(_layer(doc, "fc2")["weight_format"]["scales"][0]) == 4
+    for name in ("conv2", "fc2"):
+        assert np.array_equal(arrays[f"{name}.weight"], planes.layer(name).weight)
+    back = hwq.load(path)
+    assert back == planes and back.layer("conv2").weight_format == fmt
+    _same_outputs_and_bytes(back, planes, path, tmp_path, archive)
+
+
+def _planes_kind(fmt: dict):
+    return _set("conv2", "weight_format", fmt)
+
+
+BAD_PLANES = {
+    "planes in a version 2 file": (
+        _version(2),
+        "model.json: layer conv2.weight_format.kind 'planes' needs version 3",
+    ),
+    "a sum no code gives": (
+        _array("conv2.weight", lambda a: _put(a, (0, 0, 0, 0), 1, np.int32)),
+        r"layer conv2: weight\[0, 0, 0, 0\] = 1 is no signed sum of channel 0's plane scales",
+    ),
+    "scales not rows": (
+        _planes_kind({"kind": "planes", "scales": [1, 2], "frac": 0}),
+        r"model.json: layer conv2.weight_format.scales must be rows of integers, not \[1, 2\]",
+    ),
+    "a row per channel": (
+        _planes_kind({"kind": "planes", "scales": [[1, 2]], "frac": 0}),
+        "layer conv2: 1 rows of plane scales for 6 channels",
+    ),
+    "scale too large": (
+        _planes_kind({"kind": "planes", "scales": [[1, 2**15]] * 6, "frac": 0}),
+        r"plane scale 32768 of channel 0 is outside \[-32768, 32767\]",
+    ),
+    "no frac": (
+        _planes_kind({"kind": "planes", "scales": [[1, 2]] * 6}),
+        "model.json: layer conv2.weight_format has no 'frac'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLANES))
+def test_bad_planes_are_refused_with_one_line(tmp_path, planes, case):
+    _refused_with_one_line(tmp_path, planes, *BAD_PLANES[case])

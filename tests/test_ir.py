@@ -24,6 +24,7 @@ from hwgen.ir import (
     Linear,
     MaxPool2d,
     Network,
+    Planes,
     Pow2,
     ReLU,
     SubsamplePad,
@@ -146,7 +147,7 @@ def _lin(weight, bias=None, wfmt=None, name="fc", **kw) -> Linear:
         ),
         (
             lambda: Linear("fc", 2, 1, "s8", ActFormat(8, 0), [[1, 1]], [0]),
-            "layer fc: weight_format must be Fixed, Pow2 or Codebook",
+            "layer fc: weight_format must be Fixed, Pow2, Codebook or Planes",
         ),
         (
             lambda: Conv2d("c", 1, 1, 0, Fixed(4, 0), ActFormat(8, 0), [], [0]),
@@ -286,6 +287,54 @@ def test_codebook_layer_holds_values_and_bounds_the_accumulator_by_them():
     assert acc_frac(layer, fmt) == 6
     with pytest.raises(HwgenError, match=r"layer fc: weight\[0, 2\] = 1 is not in codebook4"):
         _lin([[33, -64, 1]], wfmt=cb)
+
+
+# ---------------------------------------------------------------- binary planes
+
+
+def test_planes_values_bits_grid_and_name():
+    fmt = Planes([(3, 1), [np.int64(2), -2]], 4)
+    assert fmt.scales == ((3, 1), (2, -2)) and type(fmt.scales[1][0]) is int
+    assert (fmt.planes, fmt.bits, fmt.channels, fmt.frac) == (2, 2, 2, 4)
+    # code bit i is plane i's sign (1 = -1): codes 0..3 are ++, -+, +-, --
+    assert fmt.values().tolist() == [[4, -2, 2, -4], [0, -4, 4, 0]]
+    assert (fmt.lo, fmt.hi) == (-4, 4)
+    w = np.array([[4, 0, -2], [0, 2, -4]])
+    assert fmt.on_grid(w).tolist() == [[True, False, True], [True, False, True]]
+    assert str(fmt) == "planes2[2x, m -2..3].f4"
+    assert fmt == Planes(((3, 1), (2, -2)), 4) != Planes(((3, 1), (2, -2)), 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (((), 0), r"plane scales must be one row of 1 to 8 integers per output channel"),
+        ((((1, 2), (3,)), 0), r"all rows as long, not \(\(1, 2\), \(3,\)\)"),
+        ((((1,) * 9,), 0), "one row of 1 to 8 integers"),
+        ((((1, 0.5),), 0), "one row of 1 to 8 integers"),
+        ((((1, True),), 0), "one row of 1 to 8 integers"),
+        ((((1, 2**15),), 0), r"plane scale 32768 of channel 0 is outside \[-32768, 32767\]"),
+        ((((1,),), 65), r"planes weight frac must be an integer in \[-64, 64\], not 65"),
+    ],
+)
+def test_planes_errors(args, message):
+    with pytest.raises(HwgenError, match=message) as e:
+        Planes(*args)
+    assert "\n" not in str(e.value)
+
+
+def test_plane_layer_holds_sums_and_refuses_one_no_code_gives():
+    fmt = Planes(((5, 2), (7, 7)), 0)
+    layer = _lin([[7, -3, -7], [14, 0, -14]], wfmt=fmt)
+    lo, hi = acc_range(layer, ActFormat(4, 0, signed=False))
+    assert (lo.tolist(), hi.tolist()) == ([-150, -210], [105, 210])  # 15 * (7, -10, 14, -14)
+    with pytest.raises(HwgenError) as e:
+        _lin([[7, -3, 4], [14, 0, -14]], wfmt=fmt)
+    assert str(e.value) == (
+        "layer fc: weight[0, 2] = 4 is no signed sum of channel 0's plane scales [5, 2]"
+    )
+    with pytest.raises(HwgenError, match="layer fc: 2 rows of plane scales for 1 channels"):
+        _lin([[7, -3, -7]], wfmt=fmt)
 
 
 # ---------------------------------------------------------------- per-channel scale

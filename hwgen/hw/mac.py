@@ -33,11 +33,13 @@ from hwgen.hw.requant import Requantizer, act_shape
 from hwgen.hw.rom import (
     WeightROM,
     code_bits,
+    encode_weights,
     entry_terms,
     rom_file,
     rom_storage,
     rom_width,
     rom_words,
+    weight_matrix,
 )
 from hwgen.ir import (
     ActFormat,
@@ -45,6 +47,8 @@ from hwgen.ir import (
     Conv2d,
     Fixed,
     Linear,
+    Planes,
+    Pow2,
     WeightFormat,
     acc_bits,
     requant_bits,
@@ -53,6 +57,7 @@ from hwgen.ir import (
 )
 
 Range = tuple[int, int]  # (lo, hi) a value can take
+BINARY = Pow2(1, 0)  # a plane lane: +a or -a by its sign bit
 
 
 def _pow2_lane(fmt: WeightFormat, a: Value, code: Value) -> tuple[Value, Value, Value]:
@@ -156,7 +161,9 @@ def _codebook_carries(fmt: Codebook, shared: bool) -> list[int]:
 
 
 def _lane_range(fmt: WeightFormat, act: ActFormat) -> Range:
-    """Range of a lane's registered term (Pow2, Codebook: before the tree's +1)."""
+    """Range of a lane's registered term (Pow2, Codebook, Planes: before the tree's +1)."""
+    if isinstance(fmt, Planes):
+        fmt = BINARY
     if isinstance(fmt, Codebook):
         carries = _codebook_carries(fmt, shares_products(fmt))
         ends = [
@@ -179,6 +186,18 @@ def tree_stages(simd: int) -> int:
     return 1 + max(0, levels - 1) // 2
 
 
+def plane_range(layer: Conv2d | Linear, in_format: ActFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (min, max) of each output channel's plane sums ``Σ_j b_ij·a_j``, (Cout, M)
+    each, from the layer's actual sign codes: a +1 term lies in ``[lo, hi]``, a -1 term in
+    ``[-hi, -lo]``."""
+    fmt = layer.weight_format
+    codes = encode_weights(fmt, weight_matrix(layer)).reshape(fmt.channels, -1)
+    neg = np.stack([(codes >> i) & 1 for i in range(fmt.planes)], axis=1).sum(2)
+    pos = codes.shape[1] - neg
+    lo, hi = in_format.lo, in_format.hi
+    return pos * lo - neg * hi, pos * hi - neg * lo
+
+
 class MACArray(wiring.Component):
     """PE x SIMD lanes, one adder tree and one accumulator per PE; ``3 + tree_stages(simd)``
     pipeline stages (four up to SIMD = 4).
@@ -192,15 +211,22 @@ class MACArray(wiring.Component):
     registers of a wide array would make one enable net the slowest path of the design);
     whoever feeds it must be able to take every ``done`` result.
 
+    With Planes weights each PE has ``M`` plane accumulators ``Σ_j b_ij·a_j`` (accumulator
+    ``k*M + i`` is PE ``k``'s plane ``i``), each fed by SIMD binary lanes that take its sign
+    bit of the codes: ``+a`` or ``-a``, no shifter, no multiplier. They start from their
+    bias, which is 0 here: the MAC unit combines the plane sums with their scales and adds
+    the layer's bias after the array.
+
     Parameters
     ----------
-    weight_format : Fixed, Pow2 or Codebook
+    weight_format : Fixed, Pow2, Codebook or Planes
     in_format : ActFormat
     pe, simd : int
+        With Planes, ``pe * M`` accumulators.
     acc_bits : int
         Accumulator width.
-    bias : array of int, shape (folds, pe)
-        Bias at accumulator scale per neuron fold and PE (a constant table).
+    bias : array of int, shape (folds, pe) (Planes: (folds, pe * M))
+        Bias at accumulator scale per neuron fold and accumulator (a constant table).
 
     Members
     -------
@@ -210,7 +236,7 @@ class MACArray(wiring.Component):
         The beat's neuron fold (selects the bias).
     act : In(ArrayLayout(act_shape(in_format), simd))
     codes : In(ArrayLayout(ArrayLayout(unsigned(code_bits), simd), pe))
-    acc : Out(ArrayLayout(signed(acc_bits), pe))
+    acc : Out(ArrayLayout(signed(acc_bits), pe)) (Planes: pe * M)
         The accumulators; final for a repetition while ``done``.
     done : Out(1)
         ``acc`` holds a repetition's complete sum (for this cycle only).
@@ -227,7 +253,8 @@ class MACArray(wiring.Component):
     ) -> None:
         self.weight_format, self.in_format = weight_format, in_format
         self.pe, self.simd, self.acc_bits = pe, simd, acc_bits
-        self.bias = np.asarray(bias, dtype=object).reshape(-1, pe)
+        self.planes = weight_format.planes if isinstance(weight_format, Planes) else 1
+        self.bias = np.asarray(bias, dtype=object).reshape(-1, pe * self.planes)
         folds = self.bias.shape[0]
         cb = code_bits(weight_format)
         super().__init__(
@@ -238,19 +265,22 @@ class MACArray(wiring.Component):
                 "fold": In(range(folds)),
                 "act": In(data.ArrayLayout(act_shape(in_format), simd)),
                 "codes": In(data.ArrayLayout(data.ArrayLayout(unsigned(cb), simd), pe)),
-                "acc": Out(data.ArrayLayout(signed(acc_bits), pe)),
+                "acc": Out(data.ArrayLayout(signed(acc_bits), pe * self.planes)),
                 "done": Out(1),
             }
         )
 
     def _lanes(
-        self, act: Value, codes: Value, products: list[dict[int, Value]]
+        self, act: Value, codes: Value, products: list[dict[int, Value]], plane: int
     ) -> list[tuple[Value, Value, Value]]:
         """A PE's lanes: (term, negative bit, zero bit); the registered term is 0 when zero
         and the negative bit is the "+1" the adders add as a carry-in. ``products``: a
-        codebook's per-SIMD-lane products (``codebook_products``)."""
+        codebook's per-SIMD-lane products (``codebook_products``); ``plane``: the sign bit
+        of Planes codes the lanes take."""
         fmt = self.weight_format
         pairs = zip((act[lane] for lane in range(self.simd)), codes, strict=True)
+        if isinstance(fmt, Planes):
+            return [_pow2_lane(BINARY, a, c[plane]) for a, c in pairs]
         if isinstance(fmt, Fixed):
             return [(a * c.as_signed(), Const(0, 1), Const(0, 1)) for a, c in pairs]
         if isinstance(fmt, Codebook) and products:
@@ -313,15 +343,19 @@ class MACArray(wiring.Component):
         lane_range = _lane_range(fmt, self.in_format)
         pow2 = not isinstance(fmt, Fixed)
         products = [codebook_products(fmt, act[j]) for j in range(self.simd)] if shared else []
-        for k in range(self.pe):
+        for g in range(self.pe * self.planes):
+            k, plane = divmod(g, self.planes)
+            name = str(k) if self.planes == 1 else f"{k}p{plane}"
             terms, carries = [], []
-            for j, (term, neg, zero) in enumerate(self._lanes(act, codes[k], products)):
-                reg = Signal(signed(signed_bits(*lane_range)), name=f"term{k}_{j}", reset_less=True)
+            for j, (term, neg, zero) in enumerate(self._lanes(act, codes[k], products, plane)):
+                reg = Signal(
+                    signed(signed_bits(*lane_range)), name=f"term{name}_{j}", reset_less=True
+                )
                 # A zero weight clears the registers: a synchronous reset, no LUT.
                 m.d.sync += reg.eq(Mux(zero, 0, term))
                 terms.append((reg, lane_range))
                 if pow2:
-                    n = Signal(name=f"neg{k}_{j}", reset_less=True)
+                    n = Signal(name=f"neg{name}_{j}", reset_less=True)
                     m.d.sync += n.eq(Mux(zero, 0, neg))
                     carries.append(n)
             # A balanced tree of two-input adders, each taking one lane's "+1" as its
@@ -335,21 +369,21 @@ class MACArray(wiring.Component):
                 for i in range(0, len(terms) - 1, 2):
                     carry = carries.pop() if carries else None
                     pairs.append(
-                        self._add(m, f"sum{k}_{level}_{i // 2}", terms[i], terms[i + 1], carry)
+                        self._add(m, f"sum{name}_{level}_{i // 2}", terms[i], terms[i + 1], carry)
                     )
                 terms = pairs + terms[len(terms) - len(terms) % 2 :]
                 level += 1
             total, (lo, hi) = terms[0]
             s_sum = Signal(
-                signed(min(signed_bits(lo, hi), self.acc_bits)), name=f"sum{k}", reset_less=True
+                signed(min(signed_bits(lo, hi), self.acc_bits)), name=f"sum{name}", reset_less=True
             )
             m.d.sync += s_sum.eq(total)
-            s_carry = Signal(name=f"carry{k}", reset_less=True)
+            s_carry = Signal(name=f"carry{name}", reset_less=True)
             if carries:
                 m.d.sync += s_carry.eq(carries.pop())
-            biases = [Const(int(b), signed(self.acc_bits)) for b in self.bias[:, k]]
+            biases = [Const(int(b), signed(self.acc_bits)) for b in self.bias[:, g]]
             bias = biases[0] if len(biases) == 1 else Array(biases)[s_fold]
-            acc = self.acc[k]
+            acc = self.acc[g]
             with m.If(s_valid):
                 m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum + s_carry)
         return m
@@ -366,6 +400,13 @@ class MACUnit(wiring.Component):
     block RAM answers a cycle later (``WeightROM.latency``): the beat waits one more
     register stage for it (``rom_stages`` = 1, else 0).
 
+    With Planes weights, each PE's ``M`` finished plane sums are combined into the exact
+    accumulator ``bias_c + Σ_i m_ic·S_i`` (``Σ_i m_ic·Σ_j b_ij·a_j = Σ_j w_cj·a_j``) in two
+    registered stages: ``M`` multipliers per PE by the channel's plane scales (registers
+    loaded with the next fold's entries, as the scale's), then their sum with the bias,
+    ``acc_bits`` wide (exact modulo ``2**acc_bits``, since the sum fits): ``combine_stages``
+    = 2, else 0.
+
     With a per-output-channel scale, each PE's finished accumulator is multiplied by the
     ``m_c`` of the channel it holds (a constant table indexed by the result's neuron fold,
     counted as results leave the array) into a register ``requant_bits`` wide, the
@@ -374,13 +415,16 @@ class MACUnit(wiring.Component):
     the FIFO's LUT RAM write after them was the digits network's slowest path).
 
     Flow control by credit, so that nothing in the array waits on the consumer: results go
-    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) + scale_stages +
-    rom_stages`` words (``scale_stages`` is 1 with a scale, else 0), and ``pending`` counts the
+    into an output FIFO of ``out_depth = OUT_DEPTH + tree_stages(simd) + combine_stages +
+    scale_stages + rom_stages`` words (``scale_stages`` is 1 with a scale, else 0): every
+    stage a result spends between its last beat and the FIFO is a word more, so that a result
+    per beat still flows. ``pending`` counts the
     repetitions whose last beat was taken but whose result has not left the FIFO.
     ``i.ready`` is a register, ``pending <= out_depth - 2`` one cycle earlier: pending grows
     by at most one per cycle, so it never exceeds ``out_depth`` and the FIFO never
-    overflows. A last beat stays pending ``6 + tree_stages(simd) + scale_stages + rom_stages``
-    cycles when the consumer is ready (the input registers, the array's stages, the scale's,
+    overflows. A last beat stays pending ``6 + tree_stages(simd) + combine_stages +
+    scale_stages + rom_stages`` cycles when the consumer is ready (the input registers, the
+    array's stages, the planes' and the scale's,
     the requantiser's and the FIFO's write; seven up to SIMD = 4 without a scale and with a
     ROM in logic), no more than
     ``out_depth - 2``: a result per beat (SIMD = Cin, a 1x1 kernel) still flows at full
@@ -405,10 +449,17 @@ class MACUnit(wiring.Component):
         self.layer, self.in_format, self.pe, self.simd = layer, in_format, pe, simd
         self.rom_style = rom_style
         self.scale_stages = 0 if layer.scale is None else 1
+        self.combine_stages = 2 if isinstance(layer.weight_format, Planes) else 0
         self.words = rom_words(layer, pe, simd)
         self.depth = len(self.words)
         self.rom_stages = int(rom_storage(rom_width(layer, pe, simd), self.depth) == "block")
-        self.out_depth = self.OUT_DEPTH + tree_stages(simd) + self.scale_stages + self.rom_stages
+        self.out_depth = (
+            self.OUT_DEPTH
+            + tree_stages(simd)
+            + self.combine_stages
+            + self.scale_stages
+            + self.rom_stages
+        )
         self.acc_bits = acc_bits(layer, in_format)
         self.requant_bits = requant_bits(layer, in_format)
         out = layer.out_format
@@ -428,34 +479,92 @@ class MACUnit(wiring.Component):
             }
         )
 
-    def _scaled(
-        self, m: Module, accs: list[Value], done: Value, folds: int
-    ) -> tuple[list[Value], Value]:
-        """Registered ``acc_k * m_c`` per PE (c = fold * PE + k, the fold counted over the
-        array's results, which leave it in fold order), and ``done`` one cycle later.
+    @staticmethod
+    def _fold_constants(
+        m: Module, done: Value, folds: int, tables: dict[str, tuple[np.ndarray, int]]
+    ) -> dict[str, list[Value]]:
+        """Per table ``name: (values (folds, n), bits)``, its ``n`` entries for the result at
+        the array's output while ``done`` (the fold counted over the array's results, which
+        leave it in fold order), ``bits`` signed.
 
-        Each PE's ``m_c`` is a register loaded with the next fold's entry on every result, so
-        the multiplier runs from registers to a register (the table lookup in front of it
-        cost 10% of Fmax on ECP5)."""
-        scale = self.layer.scale.reshape(folds, self.pe)
-        mshape = signed(self.layer.scale_format.bits)
+        With several folds each entry is a register loaded with the next fold's on every
+        result, so what it feeds runs from a register (a table lookup in front of the scale's
+        multiplier cost 10% of Fmax on ECP5); with one fold, a constant."""
         fold = Signal(range(folds), name="result_fold")
         following = Mux(fold == folds - 1, 0, fold + 1)
         if folds > 1:
             with m.If(done):
                 m.d.sync += fold.eq(following)
+        out = {}
+        for name, (values, bits) in tables.items():
+            out[name] = []
+            for k in range(values.shape[1]):
+                table = [Const(int(v), signed(bits)) for v in values[:, k]]
+                if folds == 1:
+                    out[name].append(table[0])
+                    continue
+                reg = Signal(signed(bits), init=int(values[0, k]), name=f"{name}{k}")
+                with m.If(done):
+                    m.d.sync += reg.eq(Array(table)[following])
+                out[name].append(reg)
+        return out
+
+    def _combined(
+        self, m: Module, sums: list[Value], done: Value, folds: int
+    ) -> tuple[list[Value], Value]:
+        """Per PE, ``bias_c + Σ_i m_ic·S_i`` from its plane sums ``S_i`` (``sums[k*M + i]``),
+        two registered stages later, and ``done`` as late."""
+        fmt, pe = self.layer.weight_format, self.pe
+        planes = fmt.planes
+        scales = np.asarray(fmt.scales, dtype=object)  # (Cout, M)
+        lo, hi = plane_range(self.layer, self.in_format)
+        bias = self.layer.bias.astype(object).reshape(folds, pe)
+        tables = {"bias": (bias, signed_bits(int(bias.min()), int(bias.max())))}
+        for i in range(planes):
+            col = scales[:, i]
+            tables[f"plane{i}_scale"] = (
+                col.reshape(folds, pe),
+                signed_bits(int(col.min()), int(col.max())),
+            )
+        consts = self._fold_constants(m, done, folds, tables)
+        results = []
+        for k in range(pe):
+            bias = consts["bias"][k]  # a register reloaded as the products are: held a stage
+            terms = [self._reg(m, bias, f"combine_bias{k}") if folds > 1 else bias]
+            for i in range(planes):
+                ends = [lo[:, i] * scales[:, i], hi[:, i] * scales[:, i]]
+                pbits = signed_bits(int(np.minimum(*ends).min()), int(np.maximum(*ends).max()))
+                prod = Signal(signed(pbits), name=f"plane{k}_{i}_scaled", reset_less=True)
+                m.d.sync += prod.eq(sums[k * planes + i] * consts[f"plane{i}_scale"][k])
+                terms.append(prod)
+            # Exact modulo 2**acc_bits: the sum is the accumulator, within acc_range.
+            acc = Signal(signed(self.acc_bits), name=f"combined{k}", reset_less=True)
+            m.d.sync += acc.eq(sum(terms[1:], terms[0]))
+            results.append(acc)
+        done_r = [Signal(name=f"combined_done{s}") for s in range(2)]
+        m.d.sync += [done_r[0].eq(done), done_r[1].eq(done_r[0])]
+        return results, done_r[1]
+
+    @staticmethod
+    def _reg(m: Module, v: Value, name: str) -> Signal:
+        reg = Signal(v.shape(), name=name, reset_less=True)
+        m.d.sync += reg.eq(v)
+        return reg
+
+    def _scaled(
+        self, m: Module, accs: list[Value], done: Value, folds: int
+    ) -> tuple[list[Value], Value]:
+        """Registered ``acc_k * m_c`` per PE (c = fold * PE + k), and ``done`` one cycle
+        later: the multiplier runs from registers to a register (``_fold_constants``)."""
+        scale = self.layer.scale.reshape(folds, self.pe)
+        consts = self._fold_constants(
+            m, done, folds, {"scale": (scale, self.layer.scale_format.bits)}
+        )
         products = []
         for k in range(self.pe):
-            table = [Const(int(v), mshape) for v in scale[:, k]]
-            if folds == 1:
-                mk = table[0]
-            else:
-                mk = Signal(mshape, init=int(scale[0, k]), name=f"scale{k}")
-                with m.If(done):
-                    m.d.sync += mk.eq(Array(table)[following])
             # Exact: every channel's product lies in requant_range, within requant_bits.
             prod = Signal(signed(self.requant_bits), name=f"scaled{k}")
-            m.d.sync += prod.eq(accs[k] * mk)
+            m.d.sync += prod.eq(accs[k] * consts["scale"][k])
             products.append(prod)
         done_r = Signal(name="scaled_done")
         m.d.sync += done_r.eq(done)
@@ -465,13 +574,15 @@ class MACUnit(wiring.Component):
         m = Module()
         layer, pe, depth = self.layer, self.pe, self.depth
         folds = layer.bias.shape[0] // pe
+        planes = isinstance(layer.weight_format, Planes)
+        if planes:  # plane sums from 0; the bias comes with their combination
+            lo, hi = plane_range(layer, self.in_format)
+            array_bits = signed_bits(int(lo.min()), int(hi.max()))
+            bias = np.zeros((folds, pe * layer.weight_format.planes), dtype=np.int64)
+        else:
+            array_bits, bias = self.acc_bits, layer.bias.reshape(folds, pe)
         m.submodules.mac = mac = MACArray(
-            layer.weight_format,
-            self.in_format,
-            pe,
-            self.simd,
-            self.acc_bits,
-            layer.bias.reshape(folds, pe),
+            layer.weight_format, self.in_format, pe, self.simd, array_bits, bias
         )
         m.submodules.rom = rom = WeightROM(
             width=rom_width(layer, pe, self.simd),
@@ -527,6 +638,9 @@ class MACUnit(wiring.Component):
         m.d.comb += [rom.addr.eq(addr), mac.codes.eq(rom.data)]
 
         results, done = [mac.acc[k] for k in range(pe)], mac.done
+        if planes:
+            sums = [mac.acc[g] for g in range(pe * mac.planes)]
+            results, done = self._combined(m, sums, done, folds)
         if layer.scale is not None:
             results, done = self._scaled(m, results, done, folds)
         shift = requant_frac(layer, self.in_format) - layer.out_format.frac

@@ -13,6 +13,9 @@ Weight codes (one per weight, ``code_bits(fmt)`` wide):
   folded engine's lanes decode it to the entry's shift-add terms (``entry_terms``), so
   every entry must be 0, ``±2**k`` or ``±2**j ± 2**k``; a build refuses any other entry
   (the unrolled engine, whose weights are constants, takes any integer).
+- ``Planes(scales, frac)``: ``M`` sign bits, bit ``i`` the sign of plane ``i`` (1 = -1), so
+  that the weight of channel ``c`` is ``Σ_i m_ic·(1 - 2·bit_i)``. Of the codes with that
+  sum, the lowest (any is exact: the engine computes ``Σ_i m_ic·Σ_j b_ij·a_j``).
 
 One ROM per layer, shared by its PEs (they all read the same address in the same cycle):
 ``depth = KH*KW*Cin/SIMD * Cout/PE`` words of ``PE * SIMD * code_bits`` bits. PE ``k``'s
@@ -42,14 +45,15 @@ from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
 from hwgen.hw.cmvm import csd
-from hwgen.ir import Codebook, Conv2d, Fixed, Linear, WeightFormat
+from hwgen.ir import Codebook, Conv2d, Fixed, Linear, Planes, WeightFormat
 
 ROM_STYLES = ("inline", "file")
 
 
 def code_bits(fmt: WeightFormat) -> int:
     """Width of one weight code in the ROM."""
-    # Fixed: two's complement; Pow2: [zero|sign|shift], [zero|sign] or [sign]; Codebook: index
+    # Fixed: two's complement; Pow2: [zero|sign|shift], [zero|sign] or [sign]; Codebook: index;
+    # Planes: a sign bit per plane
     return fmt.bits
 
 
@@ -71,12 +75,15 @@ def entry_terms(fmt: Codebook, layer: str = "") -> list[list[tuple[int, bool]]]:
 
 
 def encode_weights(fmt: WeightFormat, w: np.ndarray) -> np.ndarray:
-    """Integer weights (on the format's grid) to their unsigned ROM codes, same shape."""
+    """Integer weights (on the format's grid; for Planes, output channel first) to their
+    unsigned ROM codes, same shape."""
     w = np.asarray(w, dtype=np.int64)
     if isinstance(fmt, Fixed):
         return w & ((1 << fmt.bits) - 1)
     if isinstance(fmt, Codebook):
         return fmt.indices(w)
+    if isinstance(fmt, Planes):
+        return _plane_codes(fmt, w)
     sign = (w < 0).astype(np.int64)
     if fmt.bits == 1:
         return sign
@@ -91,13 +98,35 @@ def encode_weights(fmt: WeightFormat, w: np.ndarray) -> np.ndarray:
     return (zero << (sb + 1)) | (sign << sb) | shift
 
 
+def _plane_codes(fmt: Planes, w: np.ndarray) -> np.ndarray:
+    """Each weight's lowest sign code (output channel first); a weight no code gives is
+    refused, naming its channel."""
+    values = fmt.values()
+    rows = w.reshape(fmt.channels, -1)
+    codes = np.full(rows.shape, -1, np.int64)
+    for code in range(values.shape[1] - 1, -1, -1):  # downwards: the lowest code wins
+        codes[rows == values[:, code, None]] = code
+    bad = np.argwhere(codes < 0)
+    if bad.size:
+        c, j = (int(i) for i in bad[0])
+        raise HwgenError(
+            f"weight {rows[c, j]} of channel {c} is no signed sum of its plane scales "
+            f"{list(fmt.scales[c])}"
+        )
+    return codes.reshape(w.shape)
+
+
 def decode_weights(fmt: WeightFormat, codes: np.ndarray) -> np.ndarray:
-    """ROM codes back to integer weights (the inverse of ``encode_weights``)."""
+    """ROM codes back to integer weights (the inverse of ``encode_weights``; for Planes,
+    output channel first)."""
     c = np.asarray(codes, dtype=np.int64)
     if isinstance(fmt, Fixed):
         return np.where(c >> (fmt.bits - 1), c - (1 << fmt.bits), c)
     if isinstance(fmt, Codebook):
         return np.asarray(fmt.entries, np.int64)[c]
+    if isinstance(fmt, Planes):
+        values = fmt.values()
+        return np.take_along_axis(values, c.reshape(fmt.channels, -1), axis=1).reshape(c.shape)
     if fmt.bits == 1:
         return np.where(c & 1, -1, 1)
     if fmt.bits == 2:
