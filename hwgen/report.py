@@ -28,7 +28,7 @@ from matplotlib.figure import Figure as MplFigure
 from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes
-from hwgen.ir import ActFormat, Add, Codebook, Conv2d, Fixed, Linear, Pow2, WeightFormat
+from hwgen.ir import ActFormat, Add, Codebook, Conv2d, Fixed, Linear, Planes, Pow2, WeightFormat
 from hwgen.quant.precision import dumps
 from hwgen.quant.tune import TuneResult, format_layers
 
@@ -269,19 +269,21 @@ def weight_levels(fmt: WeightFormat) -> np.ndarray:
         return np.arange(fmt.lo, fmt.hi + 1, dtype=np.float64) * 2.0**-fmt.frac
     if isinstance(fmt, Codebook):
         return np.asarray(fmt.entries, np.float64) * 2.0**-fmt.frac
+    if isinstance(fmt, Planes):  # every channel's signed sums of its plane scales
+        return np.unique(fmt.values()).astype(np.float64) * 2.0**-fmt.frac
     assert isinstance(fmt, Pow2)
     mags = 2.0 ** np.arange(fmt.emin, fmt.emax + 1)
     levels = np.concatenate([-mags[::-1], [0.0] if fmt.has_zero else [], mags])
     return levels
 
 
-def layer_levels(layer: Conv2d | Linear, scheme: str) -> tuple[np.ndarray, str]:
+def layer_levels(layer: Conv2d | Linear) -> tuple[np.ndarray, str]:
     """The real weight values of a layer, ascending, and what they are in words.
 
     A per-channel scale ``m_c`` (bc, twn, lab, lat) multiplies each channel's codes: the
-    levels are ``code · m_c`` over the codes and channels. amq's Fixed weights are sums of
-    its scaled binary planes: the levels are the values its channels use, up to ``2**M``
-    each. Otherwise the format's grid (:func:`weight_levels`).
+    levels are ``code · m_c`` over the codes and channels. amq's Planes weights are sums of
+    its scaled binary planes: the levels are their values over the channels, ``2**M`` each.
+    Otherwise the format's grid (:func:`weight_levels`).
     """
     fmt = layer.weight_format
     if layer.scale is not None and layer.scale_format is not None:
@@ -289,20 +291,19 @@ def layer_levels(layer: Conv2d | Linear, scheme: str) -> tuple[np.ndarray, str]:
         real = codes[:, None] * layer.scale[None, :] * 2.0 ** -(fmt.frac + layer.scale_format.frac)
         levels = np.unique(real)
         return levels, f"codes {fmt} x {layer.weight.shape[0]} channel scales"
-    if scheme == "amq":
-        levels = np.unique(layer.weight) * 2.0**-fmt.frac
-        return levels, f"binary-plane sums of {layer.weight.shape[0]} channels, {fmt}"
+    if isinstance(fmt, Planes):
+        return weight_levels(fmt), f"sums of {fmt.planes} binary planes x {fmt.channels} channels"
     if isinstance(fmt, Codebook):
         return weight_levels(fmt), f"codebook of {len(fmt.entries)} entries"
     return weight_levels(fmt), str(fmt)
 
 
-def histogram_plot(name: str, w: np.ndarray, layer: Conv2d | Linear, scheme: str) -> Plot:
+def histogram_plot(name: str, w: np.ndarray, layer: Conv2d | Linear) -> Plot:
     """Histogram of the float weights with the quantisation levels of ``layer`` drawn on it."""
     w = np.asarray(w, np.float64).ravel()
     fig = MplFigure(figsize=(6, 3.2))
     ax = fig.subplots()
-    levels, what = layer_levels(layer, scheme)
+    levels, what = layer_levels(layer)
     lim = max(float(np.abs(w).max(initial=0.0)), float(np.abs(levels).max())) * 1.05 or 1.0
     if len(levels) <= _MAX_LEVEL_LINES:
         for v in levels:
@@ -311,7 +312,7 @@ def histogram_plot(name: str, w: np.ndarray, layer: Conv2d | Linear, scheme: str
     else:
         for v in (levels[0], levels[-1]):
             ax.axvline(v, color="tab:red", lw=1.0, zorder=3)
-        on_grid = isinstance(layer.weight_format, Fixed) and scheme != "amq"
+        on_grid = isinstance(layer.weight_format, Fixed)
         step = f", step {2.0**-layer.weight_format.frac:g}" if on_grid else ""
         note = f"{len(levels)} levels{step} (range drawn)"
     ax.hist(w, bins=min(100, max(10, w.size // 10)), range=(-lim, lim), color="tab:blue")
@@ -566,9 +567,7 @@ def tuning_sections(result: TuneResult) -> list[Section]:
     for layer in format_layers(net):
         figures.append(error_plot(layer.name, result))
         if layer.name in q.float_weights:
-            figures.append(
-                histogram_plot(layer.name, q.float_weights[layer.name], layer, result.scheme)
-            )
+            figures.append(histogram_plot(layer.name, q.float_weights[layer.name], layer))
     return [
         Section(
             "summary",

@@ -7,7 +7,7 @@ import torch
 from hwgen.errors import HwgenError
 from hwgen.examples.digits import digits_float_net
 from hwgen.quant.binarize import RetrainOptions, ScaledCodes, quantize_scales
-from hwgen.quant.multibit import _nearest_codes, alternating, greedy, integer_weights, multibit
+from hwgen.quant.multibit import _nearest_codes, alternating, greedy, multibit, plane_format
 
 
 def _err(w: np.ndarray, sc: ScaledCodes) -> float:
@@ -74,13 +74,16 @@ def test_per_layer_scales_are_shared():
     assert _err(w, sc) >= _err(w, alternating(w, 3))  # fewer scales fit no better here
 
 
-def test_integer_weights_are_the_planes_under_integer_scales():
+def test_plane_format_holds_the_integer_scales_and_the_weights_their_sums():
     w = np.random.default_rng(3).normal(0, 0.2, (6, 3, 3, 3))
     sc = alternating(w, 3)
-    ints, frac = integer_weights(sc, 8)
+    planes, ints = plane_format(sc, 8)
     m, fmt = quantize_scales(sc.alpha, 8)
-    assert frac == fmt.frac and ints.dtype == np.int64
+    assert planes.frac == fmt.frac and ints.dtype == np.int64
+    assert planes.scales == tuple(map(tuple, m.T.tolist())) and planes.planes == 3
     assert np.array_equal(ints, np.einsum("ic,ic...->c...", m, sc.codes))
+    assert planes.on_grid(ints).all()
+    frac = planes.frac
     # each of the 3 scales is within half a step of its real value
     assert np.all(np.abs(ints * 2.0**-frac - sc.weights) <= 3 * 2.0 ** -(frac + 1))
 

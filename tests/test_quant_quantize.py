@@ -11,7 +11,7 @@ from hwgen import hwq
 from hwgen.errors import HwgenError
 from hwgen.examples.digits import digits_float_net
 from hwgen.frontend.graph import FConv2d, FFlatten, FLinear, FloatNet
-from hwgen.ir import ActFormat, Add, Codebook, Conv2d, Fixed, Linear, Pow2
+from hwgen.ir import ActFormat, Add, Codebook, Conv2d, Fixed, Linear, Planes, Pow2
 from hwgen.quant import QuantResult, quantize
 from hwgen.quant import precision as prec
 from hwgen.quant.binarize import RetrainOptions
@@ -187,7 +187,7 @@ LEARNED_KINDS = {
     "lat": (2, "scaled"),
     "ttq": (2, "codebook"),
     "dqc": (3, "codebook"),
-    "amq": (2, "fixed"),
+    "amq": (2, "planes"),
 }
 SHORT = {
     "retrain_options": RetrainOptions(epochs=1, batch_size=16),
@@ -209,8 +209,10 @@ def _check_learned_layer(layer: Conv2d | Linear, scheme: str, bits: int) -> None
             assert len(fmt.entries) == 2**bits and 0 in fmt.entries
         else:
             assert len(fmt.entries) <= 3 and 0 in fmt.entries
-    else:  # amq: the plane sums as Fixed integers, no scale
-        assert isinstance(fmt, Fixed) and layer.scale is None
+    else:  # amq: M planes, the channel's scales in the format, the plane sums in the layer
+        assert isinstance(fmt, Planes) and fmt.planes == bits and layer.scale is None
+        assert fmt.channels == layer.weight.shape[0] and np.all(fmt.on_grid(layer.weight))
+        assert max(max(r) for r in fmt.scales) <= 127 and min(min(r) for r in fmt.scales) >= -128
 
 
 @pytest.mark.parametrize("scheme", list(LEARNED_KINDS))

@@ -13,7 +13,7 @@ from test_quant_tune import residual_problem, toy_problem
 from hwgen import hwq, report
 from hwgen.cli import main
 from hwgen.errors import HwgenError
-from hwgen.ir import ActFormat, Codebook, Fixed, Linear, Pow2
+from hwgen.ir import ActFormat, Codebook, Fixed, Linear, Planes, Pow2
 from hwgen.quant import precision, quantize
 from hwgen.quant.binarize import RetrainOptions
 from hwgen.quant.fakequant import accuracy
@@ -229,17 +229,19 @@ def test_layer_levels_of_the_learned_schemes():
         "fc", 3, 2, Pow2(2, 0), ActFormat(8, 0), w, np.zeros(2, np.int64),
         scale=np.array([3, -2]), scale_format=Fixed(4, 2),
     )  # fmt: skip
-    levels, what = report.layer_levels(scaled, "lat")
+    levels, what = report.layer_levels(scaled)
     # codes -1, 0, 1 times m_c * 2**-2 for m = 3 and -2
     assert levels.tolist() == [-0.75, -0.5, 0.0, 0.5, 0.75]
     assert what == "codes ternary.emax0 x 2 channel scales"
     book = replace(scaled, weight_format=Codebook((-3, 0, 1, 6), 1), scale=None,
                    scale_format=None, weight=np.array([[6, -3, 0], [0, 1, 1]]))  # fmt: skip
-    assert report.layer_levels(book, "dqc")[0].tolist() == [-1.5, 0.0, 0.5, 3.0]
-    planes = replace(book, weight_format=Fixed(5, 2), weight=np.array([[5, -3, 5], [3, 3, -5]]))
-    # amq: the plane sums the channels use, not the whole Fixed grid
-    assert report.layer_levels(planes, "amq")[0].tolist() == [-1.25, -0.75, 0.75, 1.25]
-    assert len(report.layer_levels(planes, "fixed")[0]) == 32
+    assert report.layer_levels(book)[0].tolist() == [-1.5, 0.0, 0.5, 3.0]
+    fmt = Planes(((4, 1), (1, -4)), 2)
+    planes = replace(book, weight_format=fmt, weight=np.array([[5, -3, 5], [3, 3, -5]]))
+    # amq: the sums of the channels' signed plane scales, not a whole Fixed grid
+    levels, what = report.layer_levels(planes)
+    assert levels.tolist() == [-1.25, -0.75, 0.75, 1.25]
+    assert what == "sums of 2 binary planes x 2 channels"
 
 
 def test_learned_scheme_report_draws_its_levels(tmp_path):
@@ -252,7 +254,7 @@ def test_learned_scheme_report_draws_its_levels(tmp_path):
     md = (out / "report.md").read_text()
     for layer in mac_layers(r.net):
         assert (out / "plots" / f"{layer.name}_hist.png").read_bytes().startswith(PNG_MAGIC)
-        n = len(report.layer_levels(layer, "lab")[0])
+        n = len(report.layer_levels(layer)[0])
         assert f"{layer.name}: float weights and the levels of codes binary.emax0 x " in md
         assert 2 <= n <= 2 * layer.weight.shape[0]
 

@@ -11,8 +11,8 @@ Each row ``w`` (an output channel's weights, or the whole layer) is approximated
 
 Both half-steps are optimal given the other, so the squared error never increases.
 Retraining is :func:`hwgen.quant.binarize.retrain` (straight-through, Adam, float64,
-snapped). There is no IR format for ``M`` planes yet; :func:`integer_weights` gives the
-exact integer weights the planes and integer scales stand for.
+snapped). :func:`plane_format` gives the IR's ``Planes`` format of a layer's planes with
+integer scales and the exact integer weights they stand for.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
+from hwgen.ir import Planes
 from hwgen.quant.binarize import (
     DEFAULT_SCALE_BITS,
     RetrainOptions,
@@ -125,15 +126,15 @@ def multibit(
     )  # fmt: skip
 
 
-def integer_weights(sc: ScaledCodes, bits: int = DEFAULT_SCALE_BITS) -> tuple[np.ndarray, int]:
-    """Exact integer weights of planes with integer scales, and their frac.
+def plane_format(sc: ScaledCodes, bits: int = DEFAULT_SCALE_BITS) -> tuple[Planes, np.ndarray]:
+    """The planes with integer scales as a ``Planes`` format, and the exact integer weights.
 
     The scales become integers ``m_ic`` of one ``Fixed(bits, frac)`` per layer
-    (:func:`hwgen.quant.binarize.quantize_scales`); the weight ``Σ_i m_ic·b_i`` at that frac
-    is what ``M`` add/subtract plane sums combined by the ``m_ic`` compute.
+    (:func:`hwgen.quant.binarize.quantize_scales`), held per output channel by the format;
+    the weight ``Σ_i m_ic·b_i`` at that frac is what ``M`` add/subtract plane sums combined
+    by the ``m_ic`` compute.
     """
-    m, fmt = quantize_scales(sc.alpha, bits)
-    planes = sc.codes if sc.alpha.ndim == 2 else sc.codes[None]
-    scales = m if m.ndim == 2 else m[None]
-    shape = scales.shape + (1,) * (planes.ndim - 2)
-    return np.sum(scales.reshape(shape) * planes, axis=0).astype(np.int64), fmt.frac
+    m, fmt = quantize_scales(sc.alpha, bits)  # (M, Cout)
+    shape = m.shape + (1,) * (sc.codes.ndim - 2)
+    w = np.sum(m.reshape(shape) * sc.codes, axis=0).astype(np.int64)
+    return Planes(tuple(map(tuple, m.T.tolist())), fmt.frac), w

@@ -14,10 +14,10 @@ quantised ones; the integer layers come from the quantiser's export:
   (8-bit Fixed), :func:`hwgen.quant.binarize.scaled_mac_layer`;
 - ``dqc`` (with a pinned zero entry), ``ttq`` (:mod:`hwgen.quant.codebook`): ``Codebook``
   weights, the layer holding the entries' integer values;
-- ``amq`` (:mod:`hwgen.quant.multibit`, M planes per output channel): the exact integers
-  ``Σ_i m_ic·b_i`` (:func:`hwgen.quant.multibit.integer_weights`, 8-bit ``m_ic``) as
-  ``Fixed`` weights, no per-channel scale: the M scales of a channel fold into its weights,
-  so today's engine multiplies by them (a plane engine is a later issue).
+- ``amq`` (:mod:`hwgen.quant.multibit`, M planes per output channel): ``Planes`` weights
+  (:func:`hwgen.quant.multibit.plane_format`, 8-bit ``m_ic``), the layer holding the exact
+  integers ``Σ_i m_ic·b_i``; the engine adds or subtracts per plane and multiplies the M
+  plane sums by the ``m_ic`` once per output.
 
 Compression (issue #12) comes first, as the precision says: the low-rank split
 (:func:`hwgen.quant.lowrank.lowrank`, retrained), then pruning
@@ -40,7 +40,7 @@ import numpy as np
 
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
-from hwgen.ir import Add, Codebook, Conv2d, Fixed, Linear, Network, Pow2, WeightFormat, signed_bits
+from hwgen.ir import Add, Codebook, Conv2d, Fixed, Linear, Network, Pow2, WeightFormat
 from hwgen.quant import weights as wq
 from hwgen.quant.activations import ActSpec, Curve, LayerBuilder, greedy_network
 from hwgen.quant.binarize import (
@@ -53,7 +53,7 @@ from hwgen.quant.binarize import (
 from hwgen.quant.codebook import CodebookOptions, dqc, ttq
 from hwgen.quant.inq import InqOptions, inq
 from hwgen.quant.lowrank import decompose, lowrank
-from hwgen.quant.multibit import alternating, integer_weights
+from hwgen.quant.multibit import alternating, plane_format
 from hwgen.quant.precision import (
     LEARNED,
     AddPrecision,
@@ -210,9 +210,7 @@ def _learned(
             fnet, quantizers, train, options, label="amq retraining", progress=progress
         )
         for name, sc in codes.items():
-            w, frac = integer_weights(sc)
-            width = max(2, signed_bits(int(w.min(initial=0)), int(w.max(initial=0))))
-            sources[name] = (Fixed(width, frac), w)
+            sources[name] = plane_format(sc)
         return fnet, sources
     fnet, codes = binarize(fnet, scheme, train, options, progress=progress)
     by_name = {fl.name: fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))}
