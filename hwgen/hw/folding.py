@@ -14,7 +14,8 @@ The estimates, per engine (LUT4, with ECP5 carry cells as two, as hwgen.synth co
 - a lane of a MAC array: Pow2 ``LANE_POW2 * (in_bits + max_shift)`` (a shift-and-add lane,
   ~70 at 8-bit activations and pow2 5-bit weights); Fixed
   ``in_bits * w_bits + 2 * (in_bits + w_bits)`` (a multiplier in LUTs and its adder);
-  ternary/binary ``3 * in_bits`` (a negation and an adder); Codebook ``W * (2**bits / 2 +
+  ternary/binary ``3 * in_bits`` (a negation and an adder); Planes ``M * 3 * in_bits`` (M
+  binary lanes); Codebook ``W * (2**bits / 2 +
   two-digit magnitudes / PE + 2)`` with shared products (half a LUT4 per mux input and
   bit), ``W * (0.75 * 2**bits + 3)`` with two digit muxes and an adder
   (``hwgen.hw.mac.shares_products``), ``W = in_bits + `` the largest entry's magnitude bits
@@ -61,6 +62,7 @@ from hwgen.ir import (
     Linear,
     MaxPool2d,
     Network,
+    Planes,
     SubsamplePad,
     acc_bits,
 )
@@ -197,6 +199,8 @@ def _lane_luts(layer: Conv2d | Linear, in_bits: int, pe: int) -> float:
         mags = {abs(e) for e in fmt.entries}
         adders = sum(len(csd(m)) == 2 for m in mags)
         return width * ((1 << fmt.bits) / 2 + adders / pe + 2)
+    if isinstance(fmt, Planes):
+        return fmt.planes * 3 * in_bits
     if isinstance(fmt, Fixed):
         return in_bits * fmt.bits + 2 * (in_bits + fmt.bits)
     if fmt.bits <= 2:
