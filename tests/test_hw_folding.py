@@ -143,6 +143,7 @@ def test_codebook_lane_estimates_follow_the_mux_and_the_rom_holds_indices():
 
     def plan_with(cb: Codebook, pe: int = 4) -> LayerPlan:
         w = np.asarray(cb.entries)[np.arange(base.weight.size).reshape(base.weight.shape) % 3]
+        w[w == 0] = cb.entries[-1]  # no zero block: every word is stored
         layer = replace(base, weight_format=cb, weight=w)
         return plan_layer(replace(net, layers=(layer, *net.layers[1:])), 0, pe, 1)
 

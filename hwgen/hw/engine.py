@@ -28,6 +28,7 @@ from hwgen.hw.pool import AvgPool, GlobalAvgPoolEngine, MaxPool, ReLUEngine
 from hwgen.hw.requant import act_shape
 from hwgen.hw.residual import AddEngine, SubsamplePadEngine
 from hwgen.hw.rom import ROM_STYLES, rom_width, rom_words
+from hwgen.hw.sparse import fold_schedule, pixel_beats
 from hwgen.hw.unrolled import UnrolledEngine
 from hwgen.hw.window import SlidingWindow
 from hwgen.ir import (
@@ -67,7 +68,10 @@ class EngineInfo:
     ``roms`` holds the layer's one ROM (shared by its PEs) in address order (hwgen.hw.rom
     layout): a ``uint64`` array when ``rom_width <= 64``, else an array of Python ints.
     Empty for engines without MACs, whose ``acc_bits``, ``rom_depth`` and ``rom_width`` are
-    0. An add engine's second input (``b``) has ``in_b_bits`` and ``in_b_signed`` (0 and
+    0. A folded conv or dense engine's ``ideal_cycles`` is ``output pixels * sum over neuron
+    folds of max(1, scheduled beats)`` (hwgen.hw.sparse: zero blocks skipped), which is
+    ``macs / (PE * SIMD)`` when no block is skipped; ``rom_depth`` counts the scheduled words.
+    An add engine's second input (``b``) has ``in_b_bits`` and ``in_b_signed`` (0 and
     False for the other engines). ``engine`` is ``unrolled`` for the unrolled constant-weight
     engine (no ROM), else ``folded``.
     """
@@ -214,6 +218,9 @@ def engine_info(net: Network, index: int, pe: int, simd: int, engine: str = "fol
         cin, cout, kk, pixels = _mac_dims(net, index)
         macs = pixels * cout * kk * cin
         roms = [] if engine == "unrolled" else [rom_words(layer, pe, simd)]
+        ideal = macs // (pe * simd)  # unrolled: one window per cycle
+        if roms:  # folded: one cycle per scheduled beat (hwgen.hw.sparse)
+            ideal = pixels * pixel_beats(fold_schedule(layer, pe, simd))
         return EngineInfo(
             **common,
             in_lanes=simd,
@@ -225,7 +232,7 @@ def engine_info(net: Network, index: int, pe: int, simd: int, engine: str = "fol
             rom_depth=len(roms[0]) if roms else 0,
             rom_width=rom_width(layer, pe, simd) if roms else 0,
             macs=macs,
-            ideal_cycles=macs // (pe * simd),
+            ideal_cycles=ideal,
             roms=roms,
             engine=engine,
         )
@@ -285,6 +292,7 @@ class MACEngine(wiring.Component):
             geometry = dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0))
         folds = layer.bias.shape[0] // self.pe
         m.submodules.window = window = SlidingWindow(
+            schedule=fold_schedule(layer, self.pe, self.simd),
             channels=c,
             height=h,
             width=w,

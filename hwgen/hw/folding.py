@@ -52,6 +52,7 @@ from hwgen.hw.cmvm import csd
 from hwgen.hw.engine import MAX_LANES, MAX_UNROLLED_WEIGHTS, engine_info
 from hwgen.hw.mac import shares_products
 from hwgen.hw.rom import bram_blocks, rom_storage, rom_width
+from hwgen.hw.sparse import fold_schedule, is_dense, pixel_beats, window_beats
 from hwgen.ir import (
     INPUT,
     AvgPool2d,
@@ -232,10 +233,13 @@ def plan_layer(
             layer.name, info.kind, pe, simd, cycles, round(luts), blocks, 0, "", 0, blocks
         )
     cin, cout = layer.weight.shape[1], layer.weight.shape[0]
-    kk = layer.weight[0, 0].size
-    macs = size_out // cout * cout * kk * cin
-    cycles = max(macs // (pe * simd), size_in // simd, size_out // pe)
-    width, depth = rom_width(layer, pe, simd), kk * cin // simd * cout // pe
+    # A cycle and a ROM word per scheduled beat (hwgen.hw.sparse: zero blocks skipped).
+    schedule = fold_schedule(layer, pe, simd)
+    depth = pixel_beats(schedule)
+    # A sparse window's schedule table: about 8 bits an entry, in logic like a shallow ROM.
+    table_luts = 0 if is_dense(schedule, window_beats(layer, simd)) else 8 * math.ceil(depth / 16)
+    cycles = max(size_out // cout * depth, size_in // simd, size_out // pe)
+    width = rom_width(layer, pe, simd)
     storage = rom_storage(width, depth)
     rom_blocks = bram_blocks(width, depth, family) if storage == "block" else 0
     rom_luts = width * math.ceil(depth / 16) if storage == "logic" else 0
@@ -252,6 +256,7 @@ def plan_layer(
         + 4 * simd * fin.bits
         + fifo
         + rom_luts
+        + table_luts
     )
     return LayerPlan(
         layer.name,
@@ -261,7 +266,7 @@ def plan_layer(
         cycles,
         round(luts),
         rom_blocks + buffer,
-        layer.weight.size * layer.weight_format.bits,
+        width * depth,
         storage,
         rom_blocks,
         buffer,

@@ -24,6 +24,9 @@ codes are the slice ``[k*SIMD*code_bits, (k+1)*SIMD*code_bits)``, and in it lane
 PE 0 lane 0 at the LSB. Address order: for each neuron fold ``nf`` (output channel
 ``nf*PE + k``), for ``kh``, for ``kw``, for channel group ``g`` — the order the
 sliding-window unit emits. A dense layer is ``KH = KW = 1``, Cin = in_features.
+Zero-block skipping (hwgen.hw.sparse): the words of a fold's beats whose blocks are zero in
+all its PEs are left out (a fold of zeros keeps its first word); the others keep this order,
+so the depth is the beats of the schedule, ``KH*KW*Cin/SIMD * Cout/PE`` when none is zero.
 The biases are not in the ROM: they are constants of the MAC array (see hwgen.hw.mac).
 
 One wide word instead of one ROM per PE packs the bits into as few memory blocks as the
@@ -45,6 +48,7 @@ from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
 from hwgen.hw.cmvm import csd
+from hwgen.hw.sparse import fold_schedule, rom_addresses, window_beats
 from hwgen.ir import Codebook, Conv2d, Fixed, Linear, Planes, WeightFormat
 
 ROM_STYLES = ("inline", "file")
@@ -162,6 +166,7 @@ def rom_words(layer: Conv2d | Linear, pe: int, simd: int) -> np.ndarray:
     codes = encode_weights(layer.weight_format, w).reshape(cout // pe, pe, -1, simd)
     # (nf, addr in fold, k, lane): a word's codes, PE 0 lane 0 first.
     codes = codes.transpose(0, 2, 1, 3).reshape(-1, pe * simd)
+    codes = codes[rom_addresses(fold_schedule(layer, pe, simd), window_beats(layer, simd))]
     if pe * simd * cb <= 64:
         shifts = np.arange(pe * simd, dtype=np.uint64) * np.uint64(cb)
         return np.bitwise_or.reduce(codes.astype(np.uint64) << shifts, axis=1)
