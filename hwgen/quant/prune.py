@@ -32,12 +32,13 @@ in blocks of 4: ``quantize`` with scheme ``inq`` leaves conv2 23-25% and fc 25% 
 blocks zero); binary codes (bits 1, bc, lab) have no zero at all. :func:`masked_inq` is
 INQ with the pruned weights frozen at 0 (its zero level) from the start.
 
-The hardware side (:func:`nonzero_blocks`): a folded engine that skips zero blocks spends,
-per output pixel, one cycle per nonzero block of each output channel a PE holds::
+The hardware side (:mod:`hwgen.hw.sparse`): the folded engine skips a beat whose blocks
+are zero in every PE of its neuron fold, so folded at PE = 1 and SIMD = ``block`` it spends,
+per output pixel, one cycle per nonzero block (at least one per output channel)::
 
-    cycles per output pixel of a PE = sum over its output channels c of nonzero_blocks[c]
+    cycles per output pixel = sum over output channels c of max(1, nonzero_blocks[c])
 
-and the layer waits for its slowest PE.
+At PE > 1 a fold's PEs share their beats: it takes the union of their nonzero blocks.
 """
 
 from __future__ import annotations
@@ -94,11 +95,9 @@ def _unit_to_weights(units: np.ndarray, shape: tuple[int, ...], block: int) -> n
 
 
 def nonzero_blocks(weight: np.ndarray, block: int | None) -> np.ndarray:
-    """Per output channel, the number of blocks with a nonzero weight (int64, (Cout,)).
-
-    A PE holding output channels ``C`` spends ``sum(nonzero_blocks[c] for c in C)`` cycles
-    per output pixel when zero blocks are skipped (SIMD = ``block``).
-    """
+    """Per output channel, the number of blocks with a nonzero weight (int64, (Cout,)):
+    its cycles per output pixel (at least one) in a folded engine at PE = 1 and SIMD =
+    ``block``, which skips zero blocks (:mod:`hwgen.hw.sparse`)."""
     v = block_view(weight, block)
     nz = np.any(v != 0, axis=-1)
     return nz.reshape(nz.shape[0], -1).sum(axis=1).astype(np.int64)
