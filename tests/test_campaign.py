@@ -29,6 +29,7 @@ import pytest
 from conftest import (
     ARRAY_MODES,
     channel_scales,
+    plane_format,
     shift_add_codebook,
     weight_array,
     with_roundings,
@@ -51,6 +52,7 @@ from hwgen.ir import (
     Linear,
     MaxPool2d,
     Network,
+    Planes,
     Pow2,
     ReLU,
     SubsamplePad,
@@ -66,6 +68,7 @@ VECTORS = 4  # random images per vector file (the build adds the extreme ones)
 UNROLL = 0.3  # chance that a conv or dense layer gets the unrolled engine
 SCALE = 0.25  # chance that a conv or dense layer gets a per-output-channel scale
 CODEBOOK = 0.25  # chance that a conv or dense layer gets codebook weights
+PLANES = 0.2  # chance that a conv or dense layer without a codebook gets binary planes
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,32 @@ def _draw_codebooks(seed: int, net: Network, mode: str, codebook: bool | None) -
     return replace(net, layers=tuple(layers))
 
 
+def _draw_planes(seed: int, net: Network, mode: str, planes: bool | None) -> Network:
+    """``net`` with binary-plane weights drawn (or, with ``planes``, forced on or off) for
+    each conv and dense layer without a codebook: M (1..4) planes whose per-channel scales
+    are ``bits``-bit integers (2..16; the min, max, 0 and 1 among them), in the weights'
+    array ``mode`` (all planes +1 or -1 at the extremes); the frac keeps the largest
+    weight's real size, as for the codebooks. A stream of its own."""
+    rng = np.random.default_rng([20240417, seed, 37])
+    layers = []
+    for layer in net.layers:
+        if (
+            isinstance(layer, (Conv2d, Linear))
+            and not isinstance(layer.weight_format, Codebook)
+            and (planes or (planes is None and rng.random() < PLANES))
+        ):
+            m, bits = int(rng.integers(1, 5)), int(rng.integers(2, 17))
+            fmt = plane_format(rng, layer.weight.shape[0], m, bits, 0)
+            wfmt = layer.weight_format
+            top = max(-wfmt.lo, wfmt.hi).bit_length()
+            frac = wfmt.frac + max(-fmt.lo, fmt.hi).bit_length() - top
+            fmt = replace(fmt, frac=int(np.clip(frac, *WEIGHT_FRAC_RANGE)))
+            weight = weight_array(rng, fmt, layer.weight.shape, mode or "random")
+            layer = replace(layer, weight_format=fmt, weight=weight)
+        layers.append(layer)
+    return replace(net, layers=tuple(layers))
+
+
 def random_case(
     seed: int,
     kind: str | None = None,
@@ -339,12 +368,15 @@ def random_case(
     engine: str | None = None,
     scale: bool | None = None,
     codebook: bool | None = None,
+    planes: bool | None = None,
 ) -> Case:
-    """Draw case ``seed`` (``kind``, ``wkind``, ``engine``, ``scale`` and ``codebook`` force
-    the layer and weight kinds, the conv/dense engine, ``folded`` or ``unrolled``, and
-    whether its conv and dense layers have per-channel scales and codebook weights)."""
+    """Draw case ``seed`` (``kind``, ``wkind``, ``engine``, ``scale``, ``codebook`` and
+    ``planes`` force the layer and weight kinds, the conv/dense engine, ``folded`` or
+    ``unrolled``, and whether its conv and dense layers have per-channel scales, codebook
+    and binary-plane weights)."""
     case = _random_case(seed, kind, wkind)
     net = _draw_codebooks(seed, _draw_roundings(seed, case.net), case.weights, codebook)
+    net = _draw_planes(seed, net, case.weights, planes)
     net = _draw_scales(seed, net, scale)
     return _draw_engines(seed, replace(case, net=net), engine)
 
@@ -456,7 +488,7 @@ SAMPLE = (
     ids=[f"{k}-{w or ''}-{e}{'-scaled' * s}{'-codebook' * c}" for _, k, w, e, s, c in SAMPLE],
 )
 def test_sample(seed, kind, wkind, engine, scale, codebook, tmp_path):
-    case = random_case(seed, kind, wkind, engine, scale, codebook)
+    case = random_case(seed, kind, wkind, engine, scale, codebook, planes=False)
     scales = [getattr(lyr, "scale", None) for lyr in case.net.layers]
     assert any(m is not None for m in scales) == scale
     books = [isinstance(getattr(lyr, "weight_format", None), Codebook) for lyr in case.net.layers]
@@ -464,9 +496,29 @@ def test_sample(seed, kind, wkind, engine, scale, codebook, tmp_path):
     run_case(case, tmp_path)
 
 
+# Binary planes (amq): a folded convolution, a folded dense layer with a per-channel scale
+# after its planes, an unrolled convolution.
+PLANES_SAMPLE = (
+    (80, "conv", "pow2", "folded", False),  # 4 planes, random signs, stalls 0.30
+    (82, "dense", "fixed", "folded", True),  # 2 planes, a 13-bit scale at its extremes
+    (73, "conv", "fixed", "unrolled", False),  # 3 planes as constant weights
+)
+
+
+@pytest.mark.parametrize(
+    "seed,kind,wkind,engine,scale",
+    PLANES_SAMPLE,
+    ids=[f"{k}-{e}{'-scaled' * s}" for _, k, _, e, s in PLANES_SAMPLE],
+)
+def test_planes_sample(seed, kind, wkind, engine, scale, tmp_path):
+    case = random_case(seed, kind, wkind, engine, scale, codebook=False, planes=True)
+    assert isinstance(case.net.layers[0].weight_format, Planes), case.describe()
+    run_case(case, tmp_path)
+
+
 def test_sample_covers_every_rounding():
     """The default sample simulates every rounding mode, in MAC requantisers and beyond."""
-    nets = [random_case(*s).net for s in SAMPLE]
+    nets = [random_case(*s, planes=False).net for s in SAMPLE]
     first = [n.layers[0] for n in nets]
     macs = {lyr.out_format.rounding for lyr in first if isinstance(lyr, (Conv2d, Linear))}
     assert macs == set(ROUNDINGS)
