@@ -42,6 +42,7 @@ from hwgen.hw.folding import MAX_SIMD, FoldingPlan, build_target, plan, solve
 from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import rom_images
 from hwgen.ir import INPUT, ActFormat, Add, Codebook, Conv2d, Flatten, Linear, Network
+from hwgen.netlist import absorb_file
 from hwgen.synth import DEVICES, Phase, Resources, cells_from_log, quiet, run_tool, yosys_prep
 from hwgen.templates import template, vendor_projects
 
@@ -529,6 +530,8 @@ def build_bitstream(
                 raise HwgenError(f"{e} (log: {keep_logs / log.name})") from None
         if step == "Yosys":  # its log (-l top.rpt) ends with the design's cell counts
             luts = check_fits((out / "top.rpt").read_text(), top.board.device).luts
+            if family == "ecp5":  # block RAM output registers (hwgen.netlist)
+                absorb_file(out / "top.json", "top")
     return out / bitstream_name(top.board.device)
 
 

@@ -18,10 +18,11 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hwgen.errors import HwgenError
+from hwgen.netlist import absorb_file
 from hwgen.toolchain import find_program
 
 
@@ -229,6 +230,9 @@ def synthesize(
                 f"Yosys synthesis of {top}",
             )
         res = count_cells(json.loads((work / "stat.json").read_text()), top, dev.family)
+        if dev.family == "ecp5":
+            moved = absorb_file(work / "netlist.json", top)
+            res = replace(res, ffs=res.ffs - moved)
         if not place_route:
             return SynthResult(top, device, res, None, target_mhz)
         with phase(f"nextpnr: {name}, place and route on {device} for {target_mhz:g} MHz"):

@@ -1,0 +1,124 @@
+"""Netlist passes on Yosys's JSON between synthesis and place-and-route.
+
+``absorb_bram_outregs``: Yosys maps a memory's synchronous read to an ECP5 DP16KD in
+``NOREG`` mode, and a register after it (the weight ROMs' bank registers, hwgen.hw.rom) to
+fabric flip-flops. The block RAM's clock-to-out without its output register is about
+5.6 ns, so the path block RAM -> flip-flop alone caps a design near 145 MHz. DP16KD has an
+output register per port (``REGMODE_x = "OUTREG"``: the data one clock later, from a
+register inside the block): the same function as block RAM + flip-flop, with a fast
+clock-to-out. Yosys does not use it (its ECP5 memory library has no such option), so this
+pass moves each such flip-flop into the block.
+
+A port is absorbed only when the function is certainly the same:
+
+- the port is at most 18 bits wide (a true dual-port configuration, whose ``REGMODE_A`` /
+  ``REGMODE_B`` registers ``DOA`` / ``DOB`` on ``CLKA`` / ``CLKB``); the 36-bit
+  configuration reads through both ports' outputs on one clock and is left alone;
+- every ``DOx`` bit that is used drives exactly one cell input, the ``DI`` of a
+  ``TRELLIS_FF``, and nothing else (no module port);
+- each such flip-flop is clocked by the port's clock (both uninverted), is always enabled
+  (no ``CE``, or ``CE`` tied to 1), has no set/reset (no ``LSR``, or ``LSR`` tied to 0)
+  and resets to 0 (``REGSET = "RESET"``, the output register's value after configuration);
+- the port's ``RSTx`` is tied to 0 (the output register would obey it).
+
+The flip-flops are removed, their ``Q`` nets driven by the block's outputs, ``REGMODE_x``
+set to ``OUTREG`` and ``OCEx`` (the output register's clock enable) tied to 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+PORTS = ("A", "B")
+MAX_PORT_WIDTH = 18
+
+
+def _param(cell: dict[str, Any], name: str) -> str:
+    """A cell parameter as text (Yosys writes numbers as binary strings)."""
+    value = cell["parameters"].get(name, "")
+    return value.rstrip() if isinstance(value, str) else str(value)
+
+
+def _width(cell: dict[str, Any], port: str) -> int:
+    text = _param(cell, f"DATA_WIDTH_{port}")
+    return int(text, 2) if set(text) <= {"0", "1"} and text else int(text or 0)
+
+
+def _tied(cell: dict[str, Any], port: str, value: str) -> bool:
+    return cell["connections"].get(port) == [value]
+
+
+def _ff_ok(ff: dict[str, Any], clock: list[Any]) -> bool:
+    """An always-enabled, reset-free flip-flop on ``clock`` that starts at 0."""
+    enabled = _param(ff, "CEMUX") != "CE" or _tied(ff, "CE", "1")
+    no_reset = _param(ff, "LSRMUX") != "LSR" or _tied(ff, "LSR", "0")
+    return (
+        ff["type"] == "TRELLIS_FF"
+        and _param(ff, "CLKMUX") == "CLK"
+        and ff["connections"].get("CLK") == clock
+        and _param(ff, "CEMUX") != "INV"
+        and enabled
+        and no_reset
+        and _param(ff, "REGSET") == "RESET"
+    )
+
+
+def absorb_bram_outregs(netlist: dict[str, Any], top: str) -> int:
+    """Move eligible flip-flops after DP16KD read ports into the blocks' output registers
+    (see the module docstring), in place. Returns the number of flip-flops moved."""
+    module = netlist["modules"][top]
+    cells: dict[str, dict[str, Any]] = module["cells"]
+    sinks: dict[Any, list[tuple[str, str]]] = defaultdict(list)
+    for name, cell in cells.items():
+        for port, bits in cell["connections"].items():
+            if cell["port_directions"].get(port) == "input":
+                for bit in bits:
+                    sinks[bit].append((name, port))
+    outputs = {b for p in module["ports"].values() for b in p["bits"]}
+
+    absorbed = 0
+    for name in sorted(n for n, c in cells.items() if c["type"] == "DP16KD"):
+        bram = cells[name]
+        for p in PORTS:
+            if _param(bram, f"REGMODE_{p}") != "NOREG" or _width(bram, p) > MAX_PORT_WIDTH:
+                continue
+            clock = bram["connections"].get(f"CLK{p}")
+            if _param(bram, f"CLK{p}MUX") != f"CLK{p}" or not _tied(bram, f"RST{p}", "0"):
+                continue
+            pins = [k for k in bram["connections"] if k.startswith(f"DO{p}")]
+            moves = []  # (pin, flip-flop name)
+            ok = True
+            for pin in sorted(pins):
+                (bit,) = bram["connections"][pin]
+                users = sinks.get(bit, [])
+                if not users and bit not in outputs:
+                    continue
+                if bit in outputs or len(users) != 1 or users[0][1] != "DI":
+                    ok = False
+                    break
+                ff = cells[users[0][0]]
+                if not _ff_ok(ff, clock):
+                    ok = False
+                    break
+                moves.append((pin, users[0][0]))
+            if not ok or not moves:
+                continue
+            for pin, ff_name in moves:
+                bram["connections"][pin] = cells[ff_name]["connections"]["Q"]
+                del cells[ff_name]
+            bram["parameters"][f"REGMODE_{p}"] = "OUTREG"
+            bram["connections"][f"OCE{p}"] = ["1"]
+            absorbed += len(moves)
+    return absorbed
+
+
+def absorb_file(path: Path, top: str) -> int:
+    """``absorb_bram_outregs`` on a Yosys JSON file, rewritten only when something moved."""
+    netlist = json.loads(path.read_text())
+    moved = absorb_bram_outregs(netlist, top)
+    if moved:
+        path.write_text(json.dumps(netlist))
+    return moved

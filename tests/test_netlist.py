@@ -1,0 +1,136 @@
+"""The block-RAM output-register pass on real Yosys netlists and on hand-made ones."""
+
+import json
+from pathlib import Path
+
+import pytest
+from amaranth import Module, Signal, unsigned
+from amaranth.back import verilog
+from amaranth.lib import memory, wiring
+from amaranth.lib.wiring import In, Out
+
+from hwgen.hw.rom import WeightROM
+from hwgen.netlist import absorb_bram_outregs
+from hwgen.synth import synthesize
+
+
+class EnabledRead(wiring.Component):
+    """A ROM whose read data goes to a register with an enable: not absorbable."""
+
+    addr: In(9)
+    en: In(1)
+    data: Out(16)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.mem = mem = memory.Memory(
+            shape=unsigned(16), depth=512, init=[i * 7 % 65536 for i in range(512)]
+        )
+        rd = mem.read_port()
+        held = Signal(16)
+        m.d.comb += [rd.addr.eq(self.addr), self.data.eq(held)]
+        with m.If(self.en):
+            m.d.sync += held.eq(rd.data)
+        return m
+
+
+def synthesized(tmp_path: Path, dut: wiring.Component) -> tuple[dict, int, int]:
+    """(netlist after the pass, TRELLIS_FF count before, after)."""
+    tmp_path.mkdir(exist_ok=True)
+    src = tmp_path / "top.v"
+    src.write_text(verilog.convert(dut, name="top", emit_src=False))
+    res = synthesize([src], "top", place_route=False, workdir=tmp_path / "work")
+    stat = json.loads((tmp_path / "work" / "stat.json").read_text())
+    before = stat["modules"]["\\top"]["num_cells_by_type"]["TRELLIS_FF"]
+    return json.loads((tmp_path / "work" / "netlist.json").read_text()), before, res.resources.ffs
+
+
+def brams(netlist: dict) -> list[dict]:
+    return [c for c in netlist["modules"]["top"]["cells"].values() if c["type"] == "DP16KD"]
+
+
+def test_an_18_bit_bank_register_moves_into_the_block(tmp_path):
+    init = [(i * 2654435761) % (1 << 18) for i in range(600)]
+    netlist, before, after = synthesized(tmp_path, WeightROM(width=18, depth=600, init=init))
+    (bram,) = brams(netlist)
+    ports = {p for p in "AB" if bram["parameters"][f"REGMODE_{p}"] == "OUTREG"}
+    assert len(ports) == 1 and before - after == 18
+    (p,) = ports
+    assert bram["connections"][f"OCE{p}"] == ["1"]
+    # The block's outputs now drive the nets the flip-flops drove: the module's data port.
+    data = set(netlist["modules"]["top"]["ports"]["data"]["bits"])
+    assert {bram["connections"][f"DO{p}{k}"][0] for k in range(18)} == data
+
+
+def test_36_bit_blocks_and_enabled_registers_are_left_alone(tmp_path):
+    wide = WeightROM(width=24, depth=300, init=[(i * 2654435761) % (1 << 24) for i in range(300)])
+    netlist, before, after = synthesized(tmp_path / "wide", wide)
+    assert before == after and all(
+        b["parameters"]["REGMODE_A"] == b["parameters"]["REGMODE_B"] == "NOREG"
+        for b in brams(netlist)
+    )
+    netlist, before, after = synthesized(tmp_path / "en", EnabledRead())
+    assert before == after and brams(netlist)
+
+
+def tiny(ff_params: dict, extra_sink: bool = False, out_port: bool = False) -> dict:
+    """One DP16KD (port B read, 18 wide) with DOB0 -> a TRELLIS_FF."""
+    cells = {
+        "ram": {
+            "type": "DP16KD",
+            "parameters": {
+                "DATA_WIDTH_A": "00000000000000000000000000010010",
+                "DATA_WIDTH_B": "00000000000000000000000000010010",
+                "REGMODE_A": "NOREG",
+                "REGMODE_B": "NOREG",
+                "CLKAMUX": "CLKA",
+                "CLKBMUX": "CLKB",
+            },
+            "port_directions": {
+                "CLKB": "input",
+                "RSTB": "input",
+                "OCEB": "input",
+                "DOB0": "output",
+            },
+            "connections": {"CLKB": [2], "RSTB": ["0"], "OCEB": ["0"], "DOB0": [10]},
+        },
+        "ff": {
+            "type": "TRELLIS_FF",
+            "parameters": {"CLKMUX": "CLK", "CEMUX": "1", "LSRMUX": "LSR", "REGSET": "RESET"}
+            | ff_params,
+            "port_directions": {"CLK": "input", "DI": "input", "LSR": "input", "Q": "output"},
+            "connections": {"CLK": [2], "DI": [10], "LSR": ["0"], "Q": [11]},
+        },
+    }
+    if extra_sink:
+        cells["lut"] = {
+            "type": "LUT4",
+            "parameters": {},
+            "port_directions": {"A": "input", "Z": "output"},
+            "connections": {"A": [10], "Z": [12]},
+        }
+    ports = {"q": {"direction": "output", "bits": [11]}}
+    if out_port:
+        ports["raw"] = {"direction": "output", "bits": [10]}
+    return {"modules": {"top": {"ports": ports, "cells": cells}}}
+
+
+@pytest.mark.parametrize(
+    ("ff_params", "extra_sink", "out_port", "moved"),
+    [
+        ({}, False, False, 1),
+        ({"CEMUX": "CE"}, False, False, 0),  # CE not tied to 1 (unconnected here)
+        ({"REGSET": "SET"}, False, False, 0),  # starts at 1
+        ({"CLKMUX": "INV"}, False, False, 0),
+        ({}, True, False, 0),  # DOB0 also feeds a LUT
+        ({}, False, True, 0),  # DOB0 is also a module output
+    ],
+)
+def test_only_a_plain_register_alone_on_the_output_moves(ff_params, extra_sink, out_port, moved):
+    n = tiny(ff_params, extra_sink, out_port)
+    assert absorb_bram_outregs(n, "top") == moved
+    ram = n["modules"]["top"]["cells"]["ram"]
+    assert (ram["parameters"]["REGMODE_B"] == "OUTREG") == bool(moved)
+    if moved:
+        assert ram["connections"]["DOB0"] == [11] and "ff" not in n["modules"]["top"]["cells"]
+        assert ram["connections"]["OCEB"] == ["1"]
