@@ -131,7 +131,7 @@ def to_json(net: Network, meta: dict[str, Any] | None = None) -> dict[str, Any]:
 
     The lowest version that holds the network: a chain of version 1 ops in half_up rounding
     is written as version 1, byte for byte what earlier hwgen wrote; a network with a
-    per-channel scale or codebook weights as version 3; anything else as version 2 (every
+    per-channel scale, codebook or plane weights as version 3; anything else as version 2 (every
     layer names its inputs, the top level its output), since a version 1 reader does not
     know ``rounding``.
     """
