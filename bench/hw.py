@@ -1,9 +1,10 @@
 """Layer engine throughput and MAC-array cost: shift-and-add (INQ) lanes against multipliers.
 
 The layer: a 3x3 convolution, 16 -> 16 channels, 16x16 input, padding 1; 8-bit signed
-activations; 4-bit INQ weights (``Pow2(4)``), 8-bit fixed-point weights or a 3-bit
+activations; 4-bit INQ weights (``Pow2(4)``), 8-bit fixed-point weights, a 3-bit
 DQC-like codebook (``CODEBOOK``: 0, three powers of two and five two-digit entries
-``±2**j ± 2**k`` up to 64); PE x SIMD = 4 x 4.
+``±2**j ± 2**k`` up to 64) or amq's 2 binary planes (random 8-bit scales per output
+channel, random signs); PE x SIMD = 4 x 4.
 
 1. Cycles: the INQ engine (window + MAC unit) runs one image in the Amaranth simulator with
    no stalls; its output is checked against the golden model. ``measured`` counts from the
@@ -11,8 +12,10 @@ DQC-like codebook (``CODEBOOK``: 0, three powers of two and five two-digit entri
    first output beat minus the beats that output needs (K*K*Cin/SIMD), so
    ``cycles/ideal = (measured - fill) / ideal`` with ``ideal = MACs / (PE*SIMD)``.
 2. Resources: Yosys ``synth_ecp5`` (from the YoWASP wheel) of the MAC array alone (lanes,
-   adder trees, accumulators with their bias tables; weight codes as inputs): INQ and the
-   codebook with ``-nodsp``, fixed point with DSPs and with ``-nodsp``. LUT4 counts include
+   adder trees, accumulators with their bias tables; weight codes as inputs): INQ, the
+   codebook, ternary, binary and the planes with ``-nodsp``, fixed point with DSPs and with
+   ``-nodsp``. A planes array has M accumulators per PE (their combination by the scales,
+   M multipliers per PE after the array, is not in it). LUT4 counts include
    carry cells (CCU2C = 2 LUT4s), as hwgen.synth counts them.
 3. Simulation speed: cycles of the INQ engine simulated per wall second by the cocotb +
    Verilator layer bench (``hwgen.simulate.simulate_layer``) on a ``hwgen build`` of the
@@ -24,10 +27,11 @@ DQC-like codebook (``CODEBOOK``: 0, three powers of two and five two-digit entri
 The last lines printed are ``cycles/ideal: X``, ``pow2/fixed LUT4 ratio: X`` (against the
 ``-nodsp`` fixed-point array), ``pow2 LUT4 per lane: X`` (the INQ array's LUT4s over its
 PE x SIMD lanes: lanes, adder trees, accumulators and bias tables), ``codebook LUT4 per
-lane: X``, ``ternary LUT4 per lane: X`` and ``binary LUT4 per lane: X`` (the same for the
-codebook array and for the ``Pow2(2)`` / ``Pow2(1)`` lanes of TWN/LAT and BinaryConnect/LAB,
-whose per-channel scale is a multiplier per PE after the array, not in it), ``pow2 DSP: N``
-and ``sim cycles per second: X``.
+lane: X``, ``ternary LUT4 per lane: X``, ``binary LUT4 per lane: X`` and ``amq2 LUT4 per
+lane: X`` (the same for the codebook array, for the ``Pow2(2)`` / ``Pow2(1)`` lanes of
+TWN/LAT and BinaryConnect/LAB, whose per-channel scale is a multiplier per PE after the
+array, not in it, and for 2 binary planes: a lane here is one weight, M add/subtract
+lanes), ``pow2 DSP: N`` and ``sim cycles per second: X``.
 
     python bench/hw.py [--skip-synth] [--images N]
 """
@@ -50,8 +54,19 @@ from amaranth.sim import Simulator
 from hwgen.emit import BuildOptions, build
 from hwgen.golden import layer_forward
 from hwgen.hw.engine import engine_info, make_engine
-from hwgen.hw.mac import MACArray
-from hwgen.ir import ActFormat, Codebook, Conv2d, Fixed, Network, Pow2, WeightFormat, acc_bits
+from hwgen.hw.mac import MACArray, plane_range
+from hwgen.ir import (
+    ActFormat,
+    Codebook,
+    Conv2d,
+    Fixed,
+    Network,
+    Planes,
+    Pow2,
+    WeightFormat,
+    acc_bits,
+    signed_bits,
+)
 from hwgen.simulate import simulate_layer
 from hwgen.synth import Resources, count_cells
 
@@ -67,6 +82,9 @@ def make_net(wfmt: WeightFormat, rng: np.random.Generator) -> Network:
         w = rng.integers(wfmt.lo, wfmt.hi, size=shape, endpoint=True)
     elif isinstance(wfmt, Codebook):
         w = np.asarray(wfmt.entries)[rng.integers(0, len(wfmt.entries), size=shape)]
+    elif isinstance(wfmt, Planes):  # random signs per plane
+        codes = rng.integers(0, 1 << wfmt.planes, size=(COUT, CIN * K * K))
+        w = np.take_along_axis(wfmt.values(), codes, axis=1).reshape(shape)
     else:
         mag = np.left_shift(1, rng.integers(0, wfmt.max_shift + 1, size=shape))
         zero = 0.2 if wfmt.has_zero else 0.0
@@ -150,16 +168,16 @@ def verilator_rate(net: Network, images: int) -> tuple[float, int, float]:
 
 
 def synth_mac(net: Network, nodsp: bool) -> Resources:
-    """Yosys synth_ecp5 of the layer's MAC array alone."""
+    """Yosys synth_ecp5 of the layer's MAC array alone (for planes, as the MAC unit builds
+    it: plane sums from 0, as wide as their range)."""
     layer = net.layers[0]
-    mac = MACArray(
-        layer.weight_format,
-        IN_FORMAT,
-        PE,
-        SIMD,
-        acc_bits(layer, IN_FORMAT),
-        layer.bias.reshape(-1, PE),
-    )
+    fmt = layer.weight_format
+    if isinstance(fmt, Planes):
+        lo, hi = plane_range(layer, IN_FORMAT)
+        width, bias = signed_bits(lo.min(), hi.max()), np.zeros((COUT // PE, PE * fmt.planes))
+    else:
+        width, bias = acc_bits(layer, IN_FORMAT), layer.bias.reshape(-1, PE)
+    mac = MACArray(fmt, IN_FORMAT, PE, SIMD, width, bias)
     with tempfile.TemporaryDirectory(prefix="hwgen-bench-") as tmp:
         work = Path(tmp)
         (work / "mac.v").write_text(verilog.convert(mac, name="mac", emit_src=False))
@@ -191,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     codebook = make_net(CODEBOOK, np.random.default_rng(11))  # leaves the others' draws
     ternary = make_net(Pow2(2, 0), np.random.default_rng(12))
     binary = make_net(Pow2(1, 0), np.random.default_rng(13))
+    m = np.random.default_rng(14).integers(-128, 128, size=(COUT, 2))
+    amq2 = make_net(Planes(tuple(map(tuple, m.tolist())), 6), np.random.default_rng(15))
     x = rng.integers(IN_FORMAT.lo, IN_FORMAT.hi, size=(CIN, HW, HW), endpoint=True)
 
     info = engine_info(pow2, 0, PE, SIMD)
@@ -203,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Amaranth simulator: {measured} cycles in {wall:.2f} s (output == golden)")
 
     ratio_luts, pow2_dsp = float("nan"), -1
-    per_lane = {k: float("nan") for k in ("pow2", "codebook", "ternary", "binary")}
+    per_lane = {k: float("nan") for k in ("pow2", "codebook", "ternary", "binary", "amq2")}
     if not args.skip_synth:
         rows = [
             ("pow2 (INQ 4-bit), -nodsp", synth_mac(pow2, nodsp=True)),
@@ -212,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             ("codebook (3-bit), -nodsp", synth_mac(codebook, nodsp=True)),
             ("ternary, -nodsp", synth_mac(ternary, nodsp=True)),
             ("binary, -nodsp", synth_mac(binary, nodsp=True)),
+            ("amq 2 planes, -nodsp", synth_mac(amq2, nodsp=True)),
         ]
         print(f"\n{'MAC array (ECP5)':28} {'LUT4':>6} {'FF':>5} {'DSP':>4}")
         for name, r in rows:
