@@ -11,7 +11,9 @@ its weights (random, sparse, or at the extremes: all-max, all-min, ±max), with 
 ±2^kmax, with or without 0, the extremes and two-digit entries at the top among them), with
 probability ``SCALE`` a per-output-channel scale of a conv or dense layer (any Fixed format,
 its min, max, 0 and -1 among the channels), a PE x SIMD folding or (for a conv or dense
-layer, with probability ``UNROLL``) the unrolled engine, and a ROM style;
+layer, with probability ``UNROLL``) the unrolled engine, with probability ``SPARSE`` zero
+blocks of a folded layer for the engine to skip (random blocks, whole PE rows, the whole
+layer or all but one block), and a ROM style;
 ``hwgen.emit.build`` writes the build folder and ``hwgen.simulate.simulate_layer`` streams
 the vectors (random images plus the all-max and all-min ones) through the RTL with random
 input idles and output backpressure (on both inputs of an add engine; on every stream of a
@@ -37,7 +39,7 @@ from conftest import (
 
 from hwgen import golden
 from hwgen.emit import BuildOptions, build
-from hwgen.hw.engine import MAX_UNROLLED_WEIGHTS
+from hwgen.hw.engine import MAX_UNROLLED_WEIGHTS, engine_info
 from hwgen.ir import (
     ACT_FRAC_RANGE,
     ROUNDINGS,
@@ -69,6 +71,8 @@ UNROLL = 0.3  # chance that a conv or dense layer gets the unrolled engine
 SCALE = 0.25  # chance that a conv or dense layer gets a per-output-channel scale
 CODEBOOK = 0.25  # chance that a conv or dense layer gets codebook weights
 PLANES = 0.2  # chance that a conv or dense layer without a codebook gets binary planes
+SPARSE = 0.25  # chance that a folded conv or dense layer with a zero weight gets zero blocks
+SPARSE_PATTERNS = ("blocks", "pe_rows", "zero_layer", "single_block")
 
 
 @dataclass(frozen=True)
@@ -369,16 +373,54 @@ def random_case(
     scale: bool | None = None,
     codebook: bool | None = None,
     planes: bool | None = None,
+    sparse: str | bool | None = None,
 ) -> Case:
     """Draw case ``seed`` (``kind``, ``wkind``, ``engine``, ``scale``, ``codebook`` and
     ``planes`` force the layer and weight kinds, the conv/dense engine, ``folded`` or
     ``unrolled``, and whether its conv and dense layers have per-channel scales, codebook
-    and binary-plane weights)."""
+    and binary-plane weights; ``sparse``, a SPARSE_PATTERNS name or False, their zero
+    blocks)."""
     case = _random_case(seed, kind, wkind)
     net = _draw_codebooks(seed, _draw_roundings(seed, case.net), case.weights, codebook)
     net = _draw_planes(seed, net, case.weights, planes)
     net = _draw_scales(seed, net, scale)
-    return _draw_engines(seed, replace(case, net=net), engine)
+    return _draw_sparsity(seed, _draw_engines(seed, replace(case, net=net), engine), sparse)
+
+
+def _has_zero(fmt: WeightFormat) -> bool:
+    if isinstance(fmt, Codebook):
+        return 0 in fmt.entries
+    return isinstance(fmt, Fixed) or (isinstance(fmt, Pow2) and fmt.has_zero)
+
+
+def _draw_sparsity(seed: int, case: Case, sparse: str | bool | None) -> Case:
+    """``case`` with zero blocks drawn (or, with ``sparse``, forced or left out) in each
+    folded conv and dense layer whose format has a zero: blocks of its folding's SIMD input
+    channels of one output channel at one kernel position, what the engine skips
+    (hwgen.hw.sparse). ``blocks``: 70% of them zero at random; ``pe_rows``: about half the
+    output channels (PE rows) all zero; ``zero_layer``: every block; ``single_block``: all
+    but one. A stream of its own, as for the roundings."""
+    rng = np.random.default_rng([20240417, seed, 41])
+    layers, drawn = [], []
+    for layer in case.net.layers:
+        folded = isinstance(layer, (Conv2d, Linear)) and layer.name not in case.engines
+        can = folded and _has_zero(layer.weight_format) and sparse is not False
+        if can and (sparse or rng.random() < SPARSE):
+            pattern = sparse or str(rng.choice(SPARSE_PATTERNS))
+            w, simd = layer.weight, case.folding[layer.name][1]
+            shape = (w.shape[0], w.shape[1] // simd, *w.shape[2:])
+            keep = rng.random(shape) < 0.3 if pattern == "blocks" else np.ones(shape, bool)
+            if pattern == "pe_rows":
+                keep[rng.random(shape[0]) < 0.5] = False
+            elif pattern != "blocks":
+                keep[:] = False
+            if pattern == "single_block":
+                keep[tuple(int(rng.integers(n)) for n in shape)] = True
+            layer = replace(layer, weight=w * np.repeat(keep, simd, axis=1))
+            drawn.append(f"{layer.name} {pattern}")
+        layers.append(layer)
+    weights = f"{case.weights}; zero blocks: {', '.join(drawn)}" if drawn else case.weights
+    return replace(case, net=replace(case.net, layers=tuple(layers)), weights=weights)
 
 
 def _random_case(seed: int, kind: str | None, wkind: str | None) -> Case:
@@ -488,7 +530,7 @@ SAMPLE = (
     ids=[f"{k}-{w or ''}-{e}{'-scaled' * s}{'-codebook' * c}" for _, k, w, e, s, c in SAMPLE],
 )
 def test_sample(seed, kind, wkind, engine, scale, codebook, tmp_path):
-    case = random_case(seed, kind, wkind, engine, scale, codebook, planes=False)
+    case = random_case(seed, kind, wkind, engine, scale, codebook, planes=False, sparse=False)
     scales = [getattr(lyr, "scale", None) for lyr in case.net.layers]
     assert any(m is not None for m in scales) == scale
     books = [isinstance(getattr(lyr, "weight_format", None), Codebook) for lyr in case.net.layers]
@@ -516,9 +558,31 @@ def test_planes_sample(seed, kind, wkind, engine, scale, tmp_path):
     run_case(case, tmp_path)
 
 
+# Zero-block skipping, folded with random stalls: all-zero PE rows (ternary, 4 of 6 output
+# channels zero at PE 3), 70% zero blocks (PE 4, SIMD 7, the network top), an all-zero
+# dense layer and a single nonzero block (PE 8, SIMD 1).
+SPARSE_SAMPLE = (
+    (114, "conv", "ternary", "pe_rows"),
+    (101, "conv", "pow2", "blocks"),
+    (92, "dense", "fixed", "zero_layer"),
+    (90, "conv", "fixed", "single_block"),
+)
+
+
+@pytest.mark.parametrize(
+    "seed,kind,wkind,pattern", SPARSE_SAMPLE, ids=[f"{k}-{p}" for _, k, _, p in SPARSE_SAMPLE]
+)
+def test_sparse_sample(seed, kind, wkind, pattern, tmp_path):
+    case = random_case(seed, kind, wkind, "folded", False, False, planes=False, sparse=pattern)
+    pe, simd = case.folding[case.net.layers[0].name]
+    info = engine_info(case.net, 0, pe, simd)
+    assert info.ideal_cycles < info.macs // (pe * simd) and case.stalls > 0, case.describe()
+    run_case(case, tmp_path)
+
+
 def test_sample_covers_every_rounding():
     """The default sample simulates every rounding mode, in MAC requantisers and beyond."""
-    nets = [random_case(*s, planes=False).net for s in SAMPLE]
+    nets = [random_case(*s, planes=False, sparse=False).net for s in SAMPLE]
     first = [n.layers[0] for n in nets]
     macs = {lyr.out_format.rounding for lyr in first if isinstance(lyr, (Conv2d, Linear))}
     assert macs == set(ROUNDINGS)
