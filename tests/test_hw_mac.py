@@ -15,6 +15,7 @@ from hwgen.errors import HwgenError
 from hwgen.golden import conv2d_acc, layer_forward
 from hwgen.hw.cmvm import csd
 from hwgen.hw.mac import MACArray, MACUnit, _lane_range, plane_range, shares_products, tree_stages
+from hwgen.hw.sparse import fold_schedule
 from hwgen.hw.streams import run_stream
 from hwgen.ir import (
     ROUNDINGS,
@@ -33,23 +34,20 @@ from hwgen.ir import (
 
 
 def window_beats(x: np.ndarray, layer: Conv2d, simd: int, pe: int) -> list[tuple[list, int]]:
-    """(lanes, last) beats of the window stream for one (C, H, W) image."""
+    """(lanes, last) beats of the window stream for one (C, H, W) image: each neuron fold's
+    scheduled beats (hwgen.hw.sparse: its zero blocks skipped, as the ROM is)."""
     c = x.shape[0]
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel, layer.stride, layer.padding
     xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw)))
     oh, ow = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    per_rep = kh * kw * c // simd
+    window = [(a, b, g) for a in range(kh) for b in range(kw) for g in range(c // simd)]
     beats = []
     for oy in range(oh):
         for ox in range(ow):
-            for _ in range(layer.out_channels // pe):
-                n = 0
-                for a in range(kh):
-                    for b in range(kw):
-                        for g in range(c // simd):
-                            n += 1
-                            lanes = list(xp[g * simd : (g + 1) * simd, oy * sh + a, ox * sw + b])
-                            beats.append((lanes, int(n == per_rep)))
+            for taken in fold_schedule(layer, pe, simd):
+                for n, (a, b, g) in enumerate((window[i] for i in taken), 1):
+                    lanes = list(xp[g * simd : (g + 1) * simd, oy * sh + a, ox * sw + b])
+                    beats.append((lanes, int(n == len(taken))))
     return beats
 
 
@@ -303,6 +301,7 @@ def test_block_rom_of_several_banks_with_stalls():
     rng = np.random.default_rng(5)
     fin, wfmt = ActFormat(6, 2), Pow2(5, -2)
     w = random_weights(rng, wfmt, (32, 8, 3, 3))
+    w[w == 0] = 1  # no zero block: every one of the 576 words is stored
     layer = Conv2d("c", 8, 32, 3, wfmt, ActFormat(8, 1), w, rng.integers(-50, 50, 32), padding=1)
     dut = MACUnit(layer, fin, 2, 2)
     assert (dut.depth, dut.rom_stages) == (576, 1)
