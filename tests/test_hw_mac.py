@@ -588,3 +588,20 @@ def test_plane_range_from_the_codes():
     # negative signs per (channel, plane): (1, 2), (2, 1)
     assert lo.tolist() == [[-15, -30], [-30, -15]]
     assert hi.tolist() == [[30, 15], [15, 30]]
+
+
+def test_planes_skip_zero_blocks_exactly():
+    """A zero weight of planes whose scales cancel (``m_0 = ±m_1``) has nonzero signs, but a
+    skipped zero block drops ``Σ_i m_i·b_i·a = 0`` from the combination: still == golden."""
+    rng = np.random.default_rng(12)
+    fin = ActFormat(6, 2)
+    fmt = Planes(((3, 3), (5, -5), (7, 7), (2, -2)), 4)
+    # signs all + or all -: channel 0's weights are ±6, channel 1's all 5 - 5 = 0
+    w = plane_weights(rng, fmt, (4, 4, 3, 3), "extremes")
+    w[:2, :2, 0, :] = 0  # fold 0's first channel group at kh = 0: a zero block in both PEs
+    w[2:] = 0  # fold 1 all zeros: one beat of plane sums that cancel
+    layer = Conv2d("c", 4, 4, 3, fmt, ActFormat(8, 3), w, rng.integers(-50, 50, 4), padding=1)
+    dut = MACUnit(layer, fin, 2, 2)
+    assert dut.depth == 18 - 3 + 1 < 36
+    x = rng.integers(fin.lo, fin.hi, size=(4, 3, 4), endpoint=True)
+    check_conv(layer, fin, x, pe=2, simd=2, stall_in=0.3, stall_out=0.3, seed=12)
