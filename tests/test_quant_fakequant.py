@@ -27,6 +27,7 @@ from hwgen.ir import (
     SubsamplePad,
 )
 from hwgen.quant import quantize
+from hwgen.quant.binarize import RetrainOptions
 from hwgen.quant.fakequant import FakeQuantNet, accuracy, fake_quant_forward, fake_quant_predict
 from hwgen.quant.inq import InqOptions, with_weights
 from hwgen.quant.precision import LayerPrecision, Precision
@@ -225,6 +226,24 @@ def test_fake_quant_equals_golden_on_digits(digits, scheme, tmp_path):
                 assert r.detected[fl.name] == str(layer.weight_format)
                 assert isinstance(layer.weight_format, Fixed if fl.name == "conv1" else Pow2)
                 assert np.array_equal(layer.weight * 2.0**-layer.weight_format.frac, fl.weight)
+
+
+def test_fake_quant_equals_golden_on_amq_digits(digits, tmp_path):
+    """amq's Planes layers: the fake-quant model reads their integer sums as plain weights,
+    and equals the golden model on every digits test image, layer by layer."""
+    fnet, data = digits
+    r = quantize(
+        fnet, Precision("amq", {"fc": LayerPrecision(weight_bits=3)}), data.x_train,
+        (data.x_train, data.y_train), progress=False,
+        retrain_options=RetrainOptions(epochs=1),
+    )  # fmt: skip
+    net = hwq.load(hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta))
+    planes = [lyr.weight_format.planes for lyr in net.layers if hasattr(lyr, "weight_format")]
+    assert planes == [2, 2, 3]
+    golden = gm.forward(net, gm.quantize_input(data.x_test, net.input_format))
+    for a, b in zip(golden, fake_quant_forward(r.net, data.x_test), strict=True):
+        assert np.array_equal(a, b)
+    assert accuracy(net, data.x_test, data.y_test) > 0.5
 
 
 @pytest.mark.parametrize("scheme", ["fixed", "pow2", "inq", "ternary", "binary", "auto"])
