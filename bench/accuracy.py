@@ -16,9 +16,10 @@ digits and digits-res, each at its bit counts next to INQ at the same bits (1: b
 - ``code ROM bits``: what the scheme stores — code (index, plane) bits × weights plus its
   side storage: the per-channel scales of bc/twn/lab/lat (Cout × 8 bits per layer), DQC's
   and TTQ's codebook (entries × their signed width per layer), amq's M planes × weights
-  plus M × Cout 8-bit scales (the plane engine's ROM, a later issue), INQ nothing more;
-- ``IR ROM bits``: weights × the IR weight format's bits, what today's engine stores (for
-  amq the plane sums as Fixed weights, about 8 + log2 M bits each).
+  plus M × Cout 8-bit scales, INQ nothing more;
+- ``IR ROM bits``: weights × the IR weight format's bits, what the engine's weight ROM
+  stores (amq: the M sign bits of its Planes format; the scales are constants of the MAC
+  unit).
 
 Then the papers' comparisons, as measured: "X vs Y: a% vs b% (holds|does not hold on
 <model>)", holding when X's mean accuracy is strictly higher. These are not targets.
