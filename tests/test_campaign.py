@@ -71,7 +71,7 @@ UNROLL = 0.3  # chance that a conv or dense layer gets the unrolled engine
 SCALE = 0.25  # chance that a conv or dense layer gets a per-output-channel scale
 CODEBOOK = 0.25  # chance that a conv or dense layer gets codebook weights
 PLANES = 0.2  # chance that a conv or dense layer without a codebook gets binary planes
-SPARSE = 0.25  # chance that a folded conv or dense layer with a zero weight gets zero blocks
+SPARSE = 0.4  # chance that a folded conv or dense layer with a zero weight gets zero blocks
 SPARSE_PATTERNS = ("blocks", "pe_rows", "zero_layer", "single_block")
 
 
