@@ -12,8 +12,9 @@ zero keeps its first beat (a zero word), so that its bias-only result is still p
 A dense layer (no beat skipped) has the full window, ``Cout/PE * KH*KW*Cin/SIMD`` beats.
 The schedule is the union over a fold's PEs, so a fold is as slow as its PEs' union of
 nonzero blocks. The PEs are balanced by the folding: a sparse layer folded at PE = 1 takes
-exactly its nonzero blocks (``hwgen.quant.prune.nonzero_blocks`` at ``block`` = SIMD), and
-blocks pruned in whole PE rows would give the same at PE > 1.
+exactly its nonzero blocks (``hwgen.quant.prune.nonzero_blocks`` at ``block`` = SIMD);
+blocks pruned as SIMD inputs x PE outputs would do the same at PE > 1 (``hwgen quantize``
+prunes SIMD x 1 blocks only).
 
 The sliding-window unit (hwgen.hw.window) walks the schedule from a constant table, and the
 weight ROM (hwgen.hw.rom.rom_words) holds the scheduled words only, in the same order.
