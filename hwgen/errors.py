@@ -3,3 +3,7 @@
 
 class HwgenError(Exception):
     """A problem with the user's input (model, file, option), described in one line."""
+
+
+class RetrainDiverged(HwgenError):
+    """Retraining's loss became infinite or NaN: a search rejects that candidate."""

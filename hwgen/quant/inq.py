@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from hwgen.errors import HwgenError
+from hwgen.errors import HwgenError, RetrainDiverged
 from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
 from hwgen.ir import Pow2
 from hwgen.quant.weights import dequantize, quantize_pow2
@@ -217,7 +217,7 @@ def retrain_loss(
             target = teacher(xb)
         loss = loss + distill * F.mse_loss(out, target)
     if not torch.isfinite(loss):
-        raise HwgenError(
+        raise RetrainDiverged(
             f"{what} diverged (loss {loss.item()}) at learning rate {lr}; use a smaller one"
         )
     return loss
