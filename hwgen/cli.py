@@ -59,7 +59,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_tune(args: argparse.Namespace) -> None:
     from hwgen.commands import tune
 
-    tune(args.model, args.scheme, args.max_drop, args.data, args.epochs, args.output)
+    compression = {
+        "max_sparsity": args.max_sparsity,
+        "block": args.block,
+        "sweep": args.compression_sweep,
+        "max_pe": args.pe,
+        "max_simd": args.simd,
+        "folding": args.folding,
+    }
+    tune(args.model, args.scheme, args.max_drop, args.data, args.epochs, args.output, compression)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> None:
@@ -178,6 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration/evaluation .npz: x, y (optional x_test, y_test, x_train, y_train)",
     )
     t.add_argument("--epochs", type=int, help=EPOCHS_HELP)
+    t.add_argument(
+        "--max-sparsity",
+        type=float,
+        metavar="FRACTION",
+        help="after the bits, raise each layer's block-prune fraction (0.25, 0.5, 0.75, 0.9, "
+        "up to this) while the accuracy stays within the budget, retrained (fixed, pow2, inq, "
+        "ternary)",
+    )
+    t.add_argument(
+        "--block",
+        type=int,
+        default=4,
+        help="prune in blocks of this many input channels (default 4: the build's SIMD)",
+    )
+    t.add_argument(
+        "--compression-sweep",
+        action="store_true",
+        help="also measure accuracy, weight ROM bits and cycles per inference at network-wide "
+        "prune fractions 0.25-0.9 and low ranks 1-8 of the conv layers, for the report",
+    )
+    t.add_argument("--pe", type=int, help="the sweep's folding: as hwgen build --pe")
+    t.add_argument("--simd", type=int, help="the sweep's folding: as hwgen build --simd")
+    t.add_argument("--folding", type=Path, help="the sweep's folding: as hwgen build --folding")
     t.add_argument("-o", "--output", type=Path, required=True, help="report folder")
     t.set_defaults(func=_cmd_tune)
 

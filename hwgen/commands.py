@@ -22,7 +22,10 @@ from hwgen.fsutil import atomic_write_bytes, check_output, existing_mode, npz_by
 from hwgen.ir import Network
 
 if TYPE_CHECKING:
+    from hwgen.emit import BuildOptions
+    from hwgen.frontend.graph import FloatNet
     from hwgen.quant.precision import Precision
+    from hwgen.quant.tune import CostFn, TuneResult
 
 # Output to a file or a pipe: wide enough that no table or line is wrapped at 80 columns.
 LOG_WIDTH = 250
@@ -114,11 +117,14 @@ def tune(
     data: Path | None,
     epochs: int | None,
     output: Path,
+    compression: dict[str, Any] | None = None,
 ) -> None:
-    """``hwgen tune``: per-layer bit-width search; writes the report set and precision.toml."""
+    """``hwgen tune``: per-layer bit-width search; writes the report set and precision.toml.
+
+    ``compression``: the sparsity search and sweep options (:func:`tune_compression`)."""
     from hwgen.frontend import load_model
     from hwgen.ir import Add
-    from hwgen.quant.tune import RETRAINED, format_layers
+    from hwgen.quant.tune import RETRAINED, format_layers, layer_rom_bits
     from hwgen.quant.tune import tune as run_tune
     from hwgen.report import check_output_dir, write_tuning_report
 
@@ -142,6 +148,7 @@ def tune(
     else:
         raise HwgenError(f"model {model}: no bundled data; pass --data with 'x' and labels 'y'")
     options = retrain_options(scheme, epochs)
+    options |= tune_compression(fnet, **(compression or {}))
     result = run_tune(fnet, scheme, calib, ex, ey, max_drop, train, **options)
     out = write_tuning_report(output, result)
     if kept is not None:  # the report folder is replaced as a whole: keep its permissions
@@ -154,7 +161,7 @@ def tune(
         if isinstance(layer, Add):  # no weights
             table.add_row(layer.name, "", str(layer.out_format), "0")
             continue
-        bits = layer.weight.size * layer.weight_format.bits
+        bits = layer_rom_bits(layer, block=result.block)
         table.add_row(layer.name, str(layer.weight_format), str(layer.out_format), str(bits))
     console = make_console()
     console.print(table)
@@ -164,7 +171,95 @@ def tune(
         f"drop {result.drop_points:.2f} points, {verdict}); weight ROM {result.rom_bits} bits "
         f"= {result.rom_bits / result.rom_bits_8bit:.1%} of 8-bit"
     )
+    if result.block is not None:
+        pruned = ", ".join(f"{n} {f:g}" for n, f in result.precision.pruned.items())
+        console.print(f"pruned in blocks of {result.block}: {pruned or 'none'}")
+    if result.sweep:
+        console.print(sweep_table(result))
+    if result.sweep_diverged:
+        console.print(f"left out (retraining diverged): {', '.join(result.sweep_diverged)}")
     console.print(f"report: {out / 'report.html'} (also report.md, report.json, precision.toml)")
+
+
+def tune_compression(
+    fnet: FloatNet,
+    max_sparsity: float | None = None,
+    block: int = 4,
+    sweep: bool = False,
+    max_pe: int | None = None,
+    max_simd: int | None = None,
+    folding: Path | None = None,
+) -> dict[str, Any]:
+    """``hwgen tune``'s ``--max-sparsity``, ``--block`` and ``--compression-sweep`` (its cost
+    at ``--pe``/``--simd``/``--folding``, as ``hwgen build``) as keywords of the search."""
+    from hwgen import emit
+
+    if block < 1:
+        raise HwgenError(f"--block {block}: must be a positive integer")
+    if max_sparsity is not None and not 0.0 < max_sparsity < 1.0:
+        raise HwgenError(f"--max-sparsity {max_sparsity}: must be in (0, 1)")
+    for flag, v in (("--pe", max_pe), ("--simd", max_simd)):
+        if v is not None and v < 1:
+            raise HwgenError(f"{flag} must be a positive integer, not {v}")
+    given = (max_pe, max_simd, folding) != (None, None, None)
+    if given and not sweep:
+        raise HwgenError(
+            "--pe, --simd and --folding set the sweep's folding: add --compression-sweep"
+        )
+    opts = emit.BuildOptions(max_pe, max_simd, emit.load_folding(folding) if folding else None)
+    names = {fl.name for fl in fnet.layers}
+    unknown = sorted(set(opts.folding or {}) - names)
+    if unknown:
+        raise HwgenError(f"folding {folding}: the model has no layer {unknown[0]!r}")
+    kw: dict[str, Any] = {"max_sparsity": max_sparsity, "block": block}
+    return kw | ({"sweep": engine_cost(opts)} if sweep else {})
+
+
+def engine_cost(opts: BuildOptions) -> CostFn:
+    """The sweep's cost function: a network as ``hwgen build`` with ``opts``
+    (``emit.BuildOptions``) would fold it, from each engine's ``engine_info``: the weight
+    ROMs' bits (scheduled words x width), the slowest engine's ideal cycles (the manifest's
+    network ``ideal_cycles``) and the MACs. A folded layer the network lacks (a layer split
+    by low rank) takes the limits instead."""
+    from dataclasses import replace
+
+    from hwgen import emit
+    from hwgen.hw.engine import engine_info
+    from hwgen.ir import Flatten
+    from hwgen.quant.tune import Cost
+
+    def cost(net: Network) -> Cost:
+        folding = {n: f for n, f in (opts.folding or {}).items() if n in net.names}
+        foldings, unrolled = emit.choose_build(net, replace(opts, folding=folding))
+        infos = [
+            engine_info(net, i, *foldings[lyr.name], unrolled.get(lyr.name, "folded"))
+            for i, lyr in enumerate(net.layers)
+            if not isinstance(lyr, Flatten)
+        ]
+        return Cost(
+            sum(i.rom_depth * i.rom_width for i in infos),
+            max(i.ideal_cycles for i in infos),
+            sum(i.macs for i in infos),
+        )
+
+    return cost
+
+
+def sweep_table(result: TuneResult) -> Table:
+    """The compression sweep's rows, as ``hwgen tune`` prints them."""
+    table = titled("compression sweep (at the bits found; cost at the build's folding)")
+    for col in ("point", "zero blocks", "accuracy", "ROM bits", "cycles", "MACs"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for p in result.sweep:
+        table.add_row(
+            p.label,
+            f"{p.sparsity:.1%}",
+            f"{100 * p.accuracy:.2f}%",
+            str(p.cost.rom_bits),
+            str(p.cost.cycles),
+            str(p.cost.macs),
+        )
+    return table
 
 
 def _load_data(path: Path, need_train: bool) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from hwgen.errors import HwgenError
 from hwgen.fsutil import atomic_write_bytes
 from hwgen.ir import ActFormat, Add, Codebook, Conv2d, Fixed, Linear, Planes, Pow2, WeightFormat
 from hwgen.quant.precision import dumps
-from hwgen.quant.tune import TuneResult, format_layers
+from hwgen.quant.tune import SweepPoint, TuneResult, format_layers, layer_rom_bits
 
 REPORT_FILES = ("report.md", "report.html", "report.json", "precision.toml")
 _MAX_LEVEL_LINES = 128  # beyond this a fixed grid is drawn as its range only
@@ -386,6 +386,63 @@ def trials_plot(result: TuneResult) -> Plot:
     return Plot("trials.png", "accuracy vs weight ROM bits, every trial", _png(fig))
 
 
+def _sweep_axes(ax: Any, xs: list[float], points: list[SweepPoint], result: TuneResult) -> None:
+    """Accuracy on the left axis; ROM bits and cycles, as fractions of the dense point's, on
+    the right."""
+    dense = result.sweep[0].cost
+    ax.plot(xs, [100 * p.accuracy for p in points], "o-", color="tab:blue", label="accuracy")
+    floor = 100 * result.float_accuracy - result.max_drop_points
+    ax.axhline(floor, color="tab:red", ls="--", lw=1, label="budget")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    cost = ax.twinx()
+    for key, color, marker in (("rom_bits", "tab:green", "s--"), ("cycles", "tab:orange", "^:")):
+        ys = [getattr(p.cost, key) / max(getattr(dense, key), 1) for p in points]
+        cost.plot(xs, ys, marker, color=color, label=key.replace("_", " ") + " / dense")
+    cost.set_ylabel("fraction of the dense build")
+    cost.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()
+    more = cost.get_legend_handles_labels()
+    ax.legend(
+        lines[0] + more[0],
+        lines[1] + more[1],
+        fontsize=7,
+        ncol=2,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+    )
+
+
+def sparsity_plot(result: TuneResult) -> Plot:
+    """Accuracy, ROM bits and cycles against the measured fraction of zero blocks."""
+    points = [p for p in result.sweep if p.kind in ("dense", "sparsity")]
+    fig = MplFigure(figsize=(5.6, 4.4))
+    ax = fig.subplots()
+    xs = [100 * p.sparsity for p in points]
+    _sweep_axes(ax, xs, points, result)
+    for x, p in zip(xs, points, strict=True):
+        ax.annotate(p.label, (x, 100 * p.accuracy), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("zero blocks (% of all blocks)")
+    ax.set_title("accuracy vs sparsity", fontsize=10)
+    fig.tight_layout()
+    return Plot("sparsity.png", "accuracy, ROM bits and cycles vs block sparsity", _png(fig))
+
+
+def rank_plot(result: TuneResult) -> Plot:
+    """Accuracy, ROM bits and cycles against the conv layers' rank (the dense point last)."""
+    points = [p for p in result.sweep if p.kind == "rank"] + [result.sweep[0]]
+    fig = MplFigure(figsize=(5.6, 4.4))
+    ax = fig.subplots()
+    xs = list(range(len(points)))
+    _sweep_axes(ax, xs, points, result)
+    ax.set_xticks(xs, [str(p.target) if p.kind == "rank" else "full" for p in points])
+    ax.set_xlabel("rank of the conv layers (Kx1 then 1xK)")
+    ax.set_title("accuracy vs rank", fontsize=10)
+    fig.tight_layout()
+    return Plot("rank.png", "accuracy, ROM bits and cycles vs low rank", _png(fig))
+
+
 # ---------------------------------------------------------------- the tuning sections
 
 
@@ -425,8 +482,10 @@ def layer_rows(result: TuneResult) -> list[dict[str, Any]]:
                 "weight_format": ldoc["weight_format"],
                 "in_format": _format_json(net.in_format(layer)),
                 "out_format": ldoc["out_format"],
-                "rom_bits": int(layer.weight.size * layer.weight_format.bits),
+                "rom_bits": layer_rom_bits(layer, block=result.block),
             }
+            if result.block is not None:
+                row["prune"] = result.precision.pruned.get(layer.name, 0.0)
         row["accuracy_impact_points"] = round(100 * (impact[layer.name] - impact[prev]), 6)
         rows.append(row)
     return rows
@@ -492,7 +551,8 @@ def tuning_sections(result: TuneResult) -> list[Section]:
             ("input format", str(net.input_format)),
             (
                 "weight ROM bits",
-                f"{result.rom_bits} ({result.rom_bits / result.rom_bits_8bit:.1%} of 8-bit)",
+                f"{result.rom_bits} ({result.rom_bits / result.rom_bits_8bit:.1%} of 8-bit)"
+                + ("" if result.block is None else f", nonzero blocks of {result.block} only"),
             ),
             ("8-bit baseline ROM bits", str(result.rom_bits_8bit)),
         ),
@@ -568,7 +628,7 @@ def tuning_sections(result: TuneResult) -> list[Section]:
         figures.append(error_plot(layer.name, result))
         if layer.name in q.float_weights:
             figures.append(histogram_plot(layer.name, q.float_weights[layer.name], layer))
-    return [
+    sections = [
         Section(
             "summary",
             "Summary",
@@ -606,7 +666,13 @@ def tuning_sections(result: TuneResult) -> list[Section]:
             "Search",
             (
                 "Greedy search: lower one layer's weight bits at a time (most weights first) while "
-                "the accuracy stays within the budget, then the activation bits likewise.",
+                "the accuracy stays within the budget, then the activation bits likewise"
+                + (
+                    "; then raise one layer's block-prune fraction at a time (most weights "
+                    "first) likewise, ROM bits counting the nonzero blocks only."
+                    if any(t.phase == "sparsity" for t in result.trials)
+                    else "."
+                ),
                 _methods_text(result),
                 trial_table,
                 trials_plot(result),
@@ -617,6 +683,63 @@ def tuning_sections(result: TuneResult) -> list[Section]:
             "curves", "Per-layer quantisation error and weight histograms", tuple(figures), curves
         ),
     ]
+    if result.sweep:
+        sections.insert(4, compression_section(result))
+    return sections
+
+
+def compression_section(result: TuneResult) -> Section:
+    """The compression sweep: a table of its points and accuracy vs sparsity and vs rank."""
+    rows = [
+        {
+            "point": p.label,
+            "kind": p.kind,
+            "target": p.target,
+            "zero_blocks": p.sparsity,
+            "accuracy": p.accuracy,
+            "rom_bits": p.cost.rom_bits,
+            "cycles": p.cost.cycles,
+            "macs": p.cost.macs,
+        }
+        for p in result.sweep
+    ]
+    table = Table(
+        ("point", "zero blocks", "accuracy", "weight ROM bits", "cycles per inference", "MACs"),
+        tuple(
+            (
+                r["point"],
+                f"{r['zero_blocks']:.1%}",
+                _pct(r["accuracy"]),
+                str(r["rom_bits"]),
+                str(r["cycles"]),
+                str(r["macs"]),
+            )
+            for r in rows
+        ),
+    )
+    block = result.sweep[0].block
+    blocks: list[Block] = [
+        "At the bits found by the search (the dense point), every conv/linear layer but the "
+        "first block-pruned to each fraction, then the conv layers split into Kx1 and 1xK "
+        "convolutions at each rank, each retrained and measured with the integer golden model "
+        f"on the {result.eval_size} evaluation images. Zero blocks: the fraction of all-zero "
+        f"blocks of {block} input channels, measured. Weight ROM bits and cycles per inference "
+        "at the build's folding: each engine's scheduled ROM words x width (zero blocks are "
+        "not stored) and the slowest engine's ideal cycles (output pixels x the sum over "
+        "neuron folds of max(1, scheduled beats)), the network's period; a layer split by "
+        "low rank is folded by the build's PE and SIMD limits.",
+        table,
+    ]
+    if result.sweep_diverged:
+        blocks.append(
+            f"Left out: {', '.join(result.sweep_diverged)} (retraining diverged at these bits)."
+        )
+    if any(p.kind == "sparsity" for p in result.sweep):
+        blocks.append(sparsity_plot(result))
+    if any(p.kind == "rank" for p in result.sweep):
+        blocks.append(rank_plot(result))
+    data = {"points": rows, "diverged": list(result.sweep_diverged)}
+    return Section("compression", "Compression: sparsity and rank", tuple(blocks), data)
 
 
 def write_tuning_report(out_dir: str | os.PathLike, result: TuneResult) -> Path:

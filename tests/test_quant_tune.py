@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hwgen.quant.tune as tune_module
-from hwgen.errors import HwgenError
+from hwgen.errors import HwgenError, RetrainDiverged
 from hwgen.frontend.graph import (
     FAdd,
     FConv2d,
@@ -18,20 +18,25 @@ from hwgen.frontend.graph import (
     FMaxPool2d,
     FSubsamplePad,
 )
-from hwgen.ir import Fixed, Pow2
+from hwgen.ir import ActFormat, Fixed, Linear, Network, Pow2
 from hwgen.quant import quantize
 from hwgen.quant.binarize import RetrainOptions
 from hwgen.quant.codebook import CodebookOptions
 from hwgen.quant.fakequant import accuracy
 from hwgen.quant.inq import InqOptions
-from hwgen.quant.precision import AddPrecision
+from hwgen.quant.precision import AddPrecision, dumps, parse
+from hwgen.quant.prune import block_sparsity, block_view
 from hwgen.quant.tune import (
+    SPARSITY_STEPS,
+    SWEEP_SPARSITY,
     TuneResult,
     float_accuracy,
     mac_layers,
     prefix_accuracy,
     rom_bits,
+    sparsity_steps,
     tune,
+    zero_blocks,
 )
 
 
@@ -282,6 +287,13 @@ def test_widening_that_never_fits_keeps_the_most_accurate(toy, monkeypatch):
         ({"scheme": "inq"}, "scheme inq retrains the weights and needs training data"),
         ({"eval_y": np.zeros(3, int)}, "need labelled evaluation data, not 200 images, 3 labels"),
         ({"calib_x": np.zeros((4, 1, 7, 7))}, "must be (N, 1, 8, 8)"),
+        ({"max_sparsity": 1.0}, "tune: max sparsity must be in (0, 1), not 1.0"),
+        ({"max_sparsity": 0.5, "block": 0}, "tune: block must be a positive integer, not 0"),
+        (
+            {"scheme": "binary", "max_sparsity": 0.5},
+            "scheme binary cannot keep pruned weights at zero: prune with fixed, pow2, inq",
+        ),
+        ({"max_sparsity": 0.5}, "pruning and low-rank retrain the model and need training data"),
     ],
 )
 def test_bad_arguments(toy, kwargs, message):
@@ -395,3 +407,126 @@ def test_fixed_width_learned_scheme_tunes_activations_only(toy):
         lyr.weight_format == Pow2(1, 0) and lyr.scale is not None for lyr in mac_layers(r.net)
     )
     assert r.rom_bits == sum(lyr.weight.size for lyr in mac_layers(r.net))
+
+
+# ---------------------------------------------------------------- sparsity and rank
+
+
+def test_sparsity_steps():
+    assert sparsity_steps(0.9) == [0.25, 0.5, 0.75, 0.9]
+    assert sparsity_steps(0.8) == [0.25, 0.5, 0.75, 0.8]
+    assert sparsity_steps(0.3) == [0.25, 0.3]
+    assert sparsity_steps(0.1) == [0.1]
+
+
+def test_rom_bits_of_nonzero_blocks_count_a_narrow_last_block_by_its_channels():
+    w = np.zeros((2, 5), np.int64)
+    w[0, 4] = 1  # the last block of row 0 (one channel wide at block 2)
+    w[1, 0] = 1
+    layer = Linear("fc", 5, 2, Fixed(4, 0), ActFormat(8, 0), w, np.zeros(2, np.int64))
+    net = Network((5,), ActFormat(8, 0), (layer,), "t")
+    assert rom_bits(net) == 10 * 4
+    assert rom_bits(net, block=2) == (1 + 2) * 4
+    assert rom_bits(net, block=5) == 10 * 4
+    assert zero_blocks(net, 2) == pytest.approx(4 / 6)
+
+
+def test_sparsity_search_prunes_within_the_budget_and_its_precision_reproduces_it(toy, monkeypatch):
+    fnet, x, y = toy
+
+    def limited(net, x, y):  # the measured accuracy, but fc beyond 70% zero blocks fails
+        fc_zeros = block_sparsity(net.layer("fc").weight, 2)
+        return 0.0 if fc_zeros > 0.7 else accuracy(net, x, y)
+
+    def diverging(fnet, p, *args, **kwargs):  # conv2's retraining at 0.5 diverges
+        if p.pruned.get("conv2") == 0.5:
+            raise RetrainDiverged("INQ retraining diverged (loss nan)")
+        return quantize(fnet, p, *args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "accuracy", limited)
+    monkeypatch.setattr(tune_module, "quantize", diverging)
+    opts = InqOptions(epochs=1)
+    train = (x[:100], y[:100])
+    r = tune(fnet, "fixed", x[:100], x[100:], y[100:], 1.0, train, progress=False,
+             inq_options=opts, max_sparsity=0.9, block=2)  # fmt: skip
+    assert r.accuracy == accuracy(r.net, x[100:], y[100:]) and r.within_budget
+    sparse = [t for t in r.trials if t.phase == "sparsity"]
+    floor = 100 * r.float_accuracy - r.max_drop_points - 1e-9
+    assert all(t.accepted == (100 * t.accuracy >= floor) for t in sparse)
+    # the most weights first; per layer the steps in order until the first miss
+    assert list(dict.fromkeys(t.layer for t in sparse)) == ["fc", "conv2", "conv1"]
+    kept = {}
+    for name in ("fc", "conv2", "conv1"):
+        mine = [t for t in sparse if t.layer == name]
+        tried = [float(t.change.split(" -> ")[1].split()[0]) for t in mine]
+        assert tried == list(SPARSITY_STEPS[: len(tried)])
+        assert all(t.accepted for t in mine[:-1])
+        accepted = [f for f, t in zip(tried, mine, strict=True) if t.accepted]
+        if accepted:
+            kept[name] = accepted[-1]
+    assert kept and r.precision.pruned == kept and r.precision.block == 2 and r.block == 2
+    assert kept["fc"] == 0.5 and [t.accepted for t in sparse][:3] == [True, True, False]
+    assert kept["conv2"] == 0.25 and sparse[4].change == "prune 0.25 -> 0.5 (retraining diverged)"
+    assert (sparse[4].accuracy, sparse[4].rom_bits, sparse[4].accepted) == (0.0, 0, False)
+    assert r.rom_bits == rom_bits(r.net, block=2) < rom_bits(r.net)
+    for layer in mac_layers(r.net):
+        n = int(np.prod(block_view(layer.weight, 2).shape[:-1]))
+        target = round(kept.get(layer.name, 0.0) * n) / n
+        assert block_sparsity(layer.weight, 2) >= target
+    # precision.toml alone gives the same network: pruned, retrained, quantised again
+    again = quantize(fnet, parse(dumps(r.precision)), x[:100], train, progress=False,
+                     inq_options=opts)  # fmt: skip
+    assert again.net == r.net
+
+
+def test_compression_sweep_is_measured_and_costed_as_built(toy, tmp_path, monkeypatch):
+    from hwgen import emit
+    from hwgen.commands import engine_cost
+
+    fnet, x, y = toy
+
+    def diverging(fnet, p, *args, **kwargs):  # the split at rank 2 diverges
+        if p.lowrank == 2:
+            raise RetrainDiverged("INQ retraining diverged (loss nan)")
+        return quantize(fnet, p, *args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "quantize", diverging)
+    opts = InqOptions(epochs=1)
+    train = (x[:100], y[:100])
+    build = emit.BuildOptions(max_pe=1, max_simd=2, vectors=1)
+    r = tune(fnet, "fixed", x[:100], x[100:], y[100:], 1.0, train, progress=False,
+             inq_options=opts, block=2, sweep=engine_cost(build))  # fmt: skip
+    assert r.block is None and not any(t.phase == "sparsity" for t in r.trials)
+    # toy's conv2 (4 -> 8, 3x3) splits below rank 8 (36 weights per rank of 288)
+    assert [(p.kind, p.target) for p in r.sweep] == [
+        ("dense", None),
+        *(("sparsity", f) for f in SWEEP_SPARSITY),
+        ("rank", 1), ("rank", 4),
+    ]  # fmt: skip
+    assert r.sweep_diverged == ("rank 2",)
+    dense = r.sweep[0]
+    assert dense.net == r.net and dense.accuracy == r.accuracy
+    for p in r.sweep:
+        assert p.accuracy == accuracy(p.net, x[100:], y[100:])  # the golden model's
+        assert p.sparsity == zero_blocks(p.net, 2) and p.block == 2
+    for p in r.sweep[1:5]:  # every layer but the first, in blocks of 2
+        assert p.precision.pruned == {"conv2": p.target, "fc": p.target}
+        assert p.precision.block == 2
+    zeros = [p.sparsity for p in r.sweep[:5]]
+    assert zeros == sorted(zeros) and zeros[-1] > 0.6
+    top = r.sweep[4]
+    assert top.cost.rom_bits < dense.cost.rom_bits / 2 and top.cost.cycles < dense.cost.cycles
+    for p in r.sweep[5:]:
+        assert p.precision.lowrank == p.target
+        names = [lyr.name for lyr in mac_layers(p.net)]
+        assert names[-3:] == ["conv2_v", "conv2_h", "fc"]
+        assert p.cost.macs < dense.cost.macs
+    # the cost is what hwgen build makes of the point: manifest ideal cycles and ROM words
+    manifest = emit.build(top.net, tmp_path / "b", build)
+    assert manifest["top"]["ideal_cycles"] == top.cost.cycles
+    rom = sum(e["rom_depth"] * e["rom_width"] for e in manifest["layers"])
+    assert rom == top.cost.rom_bits
+    # and a point's precision reproduces it
+    for p in (top, r.sweep[-1]):
+        again = quantize(fnet, p.precision, x[:100], train, progress=False, inq_options=opts)
+        assert again.net == p.net

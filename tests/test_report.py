@@ -17,7 +17,7 @@ from hwgen.ir import ActFormat, Codebook, Fixed, Linear, Planes, Pow2
 from hwgen.quant import precision, quantize
 from hwgen.quant.binarize import RetrainOptions
 from hwgen.quant.fakequant import accuracy
-from hwgen.quant.tune import TuneResult, mac_layers, tune
+from hwgen.quant.tune import Cost, SweepPoint, TuneResult, layer_rom_bits, mac_layers, tune
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,6 +121,64 @@ def test_search_section_says_how_each_trial_was_measured(result):
     assert [t["method"] for t in search.data[:6]] == methods
     plot = next(b for b in search.blocks if isinstance(b, report.Plot))
     assert plot.file == "trials.png" and plot.png.startswith(PNG_MAGIC)
+
+
+def test_compression_section_tables_and_plots_the_sweep(result, tmp_path):
+    def point(kind, target, zeros, acc, rom, cycles, macs):
+        cost = Cost(rom, cycles, macs)
+        return SweepPoint(kind, target, 4, zeros, acc, cost, result.precision, result.net)
+
+    sweep = (
+        point("dense", None, 0.05, 0.99, 8000, 900, 5000),
+        point("sparsity", 0.5, 0.5, 0.98, 4000, 500, 5000),
+        point("sparsity", 0.9, 0.875, 0.9, 1000, 150, 5000),
+        point("rank", 2, 0.0625, 0.95, 3000, 400, 2000),
+    )
+    swept = replace(result, sweep=sweep, sweep_diverged=("rank 1",))
+    out = report.write_tuning_report(tmp_path / "rep", swept)
+    doc = _read_report(out)
+    assert list(doc)[list(doc).index("trials") + 1] == "compression"
+    assert doc["compression"]["diverged"] == ["rank 1"]
+    assert doc["compression"]["points"][1] == {
+        "point": "prune 0.5",
+        "kind": "sparsity",
+        "target": 0.5,
+        "zero_blocks": 0.5,
+        "accuracy": 0.98,
+        "rom_bits": 4000,
+        "cycles": 500,
+        "macs": 5000,
+    }
+    points = [r["point"] for r in doc["compression"]["points"]]
+    assert points == ["dense", "prune 0.5", "prune 0.9", "rank 2"]
+    md = (out / "report.md").read_text()
+    assert "## Compression: sparsity and rank" in md
+    assert "| prune 0.9 | 87.5% | 90.00% | 1000 | 150 | 5000 |" in md
+    assert "| rank 2 | 6.2% | 95.00% | 3000 | 400 | 2000 |" in md
+    assert "Left out: rank 1 (retraining diverged at these bits)." in md
+    for png in ("sparsity.png", "rank.png"):
+        assert (out / "plots" / png).read_bytes().startswith(PNG_MAGIC)
+        assert (
+            f"](plots/{png})" in md
+            and f"(plots/{png})</figcaption>" in (out / "report.html").read_text()
+        )
+    # a result without a sweep has no such section
+    assert "compression" not in _read_report(report.write_tuning_report(tmp_path / "b", result))
+
+
+def test_pruned_layers_count_their_nonzero_blocks(result):
+    layers = dict(result.precision.layers)
+    layers["fc"] = replace(layers["fc"], prune=0.5)
+    quant = replace(result.quant, precision=replace(result.precision, layers=layers))
+    pruned = replace(result, block=2, quant=quant)
+    sections = {s.key: s for s in report.tuning_sections(pruned)}
+    rows = sections["layers"].data
+    assert [r["prune"] for r in rows] == [0.0, 0.0, 0.5]
+    for r, lyr in zip(rows, mac_layers(result.net), strict=True):
+        assert r["rom_bits"] == layer_rom_bits(lyr, block=2)
+    assert sections["summary"].data["rom_bits"] == sum(r["rom_bits"] for r in rows)
+    totals = next(b for b in sections["summary"].blocks if isinstance(b, report.Table))
+    assert dict(totals.rows)["weight ROM bits"].endswith(", nonzero blocks of 2 only")
 
 
 def _toy_eval() -> tuple[np.ndarray, np.ndarray]:
@@ -311,6 +369,43 @@ def test_cli_tune_digits_round_trip(tmp_path, capsys):
         (
             ["tune", "digits", "--max-drop", "1", "--data", "{tmp}/none.npz", "-o", "{out}"],
             "no such file",
+        ),
+        (
+            ["tune", "digits", "--max-drop", "1", "--max-sparsity", "1.5", "-o", "{out}"],
+            "--max-sparsity 1.5: must be in (0, 1)",
+        ),
+        (
+            [
+                "tune",
+                "digits",
+                "--max-drop",
+                "1",
+                "--max-sparsity",
+                "0.5",
+                "--block",
+                "0",
+                "-o",
+                "{out}",
+            ],
+            "--block 0: must be a positive integer",
+        ),
+        (
+            ["tune", "digits", "--max-drop", "1", "--pe", "2", "-o", "{out}"],
+            "--pe, --simd and --folding set the sweep's folding: add --compression-sweep",
+        ),
+        (
+            [
+                "tune",
+                "digits",
+                "--max-drop",
+                "1",
+                "--compression-sweep",
+                "--scheme",
+                "binary",
+                "-o",
+                "{out}",
+            ],
+            "scheme binary cannot keep pruned weights at zero",
         ),
     ],
 )

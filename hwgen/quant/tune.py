@@ -32,6 +32,23 @@ trial's retrained model and integer weights (:func:`hwgen.quant.quantize.with_ac
 Their weight bits are searched where the scheme has a count: dqc's codebook index bits
 (5 down to 3) and amq's binary planes (4 down to 2); bc, lab (1) and twn, lat, ttq (2) are
 fixed widths.
+
+Sparsity (``max_sparsity``; schemes that keep pruned weights at 0: fixed, pow2, inq,
+ternary): after the bits, each conv/linear layer, the most weights first, raises its
+block-prune fraction through ``SPARSITY_STEPS`` (up to ``max_sparsity``) while the accuracy
+stays within the budget, in blocks of ``block`` input channels (the build's SIMD). Every
+such trial is ``quantize`` of the trial's ``precision.toml`` (the bits, each layer's
+``prune`` and ``block``): pruned and retrained (:mod:`hwgen.quant.prune`), then the scheme
+(masked INQ for inq and ternary), so the result's file reproduces it. Its ROM bits count
+the weights of the nonzero blocks only (``rom_bits(net, block=...)``: what the engine
+stores folded at PE = 1 and SIMD = ``block``).
+
+The compression sweep (``sweep``, a :data:`CostFn` that builds nothing but the engines'
+parameters) measures, at the bits found, the network pruned to each of
+``SWEEP_SPARSITY`` (every conv/linear layer but the first, as ``hwgen quantize --prune``)
+and its conv layers split at each of ``SWEEP_RANKS`` (``--lowrank``): accuracy from the
+golden model, the fraction of zero blocks, and the cost function's weight ROM bits and
+cycles per inference.
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hwgen import golden as gm
-from hwgen.errors import HwgenError
+from hwgen.errors import HwgenError, RetrainDiverged
 from hwgen.frontend.graph import FAdd, FConv2d, FLinear, FloatNet
 from hwgen.ir import INPUT, Add, Conv2d, Linear, Network
 from hwgen.quant import QuantResult, quantize
@@ -59,7 +76,8 @@ from hwgen.quant.precision import (
     LayerPrecision,
     Precision,
 )
-from hwgen.quant.quantize import with_activations
+from hwgen.quant.prune import block_view, nonzero_blocks
+from hwgen.quant.quantize import PRUNABLE, split_net, with_activations
 from hwgen.quant.weights import pow2_curve
 
 TUNE_SCHEMES = ("fixed", "pow2", "inq", "ternary", "binary", *LEARNED)
@@ -81,6 +99,9 @@ _WEIGHT_BITS = {
     "amq": (2, 4, 4),  # binary planes
 }
 _ACT_BITS = (2, 8, 16)
+SPARSITY_STEPS = (0.25, 0.5, 0.75, 0.9)  # block-prune fractions tried per layer, in order
+SWEEP_SPARSITY = (0.25, 0.5, 0.75, 0.9)
+SWEEP_RANKS = (1, 2, 4, 8)
 _RAISE_STEP = 2
 _EPS = 1e-9  # accuracy comparisons in percentage points
 POST_TRAINING = "post-training quantisation"
@@ -100,6 +121,43 @@ class Trial:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """What a network costs in hardware at some folding (per inference)."""
+
+    rom_bits: int  # weight ROM bits as stored (the scheduled words only)
+    cycles: int  # the slowest engine's ideal cycles: the network's period
+    macs: int
+
+
+CostFn = Callable[[Network], Cost]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One measured point of the compression sweep."""
+
+    kind: str  # "dense" (the bits found), "sparsity" or "rank"
+    target: float | int | None  # the prune fraction or the rank asked for
+    block: int  # the input channels of a block
+    sparsity: float  # measured: the fraction of all-zero blocks over the MAC layers
+    accuracy: float
+    cost: Cost
+    precision: Precision = field(repr=False, compare=False)  # reproduces the point
+    net: Network = field(repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return sweep_label(self.kind, self.target)
+
+
+def sweep_label(kind: str, target: float | int | None) -> str:
+    """``dense``, ``prune 0.75`` or ``rank 4``."""
+    if kind == "dense":
+        return "dense"
+    return f"{'prune' if kind == 'sparsity' else 'rank'} {target:g}"
+
+
+@dataclass(frozen=True)
 class TuneResult:
     """The chosen quantisation, how it was found, and what it costs."""
 
@@ -113,6 +171,10 @@ class TuneResult:
     prefix_accuracy: tuple[tuple[str, float], ...]
     eval_size: int
     model: str = field(default="net")
+    block: int | None = None  # pruned in blocks of this many input channels (ROM bits count
+    # the nonzero blocks only); None: not pruned
+    sweep: tuple[SweepPoint, ...] = ()
+    sweep_diverged: tuple[str, ...] = ()  # the sweep points whose retraining diverged
 
     @property
     def net(self) -> Network:
@@ -132,7 +194,7 @@ class TuneResult:
 
     @property
     def rom_bits(self) -> int:
-        return rom_bits(self.net)
+        return rom_bits(self.net, block=self.block)
 
     @property
     def rom_bits_8bit(self) -> int:
@@ -148,9 +210,29 @@ def format_layers(net: Network) -> list[Conv2d | Linear | Add]:
     return [lyr for lyr in net.layers if isinstance(lyr, (Conv2d, Linear, Add))]
 
 
-def rom_bits(net: Network, bits: int | None = None) -> int:
-    """Σ weights × weight bits over the MAC layers (``bits`` overrides every layer's width)."""
-    return sum(lyr.weight.size * (bits or lyr.weight_format.bits) for lyr in mac_layers(net))
+def rom_bits(net: Network, bits: int | None = None, block: int | None = None) -> int:
+    """Σ weights × weight bits over the MAC layers (``bits`` overrides every layer's width);
+    with ``block``, the weights of the nonzero blocks only (``block`` × nonzero blocks)."""
+    return sum(layer_rom_bits(lyr, bits, block) for lyr in mac_layers(net))
+
+
+def layer_rom_bits(
+    layer: Conv2d | Linear, bits: int | None = None, block: int | None = None
+) -> int:
+    """One layer's term of :func:`rom_bits` (a last, narrower block counts its channels)."""
+    bits = bits or layer.weight_format.bits
+    if block is None:
+        return layer.weight.size * bits
+    v = block_view(layer.weight, block)
+    widths = np.minimum(block, layer.weight.shape[1] - block * np.arange(v.shape[-2]))
+    return int((np.any(v != 0, axis=-1) * widths).sum()) * bits
+
+
+def zero_blocks(net: Network, block: int) -> float:
+    """The fraction of all-zero blocks of ``block`` input channels over the MAC layers."""
+    nonzero = sum(int(nonzero_blocks(lyr.weight, block).sum()) for lyr in mac_layers(net))
+    total = sum(int(np.prod(block_view(lyr.weight, block).shape[:-1])) for lyr in mac_layers(net))
+    return 1.0 - nonzero / total
 
 
 def float_accuracy(fnet: FloatNet, x: np.ndarray, y: np.ndarray) -> float:
@@ -232,22 +314,49 @@ class _Search:
         self.retrains = False  # whether ``evaluate`` retrains the weights
         self.weights_trial = -1  # the trial that retrained the accepted weights
         self.emax3: dict[str, int] = {}  # power-of-two scale of each layer at 3 bits
+        self.prune: dict[str, float] = {}  # block-prune fraction per layer (sparsity phase)
+        self.block = 1
 
-    def precision(self, wbits: dict[str, int], abits: dict[str, int]) -> Precision:
+    def precision(
+        self, wbits: dict[str, int], abits: dict[str, int], prune: dict[str, float] | None = None
+    ) -> Precision:
         emax = {n: e for n, e in self.emax3.items() if wbits[n] == 3}
-        return bits_precision(self.scheme, wbits, abits, emax)
+        p = bits_precision(self.scheme, wbits, abits, emax)
+        if not prune:
+            return p
+        layers = {
+            n: replace(lp, prune=prune[n]) if n in prune else lp for n, lp in p.layers.items()
+        }
+        return replace(p, layers=layers, block=self.block)
 
     def trial(
-        self, phase: str, layer: str, change: str, wbits: dict[str, int], abits: dict[str, int]
+        self,
+        phase: str,
+        layer: str,
+        change: str,
+        wbits: dict[str, int],
+        abits: dict[str, int],
+        prune: dict[str, float] | None = None,
     ) -> bool:
-        """Measure a candidate; adopt it if it is the start or within the budget."""
-        q, acc = self.evaluate(self.precision(wbits, abits))
+        """Measure a candidate; adopt it if it is the start or within the budget. A candidate
+        whose retraining diverges (no network) is rejected, logged at accuracy 0."""
+        prune = self.prune if prune is None else prune
+        try:
+            q, acc = self.evaluate(self.precision(wbits, abits, prune))
+        except RetrainDiverged:
+            if phase == "start":
+                raise
+            change = f"{change} (retraining diverged)"
+            self.trials.append(Trial(phase, layer, change, 0.0, 0, False, self.method))
+            return False
         ok = self.budget(acc)
         # widening is adopted when it fits or at least beats the best so far
         take = ok or phase == "start" or (phase == "widen" and acc > self.best_acc)
-        self.trials.append(Trial(phase, layer, change, acc, rom_bits(q.net), take, self.method))
+        bits = rom_bits(q.net, block=self.block if prune else None)
+        self.trials.append(Trial(phase, layer, change, acc, bits, take, self.method))
         if take:
             self.wbits, self.abits, self.best, self.best_acc = dict(wbits), dict(abits), q, acc
+            self.prune = dict(prune)
             if self.retrains:
                 self.weights_trial = len(self.trials) - 1
         return ok
@@ -291,6 +400,20 @@ class _Search:
                 frozen.add(n)
                 tick(bits[n] - lo)  # the steps this layer will no longer take
 
+    def sparsify(self, order: list[str], steps: list[float], tick: Callable[[int], None]) -> None:
+        """Raise each layer's prune fraction through ``steps`` (``order``: the most weights
+        first) while the accuracy stays within the budget; a miss freezes the layer."""
+        for n in order:
+            for k, frac in enumerate(steps):
+                old = self.prune.get(n, 0.0)
+                cand = {**self.prune, n: frac}
+                ok = self.trial("sparsity", n, f"prune {old:g} -> {frac:g}", self.wbits,
+                                self.abits, cand)  # fmt: skip
+                if not ok:
+                    tick(len(steps) - k)
+                    break
+                tick(1)
+
 
 def bits_precision(
     scheme: str,
@@ -325,15 +448,35 @@ def tune(
     inq_options: InqOptions | None = None,
     retrain_options: RetrainOptions | None = None,
     codebook_options: CodebookOptions | None = None,
+    max_sparsity: float | None = None,
+    block: int = 4,
+    sweep: CostFn | None = None,
 ) -> TuneResult:
     """Search per-layer weight and activation bits (module docstring) and return the result.
 
     ``train`` (images, labels) is needed by the retrained schemes; ``inq_options`` sets
     INQ's retraining (epochs, learning rate, seed), ``retrain_options`` that of bc, twn,
     lab, lat and amq, ``codebook_options`` that of dqc and ttq: the same in every trial.
+    ``max_sparsity`` also searches each layer's block-prune fraction up to it, in blocks of
+    ``block``; ``sweep`` measures the compression sweep with that cost function (module
+    docstring). Pruning and low-rank retrain with ``inq_options`` and need ``train``. A
+    trial (but the start) or sweep point whose retraining diverges is rejected or left out
+    (``TuneResult.sweep_diverged``).
     """
     if scheme not in TUNE_SCHEMES:
         raise HwgenError(f"tune: scheme {scheme!r} is not one of {', '.join(TUNE_SCHEMES)}")
+    compress = max_sparsity is not None or sweep is not None
+    if max_sparsity is not None and not 0.0 < max_sparsity < 1.0:
+        raise HwgenError(f"tune: max sparsity must be in (0, 1), not {max_sparsity}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise HwgenError(f"tune: block must be a positive integer, not {block!r}")
+    if compress and scheme not in PRUNABLE:
+        raise HwgenError(
+            f"tune: scheme {scheme} cannot keep pruned weights at zero: prune with "
+            f"{', '.join(PRUNABLE)}"
+        )
+    if compress and train is None:
+        raise HwgenError("tune: pruning and low-rank retrain the model and need training data")
     if not np.isfinite(max_drop_points) or max_drop_points < 0:
         raise HwgenError(
             f"tune: max drop must be a non-negative number of points, not {max_drop_points}"
@@ -381,8 +524,14 @@ def tune(
             q = quantize(fnet, p, calib_x, progress=False, float_acts=float_acts)
             return q, accuracy(q.net, eval_x, eval_y)
 
+    def compressed(p: Precision) -> tuple[QuantResult, float]:
+        """A trial with pruning or a low-rank split: ``quantize`` retrains it all."""
+        q = quantize(fnet, p, calib_x, train, progress=False, **learned)
+        return q, accuracy(q.net, eval_x, eval_y)
+
     wlo, wstart, wmax = _WEIGHT_BITS[scheme]
     search = _Search(evaluate, scheme, names, acts, wstart, budget)
+    search.block = block
     if scheme in POW2_SCHEMES:
         search.emax3 = {n: least_squares_emax(fl.weight, 3) for n, fl in macs.items()}
     if scheme in LEARNED:
@@ -408,7 +557,10 @@ def tune(
         )
         search.retrains = False
 
+    fractions = [] if max_sparsity is None else sparsity_steps(max_sparsity)
     steps = 1 + len(names) * (wstart - wlo) + len(acts) * (_ACT_BITS[1] - _ACT_BITS[0])
+    steps += len(names) * len(fractions)
+    weight_method = search.method
     columns = (
         TextColumn("tune {task.description}"),
         BarColumn(),
@@ -440,7 +592,21 @@ def tune(
         search.lower(
             "activations", sorted(search.abits, key=lambda n: -shapes[n]), _ACT_BITS[0], tick
         )
-    assert search.best is not None
+        dense = search.best, search.best_acc, dict(search.wbits), dict(search.abits)
+        if fractions:
+            bar.update(task, description="sparsity")
+            epochs = f"{options.epochs} epoch{'s' if options.epochs != 1 else ''}"
+            search.evaluate = compressed
+            search.method = (
+                f"block pruning in blocks of {block}, retrained ({epochs} per pruning step), "
+                f"then {weight_method}"
+            )
+            search.sparsify(sorted(names, key=lambda n: -sizes[n]), fractions, tick)
+    assert search.best is not None and dense[0] is not None
+    points: tuple[SweepPoint, ...] = ()
+    diverged: tuple[str, ...] = ()
+    if sweep is not None:
+        points, diverged = _sweep(fnet, search, dense, compressed, sweep)
     quant = search.best
     return TuneResult(
         scheme=scheme,
@@ -452,7 +618,67 @@ def tune(
         prefix_accuracy=tuple(prefix_accuracy(fnet, quant.net, eval_x, eval_y)),
         eval_size=len(eval_y),
         model=fnet.name,
+        block=block if search.prune else None,
+        sweep=points,
+        sweep_diverged=diverged,
     )
+
+
+def sparsity_steps(max_sparsity: float) -> list[float]:
+    """The prune fractions tried per layer: ``SPARSITY_STEPS`` below ``max_sparsity``, then it."""
+    return [f for f in SPARSITY_STEPS if f < max_sparsity] + [max_sparsity]
+
+
+def _sweep(
+    fnet: FloatNet,
+    search: _Search,
+    dense: tuple[QuantResult | None, float, dict[str, int], dict[str, int]],
+    compressed: Callable[[Precision], tuple[QuantResult, float]],
+    cost: CostFn,
+) -> tuple[tuple[SweepPoint, ...], tuple[str, ...]]:
+    """The compression sweep (module docstring) at the bits of ``dense`` (the result of the
+    bit search and its accuracy, weight and activation bits): that point, then each
+    network-wide prune fraction, then each rank of the conv layers. Returns the points and
+    the labels of those left out because their retraining diverged."""
+    base, acc, wbits, abits = dense
+    assert base is not None
+    points: list[SweepPoint] = []
+    diverged: list[str] = []
+
+    def measure(kind: str, target: float | int | None, p: Precision | None) -> None:
+        try:
+            q, a = (base, acc) if p is None else compressed(p)
+        except RetrainDiverged:
+            diverged.append(sweep_label(kind, target))
+            return
+        b = search.block
+        points.append(
+            SweepPoint(kind, target, b, zero_blocks(q.net, b), a, cost(q.net), q.precision, q.net)
+        )
+
+    measure("dense", None, None)
+    names = list(wbits)
+    for frac in SWEEP_SPARSITY if len(names) > 1 else ():
+        # every layer but the first, as ``hwgen quantize --prune`` (Han et al.)
+        measure("sparsity", frac, search.precision(wbits, abits, dict.fromkeys(names[1:], frac)))
+    for rank in SWEEP_RANKS:
+        asked = Precision(search.scheme, lowrank=rank)
+        split = split_net(fnet, asked)
+        if [fl.name for fl in split.layers] == [fl.name for fl in fnet.layers]:
+            continue  # no layer is smaller split at this rank
+        # a split layer (``conv2_v``, ``conv2_h``) takes the bits of the layer it replaces
+        whole = {n: n if n in abits else n.rsplit("_", 1)[0] for n in _format_names(split)}
+        p = bits_precision(
+            search.scheme,
+            {n: wbits[w] for n, w in whole.items() if w in wbits},
+            {INPUT: abits[INPUT]} | {n: abits[w] for n, w in whole.items()},
+        )
+        measure("rank", rank, replace(p, lowrank=rank))
+    return tuple(points), tuple(diverged)
+
+
+def _format_names(fnet: FloatNet) -> list[str]:
+    return [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear, FAdd))]
 
 
 def least_squares_emax(w: np.ndarray, bits: int) -> int:
