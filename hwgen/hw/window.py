@@ -47,6 +47,9 @@ from hwgen.errors import HwgenError
 from hwgen.hw.sparse import Schedule, is_dense
 
 LUT_RAM_MAX_DEPTH = 128  # deeper row buffers go in block RAM
+# Schedule tables of at most this many entries are LUT ROMs: in a block RAM, the table's
+# 5.8 ns clock-to-out before the position logic set the digits network's Fmax (132 MHz).
+LOGIC_TABLE_MAX = 1024
 
 
 def _positive(what: str, value: object) -> int:
@@ -200,7 +203,10 @@ class SlidingWindow(wiring.Component):
                         "end_pixel": int(end_rep and nf == self.repeats - 1),
                     }
                 )
-        m.submodules.schedule = table = Memory(shape=layout, depth=len(entries), init=entries)
+        style = "logic" if len(entries) <= LOGIC_TABLE_MAX else "block"
+        m.submodules.schedule = table = Memory(
+            shape=layout, depth=len(entries), init=entries, attrs={"rom_style": style}
+        )
         return layout, entries, table.read_port(domain="comb")
 
     def elaborate(self, platform: object) -> Module:
@@ -251,10 +257,13 @@ class SlidingWindow(wiring.Component):
             a, b, g = Signal(range(kh)), Signal(range(kw)), Signal(range(g_n))
         else:
             # The position comes from the schedule table: ``step`` holds the current entry,
-            # ``nxt`` addresses the one after it.
+            # ``following`` the next one (read a cycle early: the table's read meets only a
+            # register), ``nxt`` addresses the one after that.
             layout, entries, port = self._table(m)
+            n = len(entries)
             step = Signal(layout, init=entries[0])
-            nxt = Signal(range(len(entries)), init=1 % len(entries))
+            following = Signal(layout, init=entries[1 % n])
+            nxt = Signal(range(n), init=2 % n)
             m.d.comb += port.addr.eq(nxt)
             a, b, g = step.a, step.b, step.g
         ox, oy = Signal(range(self.out_width)), Signal(range(self.out_height))
@@ -340,8 +349,8 @@ class SlidingWindow(wiring.Component):
                 with m.If(end_rep):
                     m.d.sync += rep.eq(Mux(rep == self.repeats - 1, 0, rep + 1))
             else:
-                last = len(entries) - 1
-                m.d.sync += [step.eq(port.data), nxt.eq(Mux(nxt == last, 0, nxt + 1))]
+                m.d.sync += [step.eq(following), following.eq(port.data)]
+                m.d.sync += nxt.eq(Mux(nxt == n - 1, 0, nxt + 1))
             with m.If(end_pixel):
                 m.d.sync += [
                     ox.eq(Mux(end_row, 0, ox + 1)),
