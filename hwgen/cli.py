@@ -87,6 +87,7 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
         lowrank=args.lowrank,
         lowrank_energy=args.lowrank_energy,
         lowrank_layers=args.lowrank_layers,
+        zero=not args.no_zero,
     )
 
 
@@ -230,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="weight bits of every layer (overrides --precision); bc, lab: 1; twn, lat, ttq: "
         "2; dqc: codebook index bits 3-5; amq: binary planes 2-4",
+    )
+    q.add_argument(
+        "--no-zero",
+        action="store_true",
+        help="dqc: learn every codebook entry (no entry pinned at 0)",
     )
     q.add_argument("--act-bits", type=int, help="activation bits of every layer and the input")
     q.add_argument("--precision", type=Path, help="per-layer precision.toml (from hwgen tune)")

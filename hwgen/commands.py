@@ -322,21 +322,24 @@ def _is_hwq_archive(path: Path) -> bool:
         return False
 
 
-def retrain_options(scheme: str, epochs: int | None) -> dict[str, Any]:
-    """``--epochs`` as the options of ``scheme``'s retraining (keyword arguments of
-    :func:`hwgen.quant.quantize`): INQ's are per step, the learned schemes' in all; INQ's
-    options also set the low-rank and pruning retraining."""
+def retrain_options(scheme: str, epochs: int | None, zero: bool = True) -> dict[str, Any]:
+    """``--epochs`` (and ``--no-zero``) as the options of ``scheme``'s retraining (keyword
+    arguments of :func:`hwgen.quant.quantize`): INQ's are per step, the learned schemes' in
+    all; INQ's options also set the low-rank and pruning retraining."""
     from hwgen.quant.binarize import RetrainOptions
     from hwgen.quant.codebook import CodebookOptions
     from hwgen.quant.inq import InqOptions
 
-    if epochs is None:
-        return {}
-    options: dict[str, Any] = {"inq_options": InqOptions(epochs=epochs)}
-    if scheme in ("dqc", "ttq"):
-        options["codebook_options"] = CodebookOptions(epochs=epochs)
-    if scheme in ("bc", "twn", "lab", "lat", "amq"):
-        options["retrain_options"] = RetrainOptions(epochs=epochs)
+    if not zero and scheme != "dqc":
+        raise HwgenError(f"--no-zero: only dqc learns a codebook with or without 0, not {scheme}")
+    given = {} if epochs is None else {"epochs": epochs}
+    options: dict[str, Any] = {}
+    if given:
+        options["inq_options"] = InqOptions(**given)
+    if scheme in ("dqc", "ttq") and (given or not zero):
+        options["codebook_options"] = CodebookOptions(**given, zero=zero)
+    if scheme in ("bc", "twn", "lab", "lat", "amq") and given:
+        options["retrain_options"] = RetrainOptions(**given)
     return options
 
 
@@ -384,9 +387,11 @@ def quantize(
     lowrank: int | None = None,
     lowrank_energy: float | None = None,
     lowrank_layers: str | None = None,
+    zero: bool = True,
 ) -> None:
     """``hwgen quantize``: quantise a float model to a ``.hwq`` and print its formats (and,
-    pruned, each layer's zero blocks; split, the MACs per inference)."""
+    pruned, each layer's zero blocks; split, the MACs per inference). ``zero`` False: dqc's
+    codebooks without a pinned 0 entry."""
     from dataclasses import replace
 
     from hwgen.frontend import load_model
@@ -459,7 +464,8 @@ def quantize(
     else:
         need = "labelled x_train/y_train (retraining)" if need_train else "calibration images 'x'"
         raise HwgenError(f"model {model}: no bundled data; pass --data with {need}")
-    result = run_quantize(fnet, p, calib, train, **retrain_options(effective, epochs))
+    options = retrain_options(effective, epochs, zero)
+    result = run_quantize(fnet, p, calib, train, **options)
     net = result.net
 
     table = titled(f"{net.name}: {p.scheme}, input {net.input_format}")
@@ -488,6 +494,8 @@ def quantize(
     console = make_console()
     console.print(table)
     meta = result.meta | {"source": Path(model).name, "precision": prec.dumps(result.precision)}
+    if not zero:
+        meta["codebook_zero"] = False
     if lowranked and result.float_net is not None:
         before, after = sum(mac_count(fnet).values()), sum(mac_count(result.float_net).values())
         meta["lowrank"] |= {"macs": after, "macs_before": before}

@@ -610,6 +610,21 @@ def test_quantize_learned_scheme_and_its_precision_round_trip(tmp_path, capsys, 
     assert hwq.load(again) == net
 
 
+def test_dqc_without_zero_learns_every_entry(tmp_path):
+    """--no-zero: DQC's codebooks have no pinned 0 (the trained entries avoid it here); the
+    flag is refused for a scheme without a learned codebook."""
+    out = tmp_path / "nz.hwq"
+    argv = ["quantize", "digits", "--scheme", "dqc", "--bits", "3", "--epochs", "1"]
+    assert main([*argv, "--no-zero", "-o", str(out)]) == 0
+    net, meta = hwq.load(out), hwq.load_meta(out)
+    assert meta["codebook_zero"] is False
+    assert all(0 not in net.layer(n).weight_format.entries for n in ("conv1", "conv2", "fc"))
+    assert main([*argv, "-o", str(tmp_path / "z.hwq")]) == 0
+    assert all(0 in hwq.load(tmp_path / "z.hwq").layer(n).weight_format.entries for n in ("fc",))
+    bad = ["quantize", "digits", "--scheme", "ttq", "--no-zero", "-o", str(tmp_path / "t.hwq")]
+    assert main(bad) == 2
+
+
 # ---------------------------------------------------------------- pruning and low rank (#12)
 
 

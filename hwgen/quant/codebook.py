@@ -289,7 +289,8 @@ class CodebookOptions:
     seeds 0-2, golden model): retrained means 97.59% (power 0), 97.78% (1), 97.78% (2), less
     than one test image apart.
 
-    ``threshold``: TTQ's ``t``.
+    ``threshold``: TTQ's ``t``. ``zero``: DQC's codebook has a pinned 0 entry (else all
+    ``2**bits`` entries are learned, none of them 0 unless training puts one there).
     """
 
     epochs: int = InqOptions().epochs * len(InqOptions().portions)
@@ -302,6 +303,7 @@ class CodebookOptions:
     kmax: int = KMAX
     power: float = 1.0
     threshold: float = TTQ_THRESHOLD
+    zero: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0:

@@ -193,7 +193,9 @@ def _learned(
     if scheme in ("dqc", "ttq"):
         options = codebook_options or CodebookOptions()
         if scheme == "dqc":
-            fnet, books = dqc(fnet, bits, train, zero=True, options=options, progress=progress)
+            fnet, books = dqc(
+                fnet, bits, train, zero=options.zero, options=options, progress=progress
+            )
         else:
             fnet, books = ttq(fnet, train, options=options, progress=progress)
         for name, cb in books.items():
