@@ -637,7 +637,7 @@ def sim(
     manifest = load_manifest(build_dir)
     names = targets or [e["name"] for e in manifest["layers"]]
     table = titled(f"hwgen sim {build_dir} ({simulator}, stalls {stalls})")
-    for col in ("layer", "outputs checked", "mismatches", "cycles", "ideal MACs/(PE*SIMD)"):
+    for col in ("layer", "outputs checked", "mismatches", "cycles", "ideal cycles"):
         table.add_column(col)
     failures, summary = [], []
     console = make_console()
