@@ -246,6 +246,24 @@ def test_fake_quant_equals_golden_on_amq_digits(digits, tmp_path):
     assert accuracy(net, data.x_test, data.y_test) > 0.5
 
 
+def test_fake_quant_equals_golden_on_lowrank_and_pruned_digits(digits, tmp_path):
+    """conv2 split at rank 4 (3x1 then 1x3) and every layer but the first block-pruned:
+    the fake-quant model equals the golden model on every test image, layer by layer."""
+    fnet, data = digits
+    p = Precision("inq", {"fc": LayerPrecision(prune=0.5)}, block=4, lowrank=4)
+    r = quantize(
+        fnet, p, data.x_train, (data.x_train, data.y_train), progress=False,
+        inq_options=InqOptions(epochs=1),
+    )  # fmt: skip
+    net = hwq.load(hwq.save(r.net, tmp_path / "m.hwq", meta=r.meta))
+    assert {"conv2_v", "conv2_h"} <= set(net.names)
+    assert (net.layer("fc").weight == 0).mean() >= 0.5
+    golden = gm.forward(net, gm.quantize_input(data.x_test, net.input_format))
+    for a, b in zip(golden, fake_quant_forward(r.net, data.x_test), strict=True):
+        assert np.array_equal(a, b)
+    assert accuracy(net, data.x_test, data.y_test) > 0.5
+
+
 @pytest.mark.parametrize("scheme", ["fixed", "pow2", "inq", "ternary", "binary", "auto"])
 def test_fake_quant_equals_golden_on_a_residual_net(scheme, tmp_path):
     fnet, x, y = residual_problem(n=200)
