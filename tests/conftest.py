@@ -308,3 +308,46 @@ def tiny_float_net(rng: np.random.Generator) -> FloatNet:
             FLinear("fc", rng.normal(0, 0.3, (4, 12)), rng.normal(0, 0.1, 4)),
         ),
     )
+
+
+def tiny_netlist(ff_params: dict, extra_sink: bool = False, out_port: bool = False) -> dict:
+    """A Yosys JSON netlist: one DP16KD (port B read, 18 wide) with DOB0 -> a TRELLIS_FF
+    (``ff_params`` override its parameters; hwgen.netlist's tests)."""
+    cells = {
+        "ram": {
+            "type": "DP16KD",
+            "parameters": {
+                "DATA_WIDTH_A": "00000000000000000000000000010010",
+                "DATA_WIDTH_B": "00000000000000000000000000010010",
+                "REGMODE_A": "NOREG",
+                "REGMODE_B": "NOREG",
+                "CLKAMUX": "CLKA",
+                "CLKBMUX": "CLKB",
+            },
+            "port_directions": {
+                "CLKB": "input",
+                "RSTB": "input",
+                "OCEB": "input",
+                "DOB0": "output",
+            },
+            "connections": {"CLKB": [2], "RSTB": ["0"], "OCEB": ["0"], "DOB0": [10]},
+        },
+        "ff": {
+            "type": "TRELLIS_FF",
+            "parameters": {"CLKMUX": "CLK", "CEMUX": "1", "LSRMUX": "LSR", "REGSET": "RESET"}
+            | ff_params,
+            "port_directions": {"CLK": "input", "DI": "input", "LSR": "input", "Q": "output"},
+            "connections": {"CLK": [2], "DI": [10], "LSR": ["0"], "Q": [11]},
+        },
+    }
+    if extra_sink:
+        cells["lut"] = {
+            "type": "LUT4",
+            "parameters": {},
+            "port_directions": {"A": "input", "Z": "output"},
+            "connections": {"A": [10], "Z": [12]},
+        }
+    ports = {"q": {"direction": "output", "bits": [11]}}
+    if out_port:
+        ports["raw"] = {"direction": "output", "bits": [10]}
+    return {"modules": {"top": {"ports": ports, "cells": cells}}}

