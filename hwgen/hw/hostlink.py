@@ -159,7 +159,8 @@ class HostLink(wiring.Component):
         count = Signal(range(n + 1))
         best = Signal(self.out_shape)
         best_idx = Signal(range(n))
-        idx = Signal(range(n))
+        cand = Signal(self.out_shape)  # logit idx - 1, registered before its compare
+        idx = Signal(range(n + 1))
         byte = Signal()
         with m.FSM():
             with m.State("COLLECT"):
@@ -174,12 +175,13 @@ class HostLink(wiring.Component):
                         m.d.sync += idx.eq(0)
                         m.next = "ARGMAX"
             with m.State("ARGMAX"):
-                # One logit per cycle (short paths, and the UART is far slower anyway);
-                # '>' keeps the first index of the maximum.
-                with m.If((idx == 0) | (logits[idx] > best)):
-                    m.d.sync += [best.eq(logits[idx]), best_idx.eq(idx)]
-                m.d.sync += idx.eq(idx + 1)
-                with m.If(idx == n - 1):
+                # One logit per cycle, read into a register and compared the cycle after:
+                # the logit mux and the compare in one cycle were the board top's slowest
+                # path (95 MHz). '>' keeps the first index of the maximum.
+                with m.If((idx != 0) & ((idx == 1) | (cand > best))):
+                    m.d.sync += [best.eq(cand), best_idx.eq(idx - 1)]
+                m.d.sync += [cand.eq(logits[idx]), idx.eq(idx + 1)]
+                with m.If(idx == n):
                     m.next = "HEAD"
             with m.State("HEAD"):
                 m.d.comb += [self.tx.valid.eq(1), self.tx.payload.eq(SYNC_OUT)]
