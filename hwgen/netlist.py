@@ -53,13 +53,13 @@ def _tied(cell: dict[str, Any], port: str, value: str) -> bool:
 
 def _ff_ok(ff: dict[str, Any], clock: list[Any]) -> bool:
     """An always-enabled, reset-free flip-flop on ``clock`` that starts at 0."""
-    enabled = _param(ff, "CEMUX") != "CE" or _tied(ff, "CE", "1")
-    no_reset = _param(ff, "LSRMUX") != "LSR" or _tied(ff, "LSR", "0")
+    cemux = _param(ff, "CEMUX")
+    enabled = cemux == "1" or (cemux == "CE" and _tied(ff, "CE", "1"))
+    no_reset = _param(ff, "LSRMUX") == "LSR" and _tied(ff, "LSR", "0")
     return (
         ff["type"] == "TRELLIS_FF"
         and _param(ff, "CLKMUX") == "CLK"
         and ff["connections"].get("CLK") == clock
-        and _param(ff, "CEMUX") != "INV"
         and enabled
         and no_reset
         and _param(ff, "REGSET") == "RESET"

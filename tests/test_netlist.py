@@ -81,6 +81,8 @@ def test_36_bit_blocks_and_enabled_registers_are_left_alone(tmp_path):
         ({"CEMUX": "CE"}, False, False, 0),  # CE not tied to 1 (unconnected here)
         ({"REGSET": "SET"}, False, False, 0),  # starts at 1
         ({"CLKMUX": "INV"}, False, False, 0),
+        ({"CEMUX": "0"}, False, False, 0),  # never enabled
+        ({"LSRMUX": "INV"}, False, False, 0),  # LSR tied 0, inverted: always in reset
         ({}, True, False, 0),  # DOB0 also feeds a LUT
         ({}, False, True, 0),  # DOB0 is also a module output
     ],
