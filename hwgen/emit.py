@@ -43,7 +43,16 @@ from hwgen.hw.network import NetworkTop
 from hwgen.hw.rom import rom_images
 from hwgen.ir import INPUT, ActFormat, Add, Codebook, Conv2d, Flatten, Linear, Network
 from hwgen.netlist import absorb_file
-from hwgen.synth import DEVICES, Phase, Resources, cells_from_log, quiet, run_tool, yosys_prep
+from hwgen.synth import (
+    DEVICES,
+    Phase,
+    Resources,
+    cells_from_log,
+    ecp5_synth_split,
+    quiet,
+    run_tool,
+    yosys_prep,
+)
 from hwgen.templates import template, vendor_projects
 
 if sys.version_info >= (3, 11):
@@ -505,12 +514,17 @@ def build_bitstream(
     log (an hour of nextpnr says where timing failed) is copied to ``keep_logs``, a folder,
     and the error names it."""
     family = DEVICES[top.board.device].family
+    split = {}
+    if family == "ecp5":
+        first, rest = ecp5_synth_split("top")
+        split = {"synth_opts": first, "script_after_synth": rest}
     steps = platform_for(board).build(
         top,
         name="top",
         build_dir=str(out),
         do_build=False,
         script_after_read=yosys_prep(family),
+        **split,
     )
     steps.extract(str(out))
     luts = 0

@@ -1,8 +1,14 @@
 """hwgen.synth: a failed tool run is one line that says why; nextpnr report parsing."""
 
+import json
 import sys
+from collections import Counter
 
 import pytest
+from amaranth import Cat, Module, Signal
+from amaranth.back import verilog
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 
 from hwgen import synth
 from hwgen.errors import HwgenError
@@ -65,3 +71,38 @@ def test_nextpnr_log_summary_reads_clocks_and_utilisation():
     clocks, util = synth.nextpnr_log_summary(log)
     assert clocks == {"$glbnet$clk": 45.58, "clk25": 310.0}  # each clock's last report
     assert util == {"TRELLIS_IO": (13, 365), "DP16KD": (163, 208), "TRELLIS_COMB": (71340, 83640)}
+
+
+class ControlSets(wiring.Component):
+    """70 registers cleared by the design reset and a 4-bit register cleared by a data bit."""
+
+    d: In(8)
+    clear: In(1)
+    q: Out(8)
+
+    def elaborate(self, platform):
+        m = Module()
+        wide = Signal(70)
+        small = Signal(4, reset_less=True)
+        m.d.sync += wide.eq(Cat(wide[1:], self.d.xor()))
+        with m.If(self.clear):
+            m.d.sync += small.eq(0)
+        with m.Else():
+            m.d.sync += small.eq(self.d[:4] + small)
+        m.d.comb += self.q.eq(Cat(small, wide[:4]))
+        return m
+
+
+def test_only_sync_resets_of_many_flip_flops_use_the_lsr_net(tmp_path):
+    """On ECP5 the design reset (70 flip-flops) stays on LSR; a sync clear of 4 flip-flops
+    becomes LUT logic (MIN_SRST_FFS), so it takes no tile's LSR net of its own."""
+    src = tmp_path / "top.v"
+    src.write_text(verilog.convert(ControlSets(), name="top", emit_src=False))
+    synth.synthesize([src], "top", place_route=False, workdir=tmp_path / "work")
+    module = json.loads((tmp_path / "work" / "netlist.json").read_text())["modules"]["top"]
+    port_bits = {name: p["bits"] for name, p in module["ports"].items()}
+    lsr = Counter(
+        c["connections"]["LSR"][0] for c in module["cells"].values() if c["type"] == "TRELLIS_FF"
+    )
+    assert lsr[port_bits["rst"][0]] == 70
+    assert port_bits["clear"][0] not in lsr and len(lsr) == 2  # rst and constant 0
