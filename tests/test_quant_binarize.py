@@ -24,6 +24,7 @@ from hwgen.quant.binarize import (
     scaled_mac_layer,
     twn,
 )
+from hwgen.quant.inq import with_weights
 from hwgen.quant.multibit import alternating
 
 
@@ -274,3 +275,66 @@ def test_planes_have_no_ir_layer_yet():
         scaled_mac_layer(
             FLinear("fc", w, np.zeros(2)), alternating(w, 2), ActFormat(8, 0), ActFormat(8, 0)
         )
+
+
+# ---------------------------------------------------------------- pruned weights (#12)
+
+
+@pytest.mark.parametrize("scheme", ["twn", "lat"])
+def test_a_kept_mask_codes_pruned_weights_zero_and_leaves_them_out_of_the_statistics(scheme):
+    w = _w(3, (4, 2, 3, 3))
+    kept = np.random.default_rng(4).uniform(size=w.shape) < 0.4
+    d = np.random.default_rng(5).uniform(0.5, 2.0, w.shape)
+    q = quantizer(scheme, kept=kept)
+    sc = q(w, d)
+    assert not np.any(sc.codes[~kept])
+    for c in range(w.shape[0]):  # each channel as its kept weights alone
+        k = kept[c]
+        ref = quantizer(scheme, per_channel=False)(w[c][k][None], d[c][k][None])
+        assert np.array_equal(sc.codes[c][k], ref.codes[0])
+        assert sc.alpha[c] == pytest.approx(ref.alpha[0], rel=1e-15)  # summation order
+    again = q(np.where(kept, w, 10.0), d)  # a pruned weight's value does not matter
+    assert np.array_equal(again.codes, sc.codes) and np.array_equal(again.alpha, sc.alpha)
+    with pytest.raises(HwgenError, match=r"^the kept mask must be of the weights' shape"):
+        q(w[:2], d[:2])
+
+
+@pytest.mark.parametrize("scheme", ["bc", "lab"])
+def test_binary_codes_refuse_a_kept_mask(scheme):
+    with pytest.raises(HwgenError, match=f"^scheme {scheme} has binary codes ±1: no zero code"):
+        quantizer(scheme, kept=np.ones((2, 3), bool))
+
+
+def _pruned_problem() -> tuple[FloatNet, dict[str, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """tiny_float_net with half its weights pruned (0.0, as prune leaves them), its masks and
+    training data."""
+    rng = np.random.default_rng(1)
+    fnet = tiny_float_net(rng)
+    macs = [fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+    masks = {fl.name: rng.uniform(size=fl.weight.shape) < 0.5 for fl in macs}
+    fnet = with_weights(fnet, {fl.name: (fl.weight * masks[fl.name], fl.bias) for fl in macs})
+    x = rng.uniform(0, 1, (48, 1, 6, 6))
+    return fnet, masks, (x, rng.integers(0, 4, 48))
+
+
+@pytest.mark.parametrize("scheme", ["twn", "lat"])
+def test_masked_retraining_holds_the_pruned_weights_at_zero(scheme):
+    fnet, masks, train = _pruned_problem()
+    opts = RetrainOptions(epochs=2, batch_size=16, lr=1e-2)
+    q, codes = binarize(fnet, scheme, train, opts, progress=False, masks=masks)
+    for i, name in ((0, "c"), (3, "fc")):
+        assert not np.any(codes[name].codes[~masks[name]])
+        assert not np.any(q.layers[i].weight[~masks[name]])
+        assert np.any(q.layers[i].weight[masks[name]])
+    inner = quantizer(scheme, kept=masks["fc"])
+    for given, leaks in ((masks, False), (None, True)):  # the latent weights: held, or moved
+        seen: list[np.ndarray] = []
+
+        def spy(w: np.ndarray, d: np.ndarray | None, seen: list = seen) -> ScaledCodes:
+            seen.append(w.copy())
+            return inner(w, d)
+
+        retrain(fnet, {"fc": spy}, train, opts, masks=given, progress=False)
+        assert len(seen) > 6 and any(np.any(w[~masks["fc"]]) for w in seen) == leaks
+    with pytest.raises(HwgenError, match=r"^scheme bc has binary codes ±1: no zero code"):
+        binarize(fnet, "bc", train, opts, progress=False, masks=masks)

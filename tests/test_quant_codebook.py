@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from hwgen.errors import HwgenError
 from hwgen.examples.digits import digits_float_net
+from hwgen.quant import codebook
 from hwgen.quant.codebook import (
     Codebook,
     CodebookOptions,
@@ -23,6 +24,8 @@ from hwgen.quant.codebook import (
     ttq,
     weighted_error,
 )
+from hwgen.quant.inq import with_weights
+from hwgen.quant.prune import block_sparsity, grow_mask
 
 
 @functools.cache
@@ -264,3 +267,51 @@ def test_ttq_retraining_beats_its_initial_scales():
     diverging = CodebookOptions(epochs=1, optimizer="sgd", lr=0.01)
     with pytest.raises(HwgenError, match=r"^layer conv1: TTQ scales Wp=.* are not positive"):
         ttq(fnet, train, options=diverging, progress=False)
+
+
+# ---------------------------------------------------------------- pruned weights (#12)
+
+
+def _pruned_digits():
+    """digits with 75% of conv2's and fc's blocks of 4 pruned (0.0, as prune leaves them),
+    its masks and training data."""
+    fnet, data = digits_float_net()
+    macs = {fl.name: fl for fl in fnet.layers if fl.name in ("conv2", "fc")}
+    masks = {n: grow_mask(fl.weight, np.ones(fl.weight.shape, bool), 0.75, 4)
+             for n, fl in macs.items()}  # fmt: skip
+    fnet = with_weights(fnet, {n: (fl.weight * masks[n], fl.bias) for n, fl in macs.items()})
+    return fnet, masks, (data.x_train, data.y_train)
+
+
+@pytest.mark.parametrize("scheme", ["dqc", "ttq"])
+def test_masked_codebook_retraining_keeps_pruned_weights_at_the_zero_entry(scheme, monkeypatch):
+    fnet, masks, train = _pruned_digits()
+    latent: list[dict[str, np.ndarray]] = []  # the float weights at the end of retraining
+
+    def export(fnet, module, books):
+        latent.append({n: module.macs[module.index[n]].weight.detach().numpy() for n in masks})
+        return export_(fnet, module, books)
+
+    export_ = codebook._export
+    monkeypatch.setattr(codebook, "_export", export)
+    fn = functools.partial(dqc, fnet, 3) if scheme == "dqc" else functools.partial(ttq, fnet)
+    opts = CodebookOptions(epochs=2)
+    q, books = fn(train, options=opts, progress=False, masks=masks)
+    _check_exported(q, books)
+    weights = {fl.name: fl.weight for fl in q.layers if fl.name in masks}
+    for n, m in masks.items():
+        cb = books[n]
+        assert np.all(cb.indices[~m] == cb.entries.index(0)) and np.any(cb.integers[m])
+        assert not np.any(weights[n][~m]) and block_sparsity(weights[n], 4) >= 0.75
+    fn(train, options=opts, progress=False)  # unmasked: the pruned latent weights move
+    held, moved = latent
+    assert not any(np.any(held[n][~m]) for n, m in masks.items())
+    assert all(np.any(moved[n][~m]) for n, m in masks.items())
+
+
+def test_dqc_without_zero_refuses_masks():
+    fnet, masks, train = _pruned_digits()
+    with pytest.raises(HwgenError, match=r"^DQC without a zero entry has no code for pruned"):
+        dqc(fnet, 3, train, zero=False, progress=False, masks=masks)
+    with pytest.raises(HwgenError, match=r"^layer fc: prune mask of shape \(2, 2\), not"):
+        ttq(fnet, train, progress=False, masks={"fc": np.ones((2, 2), bool)})

@@ -343,22 +343,72 @@ def test_pruned_digits_keep_exactly_the_masked_blocks_zero(digits, scheme, tmp_p
     assert accuracy(r.net, data.x_test, data.y_test) > 0.5
 
 
+PRUNE_WITH = "prune with fixed, pow2, inq, ternary, twn, lat, ttq, dqc"
+
+
 @pytest.mark.parametrize(
-    ("scheme", "bits", "block", "message"),
+    ("scheme", "bits", "zero", "message"),
     [
-        ("bc", None, 4, "scheme bc cannot keep pruned weights at zero: prune with fixed, pow2"),
-        ("dqc", None, 4, "scheme dqc cannot keep pruned weights at zero"),
-        ("binary", None, 4, "scheme binary cannot keep pruned weights at zero"),
-        ("pow2", 1, 4, "layer fc: scheme pow2 at 1 bit has no zero weight to prune to"),
-        ("auto", None, 4, "scheme auto keeps weights quantized elsewhere: it cannot be retrained"),
+        ("bc", None, True, f"scheme bc cannot keep pruned weights at zero: {PRUNE_WITH} (its bin"),
+        ("lab", None, True, "scheme lab cannot keep pruned weights at zero: prune with fixed"),
+        ("amq", None, True, "scheme amq cannot keep pruned weights at zero: prune with fixed"),
+        ("binary", None, True, "scheme binary cannot keep pruned weights at zero"),
+        ("dqc", None, False, "scheme dqc without its zero entry (--no-zero) cannot keep pruned"),
+        ("pow2", 1, True, "layer fc: scheme pow2 at 1 bit has no zero weight to prune to"),
+        (
+            "auto",
+            None,
+            True,
+            "scheme auto keeps weights quantized elsewhere: it cannot be retrained",
+        ),
     ],
 )
 def test_schemes_that_cannot_keep_zeros_refuse_pruning(
-    float_net, calib, scheme, bits, block, message
+    float_net, calib, scheme, bits, zero, message
 ):
-    p = Precision(scheme, {"fc": LayerPrecision(weight_bits=bits, prune=0.5)}, block=block)
-    with pytest.raises(HwgenError, match=f"^{re.escape(message)}"):
-        quantize(float_net, p, calib, (calib, np.arange(64) % 3), progress=False)
+    p = Precision(scheme, {"fc": LayerPrecision(weight_bits=bits, prune=0.5)}, block=4)
+    options = CodebookOptions(zero=zero)
+    with pytest.raises(HwgenError, match=f"^{re.escape(message)}") as err:
+        quantize(
+            float_net,
+            p,
+            calib,
+            (calib, np.arange(64) % 3),
+            progress=False,
+            codebook_options=options,
+        )
+    assert "\n" not in str(err.value)  # one line (the CLI exits 2 with it)
+
+
+@pytest.mark.parametrize("scheme", ["twn", "lat", "ttq", "dqc"])
+def test_learned_schemes_keep_the_pruned_blocks_zero_and_golden_equals_fake_quant(
+    digits, scheme, tmp_path
+):
+    """The learned schemes with a zero code retrain with the prune masks: each pruned weight
+    is 0 in the IR, the golden model equals fake-quant on every test image, and the
+    precision reproduces the network."""
+    fnet, data = digits
+    train = (data.x_train, data.y_train)
+    layers = {"conv2": LayerPrecision(prune=0.75), "fc": LayerPrecision(prune=0.75)}
+    p = Precision(scheme, layers, block=4)
+    options = {
+        "inq_options": ONE_EPOCH,
+        "retrain_options": RetrainOptions(epochs=1),
+        "codebook_options": CodebookOptions(epochs=1),
+    }
+    r = quantize(fnet, p, data.x_train, train, progress=False, **options)
+    _, masks = prune(fnet, train, p.pruned, 4, options=ONE_EPOCH, progress=False)
+    net = hwq.load(hwq.save(r.net, tmp_path / "p.hwq", meta=r.meta))
+    for name in ("conv2", "fc"):
+        w = net.layer(name).weight
+        assert not np.any(w[~masks[name]]) and block_sparsity(w, 4) >= 0.75
+    golden = gm.forward(net, gm.quantize_input(data.x_test, net.input_format))
+    for a, b in zip(golden, fake_quant_forward(net, data.x_test), strict=True):
+        assert np.array_equal(a, b)
+    assert r.precision.pruned == {"conv2": 0.75, "fc": 0.75} and r.precision.block == 4
+    again = quantize(fnet, r.precision, data.x_train, train, progress=False, **options)
+    assert again.net == r.net
+    assert accuracy(net, data.x_test, data.y_test) > 0.5
 
 
 def test_compression_needs_training_data_and_a_pruned_layer_for_a_block(float_net, calib):

@@ -294,6 +294,10 @@ def test_widening_that_never_fits_keeps_the_most_accurate(toy, monkeypatch):
             "scheme binary cannot keep pruned weights at zero: prune with fixed, pow2, inq",
         ),
         ({"max_sparsity": 0.5}, "pruning and low-rank retrain the model and need training data"),
+        (
+            {"scheme": "dqc", "max_sparsity": 0.5, "codebook_options": CodebookOptions(zero=False)},
+            "tune: scheme dqc without its zero entry (--no-zero) cannot keep pruned weights",
+        ),
     ],
 )
 def test_bad_arguments(toy, kwargs, message):

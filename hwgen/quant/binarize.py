@@ -22,6 +22,13 @@ current weights and Adam's current ``v``. As INQ (:mod:`hwgen.quant.inq`): float
 thread, parameters snapped after every step (:mod:`hwgen.reproducible`), cross-entropy plus
 distillation to the pretrained logits on randomly shifted images.
 
+Pruned weights (issue #12; ``masks`` of :func:`hwgen.quant.prune.prune`, True: kept) stay
+exactly 0 in ``twn`` and ``lat``: their code is 0 in every forward pass and in the result,
+the threshold and scale statistics are those of the kept weights only (a pruned channel's
+zeros would lower TWN's threshold until it hardly prunes more), and the latent float
+weights stay 0 (their gradient is masked, so Adam never moves them). ``bc`` and ``lab``
+have no zero code and refuse masks.
+
 In the IR (:func:`scaled_mac_layer`) the codes are ``Pow2(1, 0)`` / ``Pow2(2, 0)`` weights
 and ``α_c`` the layer's per-channel integer scale ``m_c`` (docs/hwq-format.md §3).
 """
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -43,6 +50,7 @@ from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.ir import ActFormat, Conv2d, Fixed, Linear, Pow2
 from hwgen.quant.inq import FloatModule, batch, retrain_loss, with_weights
+from hwgen.quant.prune import kept_masks
 from hwgen.quant.weights import fixed_fit_frac, quantize_fixed
 from hwgen.reproducible import GRID, one_thread, snap_
 
@@ -98,6 +106,17 @@ def _weighted_mean(a: np.ndarray, d: np.ndarray, mask: np.ndarray) -> np.ndarray
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
+def _kept_rows(w: np.ndarray, kept: np.ndarray | None, per_channel: bool) -> np.ndarray:
+    """The kept mask (True: not pruned; None: all) as ``channel_rows`` of ``w``."""
+    rows = channel_rows(w, per_channel)
+    if kept is None:
+        return np.ones(rows.shape, bool)
+    kept = np.asarray(kept, bool)
+    if kept.shape != np.shape(w):
+        raise HwgenError(f"the kept mask must be of the weights' shape {np.shape(w)}")
+    return kept.reshape(rows.shape)
+
+
 def _hessian(w: np.ndarray, d: np.ndarray | None, per_channel: bool) -> np.ndarray:
     if d is None:
         return np.ones_like(channel_rows(w, per_channel))
@@ -114,11 +133,13 @@ def binary_connect(w: np.ndarray, per_channel: bool = True) -> ScaledCodes:
     return ScaledCodes(_sign(w), channel_alpha(alpha, w.shape[0]))
 
 
-def twn(w: np.ndarray, per_channel: bool = True) -> ScaledCodes:
-    """TWN: threshold ``0.7·mean|W_c|``, ``α_c`` the mean magnitude above it."""
+def twn(w: np.ndarray, per_channel: bool = True, kept: np.ndarray | None = None) -> ScaledCodes:
+    """TWN: threshold ``0.7·mean|W_c|``, ``α_c`` the mean magnitude above it; with ``kept``
+    (True: not pruned) both over the kept weights, the others coded 0."""
     w = np.asarray(w, np.float64)
     a = np.abs(channel_rows(w, per_channel))
-    mask = a > 0.7 * a.mean(axis=1, keepdims=True)
+    k = _kept_rows(w, kept, per_channel)
+    mask = k & (a > 0.7 * _weighted_mean(a, np.ones_like(a), k)[:, None])
     alpha = _weighted_mean(a, np.ones_like(a), mask)
     return ScaledCodes(_ternary_codes(w, mask), channel_alpha(alpha, w.shape[0]))
 
@@ -138,8 +159,11 @@ def lab(w: np.ndarray, d: np.ndarray | None, per_channel: bool = True) -> Scaled
     return ScaledCodes(_sign(w), channel_alpha(alpha, w.shape[0]))
 
 
-def lat(w: np.ndarray, d: np.ndarray | None, per_channel: bool = True) -> ScaledCodes:
-    """LAT's proximal Newton step onto ``{-α, 0, α}``: minimises ``Σ D (W - α T)²`` per row.
+def lat(
+    w: np.ndarray, d: np.ndarray | None, per_channel: bool = True, kept: np.ndarray | None = None
+) -> ScaledCodes:
+    """LAT's proximal Newton step onto ``{-α, 0, α}``: minimises ``Σ D (W - α T)²`` per row
+    (over the ``kept`` weights only, True: not pruned; the others are coded 0).
 
     Alternates ``α`` (D-weighted mean of ``|W|`` on the support) and the support
     ``|W| > α/2`` from TWN's threshold until the support stops changing. Each half-step is
@@ -149,10 +173,11 @@ def lat(w: np.ndarray, d: np.ndarray | None, per_channel: bool = True) -> Scaled
     w = np.asarray(w, np.float64)
     a = np.abs(channel_rows(w, per_channel))
     dr = _hessian(w, d, per_channel)
-    mask = a > 0.7 * a.mean(axis=1, keepdims=True)
+    k = _kept_rows(w, kept, per_channel)
+    mask = k & (a > 0.7 * _weighted_mean(a, np.ones_like(a), k)[:, None])
     alpha = _weighted_mean(a, dr, mask)
     for _ in range(a.shape[1] + 1):
-        new = a > alpha[:, None] / 2
+        new = k & (a > alpha[:, None] / 2)
         if np.array_equal(new, mask):
             break
         mask = new
@@ -160,16 +185,19 @@ def lat(w: np.ndarray, d: np.ndarray | None, per_channel: bool = True) -> Scaled
     return ScaledCodes(_ternary_codes(w, mask), channel_alpha(alpha, w.shape[0]))
 
 
-def quantizer(scheme: str, per_channel: bool = True) -> Quantizer:
-    """The quantiser of ``scheme`` (one of ``SCHEMES``) as ``(w, d) -> ScaledCodes``."""
+def quantizer(scheme: str, per_channel: bool = True, kept: np.ndarray | None = None) -> Quantizer:
+    """The quantiser of ``scheme`` (one of ``SCHEMES``) as ``(w, d) -> ScaledCodes``; with
+    ``kept`` (True: not pruned) the others are coded 0 (twn, lat: the ternary ones)."""
+    if kept is not None and scheme in ("bc", "lab"):
+        raise HwgenError(f"scheme {scheme} has binary codes ±1: no zero code for pruned weights")
     if scheme == "bc":
         return lambda w, d: binary_connect(w, per_channel)
     if scheme == "twn":
-        return lambda w, d: twn(w, per_channel)
+        return lambda w, d: twn(w, per_channel, kept)
     if scheme == "lab":
         return lambda w, d: lab(w, d, per_channel)
     if scheme == "lat":
-        return lambda w, d: lat(w, d, per_channel)
+        return lambda w, d: lat(w, d, per_channel, kept)
     raise HwgenError(f"binarization scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
 
 
@@ -257,9 +285,12 @@ def retrain(
     *,
     label: str = "retraining",
     progress: bool = True,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[FloatNet, dict[str, ScaledCodes]]:
     """Retrain ``fnet`` with every named conv/linear layer quantised by its quantiser.
 
+    ``masks`` (layer -> weight mask, True: kept) hold the pruned latent weights at 0: set
+    to 0 here, their gradient masked (the quantisers must code them 0 too: :func:`binarize`).
     Returns the net with those layers' weights exactly ``α·codes`` (and retrained biases),
     and each layer's codes and scales. Deterministic for a given ``options.seed``.
     """
@@ -272,6 +303,13 @@ def retrain(
     unknown = sorted(set(quantizers) - set(module.index))
     if unknown:
         raise HwgenError(f"no conv/linear layer named {unknown[0]!r} to quantise")
+    for name, kept in kept_masks(fnet, masks).items():
+        if kept is not None:
+            keep = torch.as_tensor(kept, dtype=torch.float64)
+            weight = module.macs[module.index[name]].weight
+            with torch.no_grad():
+                weight.mul_(keep)
+            weight.register_hook(lambda g, keep=keep: g * keep)
     wrapped: dict[str, _QuantizedMac] = {}
     for name, quantize in quantizers.items():
         i = module.index[name]
@@ -319,13 +357,17 @@ def binarize(
     options: RetrainOptions = RetrainOptions(),
     *,
     progress: bool = True,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[FloatNet, dict[str, ScaledCodes]]:
-    """Every conv/linear layer of ``fnet`` quantised by ``scheme``, retrained (:func:`retrain`)."""
-    quantize = quantizer(scheme, options.per_channel)
-    macs = [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+    """Every conv/linear layer of ``fnet`` quantised by ``scheme``, retrained (:func:`retrain`).
+
+    ``masks`` (layer -> weight mask, True: kept; twn and lat only) keep the pruned weights
+    exactly 0: coded 0 and their latent weights held at 0 (module docstring)."""
+    kept = kept_masks(fnet, masks)
+    quantizers = {n: quantizer(scheme, options.per_channel, k) for n, k in kept.items()}
     return retrain(
-        fnet, dict.fromkeys(macs, quantize), train, options, label=f"{scheme} retraining",
-        progress=progress,
+        fnet, quantizers, train, options, label=f"{scheme} retraining", progress=progress,
+        masks=masks,
     )  # fmt: skip
 
 

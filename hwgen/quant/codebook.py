@@ -18,6 +18,12 @@ is at most ``kmax``; the default 6 keeps entries in 8-bit two's complement.
 Retraining is INQ's (:mod:`hwgen.quant.inq`): float64 on one thread, parameters snapped
 after every step, cross-entropy plus distillation on shifted images; the forward pass
 always uses the quantised weights (straight-through to the float "latent" weights).
+
+Pruned weights (issue #12; ``masks`` of :func:`hwgen.quant.prune.prune`, True: kept) stay
+exactly at the zero entry (DQC's pinned 0, TTQ's 0) in every forward pass and in the
+codebook indices; their latent weights are held at 0 (the forward pass multiplies them by
+the mask, so their gradient is 0 and Adam never moves them), and DQC fits its codebook to
+the kept weights only. DQC without a zero entry refuses masks.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from hwgen.frontend.graph import FConv2d, FLinear, FloatNet
 from hwgen.hw.cmvm import csd
 from hwgen.ir import WEIGHT_FRAC_RANGE
 from hwgen.quant.inq import FloatModule, InqOptions, batch, retrain_loss, with_weights
+from hwgen.quant.prune import kept_masks
 from hwgen.reproducible import one_thread, snap_
 
 KMAX = 6  # |entry| <= 64: 8-bit two's complement
@@ -405,7 +412,10 @@ def _train(
 
 
 def _setup(
-    fnet: FloatNet, train: tuple[np.ndarray, np.ndarray], options: CodebookOptions
+    fnet: FloatNet,
+    train: tuple[np.ndarray, np.ndarray],
+    options: CodebookOptions,
+    kept: Mapping[str, np.ndarray | None],
 ) -> tuple[FloatModule, tuple[torch.Tensor, torch.Tensor, nn.Module]]:
     x, y = (np.asarray(a) for a in train)
     if x.ndim < 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
@@ -415,12 +425,21 @@ def _setup(
     torch.manual_seed(options.seed)
     module = FloatModule(fnet).double()
     teacher = copy.deepcopy(module).eval()  # the pretrained model: the target of distillation
+    with torch.no_grad():
+        for n, k in kept.items():
+            if k is not None:
+                module.macs[module.index[n]].weight.mul_(torch.as_tensor(k))
     xt = torch.as_tensor(x, dtype=torch.float64)
     return module, (xt, torch.as_tensor(y, dtype=torch.int64), teacher)
 
 
 def _mac_names(fnet: FloatNet) -> list[str]:
     return [fl.name for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))]
+
+
+def _masked(w: torch.Tensor, kept: np.ndarray | None) -> torch.Tensor:
+    """The latent weights with the pruned ones 0, their gradient 0 (``kept`` None: all)."""
+    return w if kept is None else w * torch.as_tensor(kept, dtype=w.dtype)
 
 
 def _export(
@@ -441,6 +460,7 @@ def dqc(
     zero: bool = True,
     options: CodebookOptions = CodebookOptions(),
     progress: bool = True,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[FloatNet, dict[str, Codebook]]:
     """Retrain ``fnet`` with a ``2**bits``-entry shift-add codebook per conv/linear layer.
 
@@ -451,12 +471,17 @@ def dqc(
     biases straight through (no freezing: the codebook, not the assignment, is what DQC
     settles). Returns the net with its weights exactly ``entries[indices] * 2**-frac`` and
     the codebooks (indices from the final latent weights, as in the last forward pass).
+    ``masks`` (layer -> weight mask, True: kept; with ``zero`` only) keep the pruned
+    weights at the zero entry (module docstring).
     """
     names = _mac_names(fnet)
     per = {n: bits for n in names} if isinstance(bits, int) else dict(bits)
     if sorted(per) != sorted(names):
         raise HwgenError(f"DQC bits name layers {sorted(per)}, the model has {sorted(names)}")
-    module, data = _setup(fnet, train, options)
+    kept = kept_masks(fnet, masks)
+    if not zero and any(k is not None for k in kept.values()):
+        raise HwgenError("DQC without a zero entry has no code for pruned weights: keep the 0")
+    module, data = _setup(fnet, train, options, kept)
     latent = {n: module.macs[module.index[n]].weight for n in names}
     fracs = {n: entry_frac(float(latent[n].detach().abs().max()), options.kmax) for n in names}
     books: dict[str, tuple[int, ...]] = {}
@@ -464,6 +489,7 @@ def dqc(
     def update() -> None:
         for n in names:
             w = latent[n].detach().numpy()
+            w = w if kept[n] is None else w[kept[n]]  # the pruned weights stay at 0
             kw = {"zero": zero, "kmax": options.kmax, "power": options.power}
             books[n] = (
                 refit(w, books[n], fracs[n], **kw)
@@ -472,6 +498,7 @@ def dqc(
             )
 
     def effective(n: str, w: torch.Tensor) -> torch.Tensor:
+        w = _masked(w, kept[n])  # a pruned weight is 0: the zero entry
         grid = torch.as_tensor(np.asarray(books[n], np.float64) * 2.0 ** -fracs[n])
         q = grid[torch.as_tensor(assign(w.detach().numpy(), books[n], fracs[n]), dtype=torch.long)]
         return _Ste.apply(w, q)
@@ -483,8 +510,10 @@ def dqc(
         _train(module, effective, None, data, options, update, lambda: bar.advance(task))
     out = {}
     for n in names:
-        w = latent[n].detach().numpy()
-        out[n] = Codebook(books[n], fracs[n], assign(w, books[n], fracs[n]))
+        idx = assign(latent[n].detach().numpy(), books[n], fracs[n])
+        if kept[n] is not None:
+            idx = np.where(kept[n], idx, books[n].index(0)).astype(np.uint8)
+        out[n] = Codebook(books[n], fracs[n], idx)
     return _export(fnet, module, out)
 
 
@@ -494,6 +523,7 @@ def ttq(
     *,
     options: CodebookOptions = CodebookOptions(),
     progress: bool = True,
+    masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[FloatNet, dict[str, Codebook]]:
     """Retrain ``fnet`` with TTQ ternary weights ``{-Wn, 0, +Wp}`` per conv/linear layer.
 
@@ -506,10 +536,12 @@ def ttq(
     of layers with small weights: on digits-res TTQ then ended at 77% test accuracy, 90%
     normalised (seed 0). At export ``m·Wp`` and ``m·Wn`` go to their nearest shift-add
     integers at the frac that gives the larger one the ``2**kmax`` range (:func:`entry_frac`);
-    one that rounds to 0 merges with the zero entry.
+    one that rounds to 0 merges with the zero entry. ``masks`` (layer -> weight mask, True:
+    kept) keep the pruned weights at 0 (module docstring).
     """
     names = _mac_names(fnet)
-    module, data = _setup(fnet, train, options)
+    kept = kept_masks(fnet, masks)
+    module, data = _setup(fnet, train, options, kept)
     latent = {n: module.macs[module.index[n]].weight for n in names}
     scales = nn.ParameterDict()
     norm: dict[str, float] = {}
@@ -532,7 +564,8 @@ def ttq(
         return t * w.detach().abs().max()
 
     def effective(n: str, w: torch.Tensor) -> torch.Tensor:
-        return norm[n] * TtqFn.apply(w, scales[n][0], scales[n][1], delta(w))
+        # a pruned weight is 0, within ±Δ (Δ > 0: the layer has a nonzero weight): code 0
+        return norm[n] * TtqFn.apply(_masked(w, kept[n]), scales[n][0], scales[n][1], delta(w))
 
     with one_thread(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("TTQ retraining", total=options.epochs)
@@ -551,6 +584,7 @@ def ttq(
         w = latent[n].detach()
         d = float(delta(w))
         code = np.where(w.numpy() > d, ep, np.where(w.numpy() < -d, -en, 0))
+        code = code if kept[n] is None else np.where(kept[n], code, 0)
         indices = np.searchsorted(entries, code).astype(np.uint8)
         out[n] = Codebook(entries, f, indices)
     return _export(fnet, module, out)

@@ -29,8 +29,11 @@ Composition with a weight scheme: the schemes that round the given weights (``fi
 ``pow2``, ``auto``) map 0.0 to 0. Every retrained scheme (``inq``, ``ternary`` and the
 learned ones) updates the pruned weights like the others and so refills them (digits, 75%
 in blocks of 4: ``quantize`` with scheme ``inq`` leaves conv2 23-25% and fc 25% of its
-blocks zero); binary codes (bits 1, bc, lab) have no zero at all. :func:`masked_inq` is
-INQ with the pruned weights frozen at 0 (its zero level) from the start.
+blocks zero) unless given the masks; binary codes (bits 1, bc, lab, amq) have no zero at
+all. :func:`masked_inq` is INQ with the pruned weights frozen at 0 (its zero level) from
+the start; the learned schemes with a zero code take the masks too (twn, lat:
+:func:`hwgen.quant.binarize.binarize`; ttq, dqc with its zero entry:
+:mod:`hwgen.quant.codebook`), through :func:`kept_masks`.
 
 The hardware side (:mod:`hwgen.hw.sparse`): the folded engine skips a beat whose blocks
 are zero in every PE of its neuron fold, so folded at PE = 1 and SIMD = ``block`` it spends,
@@ -72,6 +75,26 @@ def _check_block(block: int | None) -> int:
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
         raise HwgenError(f"prune block must be a positive integer, not {block!r}")
     return b
+
+
+def kept_masks(
+    fnet: FloatNet, masks: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray | None]:
+    """Each conv/linear layer's weight mask (True: kept; None: nothing pruned), checked
+    against its weight's shape: :func:`prune`'s masks as a masked retraining takes them."""
+    shapes = {fl.name: np.shape(fl.weight) for fl in fnet.layers
+              if isinstance(fl, (FConv2d, FLinear))}  # fmt: skip
+    masks = masks or {}
+    unknown = sorted(set(masks) - set(shapes))
+    if unknown:
+        raise HwgenError(f"prune mask: no conv/linear layer named {unknown[0]!r}")
+    out: dict[str, np.ndarray | None] = {}
+    for n, shape in shapes.items():
+        m = np.asarray(masks[n], bool) if n in masks else None
+        if m is not None and m.shape != shape:
+            raise HwgenError(f"layer {n}: prune mask of shape {m.shape}, not {shape}")
+        out[n] = None if m is None or m.all() else m
+    return out
 
 
 def block_view(weight: np.ndarray, block: int | None) -> np.ndarray:

@@ -24,9 +24,11 @@ Compression (issue #12) comes first, as the precision says: the low-rank split
 (:func:`hwgen.quant.prune.prune`, retrained), both with INQ's retraining settings, then the
 weight scheme, which must keep the pruned weights at 0: ``fixed`` and ``pow2`` round 0.0 to
 0 (``pow2`` needs a zero level: 2 bits or more), ``inq`` and ``ternary`` run
-:func:`hwgen.quant.prune.masked_inq`; ``binary`` has no zero, ``auto`` finds no grid in
-retrained weights and the learned schemes retrain the pruned weights away (refill), so they
-refuse pruning.
+:func:`hwgen.quant.prune.masked_inq`, the learned schemes with a zero code (``twn``,
+``lat``, ``ttq``, ``dqc`` with its zero entry) retrain with the prune masks, holding the
+pruned weights at that code. ``binary``, ``bc``, ``lab``, ``amq`` and ``dqc`` without a zero
+entry have no zero, and ``auto`` finds no grid in retrained weights: they refuse pruning
+(:func:`prune_refusal`).
 """
 
 from __future__ import annotations
@@ -69,8 +71,16 @@ DEFAULT_WEIGHT_BITS = {
 }  # fmt: skip
 DEFAULT_ACT_BITS = 8
 RETRAINED = ("inq", "ternary", "binary", *LEARNED)
-# the schemes that keep pruned weights at 0 (pow2, inq, ternary: with a zero level)
-PRUNABLE = ("fixed", "pow2", "inq", "ternary")
+# the schemes that keep pruned weights at 0 (pow2, inq, ternary: with a zero level; dqc:
+# with its zero entry)
+PRUNABLE = ("fixed", "pow2", "inq", "ternary", "twn", "lat", "ttq", "dqc")
+NO_ZERO = {
+    "binary": "its weights are ±1",
+    "bc": "its binary codes are ±1",
+    "lab": "its binary codes are ±1",
+    "amq": "its binary planes are ±1",
+    "auto": "its weights were quantized elsewhere and are not retrained",
+}
 
 WeightSource = tuple[WeightFormat, np.ndarray] | LayerBuilder
 
@@ -187,17 +197,20 @@ def _learned(
     retrain_options: RetrainOptions | None,
     codebook_options: CodebookOptions | None,
     progress: bool,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> tuple[FloatNet, dict[str, WeightSource]]:
-    """Retrain ``fnet`` with a learned scheme; each layer's weights as the search takes them."""
+    """Retrain ``fnet`` with a learned scheme; each layer's weights as the search takes them.
+    ``masks``: the pruned weights (False) held at the zero code (twn, lat, ttq, dqc)."""
     sources: dict[str, WeightSource] = {}
     if scheme in ("dqc", "ttq"):
         options = codebook_options or CodebookOptions()
         if scheme == "dqc":
             fnet, books = dqc(
-                fnet, bits, train, zero=options.zero, options=options, progress=progress
-            )
+                fnet, bits, train, zero=options.zero, options=options, progress=progress,
+                masks=masks,
+            )  # fmt: skip
         else:
-            fnet, books = ttq(fnet, train, options=options, progress=progress)
+            fnet, books = ttq(fnet, train, options=options, progress=progress, masks=masks)
         for name, cb in books.items():
             sources[name] = (Codebook(cb.entries, cb.frac), cb.integers)
         return fnet, sources
@@ -214,7 +227,7 @@ def _learned(
         for name, sc in codes.items():
             sources[name] = plane_format(sc)
         return fnet, sources
-    fnet, codes = binarize(fnet, scheme, train, options, progress=progress)
+    fnet, codes = binarize(fnet, scheme, train, options, progress=progress, masks=masks)
     by_name = {fl.name: fl for fl in fnet.layers if isinstance(fl, (FConv2d, FLinear))}
     for name, sc in codes.items():
         sources[name] = functools.partial(scaled_mac_layer, by_name[name], sc)
@@ -242,21 +255,36 @@ def _lowrank_layers(fnet: FloatNet, precision: Precision) -> tuple[str, ...]:
     return tuple(fl.name for fl in fnet.layers if isinstance(fl, FConv2d))
 
 
-def _check_prunable(scheme: str, precision: Precision) -> None:
+def prune_refusal(scheme: str, codebook_options: CodebookOptions | None = None) -> str | None:
+    """Why ``scheme`` (with these dqc options) cannot keep pruned weights at 0; None if it can
+    (a pow2 scheme's bits are checked by :func:`quantize`)."""
+    if scheme == "dqc" and not (codebook_options or CodebookOptions()).zero:
+        return "scheme dqc without its zero entry (--no-zero) cannot keep pruned weights at zero"
+    if scheme in PRUNABLE:
+        return None
+    why = NO_ZERO.get(scheme, "it has no zero weight")
+    return (
+        f"scheme {scheme} cannot keep pruned weights at zero: prune with {', '.join(PRUNABLE)} "
+        f"({why})"
+    )
+
+
+def _check_prunable(
+    scheme: str, precision: Precision, codebook_options: CodebookOptions | None
+) -> None:
     """Refuse a scheme that would not keep the pruned weights at 0, before any retraining."""
     pruned = precision.pruned
     if not pruned:
         if precision.block is not None:
             raise HwgenError(f"block {precision.block}: no layer is pruned (give a prune target)")
         return
-    if scheme not in PRUNABLE:
-        raise HwgenError(
-            f"scheme {scheme} cannot keep pruned weights at zero: prune with {', '.join(PRUNABLE)}"
-        )
+    refusal = prune_refusal(scheme, codebook_options)
+    if refusal is not None:
+        raise HwgenError(refusal)
     for name in pruned:
         lp = precision.layer(name)
         bits = getattr(lp, "weight_bits", None) or DEFAULT_WEIGHT_BITS[scheme]
-        if scheme != "fixed" and bits < 2:
+        if scheme in ("pow2", "inq", "ternary") and bits < 2:
             raise HwgenError(
                 f"layer {name}: scheme {scheme} at {bits} bit has no zero weight to prune to"
             )
@@ -298,7 +326,7 @@ def quantize(
     precision.check_names(
         [fl.name for fl in split.layers if isinstance(fl, (FConv2d, FLinear))], adds
     )
-    _check_prunable(scheme, precision)
+    _check_prunable(scheme, precision, codebook_options)
     if compressed:
         float_acts = None  # the retrained model is the new reference
     if _lowrank_asked(precision):
@@ -350,7 +378,7 @@ def quantize(
     if scheme in LEARNED:
         assert train is not None
         fnet, sources = _learned(
-            fnet, scheme, learned_bits, train, retrain_options, codebook_options, progress
+            fnet, scheme, learned_bits, train, retrain_options, codebook_options, progress, masks
         )
     elif scheme in RETRAINED:
         assert train is not None

@@ -33,13 +33,14 @@ Their weight bits are searched where the scheme has a count: dqc's codebook inde
 (5 down to 3) and amq's binary planes (4 down to 2); bc, lab (1) and twn, lat, ttq (2) are
 fixed widths.
 
-Sparsity (``max_sparsity``; schemes that keep pruned weights at 0: fixed, pow2, inq,
-ternary): after the bits, each conv/linear layer, the most weights first, raises its
-block-prune fraction through ``SPARSITY_STEPS`` (up to ``max_sparsity``) while the accuracy
-stays within the budget, in blocks of ``block`` input channels (the build's SIMD). Every
-such trial is ``quantize`` of the trial's ``precision.toml`` (the bits, each layer's
-``prune`` and ``block``): pruned and retrained (:mod:`hwgen.quant.prune`), then the scheme
-(masked INQ for inq and ternary), so the result's file reproduces it. Its ROM bits count
+Sparsity (``max_sparsity``; schemes that keep pruned weights at 0:
+:data:`hwgen.quant.quantize.PRUNABLE`): after the bits, each conv/linear layer, the most
+weights first, raises its block-prune fraction through ``SPARSITY_STEPS`` (up to
+``max_sparsity``) while the accuracy stays within the budget, in blocks of ``block`` input
+channels (the build's SIMD). Every such trial is ``quantize`` of the trial's
+``precision.toml`` (the bits, each layer's ``prune`` and ``block``): pruned and retrained
+(:mod:`hwgen.quant.prune`), then the scheme (masked INQ for inq and ternary, masked
+retraining for the learned ones), so the result's file reproduces it. Its ROM bits count
 the weights of the nonzero blocks only (``rom_bits(net, block=...)``: what the engine
 stores folded at PE = 1 and SIMD = ``block``).
 
@@ -77,7 +78,7 @@ from hwgen.quant.precision import (
     Precision,
 )
 from hwgen.quant.prune import block_view, nonzero_blocks
-from hwgen.quant.quantize import PRUNABLE, split_net, with_activations
+from hwgen.quant.quantize import prune_refusal, split_net, with_activations
 from hwgen.quant.weights import pow2_curve
 
 TUNE_SCHEMES = ("fixed", "pow2", "inq", "ternary", "binary", *LEARNED)
@@ -470,11 +471,9 @@ def tune(
         raise HwgenError(f"tune: max sparsity must be in (0, 1), not {max_sparsity}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise HwgenError(f"tune: block must be a positive integer, not {block!r}")
-    if compress and scheme not in PRUNABLE:
-        raise HwgenError(
-            f"tune: scheme {scheme} cannot keep pruned weights at zero: prune with "
-            f"{', '.join(PRUNABLE)}"
-        )
+    refusal = prune_refusal(scheme, codebook_options) if compress else None
+    if refusal is not None:
+        raise HwgenError(f"tune: {refusal}")
     if compress and train is None:
         raise HwgenError("tune: pruning and low-rank retrain the model and need training data")
     if not np.isfinite(max_drop_points) or max_drop_points < 0:
