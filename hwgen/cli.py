@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="after the bits, raise each layer's block-prune fraction (0.25, 0.5, 0.75, 0.9, "
         "up to this) while the accuracy stays within the budget, retrained (fixed, pow2, inq, "
-        "ternary)",
+        "ternary, twn, lat, ttq, dqc)",
     )
     t.add_argument(
         "--block",
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPARSITY",
         help="prune this fraction of the weights (or blocks) of every conv/linear layer but "
         "the first (it sees the raw image; set it in --precision), gradually with retraining, "
-        "before the weight scheme; with fixed, pow2, inq, ternary (they keep zeros)",
+        "before the weight scheme; with fixed, pow2, inq, ternary, twn, lat, ttq, dqc (they "
+        "keep zeros)",
     )
     q.add_argument(
         "--block",
