@@ -36,6 +36,7 @@ from hwgen.hw.rom import (
     encode_weights,
     entry_terms,
     rom_file,
+    rom_latency,
     rom_storage,
     rom_width,
     rom_words,
@@ -397,8 +398,8 @@ class MACUnit(wiring.Component):
     one beat per cycle; emits PE output channels per repetition. One ROM holds every PE's
     codes (hwgen.hw.rom layout): all PEs read the same address, the beat count modulo the
     ROM depth, in the cycle the beat is taken (the array registers the ROM's data). A ROM in
-    block RAM answers a cycle later (``WeightROM.latency``): the beat waits one more
-    register stage for it (``rom_stages`` = 1, else 0).
+    block RAM answers a cycle later (``rom_latency``): the beat waits one more register
+    stage for it (``rom_stages`` = 1, else 0).
 
     With Planes weights, each PE's ``M`` finished plane sums are combined into the exact
     accumulator ``bias_c + Σ_i m_ic·S_i`` (``Σ_i m_ic·Σ_j b_ij·a_j = Σ_j w_cj·a_j``) in two
@@ -452,7 +453,7 @@ class MACUnit(wiring.Component):
         self.combine_stages = 2 if isinstance(layer.weight_format, Planes) else 0
         self.words = rom_words(layer, pe, simd)
         self.depth = len(self.words)
-        self.rom_stages = int(rom_storage(rom_width(layer, pe, simd), self.depth) == "block")
+        self.rom_stages = rom_latency(rom_storage(rom_width(layer, pe, simd), self.depth)) - 1
         self.out_depth = (
             self.OUT_DEPTH
             + tree_stages(simd)

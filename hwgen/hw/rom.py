@@ -245,6 +245,12 @@ def rom_images(layer_name: str, words: np.ndarray, width: int) -> dict[str, str]
     }
 
 
+def rom_latency(storage: str) -> int:
+    """Cycles from a ROM's address to its data: 1 in logic, 2 in block RAM (the banks' read
+    registers, then the bank mux's)."""
+    return 1 if storage == "logic" else 2
+
+
 class WeightROM(wiring.Component):
     """A read-only memory with a synchronous read port: data ``latency`` cycles after the
     address.
@@ -314,7 +320,7 @@ class WeightROM(wiring.Component):
     @property
     def latency(self) -> int:
         """Cycles from an address to its data."""
-        return 1 if self.storage == "logic" else 2
+        return rom_latency(self.storage)
 
     def _bank(self, m: Module, k: int, base: int, depth: int, file: str, addr: Value) -> Value:
         """Bank ``k`` (words ``base`` to ``base + depth - 1``) read at ``addr``: its data."""
