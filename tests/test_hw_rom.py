@@ -18,6 +18,7 @@ from hwgen.hw.rom import (
     rom_banks,
     rom_file,
     rom_images,
+    rom_latency,
     rom_storage,
     rom_width,
     rom_words,
@@ -197,7 +198,9 @@ def test_inline_rom_reads_with_one_cycle_latency():
         (160, 1100, "block", [512, 512, 76]),  # 36x512, 5 wide
         (40, 1152, "block", [1152]),  # 9x2048: one row of 5 blocks
         (160, 512, "block", [512]),
-        (160, 1100, "logic", [1100]),
+        (160, 1100, "logic", [32] * 34 + [12]),  # LUT5 banks
+        (160, 72, "logic", [32, 32, 8]),
+        (8, 13, "logic", [13]),
         (16, 3000, "block", [1024, 1024, 952]),  # 18x1024
     ],
 )
@@ -226,13 +229,17 @@ def read_rom(dut: WeightROM, addrs: list[int]) -> list[int]:
     return got
 
 
-def test_banked_block_rom_reads_every_bank_with_two_cycle_latency():
+@pytest.mark.parametrize(
+    ("depth", "storage", "edges", "latency"),
+    [(1100, "block", [511, 512, 1023, 1024], 2), (72, "logic", [31, 32, 63, 64], 1)],
+)
+def test_banked_rom_reads_every_bank(depth, storage, edges, latency):
     rng = np.random.default_rng(3)
-    init = [int(v) for v in rng.integers(0, 1 << 40, 1100)]
-    wide = [v | (v << 40) | (v << 80) | (v << 120) for v in init]  # 160 bits: 3 banks
-    dut = WeightROM(width=160, depth=1100, init=wide)
-    assert dut.latency == 2
-    addrs = [0, 511, 512, 1023, 1024, 1099, *rng.integers(0, 1100, 40).tolist(), 7, 1050, 600]
+    init = [int(v) for v in rng.integers(0, 1 << 40, depth)]
+    wide = [v | (v << 40) | (v << 80) | (v << 120) for v in init]  # 160 bits
+    dut = WeightROM(width=160, depth=depth, init=wide, storage=storage)
+    assert dut.latency == rom_latency(storage) == latency
+    addrs = [0, *edges, depth - 1, *rng.integers(0, depth, 40).tolist(), 7, depth - 5, 40]
     assert read_rom(dut, addrs) == [wide[a] for a in addrs]
 
 
@@ -242,7 +249,8 @@ def test_file_rom_has_one_hex_file_per_bank():
     assert list(images) == ["rom/c.0.hex", "rom/c.1.hex", "rom/c.2.hex"]
     assert [len(t.splitlines()) for t in images.values()] == [512, 512, 76]
     assert images["rom/c.1.hex"].splitlines()[0] == hex_lines(words[512:513], 160).strip()
-    assert list(rom_images("d", words[:100], 160)) == ["rom/d.hex"]
+    assert list(rom_images("d", words[:32], 160)) == ["rom/d.hex"]
+    assert list(rom_images("d", words[:100], 160)) == [f"rom/d.{k}.hex" for k in range(4)]
     assert bank_files("rom/c.hex", 1) == ["rom/c.hex"]
     dut = WeightROM(width=160, depth=1100, init=words, style="file", init_file="rom/c.hex")
     text = verilog.convert(dut, name="top", emit_src=False)

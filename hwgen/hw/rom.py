@@ -200,13 +200,21 @@ def bram_blocks(width: int, depth: int, family: str = "ecp5") -> int:
     return min(-(-width // w) * -(-depth // d) for w, d in BRAM_SHAPES[family])
 
 
+# Words of a bank of a ROM in logic: an ECP5 slice's two LUT4s and its PFUMX make one LUT5,
+# so a bank's read is one LUT level before its register.
+LOGIC_BANK_DEPTH = 32
+
+
 def rom_banks(width: int, depth: int, storage: str) -> list[int]:
-    """Depths of a ROM's banks, address 0 first: one bank per block-RAM row of the ECP5
-    configuration that ``bram_blocks`` counts (so banking costs no block), one bank in
-    logic. Every bank but the last is a power of two deep."""
+    """Depths of a ROM's banks, address 0 first: in block RAM one bank per block-RAM row of
+    the ECP5 configuration that ``bram_blocks`` counts (so banking costs no block); in logic
+    banks of ``LOGIC_BANK_DEPTH`` words. Every bank but the last is a power of two deep."""
     if storage == "logic":
-        return [depth]
-    _, rows = min(BRAM_SHAPES["ecp5"], key=lambda s: (-(-width // s[0]) * -(-depth // s[1]), -s[1]))
+        rows = LOGIC_BANK_DEPTH
+    else:
+        _, rows = min(
+            BRAM_SHAPES["ecp5"], key=lambda s: (-(-width // s[0]) * -(-depth // s[1]), -s[1])
+        )
     return [min(rows, depth - base) for base in range(0, depth, rows)]
 
 
@@ -246,8 +254,8 @@ def rom_images(layer_name: str, words: np.ndarray, width: int) -> dict[str, str]
 
 
 def rom_latency(storage: str) -> int:
-    """Cycles from a ROM's address to its data: 1 in logic, 2 in block RAM (the banks' read
-    registers, then the bank mux's)."""
+    """Cycles from a ROM's address to its data (see ``WeightROM``): 1 in logic, 2 in block
+    RAM."""
     return 1 if storage == "logic" else 2
 
 
@@ -255,11 +263,14 @@ class WeightROM(wiring.Component):
     """A read-only memory with a synchronous read port: data ``latency`` cycles after the
     address.
 
-    In logic, ``latency`` is 1. In block RAM it is 2: the ROM is split into ``rom_banks``,
-    each bank's read data is registered next to its blocks, and the bank select (delayed to
-    match) picks among those registers. A block RAM's clock-to-out (5.6 ns on ECP5) then
-    never meets the routing to the bank mux and its consumer in one cycle: that path set
-    ResNet-20's Fmax (64 MHz, 8 ns of routing) and the digits network's.
+    The ROM is split into ``rom_banks`` and the bank select (delayed to match) picks among
+    the banks' registered read data. In logic, ``latency`` is 1: a bank is 32 words, one
+    LUT5 per bit before its read register (one ROM decoded as a whole put three LUT levels
+    and the routing of an address bit fanning out to every bit between two registers:
+    ResNet-20's critical path at 65.7 MHz). In block RAM it is 2: each bank's read data is
+    registered again next to its blocks, so a block RAM's clock-to-out (5.6 ns on ECP5)
+    never meets the routing to the bank mux and its consumer in one cycle (that path had
+    set ResNet-20's Fmax at 64 MHz, and the digits network's).
 
     Parameters
     ----------
@@ -353,21 +364,25 @@ class WeightROM(wiring.Component):
         files = (
             bank_files(self.init_file, len(depths)) if self.style == "file" else [""] * len(depths)
         )
-        if self.storage == "logic":
-            m.d.comb += self.data.eq(self._bank(m, 0, 0, self.depth, files[0], self.addr))
-            return m
         rows = depths[0]  # a power of two when there are several banks
         low = max(1, (rows - 1).bit_length())
         held = []
         for k, depth in enumerate(depths):
             data = self._bank(m, k, k * rows, depth, files[k], self.addr[:low])
+            if self.storage == "logic":  # the read port's register follows the bank's LUTs
+                held.append(data)
+                continue
             reg = Signal(self.width, name=f"bank{k}_reg", reset_less=True)
             m.d.sync += reg.eq(data)
             held.append(reg)
         if len(held) == 1:
             m.d.comb += self.data.eq(held[0])
             return m
-        sel = [Signal(range(len(held)), name=f"bank_sel{j}", reset_less=True) for j in (1, 2)]
-        m.d.sync += [sel[0].eq(self.addr[low:]), sel[1].eq(sel[0])]
-        m.d.comb += self.data.eq(Array(held)[sel[1]])
+        # the select waits as long as the banks' data
+        sel = [
+            Signal(range(len(held)), name=f"bank_sel{j + 1}", reset_less=True)
+            for j in range(self.latency)
+        ]
+        m.d.sync += [a.eq(b) for a, b in zip(sel, [self.addr[low:], *sel], strict=False)]
+        m.d.comb += self.data.eq(Array(held)[sel[-1]])
         return m
