@@ -338,7 +338,7 @@ class MACArray(wiring.Component):
             m.d.sync += [dst.eq(v) for dst, v in zip(stage, src, strict=True)]
             src = stage
         m.d.sync += self.done.eq(ctl[-1][0] & ctl[-1][2])
-        s_valid, s_first, _, s_fold = ctl[-1]
+        s_valid, s_first = ctl[-1][:2]
         fmt = self.weight_format
         shared = isinstance(fmt, Codebook) and shares_products(fmt)
         lane_range = _lane_range(fmt, self.in_format)
@@ -352,7 +352,8 @@ class MACArray(wiring.Component):
                 reg = Signal(
                     signed(signed_bits(*lane_range)), name=f"term{name}_{j}", reset_less=True
                 )
-                # A zero weight clears the registers: a synchronous reset, no LUT.
+                # A zero weight clears the registers (a sync reset for Yosys; on ECP5
+                # LUT logic unless 64 flip-flops share it: hwgen.synth.MIN_SRST_FFS).
                 m.d.sync += reg.eq(Mux(zero, 0, term))
                 terms.append((reg, lane_range))
                 if pow2:
@@ -383,7 +384,13 @@ class MACArray(wiring.Component):
             if carries:
                 m.d.sync += s_carry.eq(carries.pop())
             biases = [Const(int(b), signed(self.acc_bits)) for b in self.bias[:, g]]
-            bias = biases[0] if len(biases) == 1 else Array(biases)[s_fold]
+            bias = biases[0]
+            if len(biases) > 1:
+                # Looked up a stage early, from the beat's fold then: from the fold register
+                # (its fan-out is every PE's table) through the table, the first-beat mux
+                # and the accumulator's carry chain was ResNet-20's critical path (13.8 ns).
+                bias = Signal(signed(self.acc_bits), name=f"bias{name}", reset_less=True)
+                m.d.sync += bias.eq(Array(biases)[ctl[-2][3]])
             acc = self.acc[g]
             with m.If(s_valid):
                 m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum + s_carry)
