@@ -254,9 +254,9 @@ def rom_images(layer_name: str, words: np.ndarray, width: int) -> dict[str, str]
 
 
 def rom_latency(storage: str) -> int:
-    """Cycles from a ROM's address to its data (see ``WeightROM``): 1 in logic, 3 in block
+    """Cycles from a ROM's address to its data (see ``WeightROM``): 1 in logic, 2 in block
     RAM."""
-    return 1 if storage == "logic" else 3
+    return 1 if storage == "logic" else 2
 
 
 class WeightROM(wiring.Component):
@@ -267,11 +267,10 @@ class WeightROM(wiring.Component):
     the banks' registered read data. In logic, ``latency`` is 1: a bank is 32 words, one
     LUT5 per bit before its read register (one ROM decoded as a whole put three LUT levels
     and the routing of an address bit fanning out to every bit between two registers:
-    ResNet-20's critical path at 65.7 MHz). In block RAM it is 3: each bank's read data is
+    ResNet-20's critical path at 65.7 MHz). In block RAM it is 2: each bank's read data is
     registered again next to its blocks, so a block RAM's clock-to-out (5.6 ns on ECP5)
     never meets the routing to the bank mux and its consumer in one cycle (that path had
-    set ResNet-20's Fmax at 64 MHz, and the digits network's), and the bank select's
-    output is registered.
+    set ResNet-20's Fmax at 64 MHz, and the digits network's).
 
     Parameters
     ----------
@@ -376,25 +375,9 @@ class WeightROM(wiring.Component):
             reg = Signal(self.width, name=f"bank{k}_reg", reset_less=True)
             m.d.sync += reg.eq(data)
             held.append(reg)
-        block = self.storage == "block"
-        # the select waits as long as the banks' data: one register in logic, two in block
-        sel = [
-            Signal(range(len(held)), name=f"bank_sel{j + 1}", reset_less=True)
-            for j in range(1 + block)
-        ]
-        m.d.sync += [a.eq(b) for a, b in zip(sel, [self.addr[low:], *sel], strict=False)]
-        picked = held[0] if len(held) == 1 else Array(held)[sel[-1]]
-        if not block:
-            m.d.comb += self.data.eq(picked)
+        if len(held) == 1:
+            m.d.comb += self.data.eq(held[0])
             return m
-        # Block RAM: the bank select is registered too, so that the bank registers have a
-        # whole cycle to their consumers and the placer keeps them beside their blocks (one
-        # placed 29 tiles away, 5.6 ns clock-to-out + 8.1 ns of routing, was ResNet-20's
-        # critical path at 72.8 MHz).
-        out = Signal(self.width, name="data_reg", reset_less=True)
-        m.d.sync += out.eq(picked)
-        m.d.comb += self.data.eq(out)
-        return m
         # the select waits as long as the banks' data
         sel = [
             Signal(range(len(held)), name=f"bank_sel{j + 1}", reset_less=True)
