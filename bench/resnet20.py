@@ -123,7 +123,7 @@ def main() -> None:
         )
         try:
             manifest = build(net, args.output, opts, phase=Phases(make_console()))
-        except HwgenError as e:  # nextpnr missed the clock: its log (kept) has the Fmax
+        except HwgenError as e:  # e.g. nextpnr missed the clock: its kept log has the Fmax
             print(f"board build failed: {e}", file=sys.stderr)
             failed_log = args.output.parent / f"{args.output.name}.logs" / "top.tim"
             opts = replace(opts, board=None)
