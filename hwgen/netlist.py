@@ -9,20 +9,24 @@ register inside the block): the same function as block RAM + flip-flop, with a f
 clock-to-out. Yosys does not use it (its ECP5 memory library has no such option), so this
 pass moves each such flip-flop into the block.
 
-A port is absorbed only when the function is certainly the same:
+A read port is absorbed only when the function is certainly the same:
 
-- the port is at most 18 bits wide (a true dual-port configuration, whose ``REGMODE_A`` /
-  ``REGMODE_B`` registers ``DOA`` / ``DOB`` on ``CLKA`` / ``CLKB``); the 36-bit
-  configuration reads through both ports' outputs on one clock and is left alone;
-- every ``DOx`` bit that is used drives exactly one cell input, the ``DI`` of a
-  ``TRELLIS_FF``, and nothing else (no module port);
+- an 18-bit or narrower port of a true dual-port configuration: ``REGMODE_A`` /
+  ``REGMODE_B`` register ``DOA`` / ``DOB`` on ``CLKA`` / ``CLKB``. The 36-bit
+  configuration (``DATA_WIDTH_A = 36``, pseudo dual-port) has one read port on ``CLKB``
+  whose 36 bits come out of ``DOA`` and ``DOB`` both: it is absorbed as a whole, with both
+  ``REGMODE``s ``OUTREG`` and both ``OCE``s tied to 1, the DP16KD nextpnr itself makes of
+  a ``PDPW16KD`` with ``REGMODE = "OUTREG"`` (it copies ``REGMODE`` to both halves and
+  ties the unused ``OCEA`` to 1);
+- every output bit of the port that is used drives exactly one cell input, the ``DI`` of
+  a ``TRELLIS_FF``, and nothing else (no module port);
 - each such flip-flop is clocked by the port's clock (both uninverted), is always enabled
   (no ``CE``, or ``CE`` tied to 1), has no set/reset (no ``LSR``, or ``LSR`` tied to 0)
   and resets to 0 (``REGSET = "RESET"``, the output register's value after configuration);
-- the port's ``RSTx`` is tied to 0 (the output register would obey it).
+- the port's ``RST`` inputs are tied to 0 (the output register would obey them).
 
-The flip-flops are removed, their ``Q`` nets driven by the block's outputs, ``REGMODE_x``
-set to ``OUTREG`` and ``OCEx`` (the output register's clock enable) tied to 1.
+The flip-flops are removed, their ``Q`` nets driven by the block's outputs, ``REGMODE``
+set to ``OUTREG`` and ``OCE`` (the output register's clock enable) tied to 1.
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-PORTS = ("A", "B")
-MAX_PORT_WIDTH = 18
+PDP_WIDTH = 36  # DATA_WIDTH_A of the pseudo dual-port (one 36-bit read port) mode
 
 
 def _param(cell: dict[str, Any], name: str) -> str:
@@ -66,6 +69,13 @@ def _ff_ok(ff: dict[str, Any], clock: list[Any]) -> bool:
     )
 
 
+def _read_ports(bram: dict[str, Any]) -> list[tuple[str, str]]:
+    """A block's read ports as (output halves, clock port letter)."""
+    if _width(bram, "A") == PDP_WIDTH:
+        return [("AB", "B")]
+    return [(p, p) for p in "AB" if _width(bram, p) <= 18]
+
+
 def absorb_bram_outregs(netlist: dict[str, Any], top: str) -> int:
     """Move eligible flip-flops after DP16KD read ports into the blocks' output registers
     (see the module docstring), in place. Returns the number of flip-flops moved."""
@@ -82,13 +92,15 @@ def absorb_bram_outregs(netlist: dict[str, Any], top: str) -> int:
     absorbed = 0
     for name in sorted(n for n, c in cells.items() if c["type"] == "DP16KD"):
         bram = cells[name]
-        for p in PORTS:
-            if _param(bram, f"REGMODE_{p}") != "NOREG" or _width(bram, p) > MAX_PORT_WIDTH:
+        for halves, p in _read_ports(bram):
+            if any(_param(bram, f"REGMODE_{h}") != "NOREG" for h in halves):
                 continue
             clock = bram["connections"].get(f"CLK{p}")
-            if _param(bram, f"CLK{p}MUX") != f"CLK{p}" or not _tied(bram, f"RST{p}", "0"):
+            if _param(bram, f"CLK{p}MUX") != f"CLK{p}" or not all(
+                _tied(bram, f"RST{h}", "0") for h in halves
+            ):
                 continue
-            pins = [k for k in bram["connections"] if k.startswith(f"DO{p}")]
+            pins = [k for k in bram["connections"] if k.startswith(tuple(f"DO{h}" for h in halves))]
             moves = []  # (pin, flip-flop name)
             ok = True
             for pin in sorted(pins):
@@ -109,8 +121,9 @@ def absorb_bram_outregs(netlist: dict[str, Any], top: str) -> int:
             for pin, ff_name in moves:
                 bram["connections"][pin] = cells[ff_name]["connections"]["Q"]
                 del cells[ff_name]
-            bram["parameters"][f"REGMODE_{p}"] = "OUTREG"
-            bram["connections"][f"OCE{p}"] = ["1"]
+            for h in halves:
+                bram["parameters"][f"REGMODE_{h}"] = "OUTREG"
+                bram["connections"][f"OCE{h}"] = ["1"]
             absorbed += len(moves)
     return absorbed
 

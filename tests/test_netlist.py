@@ -63,15 +63,61 @@ def test_an_18_bit_bank_register_moves_into_the_block(tmp_path):
     assert {bram["connections"][f"DO{p}{k}"][0] for k in range(18)} == data
 
 
-def test_36_bit_blocks_and_enabled_registers_are_left_alone(tmp_path):
-    wide = WeightROM(width=24, depth=300, init=[(i * 2654435761) % (1 << 24) for i in range(300)])
-    netlist, before, after = synthesized(tmp_path / "wide", wide)
-    assert before == after and all(
-        b["parameters"]["REGMODE_A"] == b["parameters"]["REGMODE_B"] == "NOREG"
-        for b in brams(netlist)
-    )
-    netlist, before, after = synthesized(tmp_path / "en", EnabledRead())
+def test_a_36_bit_block_moves_its_whole_read_port_into_both_halves(tmp_path):
+    # 40 x 300: two blocks in the pseudo dual-port 36-bit mode, one read port on CLKB whose
+    # bits come out of DOA and DOB
+    wide = WeightROM(width=40, depth=300, init=[(i * 2654435761) % (1 << 40) for i in range(300)])
+    netlist, before, after = synthesized(tmp_path, wide)
+    blocks = brams(netlist)
+    assert len(blocks) == 2 and before - after == 40
+    data = set(netlist["modules"]["top"]["ports"]["data"]["bits"])
+    driven = set()
+    for b in blocks:
+        assert int(b["parameters"]["DATA_WIDTH_A"], 2) == 36
+        assert b["parameters"]["REGMODE_A"] == b["parameters"]["REGMODE_B"] == "OUTREG"
+        assert b["connections"]["OCEA"] == b["connections"]["OCEB"] == ["1"]
+        driven |= {v[0] for k, v in b["connections"].items() if k.startswith("DO")}
+    assert data <= driven
+
+
+def test_an_enabled_register_is_left_alone(tmp_path):
+    netlist, before, after = synthesized(tmp_path, EnabledRead())
     assert before == after and brams(netlist)
+
+
+def pdp(n: dict) -> dict:
+    """``n``'s block in the 36-bit mode, its DOA0 feeding a second flip-flop on CLKB."""
+    top = n["modules"]["top"]
+    ram = top["cells"]["ram"]
+    ram["parameters"]["DATA_WIDTH_A"] = ram["parameters"]["DATA_WIDTH_B"] = f"{36:032b}"
+    ram["port_directions"] |= {"RSTA": "input", "OCEA": "input", "DOA0": "output"}
+    ram["connections"] |= {"CLKA": ["0"], "RSTA": ["0"], "OCEA": ["0"], "DOA0": [20]}
+    ff2 = json.loads(json.dumps(top["cells"]["ff"]))
+    ff2["parameters"] = {"CLKMUX": "CLK", "CEMUX": "1", "LSRMUX": "LSR", "REGSET": "RESET"}
+    ff2["connections"] |= {"DI": [20], "Q": [21]}
+    top["cells"]["ff2"] = ff2
+    top["ports"]["q2"] = {"direction": "output", "bits": [21]}
+    return n
+
+
+@pytest.mark.parametrize(
+    ("change", "moved"),
+    [
+        ({}, 2),
+        ({"RSTA": [5]}, 0),  # the output register would obey RSTA
+        ({"CLKA": [2], "CLKB": [3]}, 0),  # the registers are on CLKA's net, not the read clock
+    ],
+)
+def test_a_36_bit_read_port_moves_as_a_whole_or_not_at_all(change, moved):
+    n = pdp(tiny_netlist({}))
+    ram = n["modules"]["top"]["cells"]["ram"]
+    ram["connections"] |= change
+    assert absorb_bram_outregs(n, "top") == moved
+    regmodes = {ram["parameters"]["REGMODE_A"], ram["parameters"]["REGMODE_B"]}
+    assert regmodes == ({"OUTREG"} if moved else {"NOREG"})
+    if moved:
+        assert ram["connections"]["OCEA"] == ram["connections"]["OCEB"] == ["1"]
+        assert ram["connections"]["DOA0"] == [21] and ram["connections"]["DOB0"] == [11]
 
 
 @pytest.mark.parametrize(
