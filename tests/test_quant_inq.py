@@ -7,7 +7,7 @@ from test_quant_tune import residual_problem
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FConv2d, FLinear
 from hwgen.ir import Pow2
-from hwgen.quant.inq import FloatModule, InqOptions, _select, inq
+from hwgen.quant.inq import FloatModule, InqOptions, inq, select_to_freeze
 from hwgen.quant.weights import inq_emax, quantize_pow2
 
 
@@ -35,9 +35,9 @@ def test_float_module_runs_the_residual_graph():
 def test_magnitude_partition_takes_the_largest_free_weights():
     w = np.array([0.1, -0.9, 0.5, -0.3, 0.7])
     frozen = np.array([False, True, False, False, False])
-    picked = _select(w, frozen, 2, "magnitude", np.random.default_rng(0))
+    picked = select_to_freeze(w, frozen, 2, "magnitude", np.random.default_rng(0))
     assert sorted(picked.tolist()) == [2, 4]
-    rnd = _select(w, frozen, 4, "random", np.random.default_rng(0))
+    rnd = select_to_freeze(w, frozen, 4, "random", np.random.default_rng(0))
     assert sorted(rnd.tolist()) == [0, 2, 3, 4]
 
 

@@ -115,7 +115,7 @@ def with_weights(fnet: FloatNet, params: dict[str, tuple[np.ndarray, np.ndarray]
     return replace(fnet, layers=layers)
 
 
-def _select(
+def select_to_freeze(
     w: np.ndarray, frozen: np.ndarray, count: int, partition: str, rng: np.random.Generator
 ) -> np.ndarray:
     """Flat indices of ``count`` more weights to freeze among those not frozen yet."""
@@ -163,14 +163,16 @@ def inq(
                 if portion == 1.0:
                     last_float[n] = w.copy()
                 target = round(portion * w.size)
-                new = _select(w, frozen[n], target - int(frozen[n].sum()), options.partition, rng)
+                new = select_to_freeze(
+                    w, frozen[n], target - int(frozen[n].sum()), options.partition, rng
+                )
                 frozen[n].flat[new] = True
                 q = dequantize(quantize_pow2(w, formats[n]), formats[n])
                 w = np.where(frozen[n], q, w)
                 with torch.no_grad():
                     m.weight.copy_(torch.as_tensor(w))
             # after the last step only the biases are free: they still adapt
-            _retrain(
+            retrain_free(
                     module, macs, frozen, (xt, yt, teacher), options, gen,
                     lambda: bar.advance(task),
                 )  # fmt: skip
@@ -223,7 +225,7 @@ def retrain_loss(
     return loss
 
 
-def _retrain(
+def retrain_free(
     module: FloatModule,
     macs: dict[str, nn.Conv2d | nn.Linear],
     frozen: dict[str, np.ndarray],
@@ -232,7 +234,8 @@ def _retrain(
     gen: torch.Generator,
     tick: Callable[[], None],
 ) -> None:
-    """Train the free weights (and biases) while the frozen ones keep their powers of two."""
+    """Train the free weights (and biases) while the frozen ones keep their values (INQ's
+    powers of two; pruning's and low rank's zeros and factors reuse it)."""
     x, y, teacher = data
     masks = {n: torch.as_tensor(~frozen[n], dtype=torch.float64) for n in macs}
     fixed = {n: m.weight.detach().clone() for n, m in macs.items()}

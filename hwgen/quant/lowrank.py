@@ -21,7 +21,7 @@ ReLU (its output is signed); the second (``<name>_h`` / ``<name>_b``) has the or
 bias and ReLU, and later layers read it. A layer is decomposed only where the pair has
 fewer weights than the original (a 1-input-channel 3x3 conv never does). The rank is an
 integer (capped at the full rank) or the smallest that keeps a fraction ``energy`` of
-``sum S**2``. Retraining afterwards is INQ's (:func:`hwgen.quant.inq._retrain`, nothing
+``sum S**2``. Retraining afterwards is INQ's (:func:`hwgen.quant.inq.retrain_free`, nothing
 frozen), distilled to the original model. The result is an ordinary FloatNet.
 
 On digits (float 98.06%, 25,600 MACs; seeds 0-2, 4 epochs) splitting conv2 alone at rank
@@ -40,7 +40,7 @@ from rich.progress import Progress
 
 from hwgen.errors import HwgenError
 from hwgen.frontend.graph import FAdd, FConv2d, FLayer, FLinear, FloatNet
-from hwgen.quant.inq import LR_RESIDUAL, FloatModule, InqOptions, _retrain, with_weights
+from hwgen.quant.inq import LR_RESIDUAL, FloatModule, InqOptions, retrain_free, with_weights
 from hwgen.quant.prune import _data
 from hwgen.reproducible import one_thread
 
@@ -174,7 +174,9 @@ def lowrank(
     gen = torch.Generator().manual_seed(options.seed)
     with one_thread(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("low-rank retraining", total=options.epochs)
-        _retrain(module, macs, frozen, (xt, yt, teacher), options, gen, lambda: bar.advance(task))
+        retrain_free(
+            module, macs, frozen, (xt, yt, teacher), options, gen, lambda: bar.advance(task)
+        )
     params = {
         n: (m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy())
         for n, m in macs.items()

@@ -12,7 +12,7 @@ first. Pruning is gradual: with ``steps`` n the sparsity goes through the fracti
 ``1/2, 3/4, ..., 1 - 2**-(n-1), 1`` of each layer's target (INQ's portions; 45% -> 67.5% ->
 90% for 90% in 3 steps), retraining after each step; a pruned block stays pruned (masks
 only grow) and stays exactly 0.0, biases are free. Retraining is INQ's
-(:func:`hwgen.quant.inq._retrain`): float64 on one thread, snapped to the reproducible grid,
+(:func:`hwgen.quant.inq.retrain_free`): float64 on one thread, snapped to the reproducible grid,
 distillation to the unpruned model.
 
 Every layer gets the same target by default; ``first`` sets the first conv/linear layer's
@@ -62,8 +62,8 @@ from hwgen.quant.inq import (
     LR_RESIDUAL,
     FloatModule,
     InqOptions,
-    _retrain,
-    _select,
+    retrain_free,
+    select_to_freeze,
     with_weights,
 )
 from hwgen.quant.weights import dequantize, quantize_pow2
@@ -237,7 +237,7 @@ def prune(
                 with torch.no_grad():
                     m.weight.copy_(torch.as_tensor(np.where(masks[n], w, 0.0)))
             frozen = {n: ~masks[n] for n in macs}
-            _retrain(
+            retrain_free(
                 module, macs, frozen, (xt, yt, teacher), options, gen, lambda: bar.advance(task)
             )
     params = {
@@ -284,11 +284,11 @@ def masked_inq(
                 w = np.where(pruned[n], 0.0, m.weight.detach().numpy())
                 kept = int((~pruned[n]).sum())
                 count = int(pruned[n].sum()) + round(portion * kept) - int(frozen[n].sum())
-                frozen[n].flat[_select(w, frozen[n], count, options.partition, rng)] = True
+                frozen[n].flat[select_to_freeze(w, frozen[n], count, options.partition, rng)] = True
                 q = dequantize(quantize_pow2(w, formats[n]), formats[n])
                 with torch.no_grad():
                     m.weight.copy_(torch.as_tensor(np.where(frozen[n], q, w)))
-            _retrain(
+            retrain_free(
                 module, macs, frozen, (xt, yt, teacher), options, gen, lambda: bar.advance(task)
             )
     params = {}
