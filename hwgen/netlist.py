@@ -15,18 +15,19 @@ A read port is absorbed only when the function is certainly the same:
   ``REGMODE_B`` register ``DOA`` / ``DOB`` on ``CLKA`` / ``CLKB``. The 36-bit
   configuration (``DATA_WIDTH_A = 36``, pseudo dual-port) has one read port on ``CLKB``
   whose 36 bits come out of ``DOA`` and ``DOB`` both: it is absorbed as a whole, with both
-  ``REGMODE``s ``OUTREG`` and both ``OCE``s tied to 1, the DP16KD nextpnr itself makes of
-  a ``PDPW16KD`` with ``REGMODE = "OUTREG"`` (it copies ``REGMODE`` to both halves and
-  ties the unused ``OCEA`` to 1);
+  ``REGMODE``s ``OUTREG`` and both ``OCE``s driven alike, as in the DP16KD nextpnr itself
+  makes of a ``PDPW16KD`` with ``REGMODE = "OUTREG"`` (it copies ``REGMODE`` to both
+  halves and drives ``OCEB`` by ``OCER``, leaving ``OCEA`` at 1);
 - every output bit of the port that is used drives exactly one cell input, the ``DI`` of
   a ``TRELLIS_FF``, and nothing else (no module port);
-- each such flip-flop is clocked by the port's clock (both uninverted), is always enabled
-  (no ``CE``, or ``CE`` tied to 1), has no set/reset (no ``LSR``, or ``LSR`` tied to 0)
-  and resets to 0 (``REGSET = "RESET"``, the output register's value after configuration);
+- each such flip-flop is clocked by the port's clock (both uninverted), has no set/reset
+  (no ``LSR``, or ``LSR`` tied to 0) and resets to 0 (``REGSET = "RESET"``, the output
+  register's value after configuration); all of them have the same clock enable (an
+  uninverted ``CE`` net, or none): it becomes the output register's ``OCE``;
 - the port's ``RST`` inputs are tied to 0 (the output register would obey them).
 
 The flip-flops are removed, their ``Q`` nets driven by the block's outputs, ``REGMODE``
-set to ``OUTREG`` and ``OCE`` (the output register's clock enable) tied to 1.
+set to ``OUTREG`` and ``OCE`` (the output register's clock enable) driven by their enable.
 """
 
 from __future__ import annotations
@@ -54,19 +55,22 @@ def _tied(cell: dict[str, Any], port: str, value: str) -> bool:
     return cell["connections"].get(port) == [value]
 
 
-def _ff_ok(ff: dict[str, Any], clock: list[Any]) -> bool:
-    """An always-enabled, reset-free flip-flop on ``clock`` that starts at 0."""
+def _ff_enable(ff: dict[str, Any], clock: list[Any]) -> list[Any] | None:
+    """The clock enable (``["1"]`` when always enabled) of a reset-free flip-flop on
+    ``clock`` that starts at 0; None for any other cell."""
     cemux = _param(ff, "CEMUX")
-    enabled = cemux == "1" or (cemux == "CE" and _tied(ff, "CE", "1"))
     no_reset = _param(ff, "LSRMUX") == "LSR" and _tied(ff, "LSR", "0")
-    return (
+    if not (
         ff["type"] == "TRELLIS_FF"
         and _param(ff, "CLKMUX") == "CLK"
         and ff["connections"].get("CLK") == clock
-        and enabled
         and no_reset
         and _param(ff, "REGSET") == "RESET"
-    )
+    ):
+        return None
+    if cemux == "1":
+        return ["1"]
+    return ff["connections"].get("CE") if cemux == "CE" else None
 
 
 def _read_ports(bram: dict[str, Any]) -> list[tuple[str, str]]:
@@ -102,6 +106,7 @@ def absorb_bram_outregs(netlist: dict[str, Any], top: str) -> int:
                 continue
             pins = [k for k in bram["connections"] if k.startswith(tuple(f"DO{h}" for h in halves))]
             moves = []  # (pin, flip-flop name)
+            enables = set()
             ok = True
             for pin in sorted(pins):
                 (bit,) = bram["connections"][pin]
@@ -111,19 +116,22 @@ def absorb_bram_outregs(netlist: dict[str, Any], top: str) -> int:
                 if bit in outputs or len(users) != 1 or users[0][1] != "DI":
                     ok = False
                     break
-                ff = cells[users[0][0]]
-                if not _ff_ok(ff, clock):
+                enable = _ff_enable(cells[users[0][0]], clock)
+                if enable is None:
                     ok = False
                     break
+                enables.add(tuple(enable))
                 moves.append((pin, users[0][0]))
-            if not ok or not moves:
+            # one output register, so one clock enable (OCE) for all its bits
+            if not ok or not moves or len(enables) != 1:
                 continue
+            (oce,) = enables
             for pin, ff_name in moves:
                 bram["connections"][pin] = cells[ff_name]["connections"]["Q"]
                 del cells[ff_name]
             for h in halves:
                 bram["parameters"][f"REGMODE_{h}"] = "OUTREG"
-                bram["connections"][f"OCE{h}"] = ["1"]
+                bram["connections"][f"OCE{h}"] = list(oce)
             absorbed += len(moves)
     return absorbed
 

@@ -16,7 +16,7 @@ from hwgen.synth import synthesize
 
 
 class EnabledRead(wiring.Component):
-    """A ROM whose read data goes to a register with an enable: not absorbable."""
+    """A ROM whose read data goes to a register with an enable."""
 
     addr: In(9)
     en: In(1)
@@ -28,7 +28,7 @@ class EnabledRead(wiring.Component):
             shape=unsigned(16), depth=512, init=[i * 7 % 65536 for i in range(512)]
         )
         rd = mem.read_port()
-        held = Signal(16)
+        held = Signal(16, reset_less=True)
         m.d.comb += [rd.addr.eq(self.addr), self.data.eq(held)]
         with m.If(self.en):
             m.d.sync += held.eq(rd.data)
@@ -80,9 +80,13 @@ def test_a_36_bit_block_moves_its_whole_read_port_into_both_halves(tmp_path):
     assert data <= driven
 
 
-def test_an_enabled_register_is_left_alone(tmp_path):
+def test_an_enabled_register_moves_with_its_enable_as_the_output_clock_enable(tmp_path):
     netlist, before, after = synthesized(tmp_path, EnabledRead())
-    assert before == after and brams(netlist)
+    (bram,) = brams(netlist)
+    (p,) = (p for p in "AB" if bram["parameters"][f"REGMODE_{p}"] == "OUTREG")
+    assert before > 0 and after == 0  # (the 4 high bits of every word are 0)
+    en = netlist["modules"]["top"]["ports"]["en"]["bits"]
+    assert bram["connections"][f"OCE{p}"] == en
 
 
 def pdp(n: dict) -> dict:
@@ -124,7 +128,9 @@ def test_a_36_bit_read_port_moves_as_a_whole_or_not_at_all(change, moved):
     ("ff_params", "extra_sink", "out_port", "moved"),
     [
         ({}, False, False, 1),
-        ({"CEMUX": "CE"}, False, False, 0),  # CE not tied to 1 (unconnected here)
+        ({"CEMUX": "CE"}, False, False, 0),  # CE unconnected
+        ({"CEMUX": "CE", "CE": [7]}, False, False, 1),  # OCEB = CE's net
+        ({"CEMUX": "INV", "CE": [7]}, False, False, 0),  # enabled when the net is 0
         ({"REGSET": "SET"}, False, False, 0),  # starts at 1
         ({"CLKMUX": "INV"}, False, False, 0),
         ({"CEMUX": "0"}, False, False, 0),  # never enabled
@@ -134,10 +140,15 @@ def test_a_36_bit_read_port_moves_as_a_whole_or_not_at_all(change, moved):
     ],
 )
 def test_only_a_plain_register_alone_on_the_output_moves(ff_params, extra_sink, out_port, moved):
+    ce = ff_params.pop("CE", None)
     n = tiny_netlist(ff_params, extra_sink, out_port)
+    if ce:
+        ff = n["modules"]["top"]["cells"]["ff"]
+        ff["port_directions"]["CE"] = "input"
+        ff["connections"]["CE"] = ce
     assert absorb_bram_outregs(n, "top") == moved
     ram = n["modules"]["top"]["cells"]["ram"]
     assert (ram["parameters"]["REGMODE_B"] == "OUTREG") == bool(moved)
     if moved:
         assert ram["connections"]["DOB0"] == [11] and "ff" not in n["modules"]["top"]["cells"]
-        assert ram["connections"]["OCEB"] == ["1"]
+        assert ram["connections"]["OCEB"] == (ce or ["1"])
