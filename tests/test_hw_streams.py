@@ -40,8 +40,34 @@ def test_fifo_under_stalls(depth):
     rng = random.Random(depth)
     beats = _beats(rng, 40, 2)
     fifo = StreamFIFO(data.ArrayLayout(signed(8), 2), depth)
-    got, _ = run_stream(fifo, beats, len(beats), 0.3, 0.5, seed=depth)
+    got, _ = run_stream(fifo, beats, len(beats), 0.3, 0.5, seed=depth, never=[fifo.rw_collision])
     assert got == beats
+
+
+@pytest.mark.parametrize("depth", [1, 2, 16])
+def test_fifo_holds_depth_plus_two_and_moves_a_beat_per_cycle(depth):
+    fifo = StreamFIFO(unsigned(8), depth)
+    sim = Simulator(fifo)
+    sim.add_clock(1e-6)
+    taken = []
+
+    async def fill(ctx):
+        # the output never ready: offer beats in order for a while, count those taken
+        ctx.set(fifo.i.valid, 1)
+        for _ in range(depth + 8):
+            ctx.set(fifo.i.payload, len(taken))
+            _, _, ready = await ctx.tick().sample(fifo.i.ready)
+            if ready:
+                taken.append(len(taken))
+        ctx.set(fifo.i.valid, 0)
+
+    sim.add_testbench(fill)
+    sim.run()
+    assert taken == list(range(depth + 2))
+    beats = list(range(50))
+    got, cycles = run_stream(StreamFIFO(unsigned(8), depth), beats, len(beats))
+    # one beat per cycle from depth 2 (i.ready is a register: at depth 1 every other cycle)
+    assert got == beats and cycles <= (len(beats) if depth > 1 else 2 * len(beats)) + 3
 
 
 def test_fifo_of_struct_beats():

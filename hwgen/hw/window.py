@@ -29,9 +29,9 @@ Timing (for Fmax). The reader is pipelined: a position counter stage runs one be
 registers each beat's read address, padding flag and flow-control numbers (rows it needs,
 rows its issue frees), so the issue decision is one comparison of registers and the memory
 address comes straight from a register. The read happens in the issuing cycle, so a row is
-never freed before its last read. The memory output (slow on FPGAs) goes through the padding
-mux into the output register. One enable moves issue, read and output register together, so a
-stalled output beat holds steady. Fill latency: the first window is emitted once
+never freed before its last read. The memory output (slow on FPGAs) goes straight into the
+output register, the padding mux after it. One enable moves issue, read and output register
+together, so a stalled output beat holds steady. Fill latency: the first window is emitted once
 ``max(K_h - P_h, 1)`` rows are written (plus 3 cycles); from then on the output moves one beat per
 cycle unless the downstream stalls or the input falls behind.
 """
@@ -98,6 +98,14 @@ class SlidingWindow(wiring.Component):
         The input map, ``channels / lanes`` beats per pixel.
     o : Out(stream.Signature(window_layout(shape, lanes)))
         The windows: ``data`` and ``last`` (final beat of a repetition).
+
+    Attributes
+    ----------
+    rw_collision : Signal
+        High in a cycle whose issued non-padding beat reads the address being written. The
+        flow control never lets it rise, and on that promise the row buffer is marked
+        ``no_rw_check`` (Yosys then adds no read-during-write bypass in front of the block
+        RAM's output register); tests watch it. Nothing reads it, so synthesis removes it.
     """
 
     def __init__(
@@ -150,6 +158,7 @@ class SlidingWindow(wiring.Component):
                 "o": Out(stream.Signature(window_layout(shape, lanes))),
             }
         )
+        self.rw_collision = Signal()
 
     def _check_schedule(self, schedule: Schedule | None) -> Schedule | None:
         """The schedule as tuples, or None when it skips nothing."""
@@ -218,8 +227,12 @@ class SlidingWindow(wiring.Component):
         # A shallow buffer goes in LUT RAM: a block RAM's read (5.8 ns clock-to-out on ECP5)
         # would be the design's slowest path while holding mostly nothing.
         style = "distributed" if self.depth <= LUT_RAM_MAX_DEPTH else "block"
+        # no_rw_check: a row is never read while it is written (rw_collision)
         m.submodules.mem = mem = Memory(
-            shape=unsigned(width), depth=self.depth, init=[], attrs={"ram_style": style}
+            shape=unsigned(width),
+            depth=self.depth,
+            init=[],
+            attrs={"ram_style": style, "no_rw_check": 1},
         )
         wr = mem.write_port()
         rd = mem.read_port()
@@ -305,8 +318,7 @@ class SlidingWindow(wiring.Component):
         iss_free = Signal(range(h + 1))  # rows its issue releases (at a window row's end)
 
         # Issue -> memory read (r) -> output register (o), one enable for the whole pipeline:
-        # everything holds while an output beat waits. The memory output is slow, so it
-        # only meets the padding mux before a register.
+        # everything holds while an output beat waits.
         r_valid, r_pad, r_last = Signal(), Signal(), Signal()
         advance = ~self.o.valid | self.o.ready
         issue = advance & iss_valid & (ahead >= iss_need)
@@ -315,14 +327,22 @@ class SlidingWindow(wiring.Component):
             # Read in the issuing cycle: a row is freed no earlier than its last read.
             rd.addr.eq(iss_addr),
             rd.en.eq(advance),
+            self.rw_collision.eq(issue & ~iss_pad & w_fire & (waddr == iss_addr)),
         ]
+        # The output register takes the read data alone (reset-less, no logic before it), so
+        # on ECP5 it becomes the block RAM's own output register (hwgen.netlist); padding
+        # zeroes it after, where a register follows in every consumer.
+        o_data = Signal.like(rd.data, reset_less=True)
+        o_pad = Signal()
+        m.d.comb += self.o.payload.data.eq(Mux(o_pad, 0, o_data))
         with m.If(advance):
             m.d.sync += [
                 r_valid.eq(issue),
                 r_pad.eq(iss_pad),
                 r_last.eq(iss_last),
                 self.o.valid.eq(r_valid),
-                self.o.payload.data.eq(Mux(r_pad, 0, rd.data)),
+                o_data.eq(rd.data),
+                o_pad.eq(r_pad),
                 self.o.payload.last.eq(r_last),
             ]
         m.d.sync += ahead.eq(ahead + row_written - Mux(issue, iss_free, 0))
