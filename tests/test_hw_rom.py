@@ -231,7 +231,7 @@ def read_rom(dut: WeightROM, addrs: list[int]) -> list[int]:
 
 @pytest.mark.parametrize(
     ("depth", "storage", "edges", "latency"),
-    [(1100, "block", [511, 512, 1023, 1024], 2), (72, "logic", [31, 32, 63, 64], 1)],
+    [(1100, "block", [511, 512, 1023, 1024], 3), (72, "logic", [31, 32, 63, 64], 1)],
 )
 def test_banked_rom_reads_every_bank(depth, storage, edges, latency):
     rng = np.random.default_rng(3)

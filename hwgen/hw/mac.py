@@ -405,8 +405,8 @@ class MACUnit(wiring.Component):
     one beat per cycle; emits PE output channels per repetition. One ROM holds every PE's
     codes (hwgen.hw.rom layout): all PEs read the same address, the beat count modulo the
     ROM depth, in the cycle the beat is taken (the array registers the ROM's data). A ROM in
-    block RAM answers a cycle later (``rom_latency``): the beat waits one more register
-    stage for it (``rom_stages`` = 1, else 0).
+    block RAM answers two cycles later (``rom_latency``): the beat waits two more register
+    stages for it (``rom_stages`` = 2, else 0).
 
     With Planes weights, each PE's ``M`` finished plane sums are combined into the exact
     accumulator ``bias_c + Σ_i m_ic·S_i`` (``Σ_i m_ic·Σ_j b_ij·a_j = Σ_j w_cj·a_j``) in two

@@ -254,9 +254,9 @@ def rom_images(layer_name: str, words: np.ndarray, width: int) -> dict[str, str]
 
 
 def rom_latency(storage: str) -> int:
-    """Cycles from a ROM's address to its data (see ``WeightROM``): 1 in logic, 2 in block
+    """Cycles from a ROM's address to its data (see ``WeightROM``): 1 in logic, 3 in block
     RAM."""
-    return 1 if storage == "logic" else 2
+    return 1 if storage == "logic" else 3
 
 
 class WeightROM(wiring.Component):
@@ -267,10 +267,13 @@ class WeightROM(wiring.Component):
     the banks' registered read data. In logic, ``latency`` is 1: a bank is 32 words, one
     LUT5 per bit before its read register (one ROM decoded as a whole put three LUT levels
     and the routing of an address bit fanning out to every bit between two registers:
-    ResNet-20's critical path at 65.7 MHz). In block RAM it is 2: each bank's read data is
-    registered again next to its blocks, so a block RAM's clock-to-out (5.6 ns on ECP5)
-    never meets the routing to the bank mux and its consumer in one cycle (that path had
-    set ResNet-20's Fmax at 64 MHz, and the digits network's).
+    ResNet-20's critical path at 65.7 MHz). In block RAM it is 3: each bank's read data is
+    registered twice before the bank select. The first register becomes the block RAM's
+    own output register on ECP5 (hwgen.netlist: without it, a block RAM's 5.6 ns
+    clock-to-out had set ResNet-20's Fmax at 64 MHz, and the digits network's); the second
+    is a fabric register the placer puts anywhere on the way to the bank mux, since a
+    large ROM's blocks lie across the chip (8.7 ns of routing from one of them to its bank
+    mux, 44 tiles away, held ResNet-20 at 87.3 MHz).
 
     Parameters
     ----------
@@ -373,8 +376,9 @@ class WeightROM(wiring.Component):
                 held.append(data)
                 continue
             reg = Signal(self.width, name=f"bank{k}_reg", reset_less=True)
-            m.d.sync += reg.eq(data)
-            held.append(reg)
+            hop = Signal(self.width, name=f"bank{k}_hop", reset_less=True)
+            m.d.sync += [reg.eq(data), hop.eq(reg)]
+            held.append(hop)
         if len(held) == 1:
             m.d.comb += self.data.eq(held[0])
             return m
