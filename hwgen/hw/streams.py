@@ -17,13 +17,24 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from amaranth import ClockDomain, Module, Mux, Shape, ShapeCastable, Signal, Value, unsigned
+from amaranth import (
+    Array,
+    ClockDomain,
+    Module,
+    Mux,
+    Shape,
+    ShapeCastable,
+    Signal,
+    Value,
+    unsigned,
+)
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from hwgen.errors import HwgenError
+from hwgen.hw.rom import rom_banks
 
 
 def _check_lanes(what: str, lanes: object) -> None:
@@ -111,17 +122,22 @@ class WidthConverter(wiring.Component):
 
 class StreamFIFO(wiring.Component):
     """A synchronous FIFO between two streams of payload ``shape``: ``depth`` beats of
-    memory, a read stage and an output register, so it holds ``depth + 2`` beats.
+    memory, then a read stage, a bank register stage and an output register, so it holds
+    ``depth + 3`` beats.
 
     ``i.ready`` and ``o.valid`` are registers, so the FIFO also breaks the combinational
     ready/valid paths between the engines it separates; it moves one beat per cycle from
     ``depth`` 2 (at 1, every other cycle: a full memory takes no write while it is read).
-    The memory's read data goes into the output register with no logic before it: on ECP5
-    the register becomes the block RAM's own output register (hwgen.netlist), as a block
-    RAM's read data comes 5.8 ns after the clock (a path through a LUT from it to a register
-    47 tiles away held ResNet-20 at 90 MHz). A beat is never read where it is being written
-    (``rw_collision``), so the memory is marked ``no_rw_check``: Yosys adds no
-    read-during-write bypass after it.
+
+    Timing. A block RAM's read data comes 5.8 ns after the clock on ECP5 unless the block's
+    own output register is used. The memory is split by address into banks of one block-RAM
+    row each (``hwgen.hw.rom.rom_banks``), each bank's read data goes straight into a
+    register (``hwgen.netlist`` moves it into the block), and the bank select picks among
+    those registers into the output register, which the placer puts between the blocks and
+    the consumer. (Unbanked, a FIFO deeper than a block row had Yosys's address mux between
+    its blocks and any register: a path through it, 47 tiles long, held ResNet-20 at
+    90 MHz.) A beat is never read where it is being written (``rw_collision``), so each bank
+    is marked ``no_rw_check``: Yosys adds no read-during-write bypass after it.
 
     Members
     -------
@@ -143,29 +159,41 @@ class StreamFIFO(wiring.Component):
 
     def elaborate(self, platform: object) -> Module:
         m = Module()
-        depth = self.depth
-        m.submodules.mem = mem = Memory(
-            shape=unsigned(Shape.cast(self.shape).width),
-            depth=depth,
-            init=[],
-            attrs={"no_rw_check": 1},
-        )
-        wr, rd = mem.write_port(), mem.read_port()
+        depth, width = self.depth, Shape.cast(self.shape).width
+        depths = rom_banks(width, depth, "block")
+        low = max(1, (depths[0] - 1).bit_length())  # bank rows are a power of two
         count = Signal(range(depth + 1))  # beats in the memory
         produce, consume = Signal(range(depth)), Signal(range(depth))
-        r_valid = Signal()  # the read stage holds a beat
-        o_data = Signal.like(rd.data, reset_less=True)
-        move = ~self.o.valid | self.o.ready  # the output register takes the read stage's beat
-        load = ~r_valid | move  # the read stage takes a beat from the memory
         write = self.i.valid & self.i.ready
-        read = load & (count != 0)
+        # Read stage (r: the banks' read latches), bank registers (q), output register (o),
+        # each taking a beat when the next is empty or takes its own.
+        r_valid, q_valid = Signal(), Signal()
+        move = ~self.o.valid | self.o.ready
+        load_q = ~q_valid | move
+        load_r = ~r_valid | load_q
+        read = load_r & (count != 0)
+        r_bank = Signal(range(len(depths)))
+        q_bank = Signal(range(len(depths)))
+        held = []
+        for k, bank_depth in enumerate(depths):
+            m.submodules[f"bank{k}"] = mem = Memory(
+                shape=unsigned(width), depth=bank_depth, init=[], attrs={"no_rw_check": 1}
+            )
+            wr, rd = mem.write_port(), mem.read_port()
+            q = Signal(width, name=f"bank{k}_reg", reset_less=True)
+            m.d.comb += [
+                wr.addr.eq(produce[:low]),
+                wr.data.eq(self.i.payload),
+                wr.en.eq(write & (produce[low:] == k) if len(depths) > 1 else write),
+                rd.addr.eq(consume[:low]),
+                rd.en.eq(load_r),
+            ]
+            with m.If(load_q):
+                m.d.sync += q.eq(rd.data)
+            held.append(q)
+        o_data = Signal(width, reset_less=True)
         m.d.comb += [
             self.i.ready.eq(count != depth),
-            wr.addr.eq(produce),
-            wr.data.eq(self.i.payload),
-            wr.en.eq(write),
-            rd.addr.eq(consume),
-            rd.en.eq(load),
             self.o.payload.eq(o_data),
             self.rw_collision.eq(read & write & (produce == consume)),
         ]
@@ -174,10 +202,12 @@ class StreamFIFO(wiring.Component):
         with m.If(read):
             m.d.sync += consume.eq(Mux(consume == depth - 1, 0, consume + 1))
         m.d.sync += count.eq(count + write - read)
-        with m.If(load):
-            m.d.sync += r_valid.eq(read)
+        with m.If(load_r):
+            m.d.sync += [r_valid.eq(read), r_bank.eq(consume[low:])]
+        with m.If(load_q):
+            m.d.sync += [q_valid.eq(r_valid), q_bank.eq(r_bank)]
         with m.If(move):
-            m.d.sync += [self.o.valid.eq(r_valid), o_data.eq(rd.data)]
+            m.d.sync += [self.o.valid.eq(q_valid), o_data.eq(Array(held)[q_bank])]
         return m
 
 
