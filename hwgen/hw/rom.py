@@ -206,9 +206,10 @@ LOGIC_BANK_DEPTH = 32
 
 
 def rom_banks(width: int, depth: int, storage: str) -> list[int]:
-    """Depths of a ROM's banks, address 0 first: in block RAM one bank per block-RAM row of
-    the ECP5 configuration that ``bram_blocks`` counts (so banking costs no block); in logic
-    banks of ``LOGIC_BANK_DEPTH`` words. Every bank but the last is a power of two deep."""
+    """Depths of a ROM's (or a StreamFIFO's) banks, address 0 first: in block RAM one bank
+    per block-RAM row of the ECP5 configuration that ``bram_blocks`` counts (so banking
+    costs no block); in logic banks of ``LOGIC_BANK_DEPTH`` words. Every bank but the last
+    is a power of two deep."""
     if storage == "logic":
         rows = LOGIC_BANK_DEPTH
     else:

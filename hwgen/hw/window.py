@@ -331,7 +331,7 @@ class SlidingWindow(wiring.Component):
         ]
         # The output register takes the read data alone (reset-less, no logic before it), so
         # on ECP5 it becomes the block RAM's own output register (hwgen.netlist); padding
-        # zeroes it after, where a register follows in every consumer.
+        # zeroes it after (the MAC unit registers it at once, a pool unit after its compare).
         o_data = Signal.like(rd.data, reset_less=True)
         o_pad = Signal()
         m.d.comb += self.o.payload.data.eq(Mux(o_pad, 0, o_data))
