@@ -184,7 +184,7 @@ class StreamFIFO(wiring.Component):
             m.d.comb += [
                 wr.addr.eq(produce[:low]),
                 wr.data.eq(self.i.payload),
-                wr.en.eq(write & (produce[low:] == k) if len(depths) > 1 else write),
+                wr.en.eq(write & (produce[low:] == k)),  # one bank: an empty slice, == 0
                 rd.addr.eq(consume[:low]),
                 rd.en.eq(load_r),
             ]
