@@ -523,6 +523,7 @@ def build_bitstream(
         name="top",
         build_dir=str(out),
         do_build=False,
+        emit_src=False,  # no absolute source paths in top.il (the build is reproducible)
         script_after_read=yosys_prep(family),
         **split,
     )

@@ -292,6 +292,7 @@ def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch, luts,
     top = BoardTop(net, foldings, "ulx3s-85f", None, 115200, {})
     emit.build_bitstream(top, "ulx3s-85f", tmp_path)
     script = (tmp_path / "top.ys").read_text()
+    assert "attribute \\src" not in (tmp_path / "top.il").read_text()  # no absolute paths
     assert script.index("opt_clean -purge") < script.index("synth_ecp5")
     # nextpnr reads the netlist with the block RAM's register moved into it (hwgen.netlist)
     ram = json.loads((tmp_path / "top.json").read_text())["modules"]["top"]["cells"]["ram"]
