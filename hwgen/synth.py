@@ -31,9 +31,10 @@ def yosys_prep(family: str) -> str:
     ("GetSize(conn.first) == GetSize(conn.second)") on some Amaranth netlists unless unused
     wires are purged first. iCE40 has no LUT RAM: a ``ram_style = "distributed"`` memory
     (hwgen's small row buffers) would find no mapping, so the attribute goes and Yosys
-    chooses."""
+    chooses. A flip-flop driving a ``keep`` wire is kept too, so that ``opt_merge`` leaves
+    a register's copies apart (``hwgen.hw.fanout``)."""
     unset = "\nsetattr -unset ram_style m:*" if family == "ice40" else ""
-    return f"proc\nopt_clean -purge{unset}"
+    return f"proc\nopt_clean -purge\nsetattr -set keep 1 a:keep %ci1:+[Q] a:keep %d{unset}"
 
 
 # An ECP5 logic tile's 8 flip-flops share one LSR (set/reset) net. Yosys turns every

@@ -29,6 +29,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
 from hwgen.hw.cmvm import csd
+from hwgen.hw.fanout import copies
 from hwgen.hw.requant import Requantizer, act_shape
 from hwgen.hw.rom import (
     WeightROM,
@@ -338,13 +339,19 @@ class MACArray(wiring.Component):
             m.d.sync += [dst.eq(v) for dst, v in zip(stage, src, strict=True)]
             src = stage
         m.d.sync += self.done.eq(ctl[-1][0] & ctl[-1][2])
-        s_valid, s_first = ctl[-1][:2]
+        groups = self.pe * self.planes
+        # The accumulators' enable and first-beat select, and the bias tables' fold, have a
+        # register copy per PE (hwgen.hw.fanout): one register each was 60-90 loads.
+        s_valid = copies(m, ctl[-2][0], groups, "acc_valid")
+        s_first = copies(m, ctl[-2][1], groups, "acc_first")
+        if self.bias.shape[0] > 1:
+            s_fold = copies(m, ctl[-3][3] if len(ctl) > 2 else self.fold, groups, "bias_fold")
         fmt = self.weight_format
         shared = isinstance(fmt, Codebook) and shares_products(fmt)
         lane_range = _lane_range(fmt, self.in_format)
         pow2 = not isinstance(fmt, Fixed)
         products = [codebook_products(fmt, act[j]) for j in range(self.simd)] if shared else []
-        for g in range(self.pe * self.planes):
+        for g in range(groups):
             k, plane = divmod(g, self.planes)
             name = str(k) if self.planes == 1 else f"{k}p{plane}"
             terms, carries = [], []
@@ -390,10 +397,10 @@ class MACArray(wiring.Component):
                 # (its fan-out is every PE's table) through the table, the first-beat mux
                 # and the accumulator's carry chain was ResNet-20's critical path (13.8 ns).
                 bias = Signal(signed(self.acc_bits), name=f"bias{name}", reset_less=True)
-                m.d.sync += bias.eq(Array(biases)[ctl[-2][3]])
+                m.d.sync += bias.eq(Array(biases)[s_fold[g]])
             acc = self.acc[g]
-            with m.If(s_valid):
-                m.d.sync += acc.eq(Mux(s_first, bias, acc) + s_sum + s_carry)
+            with m.If(s_valid[g]):
+                m.d.sync += acc.eq(Mux(s_first[g], bias, acc) + s_sum + s_carry)
         return m
 
 
@@ -404,9 +411,9 @@ class MACUnit(wiring.Component):
     pixel's window, order kh, kw, channel group, ``last`` on each repetition's final beat),
     one beat per cycle; emits PE output channels per repetition. One ROM holds every PE's
     codes (hwgen.hw.rom layout): all PEs read the same address, the beat count modulo the
-    ROM depth, in the cycle the beat is taken (the array registers the ROM's data). A ROM in
-    block RAM answers two cycles later (``rom_latency``): the beat waits two more register
-    stages for it (``rom_stages`` = 2, else 0).
+    ROM depth, in the cycle the beat is taken (the array registers the ROM's data). The ROM
+    answers ``rom_latency`` cycles later, 3 in block RAM and 2 in logic: the beat waits
+    ``rom_stages`` = 2 or 1 more register stages for it.
 
     With Planes weights, each PE's ``M`` finished plane sums are combined into the exact
     accumulator ``bias_c + Σ_i m_ic·S_i`` (``Σ_i m_ic·Σ_j b_ij·a_j = Σ_j w_cj·a_j``) in two
@@ -433,7 +440,7 @@ class MACUnit(wiring.Component):
     overflows. A last beat stays pending ``6 + tree_stages(simd) + combine_stages +
     scale_stages + rom_stages`` cycles when the consumer is ready (the input registers, the
     array's stages, the planes' and the scale's,
-    the requantiser's and the FIFO's write; seven up to SIMD = 4 without a scale and with a
+    the requantiser's and the FIFO's write; eight up to SIMD = 4 without a scale and with a
     ROM in logic), no more than
     ``out_depth - 2``: a result per beat (SIMD = Cin, a 1x1 kernel) still flows at full
     rate.

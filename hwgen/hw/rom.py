@@ -42,12 +42,13 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 import numpy as np
-from amaranth import Array, ClockSignal, Instance, Module, Signal, Value, unsigned
+from amaranth import Array, Cat, ClockSignal, Instance, Module, Signal, Value, unsigned
 from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
 from hwgen.hw.cmvm import csd
+from hwgen.hw.fanout import copies, slices
 from hwgen.hw.sparse import fold_schedule, rom_addresses, window_beats
 from hwgen.ir import Codebook, Conv2d, Fixed, Linear, Planes, WeightFormat
 
@@ -255,9 +256,9 @@ def rom_images(layer_name: str, words: np.ndarray, width: int) -> dict[str, str]
 
 
 def rom_latency(storage: str) -> int:
-    """Cycles from a ROM's address to its data (see ``WeightROM``): 1 in logic, 3 in block
+    """Cycles from a ROM's address to its data (see ``WeightROM``): 2 in logic, 3 in block
     RAM."""
-    return 1 if storage == "logic" else 3
+    return 2 if storage == "logic" else 3
 
 
 class WeightROM(wiring.Component):
@@ -265,10 +266,14 @@ class WeightROM(wiring.Component):
     address.
 
     The ROM is split into ``rom_banks`` and the bank select (delayed to match) picks among
-    the banks' registered read data. In logic, ``latency`` is 1: a bank is 32 words, one
-    LUT5 per bit before its read register (one ROM decoded as a whole put three LUT levels
-    and the routing of an address bit fanning out to every bit between two registers:
-    ResNet-20's critical path at 65.7 MHz). In block RAM it is 3: each bank's read data is
+    the banks' registered read data, its last register copied for each column slice
+    (``hwgen.hw.fanout.slices``) of the word. In logic, ``latency`` is 2: a bank is 32
+    words, one LUT5 per bit before its read register (one ROM decoded as a whole put three
+    LUT levels and the routing of an address bit fanning out to every bit between two
+    registers: ResNet-20's critical path at 65.7 MHz), and each column slice of a bank is
+    read at its own registered copy of the address (one address register driving every
+    bank's LUTs, 200-430 loads a bit, was ResNet-20's critical path at 80 MHz). In block
+    RAM it is 3: each bank's read data is
     registered twice before the bank select. The first register becomes the block RAM's
     own output register on ECP5 (hwgen.netlist: without it, a block RAM's 5.6 ns
     clock-to-out had set ResNet-20's Fmax at 64 MHz, and the digits network's); the second
@@ -337,25 +342,39 @@ class WeightROM(wiring.Component):
         """Cycles from an address to its data."""
         return rom_latency(self.storage)
 
-    def _bank(self, m: Module, k: int, base: int, depth: int, file: str, addr: Value) -> Value:
-        """Bank ``k`` (words ``base`` to ``base + depth - 1``) read at ``addr``: its data."""
-        data = Signal(self.width, name=f"bank{k}_data")
+    def _bank(
+        self,
+        m: Module,
+        name: str,
+        base: int,
+        depth: int,
+        cols: tuple[int, int],
+        file: str,
+        addr: Value,
+    ) -> Value:
+        """Columns ``[lo, hi)`` of the bank of words ``base`` to ``base + depth - 1``, read
+        at ``addr`` (a synchronous read): its data."""
+        lo, hi = cols
+        data = Signal(hi - lo, name=f"{name}_data")
         if self.style == "file":
-            m.submodules[f"bank{k}"] = Instance(
+            m.submodules[name] = Instance(
                 "hwgen_rom",
                 p_DEPTH=depth,
-                p_WIDTH=self.width,
+                p_WIDTH=hi - lo,
                 p_INIT_FILE=file,
                 p_LOGIC=int(self.storage == "logic"),
+                p_WORD=self.width,
+                p_LSB=lo,
                 i_clk=ClockSignal("sync"),
                 i_addr=addr[: max(1, (depth - 1).bit_length())],
                 o_data=data,
             )
             return data
-        m.submodules[f"bank{k}"] = mem = memory.Memory(
-            shape=unsigned(self.width),
+        mask = (1 << (hi - lo)) - 1
+        m.submodules[name] = mem = memory.Memory(
+            shape=unsigned(hi - lo),
             depth=depth,
-            init=self.init[base : base + depth],
+            init=[(v >> lo) & mask for v in self.init[base : base + depth]],
             attrs={"rom_style": self.storage},
         )
         rd = mem.read_port()
@@ -370,24 +389,35 @@ class WeightROM(wiring.Component):
         )
         rows = depths[0]  # a power of two when there are several banks
         low = max(1, (rows - 1).bit_length())
-        held = []
+        cols = slices(self.width)
+        held = []  # per bank, its data in column slices
         for k, depth in enumerate(depths):
-            data = self._bank(m, k, k * rows, depth, files[k], self.addr[:low])
-            if self.storage == "logic":  # the read port's register follows the bank's LUTs
-                held.append(data)
+            if self.storage == "logic":  # each slice reads at its own copy of the address
+                bits = max(1, (depth - 1).bit_length())
+                addrs = copies(m, self.addr[:bits], len(cols), f"bank{k}_addr")
+                held.append(
+                    [
+                        self._bank(m, f"bank{k}_{j}", k * rows, depth, c, files[k], a)
+                        for j, (c, a) in enumerate(zip(cols, addrs, strict=True))
+                    ]
+                )
                 continue
+            whole = (0, self.width)
+            data = self._bank(m, f"bank{k}", k * rows, depth, whole, files[k], self.addr[:low])
             reg = Signal(self.width, name=f"bank{k}_reg", reset_less=True)
             hop = Signal(self.width, name=f"bank{k}_hop", reset_less=True)
             m.d.sync += [reg.eq(data), hop.eq(reg)]
-            held.append(hop)
+            held.append([hop[lo:hi] for lo, hi in cols])
         if len(held) == 1:
-            m.d.comb += self.data.eq(held[0])
+            m.d.comb += self.data.eq(Cat(*held[0]))
             return m
-        # the select waits as long as the banks' data
-        sel = [
-            Signal(range(len(held)), name=f"bank_sel{j + 1}", reset_less=True)
-            for j in range(self.latency)
-        ]
-        m.d.sync += [a.eq(b) for a, b in zip(sel, [self.addr[low:], *sel], strict=False)]
-        m.d.comb += self.data.eq(Array(held)[sel[-1]])
+        # The select waits as long as the banks' data; its last register has a copy per slice.
+        sel = self.addr[low:]
+        for j in range(self.latency - 1):
+            reg = Signal(range(len(held)), name=f"bank_sel{j + 1}", reset_less=True)
+            m.d.sync += reg.eq(sel)
+            sel = reg
+        last = copies(m, sel, len(cols), f"bank_sel{self.latency}")
+        for j, (lo, hi) in enumerate(cols):
+            m.d.comb += self.data[lo:hi].eq(Array(bank[j] for bank in held)[last[j]])
         return m
