@@ -2,9 +2,9 @@
 
 ``MaxPool`` and ``AvgPool`` put a ``SlidingWindow`` (no padding, one repetition) in front of a
 reducer. The window arrives in order (kh, kw, channel group), so the reducer keeps one partial
-result per channel group in a circular shift register of ``C / lanes`` entries: each beat takes
-the oldest entry (its own group's), combines it with the beat and pushes the result back; on
-the window's last (kh, kw) the result leaves instead. Average pooling (power-of-two area only)
+result per channel group in a memory of ``C / lanes`` entries: each beat reads its group's
+entry, combines it with the beat and writes the result back; on the window's last (kh, kw)
+the result leaves instead. Average pooling (power-of-two area only)
 is ``round(sum / area)`` in the format's rounding, e.g. ``(sum + area/2) >> log2(area)`` for
 ``half_up``: ``hwgen.hw.requant.round_shift`` (docs/hwq-format.md §3).
 ``GlobalAvgPoolEngine`` is the reducer alone over the whole map (no window needed).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from amaranth import Module, Mux, Shape, Signal
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hwgen.errors import HwgenError
@@ -104,15 +105,19 @@ class _Pool(wiring.Component):
         pos = Signal(range(area))  # window position (kh, kw) of the current beat
         g = Signal(range(self.groups))
         first, final = pos == 0, pos == area - 1
-        acc_shape = self._acc_shape()
-        # Circular shift register: entry 0 always belongs to the current group.
-        accs = [
-            Signal(data.ArrayLayout(acc_shape, self.lanes), name=f"acc{k}")
-            for k in range(self.groups)
-        ]
+        # The partial results, read (asynchronously) and written at the beat's group: LUT RAM
+        # on ECP5. A shift register of them, every entry loaded on each beat, put one enable
+        # on 905 flip-flops in ResNet-20's global pool.
+        m.submodules.accs = accs = Memory(
+            shape=data.ArrayLayout(self._acc_shape(), self.lanes), depth=self.groups, init=[]
+        )
+        acc, wr = accs.read_port(domain="comb"), accs.write_port()
         new = [
-            Mux(first, values[k], self._combine(accs[0][k], values[k])) for k in range(self.lanes)
+            Mux(first, values[k], self._combine(acc.data[k], values[k])) for k in range(self.lanes)
         ]
+        fire = win.valid & win.ready
+        m.d.comb += [acc.addr.eq(g), wr.addr.eq(g), wr.en.eq(fire)]
+        m.d.comb += [wr.data[k].eq(new[k]) for k in range(self.lanes)]
 
         out_valid = Signal()
         out_data = Signal(data.ArrayLayout(self.shape, self.lanes))
@@ -123,12 +128,8 @@ class _Pool(wiring.Component):
         ]
         with m.If(self.o.ready):
             m.d.sync += out_valid.eq(0)
-        with m.If(win.valid & win.ready):
-            m.d.sync += [
-                g.eq(Mux(g == self.groups - 1, 0, g + 1)),
-                *(accs[k].eq(accs[k + 1]) for k in range(self.groups - 1)),
-                *(accs[-1][k].eq(new[k]) for k in range(self.lanes)),
-            ]
+        with m.If(fire):
+            m.d.sync += g.eq(Mux(g == self.groups - 1, 0, g + 1))
             with m.If(g == self.groups - 1):
                 m.d.sync += pos.eq(Mux(final, 0, pos + 1))
             with m.If(final):
