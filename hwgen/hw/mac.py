@@ -321,9 +321,15 @@ class MACArray(wiring.Component):
         # Data registers are reset-less: only the control pipeline (valid, first, last,
         # fold) needs the reset, and a reset on every lane register would be a 19,000-sink
         # net on ResNet-20 and a LUT per lane to merge it with the zero-weight clear.
-        act = Signal.like(self.act, name="act0", reset_less=True)
+        fmt = self.weight_format
+        shared = isinstance(fmt, Codebook) and shares_products(fmt)
+        # A copy of the activations per PE (hwgen.hw.fanout), so that each PE's lanes can lie
+        # around their own: one register for all was ResNet-20's critical path at 76 MHz,
+        # 9.1 ns of routing through the lanes' congestion. Shared codebook products are
+        # computed once, from one.
+        acts = copies(m, self.act, 1 if shared else self.pe, "act0")
         codes = Signal.like(self.codes, name="codes0", reset_less=True)
-        m.d.sync += [act.eq(self.act), codes.eq(self.codes)]
+        m.d.sync += codes.eq(self.codes)
         stages = tree_stages(self.simd)
         ctl = [
             (
@@ -346,15 +352,14 @@ class MACArray(wiring.Component):
         s_first = copies(m, ctl[-2][1], groups, "acc_first")
         if self.bias.shape[0] > 1:
             s_fold = copies(m, ctl[-3][3] if len(ctl) > 2 else self.fold, groups, "bias_fold")
-        fmt = self.weight_format
-        shared = isinstance(fmt, Codebook) and shares_products(fmt)
         lane_range = _lane_range(fmt, self.in_format)
         pow2 = not isinstance(fmt, Fixed)
-        products = [codebook_products(fmt, act[j]) for j in range(self.simd)] if shared else []
+        products = [codebook_products(fmt, acts[0][j]) for j in range(self.simd)] if shared else []
         for g in range(groups):
             k, plane = divmod(g, self.planes)
             name = str(k) if self.planes == 1 else f"{k}p{plane}"
             terms, carries = [], []
+            act = acts[0 if shared else k]
             for j, (term, neg, zero) in enumerate(self._lanes(act, codes[k], products, plane)):
                 reg = Signal(
                     signed(signed_bits(*lane_range)), name=f"term{name}_{j}", reset_less=True
