@@ -9,7 +9,14 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from hwgen.errors import HwgenError
-from hwgen.hw.streams import StreamFIFO, WidthConverter, run_stream, stream_get, stream_put
+from hwgen.hw.streams import (
+    RegisterSlice,
+    StreamFIFO,
+    WidthConverter,
+    run_stream,
+    stream_get,
+    stream_put,
+)
 
 
 def _beats(rng, n, lanes, bits=8):
@@ -118,3 +125,40 @@ def test_stream_put_and_get():
     sim.add_testbench(consumer)
     sim.run()
     assert got == [[-32, 31], [5, -1]]
+
+
+@pytest.mark.parametrize("stalls", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.7), (0.4, 0.4)])
+def test_register_slice_keeps_order_a_beat_per_cycle(stalls):
+    rng = random.Random(7)
+    beats = _beats(rng, 60, 3)
+    got, cycles = run_stream(RegisterSlice(data.ArrayLayout(signed(8), 3)), beats, 60, *stalls)
+    assert got == beats
+    if stalls == (0.0, 0.0):
+        assert cycles == len(beats) + 1  # its register, then one beat a cycle
+
+
+def test_register_slice_outputs_are_registers():
+    """Neither i.ready nor o.valid nor o.payload moves between clock edges, whatever the
+    consumer and producer do: every output is a flip-flop."""
+    dut = RegisterSlice(unsigned(8))
+    seen = []
+
+    async def bench(ctx):
+        rng = random.Random(3)
+        for _ in range(200):
+            ctx.set(dut.i.valid, rng.random() < 0.7)
+            ctx.set(dut.i.payload, rng.randrange(256))
+            ctx.set(dut.o.ready, 0)
+            before = (ctx.get(dut.i.ready), ctx.get(dut.o.valid), ctx.get(dut.o.payload))
+            ctx.set(dut.o.ready, 1)
+            ctx.set(dut.i.valid, not ctx.get(dut.i.valid))
+            after = (ctx.get(dut.i.ready), ctx.get(dut.o.valid), ctx.get(dut.o.payload))
+            seen.append(before == after)
+            ctx.set(dut.o.ready, rng.random() < 0.5)
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert all(seen)

@@ -120,6 +120,44 @@ class WidthConverter(wiring.Component):
             m.d.sync += [buf.word_select(slot, width).eq(self.i.payload), count.eq(slot + 1)]
 
 
+class RegisterSlice(wiring.Component):
+    """One stream stage whose every output is a register: ``o.valid``, ``o.payload`` and
+    ``i.ready`` (a skid buffer: a second entry takes the beat that arrives while the output
+    waits, so a beat still moves every cycle). It cuts the combinational ready path between
+    units the placer may put far apart.
+
+    Members
+    -------
+    i : In(stream.Signature(shape))
+    o : Out(stream.Signature(shape))
+    """
+
+    def __init__(self, shape: ShapeCastable | Shape) -> None:
+        self.shape = shape
+        super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
+
+    def elaborate(self, platform: object) -> Module:
+        m = Module()
+        main = Signal.like(self.i.payload, name="main", reset_less=True)
+        spare = Signal.like(self.i.payload, name="spare", reset_less=True)
+        main_valid, spare_valid = Signal(), Signal()
+        take = self.i.valid & ~spare_valid
+        m.d.comb += [
+            self.i.ready.eq(~spare_valid),
+            self.o.valid.eq(main_valid),
+            self.o.payload.eq(main),
+        ]
+        with m.If(~main_valid | self.o.ready):  # the output register is free this cycle
+            m.d.sync += [
+                main.eq(Mux(spare_valid, spare, self.i.payload)),
+                main_valid.eq(spare_valid | take),
+                spare_valid.eq(0),
+            ]
+        with m.Elif(take):  # it waits: the arriving beat goes to the spare
+            m.d.sync += [spare.eq(self.i.payload), spare_valid.eq(1)]
+        return m
+
+
 class StreamFIFO(wiring.Component):
     """A synchronous FIFO between two streams of payload ``shape``: ``depth`` beats of
     memory, then a read stage, a bank register stage and an output register, so it holds
