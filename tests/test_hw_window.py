@@ -271,3 +271,22 @@ def test_buffer_is_rows_not_images():
 def test_rejects_bad_parameters(kwargs, message):
     with pytest.raises(HwgenError, match=message):
         SlidingWindow(**{**WINDOW, "repeats": 1, **kwargs})
+
+
+def test_input_ready_is_a_flip_flop(tmp_path):
+    """After synthesis i.ready comes straight from a flip-flop: the stream before the
+    window (perhaps across the chip) sees no logic behind it."""
+    import json
+
+    from amaranth.back import verilog
+
+    from hwgen.synth import synthesize
+
+    src = tmp_path / "top.v"
+    src.write_text(verilog.convert(SlidingWindow(**WINDOW), name="top", emit_src=False))
+    synthesize([src], "top", place_route=False, workdir=tmp_path / "work")
+    module = json.loads((tmp_path / "work" / "netlist.json").read_text())["modules"]["top"]
+    ready = module["ports"]["i__ready"]["bits"]
+    cells = module["cells"].values()
+    drivers = {c["type"] for c in cells for b in c["connections"].get("Q", []) if b in ready}
+    assert drivers == {"TRELLIS_FF"}
