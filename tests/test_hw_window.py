@@ -1,12 +1,16 @@
 """The sliding-window unit against a NumPy model of the window stream order."""
 
+import json
+
 import numpy as np
 import pytest
 from amaranth import signed, unsigned
+from amaranth.back import verilog
 
 from hwgen.errors import HwgenError
 from hwgen.hw.streams import run_stream
 from hwgen.hw.window import SlidingWindow
+from hwgen.synth import synthesize
 
 
 def window_model(x, kernel, stride, padding, lanes, repeats, schedule=None):
@@ -276,12 +280,6 @@ def test_rejects_bad_parameters(kwargs, message):
 def test_input_ready_is_a_flip_flop(tmp_path):
     """After synthesis i.ready comes straight from a flip-flop: the stream before the
     window (perhaps across the chip) sees no logic behind it."""
-    import json
-
-    from amaranth.back import verilog
-
-    from hwgen.synth import synthesize
-
     src = tmp_path / "top.v"
     src.write_text(verilog.convert(SlidingWindow(**WINDOW), name="top", emit_src=False))
     synthesize([src], "top", place_route=False, workdir=tmp_path / "work")
