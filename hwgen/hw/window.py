@@ -27,8 +27,9 @@ is complete.
 
 Timing (for Fmax). The reader is pipelined: a position counter stage runs one beat ahead and
 registers each beat's read address, padding flag and flow-control numbers (rows it needs,
-rows its issue frees), so the issue decision is one comparison of registers and the memory
-address comes straight from a register. The read happens in the issuing cycle, so a row is
+rows its issue frees) through a register slice, so the issue decision is one comparison of
+registers, the counters never wait on it, and the memory address comes straight from a
+register. The writer's ready is a register too (``ahead < K_h + S_h`` one cycle early). The read happens in the issuing cycle, so a row is
 never freed before its last read. The memory output (slow on FPGAs) goes straight into the
 output register, the padding mux after it. One enable moves issue, read and output register
 together, so a stalled output beat holds steady. Fill latency: the first window is emitted once
