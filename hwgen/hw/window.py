@@ -268,10 +268,10 @@ class SlidingWindow(wiring.Component):
         # The reader is two stages so the flow-control check and the memory address are each
         # one short step from a register. The position counters walk the window: repetition,
         # kh (a), kw (b), group (g) within output pixel (oy, ox); top/left are the window's
-        # first input row/column, slot_top the slot of row top. The issue register (iss_*)
-        # holds the previous position as a beat ready to issue: its read address, padding and
-        # flow-control numbers. The counters depend on nothing else, so they run one beat
-        # ahead and move whenever the issue register issues (or is empty, after reset).
+        # first input row/column, slot_top the slot of row top. The issue register (the
+        # register slice ``issue``) holds an earlier position as a beat ready to issue: its
+        # read address, padding and flow-control numbers. The counters depend on nothing
+        # else, so they run ahead and move whenever the slice has room for their beat.
         if self.schedule is None:
             rep = Signal(range(self.repeats))
             a, b, g = Signal(range(kh)), Signal(range(kw)), Signal(range(g_n))
