@@ -162,3 +162,22 @@ def test_global_avg_pool_matches_golden(case, mode, stalls):
 def test_global_avg_pool_rejects_bad_lanes():
     with pytest.raises(HwgenError, match="global pool: lanes must divide channels 6, not 4"):
         GlobalAvgPoolEngine(channels=6, height=2, width=2, lanes=4, shape=signed(8))
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 4], ids=["4_groups", "2_groups", "1_group"])
+def test_global_avg_pool_takes_a_beat_per_cycle(lanes):
+    # Back to back, even one group (each beat reads the sum the previous beat just wrote).
+    fmt = ActFormat(6, 0)
+    x = np.random.default_rng(lanes).integers(fmt.lo, fmt.hi, size=(4, 4, 2, 2), endpoint=True)
+    dut = GlobalAvgPoolEngine(channels=4, height=2, width=2, lanes=lanes, shape=signed(6))
+    beats = [b.tolist() for b in x.transpose(0, 2, 3, 1).reshape(-1, lanes)]
+    times = []
+    got, _ = run_stream(dut, beats, 4 * 4 // lanes, times=times)
+    per_image = 4 * 4 // lanes  # input beats per image
+    # Image n's outputs leave in a row, a fixed latency after its last input beats: the
+    # input takes one beat per cycle.
+    assert times == [
+        per_image * (n + 1) - 4 // lanes + k + 3 for n in range(4) for k in range(4 // lanes)
+    ]
+    got = np.array(got).reshape(4, 1, 1, 4).transpose(0, 3, 1, 2)
+    assert np.array_equal(got, layer_forward(GlobalAvgPool("g"), x, fmt))
