@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--skip-board", action="store_true", help="no bitstream (and no Fmax)")
     ap.add_argument("--reuse", action="store_true", help="simulate the build already in -o")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pnr-seed", type=int, help="nextpnr's placement seed")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -120,6 +121,7 @@ def main() -> None:
             seed=args.seed,
             board=board,
             board_mhz=args.clock_mhz,
+            pnr_seed=args.pnr_seed,
         )
         try:
             manifest = build(net, args.output, opts, phase=Phases(make_console()))

@@ -108,6 +108,7 @@ def _cmd_build(args: argparse.Namespace) -> None:
         target_fps=args.target_fps,
         device=args.device,
         engine=args.engine,
+        pnr_seed=args.pnr_seed,
     )
 
 
@@ -341,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
         "for --target-fps",
     )
     b.add_argument("--baud", type=int, default=115200, help="UART baud rate (default 115200)")
+    b.add_argument(
+        "--pnr-seed",
+        type=int,
+        help="nextpnr's placement seed for --board (Fmax varies a few percent between seeds)",
+    )
     b.set_defaults(func=_cmd_build)
 
     sm = sub.add_parser("sim", help="simulate a build in cocotb against the golden model")

@@ -551,6 +551,7 @@ def build(
     target_fps: float | None = None,
     device: str | None = None,
     engine: str = "folded",
+    pnr_seed: int | None = None,
 ) -> None:
     """``hwgen build``: Verilog, ROM hex, manifest, vectors and folding.toml for a ``.hwq``."""
     from hwgen import emit
@@ -569,6 +570,7 @@ def build(
         board=board,
         board_mhz=clock_mhz,
         baud=baud,
+        pnr_seed=pnr_seed,
         target_fps=target_fps,
         device=device,
         engine=engine,

@@ -89,6 +89,7 @@ class BuildOptions:
     board: str | None = None  # also build a bitstream for this board (hwgen.hw.board.BOARDS)
     board_mhz: float | None = None  # the network's clock on the board (default per board)
     baud: int = 115200
+    pnr_seed: int | None = None  # nextpnr's placement seed (None: its default)
     target_fps: float | None = None  # fold for this rate (hwgen.hw.folding.solve)
     device: str | None = None  # fold for this device (default: the board's, else ecp5-85f)
     engine: str = "folded"  # folded | unrolled | auto
@@ -435,7 +436,7 @@ def build(
             _write(tmp, rel, data)
         if board is not None:
             failed = out_dir.parent / f"{out_dir.name}.logs"
-            build_bitstream(board_top, opts.board, tmp / "board", phase, failed)
+            build_bitstream(board_top, opts.board, tmp / "board", phase, failed, seed=opts.pnr_seed)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -508,12 +509,19 @@ def bitstream_name(device: str) -> str:
 
 
 def build_bitstream(
-    top: BoardTop, board: str, out: Path, phase: Phase = quiet, keep_logs: Path | None = None
+    top: BoardTop,
+    board: str,
+    out: Path,
+    phase: Phase = quiet,
+    keep_logs: Path | None = None,
+    *,
+    seed: int | None = None,
 ) -> Path:
     """amaranth-boards' build plan for ``board``, its commands (Yosys, nextpnr, the packer)
     run one at a time from the YoWASP wheels, each inside ``phase``. When a tool fails, its
     log (an hour of nextpnr says where timing failed) is copied to ``keep_logs``, a folder,
-    and the error names it."""
+    and the error names it. ``seed``: nextpnr's placement seed; Fmax varies by a few
+    percent from seed to seed."""
     family = DEVICES[top.board.device].family
     split = {}
     if family == "ecp5":
@@ -534,9 +542,10 @@ def build_bitstream(
     luts = 0
     for cmd in json.loads((out / "build_top.json").read_text())["commands"]:
         program, step = _BITSTREAM_TOOLS[cmd[0]]
-        args = cmd[1:] + (
-            ["--router", "router2"] if step == "nextpnr" and luts > ROUTER2_LUTS else []
-        )
+        args = cmd[1:]
+        if step == "nextpnr":
+            args += ["--router", "router2"] if luts > ROUTER2_LUTS else []
+            args += ["--seed", str(seed)] if seed is not None else []
         with phase(f"{step}: {board} bitstream"):
             try:
                 run_tool([program, *args], out, f"{step} for the {board} bitstream")

