@@ -30,7 +30,8 @@ registers each beat's read address, padding flag and flow-control numbers (rows 
 rows its issue frees) through a register slice, so the issue decision is a lookup of
 registered flags, the counters never wait on it, and the memory address comes straight from a
 register. The writer's ready is a register too (``ahead < K_h + S_h`` one cycle early), as
-is ``ahead >= k`` for each k the issue may need. The read happens in the issuing cycle, so
+is ``ahead >= k`` for each k the issue may need: compares of ``ahead`` with constants, one
+set per value the issue's freed rows take. The read happens in the issuing cycle, so
 a row is never freed before its last read. The memory output (slow on FPGAs) goes straight
 into the output register, the padding mux after it. One enable moves issue, read and
 output register together, so a stalled output beat holds steady. Fill latency: the first
@@ -318,6 +319,10 @@ class SlidingWindow(wiring.Component):
             free_of.append(h - lo if last else min(max(t + sh, 0), h - 1) - lo)
         need = Array(C(n, range(kh + 1)) for n in need_of)[oy]
         free = Array(C(n, range(h + 1)) for n in free_of)[oy]
+        # The few values free takes (0 first: the beats that end no window row), and which of
+        # them each window row's end frees: the flags below are looked up per value.
+        frees = sorted({0, *free_of})
+        free_idx = Array(C(frees.index(n), range(len(frees))) for n in free_of)[oy]
 
         # The issue register holds a beat's read address, padding and flow-control numbers:
         # need, the rows of its window row that must be written, and free, the rows its
@@ -332,6 +337,7 @@ class SlidingWindow(wiring.Component):
                 "addr": len(rd.addr),
                 "need": range(kh + 1),
                 "free": range(h + 1),
+                "free_idx": range(len(frees)),
             }
         )
         m.submodules.issue = cut = RegisterSlice(beat)
@@ -353,6 +359,7 @@ class SlidingWindow(wiring.Component):
             cut.i.payload.addr.eq(slot * row_words + col.as_unsigned() * g_n + g),
             cut.i.payload.need.eq(need),
             cut.i.payload.free.eq(Mux(end_row, free, 0)),
+            cut.i.payload.free_idx.eq(Mux(end_row, free_idx, 0)),
             cut.o.ready.eq(issue),
         ]
         m.d.comb += [
@@ -378,22 +385,22 @@ class SlidingWindow(wiring.Component):
                 self.o.payload.last.eq(r_last),
             ]
         # ahead's next value is (ahead, less the issue's free if it issues) plus the row
-        # written. room and ge compare both candidates, each from registers, with constants
-        # and then pick with the late signals (issue, row_written): no adder or compare
-        # after them (ahead's adder, compare and the issue compare in one path were
-        # ResNet-20's critical path at 83.56 MHz).
-        kept = Signal(range(-2 * h - 2, nr + 2))
-        m.d.comb += kept.eq(ahead - iss.free)
-        m.d.sync += ahead.eq(Mux(issue, kept, ahead) + row_written)
+        # written. room and ge are compares of ahead with constants, one set per value free
+        # takes (ahead - f < n is ahead < n + f), looked up by the issue's free (none unless
+        # it issues) and then the row written: no adder before them. (ahead's adder, compare
+        # and the issue compare in one path were ResNet-20's critical path at 83.56 MHz;
+        # ahead less the issue's free, then the compares, at 97.6 MHz.)
+        m.d.sync += ahead.eq(Mux(issue, ahead - iss.free, ahead) + row_written)
 
-        def flags(rows: Value) -> list[Value]:
-            """room, ge[0..kh] for ``rows + row_written``."""
-            return [Mux(row_written, rows < nr - 1, rows < nr)] + [
-                Mux(row_written, rows >= k - 1, rows >= k) for k in range(kh + 1)
+        def flags(f: int) -> list[Value]:
+            """room, ge[0..kh] for ``ahead - f + row_written``."""
+            return [Mux(row_written, ahead < nr - 1 + f, ahead < nr + f)] + [
+                Mux(row_written, ahead >= k - 1 + f, ahead >= k + f) for k in range(kh + 1)
             ]
 
-        for flag, taken, held in zip([room, *ge], flags(kept), flags(ahead), strict=True):
-            m.d.sync += flag.eq(Mux(issue, taken, held))
+        which = Mux(issue, iss.free_idx, 0)
+        for flag, per_free in zip([room, *ge], zip(*map(flags, frees), strict=True), strict=True):
+            m.d.sync += flag.eq(Array(per_free)[which])
 
         def wrap_add(value, n):
             total = value + n
