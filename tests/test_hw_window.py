@@ -232,7 +232,7 @@ def test_throughput_one_beat_per_cycle_once_full(repeats):
     cycles = run_window(16, 16, 16, (3, 3), (1, 1), (1, 1), 4, repeats, images=1, times=times)
     n = 16 * 16 * 9 * 4 * repeats
     fill = times[0]  # the first input beat is taken in cycle 1
-    assert fill == 2 * 16 * 4 + 3  # two input rows (K - P), then the read + 2 registers
+    assert fill == 2 * 16 * 4 + 4  # two input rows (K - P), the input slice, read + 2 registers
     assert times[-1] - times[0] + 1 == n  # no bubble at all once full
     assert cycles == fill + n - 1
 

@@ -140,21 +140,22 @@ class RegisterSlice(wiring.Component):
         m = Module()
         main = Signal.like(self.i.payload, name="main", reset_less=True)
         spare = Signal.like(self.i.payload, name="spare", reset_less=True)
-        main_valid, spare_valid = Signal(), Signal()
-        take = self.i.valid & ~spare_valid
+        # spare_free rather than its complement: i.ready is the flip-flop itself.
+        main_valid, spare_free = Signal(), Signal(init=1)
+        take = self.i.valid & spare_free
         m.d.comb += [
-            self.i.ready.eq(~spare_valid),
+            self.i.ready.eq(spare_free),
             self.o.valid.eq(main_valid),
             self.o.payload.eq(main),
         ]
         with m.If(~main_valid | self.o.ready):  # the output register is free this cycle
             m.d.sync += [
-                main.eq(Mux(spare_valid, spare, self.i.payload)),
-                main_valid.eq(spare_valid | take),
-                spare_valid.eq(0),
+                main.eq(Mux(spare_free, self.i.payload, spare)),
+                main_valid.eq(~spare_free | take),
+                spare_free.eq(1),
             ]
         with m.Elif(take):  # it waits: the arriving beat goes to the spare
-            m.d.sync += [spare.eq(self.i.payload), spare_valid.eq(1)]
+            m.d.sync += [spare.eq(self.i.payload), spare_free.eq(0)]
         return m
 
 
