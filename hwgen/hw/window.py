@@ -28,16 +28,17 @@ is complete.
 Timing (for Fmax). The reader is pipelined: a position counter stage runs one beat ahead and
 registers each beat's read address, padding flag and flow-control numbers (rows it needs,
 rows its issue frees) through a register slice, so the issue decision is a lookup of
-registered flags, the counters never wait on it, and the memory address comes straight from a
-register. The input comes through a register slice, so the writer's decisions start from
-registers; it takes a beat while ``room`` (``ahead < K_h + S_h``, computed a cycle early)
-is set, a register as is ``ahead >= k`` for each k the issue may need: compares of ``ahead`` with constants, one
-set per value the issue's freed rows take. The read happens in the issuing cycle, so
-a row is never freed before its last read. The memory output (slow on FPGAs) goes straight
-into the output register, the padding mux after it. One enable moves issue, read and
-output register together, so a stalled output beat holds steady. Fill latency: the first
-window is emitted once ``max(K_h - P_h, 1)`` rows are written (plus 4 cycles); from then on
-the output moves one beat per cycle unless the downstream stalls or the input falls behind.
+registered flags, the counters never wait on it, and the memory address comes straight from
+a register. The input comes through a register slice, so the writer's decisions start from
+registers; it takes a beat while ``room`` (``ahead < K_h + S_h``, computed a cycle early) is
+set, a register as is ``ahead >= k`` for each k the issue may need: compares of ``ahead``
+with constants, one set per value the issue's freed rows take. The read happens in the
+issuing cycle, so a row is never freed before its last read. The memory output (slow on
+FPGAs) goes straight into the output register, the padding mux after it. One enable moves
+issue, read and output register together, so a stalled output beat holds steady. Fill
+latency: the first window is emitted once ``max(K_h - P_h, 1)`` rows are written (plus 4
+cycles); from then on the output moves one beat per cycle unless the downstream stalls or
+the input falls behind.
 """
 
 from __future__ import annotations
