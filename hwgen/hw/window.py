@@ -256,9 +256,9 @@ class SlidingWindow(wiring.Component):
         wcol = Signal(range(row_words))
         w_fire = inp.o.valid & inp.o.ready
         row_written = Signal()
-        # ahead < nr, a register (ahead's next value compared a cycle early): the ready the
-        # stream before the window sees, perhaps from across the chip, leaves a flip-flop
-        # (from ahead's carry-chain compare, it was ResNet-20's critical path at 87.65 MHz).
+        # ahead < nr, a register (ahead's next value compared a cycle early): the input
+        # slice's ready (from ahead's carry-chain compare, the window's ready was ResNet-20's
+        # critical path at 87.65 MHz).
         room = Signal(init=1)
         m.d.comb += [
             inp.o.ready.eq(room),
